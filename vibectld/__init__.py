@@ -1,0 +1,1 @@
+"""vibectld: the central LLM proxy for vibectl."""

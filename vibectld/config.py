@@ -1,0 +1,402 @@
+"""DaemonConfig and load_config(): the only reader of the YAML file and the environment.
+
+Loading is pure: it validates and normalises, but binds nothing and builds no
+TLS context. Every error names the dotted key and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from vibectld.admin.protocol import parse_duration
+
+DEFAULT_CONFIG_PATH = Path("/etc/vibectld/config.yaml")
+CONFIG_ENV = "VIBECTLD_CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # When set, clients must present a certificate signed by this CA (mTLS).
+    client_ca_file: Path | None = None
+
+    @property
+    def self_managed(self) -> bool:
+        return self.cert_file is None and self.key_file is None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "0.0.0.0:50051"
+    public_url: str | None = None
+    name: str = field(default_factory=socket.gethostname)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    max_request_bytes: int = 1024 * 1024
+    shutdown_grace_seconds: float = 10.0
+
+    @property
+    def public_host(self) -> str | None:
+        return urlsplit(self.public_url).hostname if self.public_url else None
+
+    @property
+    def public_port(self) -> int | None:
+        return urlsplit(self.public_url).port if self.public_url else None
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    socket: Path = Path("/run/vibectld/admin.sock")
+    group: str = "vibectld-admin"
+
+
+@dataclass(frozen=True)
+class OpenAICompatibleModel:
+    model_id: str
+    model_name: str
+    api_base: str
+    api_key_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    default: str = "gpt-4o-mini"
+    allowed: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    openai_compatible: tuple[OpenAICompatibleModel, ...] = ()
+    # Threads for models that only have a synchronous implementation.
+    sync_workers: int = 8
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    requests_per_minute: int | None = 60
+    concurrent_requests: int | None = 4
+    tokens_per_day: int | None = None
+    max_input_chars: int | None = 200_000
+    request_timeout_seconds: int = 120
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    default_expiry_seconds: int = 90 * 86400
+    max_expiry_seconds: int = 2 * 365 * 86400
+    # The `iss` and `aud` claims of issued secrets.
+    issuer: str = "vibectld"
+    audience: str = "vibectl-llm-proxy"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    state_dir: Path = Path("/var/lib/vibectld")
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Where the file was read from; keys/ beside it is a provider-key source.
+    config_path: Path | None = None
+
+    @property
+    def config_dir(self) -> Path | None:
+        return self.config_path.parent if self.config_path else None
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads one mapping of the YAML file, tracking which keys were consumed."""
+
+    def __init__(self, raw: Any, prefix: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{prefix or 'the file'}: must be a mapping of keys to values")
+        self.raw: dict[str, Any] = raw
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def get(self, name: str, conv: Callable[[str, Any], T], default: T) -> T:
+        self.used.add(name)
+        if name not in self.raw:
+            return default
+        return conv(self.key(name), self.raw[name])
+
+    def section(self, name: str) -> _Section:
+        self.used.add(name)
+        return _Section(self.raw.get(name), self.key(name))
+
+    def finish(self) -> None:
+        unknown = sorted(set(map(str, self.raw)) - self.used)
+        if unknown:
+            where = f"in '{self.prefix}'" if self.prefix else "at the top level"
+            raise ConfigError(
+                f"{self.key(unknown[0])}: unknown key {where}; check the spelling against "
+                "vibectld.yaml(5)"
+            )
+
+
+def _str(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ConfigError(f"{key}: must be a non-empty string, got {v!r}")
+    return v
+
+
+def _opt_str(key: str, v: Any) -> str | None:
+    return None if v is None else _str(key, v)
+
+
+def _opt_path(key: str, v: Any) -> Path | None:
+    return None if v is None else _path(key, v)
+
+
+def _path(key: str, v: Any) -> Path:
+    p = Path(_str(key, v))
+    if not p.is_absolute():
+        raise ConfigError(f"{key}: must be an absolute path, got {v!r}")
+    return p
+
+
+def _int(key: str, v: Any, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{key}: must be a whole number, got {v!r}")
+    if v < minimum:
+        raise ConfigError(f"{key}: must be at least {minimum}, got {v}")
+    return v
+
+
+def _opt_int(key: str, v: Any) -> int | None:
+    return None if v is None else _int(key, v)
+
+
+def _seconds(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise ConfigError(f"{key}: must be a number of seconds (0 or more), got {v!r}")
+    return float(v)
+
+
+def _duration(key: str, v: Any) -> int:
+    try:
+        return parse_duration(_str(key, v))
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _str_list(key: str, v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: must be a list of strings, got {v!r}")
+    return tuple(_str(f"{key}[{i}]", item) for i, item in enumerate(v))
+
+
+def _str_map(key: str, v: Any) -> dict[str, str]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key}: must be a mapping of names to names, got {v!r}")
+    return {_str(key, k): _str(f"{key}.{k}", val) for k, val in v.items()}
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def conv(key: str, v: Any) -> str:
+        if v not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {v!r}")
+        return str(v)
+
+    return conv
+
+
+def _listen(key: str, v: Any) -> str:
+    text = _str(key, v)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: must be HOST:PORT (e.g. 0.0.0.0:50051), got {v!r}")
+    return text
+
+
+def _public_url(key: str, v: Any) -> str | None:
+    if v is None:
+        return None
+    text = _str(key, v)
+    parts = urlsplit(text)
+    if parts.scheme not in ("vibectl-server", "vibectl-server-insecure") or not parts.hostname:
+        raise ConfigError(
+            f"{key}: must look like vibectl-server://HOST:PORT (the address clients use), "
+            f"got {v!r}"
+        )
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise ConfigError(f"{key}: has an invalid port: {v!r}") from None
+    return text
+
+
+def _openai_compatible(key: str, v: Any) -> tuple[OpenAICompatibleModel, ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: must be a list of endpoint entries")
+    models = []
+    for i, item in enumerate(v):
+        sec = _Section(item, f"{key}[{i}]")
+        models.append(
+            OpenAICompatibleModel(
+                model_id=sec.get("model_id", _str, ""),
+                model_name=sec.get("model_name", _str, ""),
+                api_base=sec.get("api_base", _str, ""),
+                api_key_name=sec.get("api_key_name", _opt_str, None),
+            )
+        )
+        sec.finish()
+        for required in ("model_id", "model_name", "api_base"):
+            if not getattr(models[-1], required):
+                raise ConfigError(f"{sec.key(required)}: is required")
+    return tuple(models)
+
+
+def parse_config(raw: Any, config_path: Path | None = None) -> DaemonConfig:
+    """Build a DaemonConfig from parsed YAML (a mapping, or None for all defaults)."""
+    top = _Section(raw, "")
+    d = DaemonConfig()
+
+    srv = top.section("server")
+    tls = srv.section("tls")
+    tls_config = TLSConfig(
+        cert_file=tls.get("cert_file", _opt_path, None),
+        key_file=tls.get("key_file", _opt_path, None),
+        client_ca_file=tls.get("client_ca_file", _opt_path, None),
+    )
+    tls.finish()
+    if (tls_config.cert_file is None) != (tls_config.key_file is None):
+        raise ConfigError(
+            "server.tls: set both cert_file and key_file, or neither (then vibectld "
+            "creates its own CA and certificate)"
+        )
+    server = ServerConfig(
+        listen=srv.get("listen", _listen, d.server.listen),
+        public_url=srv.get("public_url", _public_url, None),
+        name=srv.get("name", _str, d.server.name),
+        tls=tls_config,
+        max_request_bytes=srv.get("max_request_bytes", _int, d.server.max_request_bytes),
+        shutdown_grace_seconds=srv.get(
+            "shutdown_grace_seconds", _seconds, d.server.shutdown_grace_seconds
+        ),
+    )
+    srv.finish()
+
+    adm = top.section("admin")
+    admin = AdminConfig(
+        socket=adm.get("socket", _path, d.admin.socket),
+        group=adm.get("group", _str, d.admin.group),
+    )
+    adm.finish()
+
+    mod = top.section("models")
+    models = ModelsConfig(
+        default=mod.get("default", _str, d.models.default),
+        allowed=mod.get("allowed", _str_list, ()),
+        aliases=mod.get("aliases", _str_map, {}),
+        openai_compatible=mod.get("openai_compatible", _openai_compatible, ()),
+        sync_workers=mod.get("sync_workers", _int, d.models.sync_workers),
+    )
+    mod.finish()
+
+    lim = top.section("limits")
+    limits = LimitsConfig(
+        requests_per_minute=lim.get(
+            "requests_per_minute", _opt_int, d.limits.requests_per_minute
+        ),
+        concurrent_requests=lim.get(
+            "concurrent_requests", _opt_int, d.limits.concurrent_requests
+        ),
+        tokens_per_day=lim.get("tokens_per_day", _opt_int, None),
+        max_input_chars=lim.get("max_input_chars", _opt_int, d.limits.max_input_chars),
+        request_timeout_seconds=lim.get(
+            "request_timeout_seconds", _int, d.limits.request_timeout_seconds
+        ),
+    )
+    lim.finish()
+
+    cli = top.section("clients")
+    clients = ClientsConfig(
+        default_expiry_seconds=cli.get(
+            "default_expiry", _duration, d.clients.default_expiry_seconds
+        ),
+        max_expiry_seconds=cli.get("max_expiry", _duration, d.clients.max_expiry_seconds),
+        issuer=cli.get("issuer", _str, d.clients.issuer),
+        audience=cli.get("audience", _str, d.clients.audience),
+    )
+    cli.finish()
+    if clients.default_expiry_seconds > clients.max_expiry_seconds:
+        raise ConfigError("clients.default_expiry: must not be longer than clients.max_expiry")
+
+    log = top.section("logging")
+    logging = LoggingConfig(
+        level=log.get("level", _choice("debug", "info", "warning", "error"), "info"),
+        format=log.get("format", _choice("auto", "console", "json", "journal"), "auto"),
+    )
+    log.finish()
+
+    state_dir = top.get("state_dir", _path, d.state_dir)
+    top.finish()
+    return DaemonConfig(
+        server=server,
+        admin=admin,
+        state_dir=state_dir,
+        models=models,
+        limits=limits,
+        clients=clients,
+        logging=logging,
+        config_path=config_path,
+    )
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: Path) -> DaemonConfig:
+    """Read and validate the YAML file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file; create it (see vibectld.yaml(5)) or pass --config"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
+    return parse_config(raw, config_path=path.resolve())
