@@ -1,0 +1,333 @@
+"""The client registry on a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vibectld.registry import (
+    SCHEMA_VERSION,
+    AlreadyRevoked,
+    ClientNotFound,
+    ClientRecord,
+    DuplicateClient,
+    Registry,
+    RegistryError,
+)
+
+NOW = 1_800_000_000
+DAY = 86400
+ADMIN = "root(0)"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "registry.db"
+
+
+@pytest.fixture
+def registry(db_path: Path) -> Iterator[Registry]:
+    reg = Registry.open(db_path)
+    yield reg
+    reg.close()
+
+
+def issue(reg: Registry, name: str = "alice", now: int = NOW, days: int = 90) -> ClientRecord:
+    return reg.issue(name=name, expires_at=now + days * DAY, issued_by=ADMIN, now=now)
+
+
+def test_issue_get_find(registry: Registry) -> None:
+    rec = registry.issue(
+        name="alice",
+        expires_at=NOW + 90 * DAY,
+        issued_by=ADMIN,
+        note="on-call laptop",
+        models=["gpt-4o-mini", "claude"],
+        rpm=10,
+        concurrency=2,
+        tokens_per_day=50_000,
+        now=NOW,
+    )
+    assert len(rec.id) == 32 and int(rec.id, 16) >= 0
+    assert rec.name == "alice" and rec.created_at == NOW and rec.expires_at == NOW + 90 * DAY
+    assert rec.models == ("gpt-4o-mini", "claude")
+    assert (rec.rpm, rec.concurrency, rec.tokens_per_day) == (10, 2, 50_000)
+    assert rec.requests == 0 and rec.last_seen_at is None and rec.revoked_at is None
+    assert registry.get(rec.id) == rec
+    assert registry.get("nope") is None
+    assert registry.find(rec.id) == rec
+    assert registry.find("alice", NOW) == rec
+    assert rec.status(NOW) == "active"
+
+    d = rec.to_dict(NOW)
+    assert d["status"] == "active" and d["models"] == ["gpt-4o-mini", "claude"]
+    assert d["id"] == rec.id and d["note"] == "on-call laptop"
+
+
+def test_ids_are_unique(registry: Registry) -> None:
+    ids = {issue(registry, f"c{i}").id for i in range(50)}
+    assert len(ids) == 50
+
+
+def test_find_unknown(registry: Registry) -> None:
+    with pytest.raises(ClientNotFound) as err:
+        registry.find("bob", NOW)
+    assert str(err.value) == (
+        "no client named or with id 'bob'; list them with: vibectl-admin list-clients --all"
+    )
+    # Something that might be a pasted secret is not repeated back.
+    with pytest.raises(ClientNotFound) as err:
+        registry.find("eyJ" + "x" * 200, NOW)
+    assert "eyJ" not in str(err.value)
+
+
+def test_duplicate_active_name_refused(registry: Registry) -> None:
+    first = issue(registry)
+    with pytest.raises(DuplicateClient) as err:
+        issue(registry, now=NOW + 10)
+    assert str(err.value) == (
+        f"an active client named 'alice' exists (id {first.id}); revoke it first or choose "
+        "another name"
+    )
+    assert registry.counts(NOW) == {"active": 1, "expired": 0, "revoked": 0}
+
+
+def test_name_reusable_after_revoke(registry: Registry) -> None:
+    first = issue(registry)
+    registry.revoke("alice", by=ADMIN, now=NOW + 5)
+    second = issue(registry, now=NOW + 10)
+    assert second.id != first.id
+    # The active one wins a lookup by name.
+    assert registry.find("alice", NOW + 20).id == second.id
+
+
+def test_name_reusable_after_expiry(registry: Registry) -> None:
+    first = issue(registry, days=1)
+    second = issue(registry, now=NOW + 2 * DAY)
+    assert registry.find("alice", NOW + 2 * DAY).id == second.id
+    assert registry.get(first.id) is not None
+    assert registry.get(first.id).status(NOW + 2 * DAY) == "expired"  # type: ignore[union-attr]
+
+
+def test_find_by_name_without_active_prefers_newest(registry: Registry) -> None:
+    issue(registry, days=1)
+    second = issue(registry, now=NOW + 2 * DAY, days=1)
+    assert registry.find("alice", NOW + 10 * DAY).id == second.id
+
+
+@pytest.mark.parametrize(
+    "name", ["", "-alice", ".alice", "al ice", "alice/bob", "a" * 65, "ålice", "alice\n"]
+)
+def test_bad_names(registry: Registry, name: str) -> None:
+    with pytest.raises(RegistryError, match="1 to 64 characters"):
+        issue(registry, name)
+
+
+@pytest.mark.parametrize("name", ["a", "alice", "alice@example.com", "ci-bot_2.x", "A" * 64])
+def test_good_names(registry: Registry, name: str) -> None:
+    assert issue(registry, name).name == name
+
+
+def test_bad_issue_arguments(registry: Registry) -> None:
+    with pytest.raises(RegistryError, match="future"):
+        registry.issue(name="a", expires_at=NOW, issued_by=ADMIN, now=NOW)
+    with pytest.raises(RegistryError, match="rpm"):
+        registry.issue(name="a", expires_at=NOW + 1, issued_by=ADMIN, rpm=0, now=NOW)
+    with pytest.raises(RegistryError, match="models"):
+        registry.issue(name="a", expires_at=NOW + 1, issued_by=ADMIN, models=[""], now=NOW)
+    assert registry.list(include_inactive=True) == []
+
+
+def test_revoke(registry: Registry) -> None:
+    rec = issue(registry)
+    revoked = registry.revoke(rec.id, by="alice-admin(1000)", reason="laptop lost", now=NOW + 60)
+    assert revoked.revoked_at == NOW + 60
+    assert revoked.revoked_by == "alice-admin(1000)"
+    assert revoked.revoke_reason == "laptop lost"
+    assert revoked.status(NOW + 61) == "revoked"
+    # The hot path sees it at once.
+    assert registry.get(rec.id) == revoked
+    with pytest.raises(AlreadyRevoked, match="already revoked"):
+        registry.revoke("alice", by=ADMIN, now=NOW + 70)
+    with pytest.raises(ClientNotFound):
+        registry.revoke("bob", by=ADMIN, now=NOW)
+
+
+def test_expired_client_can_be_revoked(registry: Registry) -> None:
+    rec = issue(registry, days=1)
+    assert registry.revoke("alice", by=ADMIN, now=NOW + 2 * DAY).id == rec.id
+
+
+def test_list_and_counts(registry: Registry) -> None:
+    a = issue(registry, "a", now=NOW)
+    b = issue(registry, "b", now=NOW + 1, days=1)
+    c = issue(registry, "c", now=NOW + 2)
+    d = issue(registry, "d", now=NOW + 3)
+    registry.revoke("c", by=ADMIN, now=NOW + 4)
+    later = NOW + 2 * DAY
+    assert registry.list(now=later) == [a, d]
+    assert [r.name for r in registry.list(include_inactive=True, now=later)] == list("abcd")
+    assert registry.counts(later) == {"active": 2, "expired": 1, "revoked": 1}
+    assert [r.to_dict(later)["status"] for r in registry.list(include_inactive=True)] == [
+        "active",
+        "expired",
+        "revoked",
+        "active",
+    ]
+    assert b.status(later) == "expired" and c.status(later) == "active"  # c's old snapshot
+
+
+def test_reopen_sees_everything(db_path: Path) -> None:
+    reg = Registry.open(db_path)
+    alice = reg.issue(
+        name="alice",
+        expires_at=NOW + DAY,
+        issued_by=ADMIN,
+        note="n",
+        models=["m1"],
+        rpm=5,
+        now=NOW,
+    )
+    bob = issue(reg, "bob")
+    reg.revoke("bob", by=ADMIN, reason="gone", now=NOW + 9)
+    carol = issue(reg, "carol")
+    reg.close()
+
+    again = Registry.open(db_path)
+    try:
+        assert again.get(alice.id) == alice
+        assert again.get(carol.id) == carol
+        bob_again = again.get(bob.id)
+        assert bob_again is not None
+        assert (bob_again.revoked_at, bob_again.revoked_by, bob_again.revoke_reason) == (
+            NOW + 9,
+            ADMIN,
+            "gone",
+        )
+        assert again.counts(NOW + 10) == {"active": 2, "expired": 0, "revoked": 1}
+    finally:
+        again.close()
+
+
+def test_issue_and_revoke_are_durable_without_close(db_path: Path) -> None:
+    reg = Registry.open(db_path)
+    rec = issue(reg)
+    reg.revoke("alice", by=ADMIN, now=NOW + 1)
+    # Another connection (as after a crash) sees the committed rows, before any close.
+    other = Registry.open(db_path)
+    try:
+        assert other.get(rec.id) is not None
+        assert other.get(rec.id).revoked_at == NOW + 1  # type: ignore[union-attr]
+    finally:
+        other.close()
+        reg.close()
+
+
+def test_touch_and_flush(db_path: Path) -> None:
+    reg = Registry.open(db_path)
+    rec = issue(reg)
+    reg.touch(rec.id, NOW + 100)
+    reg.touch(rec.id, NOW + 200)
+    reg.touch("unknown-id", NOW + 200)  # ignored: nothing to count
+    # Memory first.
+    assert reg.get(rec.id).requests == 2  # type: ignore[union-attr]
+    assert reg.get(rec.id).last_seen_at == NOW + 200  # type: ignore[union-attr]
+    # Not on disk until flushed.
+    assert _row(db_path, rec.id) == (0, None)
+    reg.flush()
+    assert _row(db_path, rec.id) == (2, NOW + 200)
+    reg.touch(rec.id, NOW + 300)
+    reg.flush()
+    reg.flush()  # nothing pending: no change
+    assert _row(db_path, rec.id) == (3, NOW + 300)
+    reg.close()
+
+
+def test_close_flushes(db_path: Path) -> None:
+    reg = Registry.open(db_path)
+    rec = issue(reg)
+    reg.touch(rec.id, NOW + 5)
+    reg.close()
+    reg.close()  # idempotent
+    assert _row(db_path, rec.id) == (1, NOW + 5)
+    again = Registry.open(db_path)
+    assert again.get(rec.id).requests == 1  # type: ignore[union-attr]
+    again.close()
+
+
+def test_touch_then_revoke_keeps_both(db_path: Path) -> None:
+    reg = Registry.open(db_path)
+    rec = issue(reg)
+    reg.touch(rec.id, NOW + 5)
+    revoked = reg.revoke(rec.id, by=ADMIN, now=NOW + 6)
+    assert revoked.requests == 1 and revoked.revoked_at == NOW + 6
+    reg.close()
+    again = Registry.open(db_path)
+    got = again.get(rec.id)
+    assert got is not None and got.requests == 1 and got.revoked_at == NOW + 6
+    again.close()
+
+
+def test_closed_registry_refuses_writes(db_path: Path) -> None:
+    reg = Registry.open(db_path)
+    reg.close()
+    with pytest.raises(RegistryError, match="closed"):
+        issue(reg)
+
+
+def test_wal_mode_schema_and_file_mode(db_path: Path, registry: Registry) -> None:
+    issue(registry)
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
+    wal = db_path.with_name("registry.db-wal")
+    assert wal.exists() and stat.S_IMODE(wal.stat().st_mode) == 0o600
+    con = sqlite3.connect(db_path)
+    try:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        indexes = {r[1] for r in con.execute("PRAGMA index_list(clients)")}
+        assert "clients_name" in indexes
+        # Metadata only: no column could hold a secret.
+        columns = {r[1] for r in con.execute("PRAGMA table_info(clients)")}
+        assert not columns & {"token", "secret", "jwt"}
+    finally:
+        con.close()
+
+
+def test_loose_file_mode_is_tightened(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.touch(mode=0o644)
+    db_path.chmod(0o644)
+    Registry.open(db_path).close()
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+
+
+def test_newer_schema_is_refused(db_path: Path) -> None:
+    Registry.open(db_path).close()
+    con = sqlite3.connect(db_path)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.close()
+    with pytest.raises(RegistryError, match="newer than this vibectld"):
+        Registry.open(db_path)
+
+
+def test_garbage_database_is_refused(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RegistryError, match="restore it from a backup"):
+        Registry.open(db_path)
+
+
+def _row(db_path: Path, jti: str) -> tuple[int, int | None]:
+    con = sqlite3.connect(db_path)
+    try:
+        row = con.execute(
+            "SELECT requests, last_seen_at FROM clients WHERE id = ?", (jti,)
+        ).fetchone()
+    finally:
+        con.close()
+    return (row[0], row[1])

@@ -1,0 +1,1 @@
+"""vibectl: the client library and CLI for the vibectl LLM proxy."""

@@ -1,0 +1,356 @@
+"""The admin socket: an asyncio Unix stream server speaking `protocol`.
+
+Identity comes from the kernel: every connection's peer uid is read with
+SO_PEERCRED, and a route declared ``write=True`` runs only for root, the
+daemon's own uid or a member of the admin group. Every write operation —
+allowed, refused or failed — is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import pwd
+import re
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from vibectld.admin import protocol
+from vibectld.admin.protocol import ErrorCode, ProtocolError
+
+SOCKET_MODE = 0o660
+# Applied around bind() so the socket file never exists with looser permissions.
+BIND_UMASK = 0o117
+IDLE_TIMEOUT_SECONDS = 300.0
+MAX_CONNECTIONS = 64
+_OP_NAME = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end of a connection, as the kernel reports it."""
+
+    uid: int
+    gid: int
+    pid: int
+    user: str  # The passwd name of uid, or str(uid) if it has none.
+    can_write: bool
+
+
+class AdminError(Exception):
+    """Raised by a handler: the caller gets an error response with this code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AdminSocketError(OSError):
+    """The admin socket cannot be bound; the message names the path and what to do."""
+
+
+Handler = Callable[[Caller, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Route:
+    handler: Handler
+    # True: the operation changes state, needs write permission and is audited.
+    write: bool
+    summary: str
+
+
+class AdminServer:
+    def __init__(
+        self,
+        path: Path,
+        group: str | None,
+        routes: Mapping[str, Route],
+        *,
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        for op, route in routes.items():
+            if not isinstance(op, str) or not _OP_NAME.match(op):
+                raise ValueError(f"admin route {op!r}: operation names must be snake_case")
+            if not isinstance(route, Route):
+                raise TypeError(f"admin route {op!r}: expected a Route, got {route!r}")
+        self._path = path
+        self._group = group
+        self._routes = dict(sorted(routes.items()))
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
+        self._server: asyncio.Server | None = None
+        self._identity: tuple[int, int, int] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def start(self) -> None:
+        """Bind the socket, set its mode and group, and start accepting connections."""
+        sock = await self._bind()
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._on_connection, sock=sock, limit=protocol.MAX_LINE_BYTES
+            )
+        except BaseException:
+            sock.close()
+            self._unlink_if_ours()
+            raise
+        structlog.get_logger("vibectld.admin").info("admin.listening", path=str(self._path))
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection and remove the socket file if it is ours."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        self._unlink_if_ours()
+
+    # -- binding -----------------------------------------------------------------------
+
+    async def _bind(self) -> socket.socket:
+        path = self._path
+        if not path.parent.is_dir():
+            raise AdminSocketError(
+                f"cannot create the admin socket {path}: directory {path.parent} does not "
+                "exist; create it or set admin.socket"
+            )
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise AdminSocketError(
+                    f"{path} exists and is not a socket; move it away or set admin.socket"
+                )
+            await self._remove_stale_socket()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(BIND_UMASK)
+        try:
+            sock.bind(str(path))
+        except OSError as e:
+            sock.close()
+            raise AdminSocketError(f"cannot bind the admin socket {path}: {e.strerror}") from e
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, SOCKET_MODE)
+        self._set_group()
+        self._identity = self._file_identity()
+        return sock
+
+    async def _remove_stale_socket(self) -> None:
+        path = self._path
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+        except (ConnectionRefusedError, FileNotFoundError):
+            # Nobody listens: a leftover of a daemon that did not shut down cleanly.
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            structlog.get_logger("vibectld.admin").info(
+                "admin.stale_socket_removed", path=str(path)
+            )
+            return
+        except TimeoutError:
+            raise AdminSocketError(
+                f"{path} exists and a process holds it but does not answer; stop the other "
+                "vibectld or set admin.socket"
+            ) from None
+        except OSError as e:
+            raise AdminSocketError(
+                f"{path} exists and cannot be checked ({e.strerror}); remove it if no "
+                "vibectld is running, or set admin.socket"
+            ) from e
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        raise AdminSocketError(f"another vibectld is serving {path}; stop it first")
+
+    def _set_group(self) -> None:
+        if self._group is None:
+            return
+        log = structlog.get_logger("vibectld.admin")
+        who = f"only root and uid {os.getuid()} can change state"
+        try:
+            gid = grp.getgrnam(self._group).gr_gid
+        except KeyError:
+            log.warning(
+                "admin.group_missing",
+                group=self._group,
+                path=str(self._path),
+                hint=f"group '{self._group}' does not exist; {who}",
+            )
+            return
+        try:
+            os.chown(self._path, -1, gid)
+        except PermissionError:
+            log.warning(
+                "admin.group_not_set",
+                group=self._group,
+                path=str(self._path),
+                hint=f"cannot give the socket group '{self._group}' (the daemon is not a "
+                f"member); {who}",
+            )
+
+    def _file_identity(self) -> tuple[int, int, int] | None:
+        # The change time guards against a replacement that reuses the inode number.
+        try:
+            st = self._path.lstat()
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISSOCK(st.st_mode):
+            return None
+        return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+    def _unlink_if_ours(self) -> None:
+        if self._identity is not None and self._file_identity() == self._identity:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+        self._identity = None
+
+    # -- connections -------------------------------------------------------------------
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._connections) >= self._max_connections:
+            structlog.get_logger("vibectld.admin").warning(
+                "admin.too_many_connections", limit=self._max_connections
+            )
+            message = f"too many admin connections (limit {self._max_connections}); try again"
+            with contextlib.suppress(Exception):
+                writer.write(protocol.encode_error(None, ErrorCode.FAILED, message))
+                await asyncio.wait_for(writer.drain(), 1.0)
+            writer.close()
+            return
+        self._connections.add(task)
+        try:
+            caller = await asyncio.to_thread(self._identify, writer.get_extra_info("socket"))
+            await self._serve(caller, reader, writer)
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            pass  # The client went away or idled out; nothing to answer.
+        except Exception:
+            structlog.get_logger("vibectld.admin").exception("admin.connection_failed")
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve(
+        self, caller: Caller, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), self._idle_timeout)
+            except asyncio.LimitOverrunError:
+                message = f"request line exceeds {protocol.MAX_LINE_BYTES} bytes"
+                writer.write(protocol.encode_error(None, ErrorCode.BAD_REQUEST, message))
+                await asyncio.wait_for(writer.drain(), self._idle_timeout)
+                return
+            except asyncio.IncompleteReadError:
+                return  # EOF between requests (or within an unterminated one).
+            writer.write(await self._dispatch(caller, line))
+            await asyncio.wait_for(writer.drain(), self._idle_timeout)
+
+    def _identify(self, sock: Any) -> Caller:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        pid, uid, gid = _PEERCRED.unpack(creds)
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = str(uid)
+        return Caller(uid=uid, gid=gid, pid=pid, user=user, can_write=self._may_write(uid, gid))
+
+    def _may_write(self, uid: int, gid: int) -> bool:
+        if uid in (0, os.getuid()):
+            return True
+        if self._group is None:
+            return False
+        # Resolved on every connection so adding a user to the group needs no restart.
+        try:
+            group = grp.getgrnam(self._group)
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            return False
+        if group.gr_gid == gid or entry.pw_name in group.gr_mem:
+            return True
+        try:
+            return group.gr_gid in os.getgrouplist(entry.pw_name, entry.pw_gid)
+        except OSError:
+            return False
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    async def _dispatch(self, caller: Caller, line: bytes) -> bytes:
+        try:
+            req = protocol.decode_request(line)
+        except ProtocolError as e:
+            return protocol.encode_error(None, e.code, e.message)
+        route = self._routes.get(req.op)
+        if route is None:
+            known = ", ".join(self._routes)
+            return protocol.encode_error(
+                req.id, ErrorCode.UNKNOWN_OP, f"unknown operation {req.op!r}; known: {known}"
+            )
+        if route.write and not caller.can_write:
+            self._log(caller, req, route, "refused")
+            return protocol.encode_error(
+                req.id, ErrorCode.PERMISSION_DENIED, self._refusal(caller, req.op)
+            )
+        try:
+            result = await route.handler(caller, req.args)
+            response = protocol.encode_result(req.id, result)
+        except AdminError as e:
+            self._log(caller, req, route, f"failed:{e.code}")
+            return protocol.encode_error(req.id, e.code, e.message)
+        except Exception:
+            structlog.get_logger("vibectld.admin").exception("admin.handler_crashed", op=req.op)
+            self._log(caller, req, route, f"failed:{ErrorCode.INTERNAL}")
+            return protocol.encode_error(
+                req.id, ErrorCode.INTERNAL, "internal error; see the vibectld log"
+            )
+        self._log(caller, req, route, "ok")
+        return response
+
+    def _refusal(self, caller: Caller, op: str) -> str:
+        who = f"uid {caller.uid} ({caller.user}) may not {op}"
+        if self._group is None:
+            return f"{who}: only root and uid {os.getuid()} may change state"
+        return f"{who}: add the user to the '{self._group}' group (then log in again)"
+
+    @staticmethod
+    def _log(caller: Caller, req: protocol.Request, route: Route, outcome: str) -> None:
+        # Results are never logged: they can carry client secrets.
+        fields: dict[str, Any] = {
+            "caller_uid": caller.uid,
+            "caller_user": caller.user,
+            "caller_pid": caller.pid,
+            "op": req.op,
+            "outcome": outcome,
+        }
+        if route.write:
+            target = req.args.get("name") or req.args.get("target")
+            structlog.get_logger("vibectld.audit").info(
+                f"admin.{req.op}", audit=True, target=target, **fields
+            )
+        else:
+            structlog.get_logger("vibectld.admin").debug(f"admin.{req.op}", **fields)

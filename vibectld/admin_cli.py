@@ -1,0 +1,295 @@
+"""`vibectl-admin`: the operator's CLI, a thin client of the admin socket.
+
+It imports nothing of the daemon beyond `vibectld.admin.protocol`,
+`vibectld.admin.client` and `vibectld.version`; a test proves it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from vibectld.admin.client import AdminClient, AdminClientError, DaemonUnreachable, PermissionDenied
+from vibectld.admin.protocol import ErrorCode, parse_duration
+from vibectld.version import __version__
+
+DEFAULT_SOCKET = "/run/vibectld/admin.sock"
+SOCKET_ENV = "VIBECTLD_ADMIN_SOCKET"
+
+# sysexits(3)
+EX_OK = 0
+EX_FAILED = 1
+EX_USAGE = 2
+EX_UNAVAILABLE = 69
+EX_NOPERM = 77
+
+
+@dataclass(frozen=True)
+class Options:
+    socket: Path
+    json: bool
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"vibectl-admin: {message}", err=True)
+    sys.exit(code)
+
+
+def _call(ctx: click.Context, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    opts: Options = ctx.obj
+    try:
+        with AdminClient(opts.socket) as client:
+            return client.call(op, args)
+    except DaemonUnreachable as e:
+        _fail(e.message, EX_UNAVAILABLE)
+    except PermissionDenied as e:
+        _fail(e.message, EX_NOPERM)
+    except AdminClientError as e:
+        _fail(e.message, EX_USAGE if e.code == ErrorCode.BAD_REQUEST else EX_FAILED)
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _when(value: Any, missing: str = "-") -> str:
+    """Format an ISO-8601 time as 'YYYY-MM-DD HH:MM' UTC; keep anything unparseable as is."""
+    if not value:
+        return missing
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC)
+    return parsed.strftime("%Y-%m-%d %H:%M")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    return value.strip()
+
+
+def _model_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    models = [m.strip() for m in value.split(",") if m.strip()]
+    if not models:
+        raise click.BadParameter("give one or more model names, e.g. gpt-4o,claude-3.5", ctx, param)
+    return models
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=SOCKET_ENV,
+    show_envvar=True,
+    default=DEFAULT_SOCKET,
+    show_default=True,
+    help="The daemon's admin socket.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.version_option(__version__, prog_name="vibectl-admin")
+@click.pass_context
+def cli(ctx: click.Context, socket_path: Path, as_json: bool) -> None:
+    """Administer vibectld: issue, list and revoke client secrets, show status.
+
+    Talks to the daemon's admin socket. Changing state needs root, the daemon's
+    user or membership of the admin group (vibectld-admin). Exit codes: 0 ok,
+    1 the operation failed, 2 usage error, 69 daemon not reachable, 77
+    permission denied.
+    """
+    ctx.obj = Options(socket=socket_path, json=as_json)
+
+
+@cli.command("issue-client")
+@click.argument("name")
+@click.option(
+    "--expires",
+    metavar="DURATION",
+    callback=_duration,
+    help="Lifetime: 30m, 12h, 90d, 6w or 1y (m = minutes). Default: the server's "
+    "clients.default_expiry.",
+)
+@click.option(
+    "--models", metavar="A,B", callback=_model_list, help="Models the client may use. Default: all."
+)
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute.")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Concurrent requests.")
+@click.option("--tokens-per-day", type=click.IntRange(min=1), help="Token budget per day.")
+@click.option("--note", help="Free text kept with the client (e.g. a ticket number).")
+@click.pass_context
+def issue_client(
+    ctx: click.Context,
+    name: str,
+    expires: str | None,
+    models: list[str] | None,
+    rpm: int | None,
+    concurrency: int | None,
+    tokens_per_day: int | None,
+    note: str | None,
+) -> None:
+    """Create a client secret for NAME and print its connection URL.
+
+    stdout is exactly one line, the vibectl-server:// URL (with --json, an object
+    with url, id, name and expires_at). The URL contains the secret and is shown
+    only once. Limits not given default to the server's limits section.
+    """
+    args = {
+        "name": name,
+        "expires": expires,
+        "models": models,
+        "rpm": rpm,
+        "concurrency": concurrency,
+        "tokens_per_day": tokens_per_day,
+        "note": note,
+    }
+    result = _call(ctx, "issue_client", args)
+    if ctx.obj.json:
+        _print_json(result)
+        return
+    click.echo(result["url"])
+    click.echo(
+        f"give this URL to {result.get('name', name)}; it is shown only once "
+        f"(expires {_when(result.get('expires_at'))} UTC)",
+        err=True,
+    )
+
+
+@cli.command("list-clients")
+@click.option("--all", "show_all", is_flag=True, help="Include expired and revoked clients.")
+@click.pass_context
+def list_clients(ctx: click.Context, show_all: bool) -> None:
+    """List clients: id, name, status, created, expires, last seen, requests.
+
+    Only active clients are listed unless --all is given. Times are UTC. With
+    --json, prints a JSON array with every recorded field.
+    """
+    clients = _call(ctx, "list_clients", {"all": show_all})["clients"]
+    if ctx.obj.json:
+        _print_json(clients)
+        return
+    if not clients:
+        hint = "" if show_all else " (--all includes expired and revoked ones)"
+        click.echo(f"no clients{hint}", err=True)
+        return
+    header = ["ID", "NAME", "STATUS", "CREATED", "EXPIRES", "LAST SEEN", "REQUESTS"]
+    rows = [
+        [
+            str(c.get("id", ""))[:12],
+            str(c.get("name", "")),
+            str(c.get("status", "")),
+            _when(c.get("created_at")),
+            _when(c.get("expires_at")),
+            _when(c.get("last_seen_at"), missing="never"),
+            str(c.get("requests", 0)),
+        ]
+        for c in clients
+    ]
+    click.echo(_table(header, rows, right={6}))
+
+
+@cli.command("revoke-client")
+@click.argument("name_or_id")
+@click.option("--reason", help="Why, kept in the registry and the audit log.")
+@click.pass_context
+def revoke_client(ctx: click.Context, name_or_id: str, reason: str | None) -> None:
+    """Revoke a client by name or id, effective for its very next request."""
+    result = _call(ctx, "revoke_client", {"target": name_or_id, "reason": reason})
+    if ctx.obj.json:
+        _print_json(result)
+        return
+    click.echo(
+        f"revoked {result.get('name', name_or_id)} (id {result.get('id')}); "
+        "their next request will be refused"
+    )
+
+
+@cli.command("show-ca")
+@click.pass_context
+def show_ca(ctx: click.Context) -> None:
+    """Print the PEM of the CA clients must trust; nothing if it is publicly trusted."""
+    result = _call(ctx, "show_ca")
+    if ctx.obj.json:
+        _print_json(result)
+        return
+    pem = result.get("pem")
+    if pem:
+        click.echo(pem, nl=not pem.endswith("\n"))
+
+
+def _uptime(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    parts += [f"{hours}h"] if days or hours else []
+    parts += [f"{minutes}m", f"{secs}s"]
+    return " ".join(parts)
+
+
+@cli.command("status")
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Show the daemon's version, uptime, listeners, models, clients and load."""
+    result = _call(ctx, "status")
+    if ctx.obj.json:
+        _print_json(result)
+        return
+    listeners = result.get("listeners") or {}
+    clients = result.get("clients") or {}
+    lines = [
+        ("version", result.get("version")),
+        ("pid", result.get("pid")),
+        ("uptime", _uptime(result.get("uptime_seconds"))),
+        ("grpc listener", listeners.get("grpc")),
+        ("admin socket", listeners.get("admin")),
+        ("default model", result.get("default_model")),
+        ("models", ", ".join(map(str, result.get("models") or [])) or "-"),
+        (
+            "clients",
+            f"{clients.get('active', 0)} active, {clients.get('expired', 0)} expired, "
+            f"{clients.get('revoked', 0)} revoked",
+        ),
+        ("in flight", result.get("in_flight")),
+    ]
+    width = max(len(key) for key, _ in lines) + 1
+    for key, value in lines:
+        click.echo(f"{key + ':':<{width}} {'-' if value is None else value}")
+
+
+def main() -> None:
+    cli.main(prog_name="vibectl-admin")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Who is calling: the bearer secret, checked cryptographically and against the registry.
+
+A secret is honoured only if its signature, expiry, audience and issuer check
+out *and* its id is in the registry and not revoked. The registry check runs on
+every call, so a revocation applies to the very next request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from vibectld.refusals import Unauthenticated
+from vibectld.registry import ClientRecord
+from vibectld.tokens import Claims, TokenError
+
+if TYPE_CHECKING:
+    from vibectld.runtime import Runtime
+
+_ASK_ADMIN = "ask your vibectld admin for a new one"
+_CACHE_SIZE = 4096
+
+
+def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, secret = text.strip().partition(" ")
+            if scheme.lower() != "bearer" or not secret.strip():
+                raise Unauthenticated(
+                    "authorization metadata must be 'Bearer <secret>'; "
+                    "configure the client with: vibectl setup-proxy configure URL"
+                )
+            return secret.strip()
+    raise Unauthenticated(
+        "no client secret was sent; configure one with: vibectl setup-proxy configure URL"
+    )
+
+
+class Authenticator:
+    """Turns call metadata into the calling client's registry record, or refuses."""
+
+    def __init__(self) -> None:
+        # Verified signatures are remembered (never the verdict on the client,
+        # which is re-read from the registry every time) so a busy client costs
+        # one Ed25519 verification, not one per request.
+        self._verified: OrderedDict[str, Claims] = OrderedDict()
+
+    def _verify(self, rt: Runtime, secret: str, now: int) -> Claims:
+        claims = self._verified.get(secret)
+        if claims is not None:
+            if claims.exp > now:
+                self._verified.move_to_end(secret)
+                return claims
+            del self._verified[secret]
+        clients = rt.config.clients
+        try:
+            claims = rt.signing.verify(secret, iss=clients.issuer, aud=clients.audience, now=now)
+        except TokenError as e:
+            raise Unauthenticated(str(e)) from None
+        self._verified[secret] = claims
+        if len(self._verified) > _CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return claims
+
+    def authenticate(
+        self, rt: Runtime, metadata: Iterable[tuple[str, str | bytes]] | None
+    ) -> ClientRecord:
+        now = int(time.time())
+        return _check_registry(rt, self._verify(rt, _bearer(metadata), now), now)
+
+
+def _check_registry(rt: Runtime, claims: Claims, now: int) -> ClientRecord:
+    record = rt.registry.get(claims.jti)
+    if record is None:
+        raise Unauthenticated(f"secret is not registered on this server — {_ASK_ADMIN}")
+    if record.revoked_at is not None:
+        raise Unauthenticated(f"secret was revoked — {_ASK_ADMIN}")
+    if record.expires_at <= now:
+        raise Unauthenticated(f"secret has expired — {_ASK_ADMIN}")
+    return record

@@ -1,0 +1,55 @@
+"""`vibectld`: flags → load_config → Daemon(config).run()."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+import structlog
+
+from vibectld import logs
+from vibectld.config import ConfigError, load_config, resolve_config_path
+from vibectld.version import __version__
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_file",
+    metavar="FILE",
+    help="Configuration file [env VIBECTLD_CONFIG; default /etc/vibectld/config.yaml].",
+)
+@click.option("--check-config", is_flag=True, help="Validate the configuration and exit 0 or 1.")
+@click.version_option(__version__, "--version", prog_name="vibectld", message="%(prog)s %(version)s")
+def main(config_file: str | None, check_config: bool) -> None:
+    """Run the vibectl LLM proxy daemon in the foreground.
+
+    It serves gRPC over TLS to vibectl clients and a local admin socket for
+    vibectl-admin. See vibectld(8) and vibectld.yaml(5).
+    """
+    path = resolve_config_path(config_file)
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        click.echo(f"vibectld: {e}", err=True)
+        sys.exit(1)
+    if check_config:
+        click.echo(f"{path}: configuration is valid")
+        return
+    logs.configure(config.logging.level, config.logging.format)
+    # Imported here so --check-config and --version stay fast.
+    from vibectld.daemon import Daemon
+    from vibectld.errors import STARTUP_ERRORS
+
+    try:
+        asyncio.run(Daemon(config).run())
+    except STARTUP_ERRORS as e:
+        structlog.get_logger("vibectld").error("start_failed", error=str(e))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

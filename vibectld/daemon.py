@@ -1,0 +1,203 @@
+"""The daemon's lifecycle: start() → serve_until_stopped() → stop(grace).
+
+Signal handlers only set events; the lifecycle coroutine acts on them.
+READY=1 goes out only once the TLS port and the admin socket are bound and the
+registry is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
+from vibectld.admin.routes import build_routes
+from vibectld.admin.server import AdminServer
+from vibectld.config import DaemonConfig
+from vibectld.execution import Executor
+from vibectld.models import ModelCatalogue, point_llm_at
+from vibectld.notify import Notifier
+from vibectld.provider_keys import ProviderKeys
+from vibectld.proxy_service import ProxyService
+from vibectld.registry import Registry
+from vibectld.runtime import Runtime
+from vibectld.tls import ServerTLS, default_hosts, load_server_tls
+from vibectld.tokens import SigningKeys
+
+log = structlog.get_logger("vibectld")
+
+SERVICE_NAME = "vibectl.llm_proxy.VibectlLLMProxy"
+FLUSH_INTERVAL_SECONDS = 2.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message names the cause and the fix."""
+
+
+def _server_credentials(tls: ServerTLS) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
+        [(tls.key_pem, tls.cert_chain_pem)],
+        root_certificates=tls.client_ca_pem,
+        require_client_auth=tls.client_ca_pem is not None,
+    )
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.notifier = Notifier()
+        self.runtime: Runtime | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._admin: AdminServer | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def grpc_port(self) -> int:
+        assert self.runtime is not None
+        return int(self.runtime.grpc_address.rpartition(":")[2])
+
+    async def start(self) -> None:
+        config = self.config
+        state_dir = config.state_dir
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StartupError(
+                f"cannot create state_dir {state_dir}: {e.strerror}; create it for the "
+                "vibectld user or set state_dir"
+            ) from None
+        point_llm_at(state_dir)
+        tls = load_server_tls(config.server.tls, state_dir, default_hosts(config.server.public_host))
+        signing = SigningKeys.load_or_create(state_dir / "signing-keys")
+        registry = Registry.open(state_dir / "registry.db")
+        provider_keys = ProviderKeys.for_daemon(config.config_dir, state_dir)
+        catalogue = ModelCatalogue.build(config.models, provider_keys)
+        executor = Executor(config.models.sync_workers, provider_keys.redact)
+        rt = Runtime(
+            config=config,
+            catalogue=catalogue,
+            signing=signing,
+            registry=registry,
+            executor=executor,
+            provider_keys=provider_keys,
+            tls=tls,
+        )
+        self.runtime = rt
+
+        limit = config.server.max_request_bytes
+        # gRPC itself refuses larger messages with RESOURCE_EXHAUSTED; leaving it
+        # headroom lets the service answer "too large" with INVALID_ARGUMENT.
+        grpc_limit = max(4 * limit, 4 * 1024 * 1024)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", grpc_limit),
+                ("grpc.max_send_message_length", grpc_limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_VibectlLLMProxyServicer_to_server(ProxyService(rt), server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        try:
+            port = server.add_secure_port(config.server.listen, _server_credentials(tls))
+        except RuntimeError as e:
+            raise StartupError(
+                f"cannot listen on {config.server.listen} ({e}); is another process using "
+                "the port? change server.listen or stop it"
+            ) from None
+        if not port:
+            raise StartupError(
+                f"cannot listen on {config.server.listen}; is another process using the "
+                "port? change server.listen or stop it"
+            )
+        host = config.server.listen.rpartition(":")[0]
+        rt.grpc_address = f"{host}:{port}"
+        await server.start()
+        self._grpc = server
+
+        self._admin = AdminServer(config.admin.socket, config.admin.group, build_routes(rt))
+        await self._admin.start()
+
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._flush_usage(), name="flush-usage"))
+        if config.server.public_url is None:
+            log.warning(
+                "server.public_url_unset",
+                hint="issued URLs use this machine's name; set server.public_url to the "
+                "address clients dial",
+            )
+        counts = registry.counts()
+        log.info(
+            "started",
+            listen=rt.grpc_address,
+            admin_socket=str(config.admin.socket),
+            models=len(catalogue.entries()),
+            clients=counts["active"],
+            ca_sha256=tls.ca_sha256,
+            pid=os.getpid(),
+        )
+        self.notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        rt = self.runtime
+        if rt is None:
+            return "starting"
+        return (
+            f"serving on {rt.grpc_address}; {rt.registry.counts()['active']} active clients; "
+            f"{rt.inflight.total()} in flight"
+        )
+
+    async def _flush_usage(self) -> None:
+        assert self.runtime is not None
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
+            try:
+                self.runtime.registry.flush()
+            except Exception:
+                log.exception("registry.flush_failed")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve_until_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let calls finish within `grace` seconds, then cancel the rest."""
+        grace = self.config.server.shutdown_grace_seconds if grace is None else grace
+        self.notifier.stopping()
+        log.info("stopping", grace_seconds=grace)
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._admin is not None:
+            await self._admin.close()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.runtime is not None:
+            self.runtime.executor.close()
+            self.runtime.registry.close()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self.serve_until_stopped()
+        finally:
+            await self.stop()

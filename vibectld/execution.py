@@ -1,0 +1,198 @@
+"""Running one prompt through an llm model: async natively, sync in a bounded pool.
+
+Cancellation reaches the provider: an async model's generator is closed, and
+a sync model's worker stops pulling chunks at the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from vibectld.models import CatalogueEntry
+
+
+class ErrorCode:
+    """Stable in-band error codes (ExecuteError.error_code) existing clients know."""
+
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    SCHEMA_NOT_SUPPORTED = "SCHEMA_NOT_SUPPORTED"
+    PROVIDER_ERROR = "PROVIDER_ERROR"
+    PROVIDER_AUTH_ERROR = "PROVIDER_AUTH_ERROR"
+    PROVIDER_TIMEOUT = "PROVIDER_TIMEOUT"
+    PROVIDER_RATE_LIMITED = "PROVIDER_RATE_LIMITED"
+
+
+class ModelFailure(Exception):
+    """The model could not answer; reported to the client in-band."""
+
+    def __init__(self, code: str, message: str, details: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+@dataclass
+class Outcome:
+    model_id: str
+    text: str = ""
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    duration_ms: int = 0
+
+
+def classify(exc: BaseException, model_id: str, redact: Callable[[str], str]) -> ModelFailure:
+    """Map whatever a provider or plugin raised to one in-band failure."""
+    if isinstance(exc, ModelFailure):
+        return exc
+    name = type(exc).__name__
+    status = getattr(exc, "status_code", None)
+    details = redact(f"{name}: {exc}")[:1000]
+    if isinstance(exc, TimeoutError) or "Timeout" in name:
+        return ModelFailure(
+            ErrorCode.PROVIDER_TIMEOUT,
+            f"the provider of '{model_id}' did not answer in time; try again later",
+            details,
+        )
+    if status == 429 or "RateLimit" in name:
+        return ModelFailure(
+            ErrorCode.PROVIDER_RATE_LIMITED,
+            f"the provider of '{model_id}' is rate-limiting this server; retry shortly",
+            details,
+        )
+    if status in (401, 403) or name in ("NeedsKeyException", "AuthenticationError"):
+        return ModelFailure(
+            ErrorCode.PROVIDER_AUTH_ERROR,
+            f"the provider refused this server's key for '{model_id}'; tell the vibectld admin",
+            details,
+        )
+    return ModelFailure(
+        ErrorCode.PROVIDER_ERROR,
+        f"the provider of '{model_id}' failed: {redact(str(exc))[:300] or name}",
+        details,
+    )
+
+
+class Executor:
+    """Runs prompts; owns the thread pool for models that only have a sync API."""
+
+    def __init__(self, sync_workers: int, redact: Callable[[str], str]) -> None:
+        self._pool = ThreadPoolExecutor(sync_workers, thread_name_prefix="vibectld-model")
+        self._redact = redact
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(
+        self,
+        entry: CatalogueEntry,
+        system_fragments: list[str],
+        user_fragments: list[str],
+        schema: dict[str, Any] | None,
+    ) -> Outcome:
+        """The whole reply at once."""
+        chunks: list[str] = []
+        outcome = Outcome(entry.model_id)
+        async for chunk in self.stream(
+            entry, system_fragments, user_fragments, schema, outcome
+        ):
+            chunks.append(chunk)
+        outcome.text = "".join(chunks)
+        return outcome
+
+    async def stream(
+        self,
+        entry: CatalogueEntry,
+        system_fragments: list[str],
+        user_fragments: list[str],
+        schema: dict[str, Any] | None,
+        outcome: Outcome,
+    ) -> AsyncIterator[str]:
+        """Yield text as it arrives; fill `outcome` with usage when the reply is complete.
+
+        The caller owns the deadline: a timeout around the consumer cancels the
+        provider call through this generator's close.
+        """
+        if schema is not None and not entry.supports_schema:
+            raise ModelFailure(
+                ErrorCode.SCHEMA_NOT_SUPPORTED,
+                f"model '{entry.model_id}' cannot follow a response schema; "
+                "choose a model that supports schemas or send the request without one",
+            )
+        kwargs: dict[str, Any] = {
+            "fragments": list(user_fragments),
+            "system_fragments": list(system_fragments),
+            "schema": schema,
+            "stream": entry.supports_streaming,
+        }
+        started = time.monotonic()
+        source = (
+            self._stream_async(entry, kwargs, outcome)
+            if entry.async_model is not None
+            else self._stream_sync(entry, kwargs, outcome)
+        )
+        try:
+            async for chunk in source:
+                yield chunk
+        except ModelFailure:
+            raise
+        except Exception as e:
+            raise classify(e, entry.model_id, self._redact) from e
+        finally:
+            await source.aclose()
+            outcome.duration_ms = int((time.monotonic() - started) * 1000)
+
+    async def _stream_async(
+        self, entry: CatalogueEntry, kwargs: dict[str, Any], outcome: Outcome
+    ) -> AsyncIterator[str]:
+        response = entry.async_model.prompt(None, **kwargs)
+        async for chunk in response:
+            yield chunk
+        usage = await response.usage()
+        outcome.input_tokens, outcome.output_tokens = usage.input, usage.output
+
+    async def _stream_sync(
+        self, entry: CatalogueEntry, kwargs: dict[str, Any], outcome: Outcome
+    ) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def post(kind: str, value: Any) -> None:
+            # The loop may be gone if the daemon stopped while the provider was talking.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        def work() -> None:
+            try:
+                response = entry.sync_model.prompt(None, **kwargs)
+                for chunk in response:
+                    if stop.is_set():
+                        return
+                    post("chunk", chunk)
+                post("done", response.usage())
+            except BaseException as e:
+                post("error", e)
+
+        future = loop.run_in_executor(self._pool, work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "chunk":
+                    yield value
+                elif kind == "done":
+                    outcome.input_tokens, outcome.output_tokens = value.input, value.output
+                    return
+                else:
+                    raise value
+        finally:
+            stop.set()
+            if future.done():
+                future.result()

@@ -1,0 +1,79 @@
+"""Provider API keys: found in systemd credentials, a keys/ directory, or the environment.
+
+Keys never live in the YAML file. Lookup order for a key named ``openai``:
+``$CREDENTIALS_DIRECTORY/openai`` (systemd ``LoadCredential=``), then
+``<config dir>/keys/openai``, then ``<state dir>/keys/openai``, then the
+model's usual environment variable (e.g. ``OPENAI_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ProviderKeys:
+    """Reads provider keys once per (re)load; values stay in memory only."""
+
+    def __init__(
+        self,
+        directories: Iterable[Path],
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._directories = [d for d in directories if d is not None]
+        self._environ = os.environ if environ is None else environ
+        self._cache: dict[tuple[str, str | None], str | None] = {}
+
+    @classmethod
+    def for_daemon(
+        cls, config_dir: Path | None, state_dir: Path, environ: Mapping[str, str] | None = None
+    ) -> ProviderKeys:
+        env = os.environ if environ is None else environ
+        dirs: list[Path] = []
+        if env.get("CREDENTIALS_DIRECTORY"):
+            dirs.append(Path(env["CREDENTIALS_DIRECTORY"]))
+        if config_dir is not None:
+            dirs.append(config_dir / "keys")
+        dirs.append(state_dir / "keys")
+        return cls(dirs, env)
+
+    def get(self, name: str, env_var: str | None = None) -> str | None:
+        """The key called `name`, or None when no source has it."""
+        cache_key = (name, env_var)
+        if cache_key not in self._cache:
+            self._cache[cache_key] = self._find(name, env_var)
+        return self._cache[cache_key]
+
+    def _find(self, name: str, env_var: str | None) -> str | None:
+        if _KEY_NAME.match(name):
+            for directory in self._directories:
+                try:
+                    value = (directory / name).read_text(encoding="utf-8").strip()
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as e:
+                    # An unreadable key file is an operator mistake worth failing loudly on.
+                    raise ProviderKeyError(
+                        f"cannot read provider key file {directory / name}: {e.strerror}; "
+                        "make it readable by the vibectld user (mode 0600, owned by it)"
+                    ) from None
+                if value:
+                    return value
+        if env_var and self._environ.get(env_var):
+            return self._environ[env_var]
+        return None
+
+    def redact(self, text: str) -> str:
+        """Remove every key value this process has read from `text`."""
+        for value in self._cache.values():
+            if value and len(value) >= 8:
+                text = text.replace(value, "***")
+        return text
+
+
+class ProviderKeyError(Exception):
+    """A provider key file exists but cannot be used."""

@@ -1,0 +1,284 @@
+"""The VibectlLLMProxy servicer: Execute, StreamExecute and GetServerInfo.
+
+Order of checks on every call: authenticate → validate → resolve and authorize
+the model → limits → run. Call failures are gRPC statuses (refusals.py);
+model failures are in-band ExecuteErrors (execution.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+from vibectl._proto import llm_proxy_pb2 as pb
+from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
+from vibectld.execution import ErrorCode, ModelFailure, Outcome
+from vibectld.models import CatalogueEntry, UnknownModel
+from vibectld.refusals import CallRefused, InvalidRequest, PermissionDenied, Unauthenticated, abort
+from vibectld.registry import ClientRecord
+from vibectld.runtime import Runtime
+from vibectld.version import __version__
+
+log = structlog.get_logger("vibectld.proxy")
+
+
+def _metrics(outcome: Outcome) -> pb.ExecutionMetrics:
+    metrics = pb.ExecutionMetrics(
+        duration_ms=outcome.duration_ms, retry_count=0, timestamp=int(time.time())
+    )
+    if outcome.input_tokens is not None:
+        metrics.input_tokens = outcome.input_tokens
+    if outcome.output_tokens is not None:
+        metrics.output_tokens = outcome.output_tokens
+    if outcome.input_tokens is not None or outcome.output_tokens is not None:
+        metrics.total_tokens = (outcome.input_tokens or 0) + (outcome.output_tokens or 0)
+    return metrics
+
+
+def _error(failure: ModelFailure) -> pb.ExecuteError:
+    err = pb.ExecuteError(error_code=failure.code, error_message=failure.message)
+    if failure.details:
+        err.error_details = failure.details
+    return err
+
+
+class _Call:
+    """What one authorized call needs to run."""
+
+    def __init__(
+        self,
+        client: ClientRecord,
+        entry: CatalogueEntry | None,
+        failure: ModelFailure | None,
+        schema: dict[str, Any] | None,
+        timeout: float,
+    ) -> None:
+        self.client = client
+        self.entry = entry
+        self.failure = failure
+        self.schema = schema
+        self.timeout = timeout
+
+
+class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    def _prepare(self, request: pb.ExecuteRequest, context: Any) -> _Call:
+        rt = self.rt
+        client = rt.auth.authenticate(rt, context.invocation_metadata())
+        config = rt.config
+        size = request.ByteSize()
+        if size > config.server.max_request_bytes:
+            raise InvalidRequest(
+                f"request is {size} bytes; this server accepts at most "
+                f"{config.server.max_request_bytes} — send a shorter prompt"
+            )
+        if not any(f.strip() for f in request.user_fragments):
+            raise InvalidRequest("request has no prompt: user_fragments is empty")
+        max_chars = config.limits.max_input_chars
+        if max_chars is not None:
+            chars = sum(map(len, request.user_fragments)) + sum(
+                map(len, request.system_fragments)
+            )
+            if chars > max_chars:
+                raise InvalidRequest(
+                    f"input is {chars} characters; this server accepts at most {max_chars} "
+                    "— send a shorter prompt"
+                )
+        schema: dict[str, Any] | None = None
+        if request.HasField("response_model_schema"):
+            try:
+                parsed = json.loads(request.response_model_schema)
+            except json.JSONDecodeError as e:
+                raise InvalidRequest(f"response_model_schema is not valid JSON: {e}") from None
+            if not isinstance(parsed, dict):
+                raise InvalidRequest("response_model_schema must be a JSON object (a JSON schema)")
+            schema = parsed
+        name = request.model_name if request.HasField("model_name") else None
+        try:
+            entry: CatalogueEntry | None = rt.catalogue.resolve(name)
+        except UnknownModel as e:
+            failure = ModelFailure(ErrorCode.MODEL_NOT_FOUND, str(e))
+            return _Call(client, None, failure, schema, 0)
+        assert entry is not None
+        if client.models is not None and entry.model_id not in client.models:
+            raise PermissionDenied(
+                f"client '{client.name}' may not use model '{entry.model_id}'; "
+                f"allowed: {', '.join(client.models) or 'none'} — ask your vibectld admin"
+            )
+        return _Call(client, entry, None, schema, float(config.limits.request_timeout_seconds))
+
+    @contextmanager
+    def _admitted(self, call: _Call) -> Iterator[None]:
+        limits = self.rt.effective_limits(call.client)
+        with (
+            self.rt.limiter.admit(call.client.id, limits["rpm"], limits["concurrency"]),
+            self.rt.inflight.track(call.client.id),
+        ):
+            yield
+
+    def _revoked_now(self) -> bool:
+        """True when this task was cancelled because its client was just revoked."""
+        task = asyncio.current_task()
+        if task is not None and self.rt.inflight.was_revoked(task):
+            task.uncancel()
+            return True
+        return False
+
+    def _done(
+        self, call: _Call, request_id: str, status: str, outcome: Outcome | None = None
+    ) -> None:
+        if status == "ok":
+            self.rt.registry.touch(call.client.id, int(time.time()))
+        log.info(
+            "request",
+            client=call.client.name,
+            request_id=request_id,
+            model=call.entry.model_id if call.entry else None,
+            status=status,
+            duration_ms=outcome.duration_ms if outcome else None,
+            input_tokens=outcome.input_tokens if outcome else None,
+            output_tokens=outcome.output_tokens if outcome else None,
+        )
+
+    async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            call = self._prepare(request, context)
+            if call.failure is not None:
+                self._done(call, request_id, call.failure.code)
+                return pb.ExecuteResponse(request_id=request_id, error=_error(call.failure))
+            assert call.entry is not None
+            with self._admitted(call):
+                try:
+                    async with asyncio.timeout(call.timeout):
+                        outcome = await self.rt.executor.run(
+                            call.entry,
+                            list(request.system_fragments),
+                            list(request.user_fragments),
+                            call.schema,
+                        )
+                except ModelFailure as failure:
+                    self._done(call, request_id, failure.code)
+                    return pb.ExecuteResponse(request_id=request_id, error=_error(failure))
+                except TimeoutError:
+                    failure = _timed_out(call)
+                    self._done(call, request_id, failure.code)
+                    return pb.ExecuteResponse(request_id=request_id, error=_error(failure))
+                except asyncio.CancelledError:
+                    if self._revoked_now():
+                        raise Unauthenticated(_REVOKED_MID_CALL) from None
+                    raise
+            self._done(call, request_id, "ok", outcome)
+            success = pb.ExecuteSuccess(
+                response_text=outcome.text,
+                metrics=_metrics(outcome),
+                actual_model_used=outcome.model_id,
+            )
+            return pb.ExecuteResponse(request_id=request_id, success=success)
+        except CallRefused as refusal:
+            await abort(context, refusal)
+
+    async def StreamExecute(
+        self, request: pb.ExecuteRequest, context: Any
+    ) -> AsyncIterator[pb.StreamChunk]:
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            call = self._prepare(request, context)
+            if call.failure is not None:
+                self._done(call, request_id, call.failure.code)
+                yield pb.StreamChunk(request_id=request_id, error=_error(call.failure))
+                return
+            assert call.entry is not None
+            with self._admitted(call):
+                outcome = Outcome(call.entry.model_id)
+                try:
+                    async with asyncio.timeout(call.timeout):
+                        async for text in self.rt.executor.stream(
+                            call.entry,
+                            list(request.system_fragments),
+                            list(request.user_fragments),
+                            call.schema,
+                            outcome,
+                        ):
+                            yield pb.StreamChunk(request_id=request_id, text_chunk=text)
+                except ModelFailure as failure:
+                    self._done(call, request_id, failure.code, outcome)
+                    yield pb.StreamChunk(request_id=request_id, error=_error(failure))
+                    return
+                except TimeoutError:
+                    failure = _timed_out(call)
+                    self._done(call, request_id, failure.code, outcome)
+                    yield pb.StreamChunk(request_id=request_id, error=_error(failure))
+                    return
+                except asyncio.CancelledError:
+                    if self._revoked_now():
+                        raise Unauthenticated(_REVOKED_MID_CALL) from None
+                    raise
+            self._done(call, request_id, "ok", outcome)
+            complete = pb.StreamComplete(actual_model_used=outcome.model_id)
+            yield pb.StreamChunk(request_id=request_id, complete=complete)
+            yield pb.StreamChunk(request_id=request_id, final_metrics=_metrics(outcome))
+        except CallRefused as refusal:
+            await abort(context, refusal)
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: Any
+    ) -> pb.GetServerInfoResponse:
+        rt = self.rt
+        try:
+            client = rt.auth.authenticate(rt, context.invocation_metadata())
+        except CallRefused as refusal:
+            await abort(context, refusal)
+        catalogue = rt.catalogue
+        allowed = set(client.models) if client.models is not None else None
+        models = [
+            pb.ModelInfo(
+                model_id=e.model_id,
+                display_name=e.model_id,
+                provider=e.provider,
+                supports_streaming=e.supports_streaming,
+                aliases=sorted(a for a, t in catalogue.aliases().items() if t == e.model_id),
+            )
+            for e in catalogue.entries()
+            if allowed is None or e.model_id in allowed
+        ]
+        offered = {m.model_id for m in models}
+        limits = rt.effective_limits(client)
+        server_limits = pb.ServerLimits(request_timeout_seconds=rt.config.limits.request_timeout_seconds)
+        if limits["rpm"] is not None:
+            server_limits.max_requests_per_minute = limits["rpm"]
+        if limits["concurrency"] is not None:
+            server_limits.max_concurrent_requests = limits["concurrency"]
+        if limits["max_input_chars"] is not None:
+            server_limits.max_input_length = limits["max_input_chars"]
+        default = catalogue.default
+        if catalogue.has(default) and catalogue.resolve(default).model_id not in offered:
+            default = min(offered) if offered else ""
+        return pb.GetServerInfoResponse(
+            available_models=models,
+            default_model=default,
+            limits=server_limits,
+            server_version=__version__,
+            model_aliases={a: t for a, t in catalogue.aliases().items() if t in offered},
+            server_name=rt.config.server.name,
+        )
+
+
+_REVOKED_MID_CALL = "secret was revoked during this call — ask your vibectld admin for a new one"
+
+
+def _timed_out(call: _Call) -> ModelFailure:
+    model = call.entry.model_id if call.entry else "the model"
+    return ModelFailure(
+        ErrorCode.PROVIDER_TIMEOUT,
+        f"'{model}' did not finish within the server's {call.timeout:g} s request timeout",
+    )

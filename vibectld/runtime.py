@@ -1,0 +1,58 @@
+"""The daemon's live parts, shared by the gRPC service and the admin routes.
+
+A reload replaces `config`, `catalogue` and `tls` as a whole; request handlers
+read each once per call, so a call never sees half of an old and half of a new
+configuration.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from vibectld.auth import Authenticator
+from vibectld.config import DaemonConfig
+from vibectld.execution import Executor
+from vibectld.inflight import InFlight
+from vibectld.limits import Limiter
+from vibectld.models import ModelCatalogue
+from vibectld.provider_keys import ProviderKeys
+from vibectld.registry import ClientRecord, Registry
+from vibectld.tls import ServerTLS
+from vibectld.tokens import SigningKeys
+
+
+@dataclass
+class Runtime:
+    config: DaemonConfig
+    catalogue: ModelCatalogue
+    signing: SigningKeys
+    registry: Registry
+    executor: Executor
+    provider_keys: ProviderKeys
+    tls: ServerTLS
+    inflight: InFlight = field(default_factory=InFlight)
+    auth: Authenticator = field(default_factory=Authenticator)
+    limiter: Limiter = field(default_factory=Limiter)
+    started_at: float = field(default_factory=time.time)
+    # The address the gRPC port is really bound to (port 0 resolved).
+    grpc_address: str = ""
+
+    def effective_limits(self, client: ClientRecord) -> dict[str, int | None]:
+        """The limits that apply to one client: its own overrides, else the defaults."""
+        limits = self.config.limits
+        return {
+            "rpm": client.rpm if client.rpm is not None else limits.requests_per_minute,
+            "concurrency": (
+                client.concurrency
+                if client.concurrency is not None
+                else limits.concurrent_requests
+            ),
+            "tokens_per_day": (
+                client.tokens_per_day
+                if client.tokens_per_day is not None
+                else limits.tokens_per_day
+            ),
+            "max_input_chars": limits.max_input_chars,
+            "request_timeout_seconds": limits.request_timeout_seconds,
+        }
