@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import llm
 import pytest
+from llm.plugins import pm
 
 from tests import fake_models
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
@@ -32,8 +32,8 @@ from vibectld.runtime import Runtime
 
 
 def _register_fake_models() -> None:
-    if not llm.pm.is_registered(fake_models):
-        llm.pm.register(fake_models, name="vibectld-test-models")
+    if not pm.is_registered(fake_models):
+        pm.register(fake_models, name="vibectld-test-models")
 
 
 class RunningDaemon:
@@ -131,9 +131,7 @@ def sock_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def start_daemon(
-    tmp_path: Path, sock_dir: Path
-) -> Iterator[Callable[..., RunningDaemon]]:
+def start_daemon(tmp_path: Path, sock_dir: Path) -> Iterator[Callable[..., RunningDaemon]]:
     """Start a daemon with config overrides; all started daemons stop at teardown."""
     _register_fake_models()
     started: list[RunningDaemon] = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import llm
@@ -34,7 +34,7 @@ class APITimeoutError(Exception):
     pass
 
 
-class FakeSync(llm.Model):  # type: ignore[misc]
+class FakeSync(llm.Model):
     model_id = "fake-sync"
     can_stream = True
 
@@ -47,14 +47,14 @@ class FakeSync(llm.Model):  # type: ignore[misc]
         response.set_usage(input=len(text.split()), output=len(text.split()))
 
 
-class Faults(llm.AsyncModel):  # type: ignore[misc]
+class Faults(llm.AsyncModel):
     model_id = "faults"
     can_stream = True
     supports_schema = True
 
     async def execute(
         self, prompt: Any, stream: bool, response: Any, conversation: Any
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         text = prompt.prompt
         response.set_usage(input=len(text.split()), output=3)
         if prompt.schema:
@@ -78,7 +78,7 @@ class Faults(llm.AsyncModel):  # type: ignore[misc]
         yield f"faults says: {text}"
 
 
-class FaultsSync(llm.Model):  # type: ignore[misc]
+class FaultsSync(llm.Model):
     """llm requires a sync model beside every async one; the daemon prefers the async one."""
 
     model_id = "faults"

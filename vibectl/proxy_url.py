@@ -62,7 +62,9 @@ def parse(url: str) -> ProxyURL:
             "paste the whole line vibectl-admin issue-client printed"
         )
     if not parts.hostname:
-        raise ProxyURLError("the URL has no host; it should look like vibectl-server://SECRET@HOST:PORT")
+        raise ProxyURLError(
+            "the URL has no host; it should look like vibectl-server://SECRET@HOST:PORT"
+        )
     try:
         port = parts.port
     except ValueError:

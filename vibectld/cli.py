@@ -21,7 +21,9 @@ from vibectld.version import __version__
     help="Configuration file [env VIBECTLD_CONFIG; default /etc/vibectld/config.yaml].",
 )
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit 0 or 1.")
-@click.version_option(__version__, "--version", prog_name="vibectld", message="%(prog)s %(version)s")
+@click.version_option(
+    __version__, "--version", prog_name="vibectld", message="%(prog)s %(version)s"
+)
 def main(config_file: str | None, check_config: bool) -> None:
     """Run the vibectl LLM proxy daemon in the foreground.
 

@@ -245,8 +245,7 @@ def _public_url(key: str, v: Any) -> str | None:
     parts = urlsplit(text)
     if parts.scheme not in ("vibectl-server", "vibectl-server-insecure") or not parts.hostname:
         raise ConfigError(
-            f"{key}: must look like vibectl-server://HOST:PORT (the address clients use), "
-            f"got {v!r}"
+            f"{key}: must look like vibectl-server://HOST:PORT (the address clients use), got {v!r}"
         )
     try:
         parts.port  # noqa: B018 - validates the port
@@ -327,12 +326,8 @@ def parse_config(raw: Any, config_path: Path | None = None) -> DaemonConfig:
 
     lim = top.section("limits")
     limits = LimitsConfig(
-        requests_per_minute=lim.get(
-            "requests_per_minute", _opt_int, d.limits.requests_per_minute
-        ),
-        concurrent_requests=lim.get(
-            "concurrent_requests", _opt_int, d.limits.concurrent_requests
-        ),
+        requests_per_minute=lim.get("requests_per_minute", _opt_int, d.limits.requests_per_minute),
+        concurrent_requests=lim.get("concurrent_requests", _opt_int, d.limits.concurrent_requests),
         tokens_per_day=lim.get("tokens_per_day", _opt_int, None),
         max_input_chars=lim.get("max_input_chars", _opt_int, d.limits.max_input_chars),
         request_timeout_seconds=lim.get(

@@ -75,7 +75,9 @@ class Daemon:
                 "vibectld user or set state_dir"
             ) from None
         point_llm_at(state_dir)
-        tls = load_server_tls(config.server.tls, state_dir, default_hosts(config.server.public_host))
+        tls = load_server_tls(
+            config.server.tls, state_dir, default_hosts(config.server.public_host)
+        )
         signing = SigningKeys.load_or_create(state_dir / "signing-keys")
         registry = Registry.open(state_dir / "registry.db")
         provider_keys = ProviderKeys.for_daemon(config.config_dir, state_dir)

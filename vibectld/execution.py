@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -100,9 +100,7 @@ class Executor:
         """The whole reply at once."""
         chunks: list[str] = []
         outcome = Outcome(entry.model_id)
-        async for chunk in self.stream(
-            entry, system_fragments, user_fragments, schema, outcome
-        ):
+        async for chunk in self.stream(entry, system_fragments, user_fragments, schema, outcome):
             chunks.append(chunk)
         outcome.text = "".join(chunks)
         return outcome
@@ -151,7 +149,7 @@ class Executor:
 
     async def _stream_async(
         self, entry: CatalogueEntry, kwargs: dict[str, Any], outcome: Outcome
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         response = entry.async_model.prompt(None, **kwargs)
         async for chunk in response:
             yield chunk
@@ -160,7 +158,7 @@ class Executor:
 
     async def _stream_sync(
         self, entry: CatalogueEntry, kwargs: dict[str, Any], outcome: Outcome
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()

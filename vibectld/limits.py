@@ -43,8 +43,7 @@ class Limiter:
         if rpm is not None and len(recent) >= rpm:
             retry_ms = max(1, int((recent[-rpm] + WINDOW_SECONDS - now) * 1000))
             raise LimitExceeded(
-                f"this client may make {rpm} requests per minute; retry in "
-                f"{retry_ms / 1000:.1f} s",
+                f"this client may make {rpm} requests per minute; retry in {retry_ms / 1000:.1f} s",
                 "rpm",
                 retry_ms,
             )

@@ -9,8 +9,12 @@ from typing import Any, TextIO
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 # syslog priorities, which journald reads from a "<N>" prefix on stderr lines.
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 
@@ -34,9 +38,9 @@ def _priority_prefix(_: Any, method: str, event: dict[str, Any]) -> dict[str, An
 
 def _journal_line(_: Any, __: str, event: dict[str, Any]) -> str:
     priority = event.pop("_priority", 6)
-    text = structlog.processors.KeyValueRenderer(
-        key_order=["event"], drop_missing=True
-    )(None, "", event)
+    text = structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True)(
+        None, "", event
+    )
     return f"<{priority}>{text}"
 
 

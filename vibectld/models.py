@@ -15,6 +15,7 @@ from typing import Any
 
 import llm
 import structlog
+from llm.plugins import pm
 
 from vibectld.config import ModelsConfig, OpenAICompatibleModel
 from vibectld.provider_keys import ProviderKeys
@@ -63,17 +64,19 @@ class _OpenAICompatiblePlugin:
                 "api_base": ep.api_base,
                 "supports_schema": True,
             }
-            sync_model, async_model = Chat(ep.model_id, **kwargs), AsyncChat(ep.model_id, **kwargs)
+            sync_model = Chat(ep.model_id, **kwargs)  # type: ignore[no-untyped-call]
+            async_model = AsyncChat(ep.model_id, **kwargs)  # type: ignore[no-untyped-call]
             for model in (sync_model, async_model):
-                model.needs_key = ep.api_key_name
+                # None: the endpoint takes no key; the class default would demand OpenAI's.
+                setattr(model, "needs_key", ep.api_key_name)  # noqa: B010
             register(sync_model, async_model)
 
 
 def _register_endpoints(endpoints: tuple[OpenAICompatibleModel, ...]) -> None:
-    if llm.pm.get_plugin(_PLUGIN_NAME) is not None:
-        llm.pm.unregister(name=_PLUGIN_NAME)
+    if pm.get_plugin(_PLUGIN_NAME) is not None:
+        pm.unregister(name=_PLUGIN_NAME)
     if endpoints:
-        llm.pm.register(_OpenAICompatiblePlugin(endpoints), name=_PLUGIN_NAME)
+        pm.register(_OpenAICompatiblePlugin(endpoints), name=_PLUGIN_NAME)
 
 
 def _provider(model: Any) -> str:
@@ -107,8 +110,10 @@ class ModelCatalogue:
             model_id = model.model_id
             for alias in mwa.aliases:
                 llm_aliases.setdefault(alias, model_id)
-            if config.allowed and model_id not in config.allowed and not (
-                set(mwa.aliases) & set(config.allowed)
+            if (
+                config.allowed
+                and model_id not in config.allowed
+                and not (set(mwa.aliases) & set(config.allowed))
             ):
                 continue
             needs = model.needs_key
@@ -173,9 +178,7 @@ class ModelCatalogue:
         if entry is None:
             available = ", ".join(sorted(self._entries)) or "none"
             what = f"model '{wanted}'" if name else f"the server's default model '{wanted}'"
-            raise UnknownModel(
-                f"{what} is not available on this server; available: {available}"
-            )
+            raise UnknownModel(f"{what} is not available on this server; available: {available}")
         return entry
 
     def entries(self) -> list[CatalogueEntry]:

@@ -85,9 +85,7 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             raise InvalidRequest("request has no prompt: user_fragments is empty")
         max_chars = config.limits.max_input_chars
         if max_chars is not None:
-            chars = sum(map(len, request.user_fragments)) + sum(
-                map(len, request.system_fragments)
-            )
+            chars = sum(map(len, request.user_fragments)) + sum(map(len, request.system_fragments))
             if chars > max_chars:
                 raise InvalidRequest(
                     f"input is {chars} characters; this server accepts at most {max_chars} "
@@ -170,9 +168,9 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
                     self._done(call, request_id, failure.code)
                     return pb.ExecuteResponse(request_id=request_id, error=_error(failure))
                 except TimeoutError:
-                    failure = _timed_out(call)
-                    self._done(call, request_id, failure.code)
-                    return pb.ExecuteResponse(request_id=request_id, error=_error(failure))
+                    late = _timed_out(call)
+                    self._done(call, request_id, late.code)
+                    return pb.ExecuteResponse(request_id=request_id, error=_error(late))
                 except asyncio.CancelledError:
                     if self._revoked_now():
                         raise Unauthenticated(_REVOKED_MID_CALL) from None
@@ -215,9 +213,9 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
                     yield pb.StreamChunk(request_id=request_id, error=_error(failure))
                     return
                 except TimeoutError:
-                    failure = _timed_out(call)
-                    self._done(call, request_id, failure.code, outcome)
-                    yield pb.StreamChunk(request_id=request_id, error=_error(failure))
+                    late = _timed_out(call)
+                    self._done(call, request_id, late.code, outcome)
+                    yield pb.StreamChunk(request_id=request_id, error=_error(late))
                     return
                 except asyncio.CancelledError:
                     if self._revoked_now():
@@ -253,7 +251,9 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         ]
         offered = {m.model_id for m in models}
         limits = rt.effective_limits(client)
-        server_limits = pb.ServerLimits(request_timeout_seconds=rt.config.limits.request_timeout_seconds)
+        server_limits = pb.ServerLimits(
+            request_timeout_seconds=rt.config.limits.request_timeout_seconds
+        )
         if limits["rpm"] is not None:
             server_limits.max_requests_per_minute = limits["rpm"]
         if limits["concurrency"] is not None:

@@ -44,9 +44,7 @@ class Runtime:
         return {
             "rpm": client.rpm if client.rpm is not None else limits.requests_per_minute,
             "concurrency": (
-                client.concurrency
-                if client.concurrency is not None
-                else limits.concurrent_requests
+                client.concurrency if client.concurrency is not None else limits.concurrent_requests
             ),
             "tokens_per_day": (
                 client.tokens_per_day

@@ -13,10 +13,11 @@ import hashlib
 import ipaddress
 import itertools
 import os
+import re
 import secrets
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -34,6 +35,9 @@ SERVER_VALIDITY = dt.timedelta(days=730)
 RENEW_BEFORE = dt.timedelta(days=30)
 # Tolerates clients whose clocks run a little behind ours.
 BACKDATE = dt.timedelta(minutes=5)
+
+
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
 class TLSError(Exception):
@@ -69,7 +73,7 @@ def default_hosts(public_host: str | None) -> list[str]:
     candidates = [public_host] if public_host else []
     candidates += ["localhost", "127.0.0.1", "::1"]
     # The machine's own names are guesses: leave out any a certificate cannot carry.
-    candidates += [n for n in (socket.gethostname(), socket.getfqdn()) if _valid_host(n)]
+    candidates += [n for n in (socket.gethostname(), socket.getfqdn()) if n and _san(n)]
     hosts: list[str] = []
     for host in candidates:
         if host not in hosts:
@@ -102,12 +106,7 @@ def load_server_tls(
     if tls.client_ca_file is None:
         return server
     client_ca = _read_certs(tls.client_ca_file, "server.tls.client_ca_file")
-    return ServerTLS(
-        cert_chain_pem=server.cert_chain_pem,
-        key_pem=server.key_pem,
-        ca_pem=server.ca_pem,
-        client_ca_pem=_pem(*client_ca),
-    )
+    return replace(server, client_ca_pem=_pem(*client_ca))
 
 
 # Operator-provided certificate and key.
@@ -361,22 +360,9 @@ def _san(host: str) -> x509.GeneralName | None:
     except UnicodeError:
         return None
     labels = ascii_name.split(".")
-    if not ascii_name or len(ascii_name) > 253 or not all(_valid_label(lb) for lb in labels):
+    if len(ascii_name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         return None
     return x509.DNSName(ascii_name)
-
-
-def _valid_label(label: str) -> bool:
-    return (
-        0 < len(label) <= 63
-        and not label.startswith("-")
-        and not label.endswith("-")
-        and all(c.isalnum() or c == "-" for c in label)
-    )
-
-
-def _valid_host(host: str) -> bool:
-    return bool(host) and _san(host) is not None
 
 
 # Small helpers shared by this module and the signing-key store.

@@ -19,8 +19,12 @@ def auth(secret: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {secret}")]
 
 
-def request(*user: str, model: str | None = None, system: tuple[str, ...] = ()) -> pb.ExecuteRequest:
-    req = pb.ExecuteRequest(user_fragments=list(user), system_fragments=list(system), request_id="r1")
+def request(
+    *user: str, model: str | None = None, system: tuple[str, ...] = ()
+) -> pb.ExecuteRequest:
+    req = pb.ExecuteRequest(
+        user_fragments=list(user), system_fragments=list(system), request_id="r1"
+    )
     if model is not None:
         req.model_name = model
     return req
@@ -122,7 +126,11 @@ def test_unknown_model_is_reported_in_band_with_the_choices(daemon: RunningDaemo
 
 @pytest.mark.parametrize(
     ("prompt", "code"),
-    [("fail", "PROVIDER_ERROR"), ("ratelimit", "PROVIDER_RATE_LIMITED"), ("timeout", "PROVIDER_TIMEOUT")],
+    [
+        ("fail", "PROVIDER_ERROR"),
+        ("ratelimit", "PROVIDER_RATE_LIMITED"),
+        ("timeout", "PROVIDER_TIMEOUT"),
+    ],
 )
 def test_provider_failures_are_in_band_and_the_daemon_keeps_serving(
     daemon: RunningDaemon, prompt: str, code: str
@@ -131,7 +139,9 @@ def test_provider_failures_are_in_band_and_the_daemon_keeps_serving(
     stub = daemon.stub()
     reply = stub.Execute(request(prompt, model="faults"), metadata=auth(secret), timeout=10)
     assert reply.error.error_code == code
-    chunks = list(stub.StreamExecute(request(prompt, model="faults"), metadata=auth(secret), timeout=10))
+    chunks = list(
+        stub.StreamExecute(request(prompt, model="faults"), metadata=auth(secret), timeout=10)
+    )
     assert chunks[-1].error.error_code == code
     assert stub.Execute(request("ok"), metadata=auth(secret), timeout=10).success.response_text
 
@@ -139,7 +149,9 @@ def test_provider_failures_are_in_band_and_the_daemon_keeps_serving(
 def test_server_side_request_timeout(start_daemon: Callable[..., RunningDaemon]) -> None:
     daemon = start_daemon(limits={"request_timeout_seconds": 1})
     secret = daemon.issue("alice")
-    reply = daemon.stub().Execute(request("sleep:5", model="faults"), metadata=auth(secret), timeout=10)
+    reply = daemon.stub().Execute(
+        request("sleep:5", model="faults"), metadata=auth(secret), timeout=10
+    )
     assert reply.error.error_code == "PROVIDER_TIMEOUT"
     assert "1 s" in reply.error.error_message
 

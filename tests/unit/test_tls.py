@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import socket
+import ssl
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -351,3 +354,32 @@ def test_default_hosts() -> None:
     assert len(hosts) == len(set(hosts))
     assert default_hosts("localhost")[:3] == ["localhost", "127.0.0.1", "::1"]
     assert default_hosts(None)[0] == "localhost"
+
+
+def test_real_handshake_with_pinned_ca(tmp_path: Path) -> None:
+    """A stock TLS client that trusts only ca_pem accepts the served chain for an IP SAN."""
+    server = load_server_tls(SELF, tmp_path, HOSTS)
+    assert server.ca_pem is not None
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    chain.write_bytes(server.cert_chain_pem)
+    key.write_bytes(server.key_pem)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(chain, key)
+    client_ctx = ssl.create_default_context(cadata=server.ca_pem.decode())
+
+    a, b = socket.socketpair()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            with server_ctx.wrap_socket(a, server_side=True) as s:
+                s.sendall(b"ok")
+        except BaseException as e:  # reported to the main thread below
+            errors.append(e)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with client_ctx.wrap_socket(b, server_hostname="127.0.0.1") as c:
+        assert c.recv(2) == b"ok"
+    thread.join(timeout=10)
+    assert not errors

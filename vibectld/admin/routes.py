@@ -82,7 +82,9 @@ def public_endpoint(rt: Runtime) -> tuple[str, int]:
     host = server.public_host
     if host is None:
         bound_host = bound_host.strip("[]")
-        host = socket.getfqdn() if bound_host in ("0.0.0.0", "::", "") else bound_host
+        # A wildcard bind address is no address a client can dial.
+        wildcard = ("0.0.0.0", "::", "")  # noqa: S104
+        host = socket.getfqdn() if bound_host in wildcard else bound_host
     port = server.public_port or int(bound_port)
     return host, port
 

@@ -1,0 +1,1 @@
+"""Benchmarks: vibectld against a bare grpc.aio floor. Run with `make bench`."""

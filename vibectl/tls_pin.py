@@ -1,0 +1,52 @@
+"""Trust on a pin: fetch a server's certificate chain and keep the CA whose SHA-256 is pinned.
+
+The connection URL carries ``ca-sha256=<hex>`` of the server's private CA, so
+a client can verify the server with nothing but the pasted URL: it reads the
+chain the server presents (unverified), finds the certificate with that
+fingerprint, and from then on trusts exactly that CA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+from typing import Any
+
+
+class PinMismatch(Exception):
+    """No certificate in the server's chain has the pinned fingerprint."""
+
+
+def _chain_der(tls: ssl.SSLSocket) -> list[bytes]:
+    # Python 3.13 made this public; 3.11 and 3.12 have it on the underlying object.
+    getter: Any = getattr(tls, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(tls, "_sslobj").get_unverified_chain  # noqa: B009
+    chain = getter() or []
+    return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
+
+
+def fetch_chain(host: str, port: int, timeout: float = 10.0) -> list[bytes]:
+    """The DER certificates the server presents, leaf first, without verifying them."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        ctx.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        return _chain_der(tls)
+
+
+def pinned_ca(host: str, port: int, pin: str, timeout: float = 10.0) -> bytes:
+    """The PEM of the server's CA whose SHA-256 equals `pin`, or PinMismatch."""
+    for der in fetch_chain(host, port, timeout):
+        if hashlib.sha256(der).hexdigest() == pin.lower():
+            return ssl.DER_cert_to_PEM_cert(der).encode()
+    raise PinMismatch(
+        f"the certificate of {host}:{port} does not match the URL's ca-sha256 pin; "
+        "nothing was saved — check the URL with your vibectld admin"
+    )
