@@ -234,6 +234,7 @@ def test_revocation_cancels_open_streams(daemon: RunningDaemon) -> None:
         for _ in stream:
             pass
     assert revoked.wait(5)
+    # UNAUTHENTICATED, unless the cancel lands while gRPC itself is writing a chunk.
     assert err.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.CANCELLED)
     assert time.monotonic() - started < 5
     assert daemon.runtime.inflight.total() == 0
