@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.report import HEADER, Cell, Row, checks, machine_info, markdown, table
+from bench.report import Cell, Row, checks, machine_info, markdown, table
 from bench.servers import REPO, BenchError, Floor, Processes, Vibectld
 
 MODES = ("unary", "stream")
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--duration must be 0.1..600 and --warmup 0..60 seconds")
     if not 1 <= args.repeats <= 20 or not 1 <= args.channels <= 64:
         parser.error("--repeats must be 1..20 and --channels 1..64")
-    print(HEADER.split("|")[0] + f"vibectld benchmark: {args.duration:g} s x {args.repeats}")
+    print(f"vibectld benchmark: {args.duration:g} s per measurement, {args.repeats} repeat(s)")
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="vibectld-bench-"))
@@ -208,9 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         print("bench: interrupted; servers stopped", file=sys.stderr)
         code = 130
     finally:
+        sys.stdout.flush()
         shutil.rmtree(sockdir, ignore_errors=True)
         if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
+            print(f"kept {workdir}", file=sys.stderr, flush=True)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     sys.exit(code)

@@ -1,0 +1,235 @@
+"""`vibectl` as a user runs it (a real process) against a real vibectld over TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningDaemon
+
+BIN = Path(sys.executable).parent
+
+
+class User:
+    """One user's vibectl: its own config directory and llm directory."""
+
+    def __init__(self, home: Path) -> None:
+        self.config_dir = home / "vibectl"
+        self.env = {
+            "PATH": f"{BIN}:/usr/bin:/bin",
+            "HOME": str(home),
+            "VIBECTL_CONFIG_DIR": str(self.config_dir),
+            "LLM_USER_PATH": str(home / "llm"),
+        }
+
+    def run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "vibectl"), *args],
+            capture_output=True,
+            text=True,
+            input=stdin,
+            env=self.env,
+            timeout=120,
+        )
+
+
+@pytest.fixture
+def user(tmp_path: Path) -> User:
+    return User(tmp_path / "home")
+
+
+def issue_url(daemon: RunningDaemon, name: str, **args: object) -> str:
+    url = daemon.admin("issue_client", {"name": name, **args})["url"]
+    assert isinstance(url, str)
+    return url
+
+
+def test_one_pasted_url_then_ask(daemon: RunningDaemon, user: User) -> None:
+    url = issue_url(daemon, "alice")
+    out = user.run("setup-proxy", "configure", url)
+    assert out.returncode == 0, out.stderr
+    assert "test-server" in out.stdout and "echo" in out.stdout
+    secret = url.split("://", 1)[1].split("@", 1)[0]
+    assert secret not in out.stdout + out.stderr
+    secret_file = user.config_dir / "client" / "server-secrets" / "127.0.0.1.key"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert secret not in (user.config_dir / "client" / "config.yaml").read_text()
+
+    asked = user.run("ask", "hello")
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["prompt"] == "hello"
+    piped = user.run("ask", "--no-stream", "--system", "be brief", stdin="from stdin")
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["system"] == "be brief"
+    assert json.loads(piped.stdout)["prompt"] == "from stdin"
+
+
+def test_schema_prints_the_json_reply(daemon: RunningDaemon, user: User) -> None:
+    user.run("setup-proxy", "configure", issue_url(daemon, "alice"))
+    out = user.run("ask", "q", "--model", "faults", "--schema", '{"type": "object"}')
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"answer": "q", "system": ""}
+
+
+def test_an_altered_pin_is_refused_and_nothing_is_saved(daemon: RunningDaemon, user: User) -> None:
+    url = issue_url(daemon, "alice")
+    pin = url.rsplit("=", 1)[1]
+    altered = url.replace(pin, ("0" if pin[0] != "0" else "1") + pin[1:])
+    out = user.run("setup-proxy", "configure", altered)
+    assert out.returncode == 4
+    assert "does not match" in out.stderr and "nothing was saved" in out.stderr
+    assert not (user.config_dir / "client").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("https://s@host:1", "must start with vibectl-server://"),
+        ("vibectl-server://secret@:50051", "no host"),
+        ("vibectl-server://host:50051", "no secret"),
+        ("vibectl-server://s@host:99999", "port"),
+        ("vibectl-server://s@host:50051?ca-sha256=xyz", "ca-sha256"),
+    ],
+)
+def test_bad_urls_are_usage_errors(user: User, url: str, reason: str) -> None:
+    out = user.run("setup-proxy", "configure", url)
+    assert out.returncode == 2 and reason in out.stderr
+    assert not (user.config_dir / "client").exists()
+
+
+def test_ca_bundle_instead_of_a_pin(daemon: RunningDaemon, user: User, tmp_path: Path) -> None:
+    url = issue_url(daemon, "alice").split("?", 1)[0]
+    not_pem = tmp_path / "bundle.txt"
+    not_pem.write_text("not a certificate\n")
+    bad = user.run("setup-proxy", "configure", url, "--ca-bundle", str(not_pem))
+    assert bad.returncode == 2 and "PEM" in bad.stderr
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(daemon.ca_pem)
+    good = user.run("setup-proxy", "configure", url, "--ca-bundle", str(bundle), "--name", "corp")
+    assert good.returncode == 0, good.stderr
+    assert user.run("ask", "hi").returncode == 0
+
+
+def test_a_server_that_is_down_is_unavailable(user: User) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = user.run(
+        "setup-proxy", "configure", f"vibectl-server://s3cr3t@127.0.0.1:{port}?ca-sha256={'a' * 64}"
+    )
+    assert out.returncode == 69
+    assert f"cannot reach vibectld at 127.0.0.1:{port}" in out.stderr
+
+
+def test_insecure_urls_need_the_flag_and_warn(user: User) -> None:
+    url = "vibectl-server-insecure://s3cr3t@127.0.0.1:1"
+    refused = user.run("setup-proxy", "configure", url)
+    assert refused.returncode == 2 and "--insecure" in refused.stderr
+    saved = user.run("setup-proxy", "configure", url, "--insecure", "--no-test", "--name", "lab")
+    assert saved.returncode == 0, saved.stderr
+    out = user.run("ask", "hi")
+    assert "WARNING" in out.stderr and "clear text" in out.stderr
+
+
+def test_revoked_secret_says_what_to_do(daemon: RunningDaemon, user: User) -> None:
+    user.run("setup-proxy", "configure", issue_url(daemon, "alice"))
+    daemon.admin("revoke_client", {"target": "alice"})
+    out = user.run("ask", "hi")
+    assert out.returncode == 4
+    assert "revoked" in out.stderr and "ask your vibectld admin" in out.stderr
+
+
+def test_limits_are_a_recoverable_error(daemon: RunningDaemon, user: User) -> None:
+    user.run("setup-proxy", "configure", issue_url(daemon, "alice", rpm=1))
+    assert user.run("ask", "one").returncode == 0
+    out = user.run("ask", "two")
+    assert out.returncode == 75 and "retry later" in out.stderr
+
+
+def test_permission_denied_model(daemon: RunningDaemon, user: User) -> None:
+    user.run("setup-proxy", "configure", issue_url(daemon, "alice", models=["echo"]))
+    out = user.run("ask", "hi", "--model", "faults")
+    assert out.returncode == 5 and "may not use model 'faults'" in out.stderr
+
+
+def test_model_errors_exit_1(daemon: RunningDaemon, user: User) -> None:
+    user.run("setup-proxy", "configure", issue_url(daemon, "alice"))
+    out = user.run("ask", "fail", "--model", "faults")
+    assert out.returncode == 1 and "upstream exploded" in out.stderr
+
+
+def test_models_in_proxy_and_direct_mode(daemon: RunningDaemon, user: User) -> None:
+    user.run("setup-proxy", "configure", issue_url(daemon, "carol", models=["echo"]))
+    proxied = json.loads(user.run("models", "--json").stdout)
+    assert [m["model_id"] for m in proxied] == ["echo"]
+    direct = user.run("--no-proxy", "models", "--json")
+    assert "echo" in {m["model_id"] for m in json.loads(direct.stdout)}
+
+
+def test_direct_mode_uses_llm(user: User) -> None:
+    out = user.run("--no-proxy", "ask", "--model", "echo", "straight")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["prompt"] == "straight"
+
+
+def test_profiles_use_remove_disable(daemon: RunningDaemon, user: User) -> None:
+    user.run("setup-proxy", "configure", issue_url(daemon, "a"), "--name", "one")
+    user.run("setup-proxy", "configure", issue_url(daemon, "b"), "--name", "two")
+    listed = user.run("setup-proxy", "list").stdout
+    assert "* two" in listed and "  one" in listed and "chars)" in listed
+    assert user.run("setup-proxy", "use", "one").returncode == 0
+    status = user.run("setup-proxy", "status")
+    assert "profile 'one'" in status.stdout and "reachable" in status.stdout
+    assert user.run("setup-proxy", "test", "two").returncode == 0
+    assert user.run("setup-proxy", "remove", "two").returncode == 0
+    assert not (user.config_dir / "client" / "server-secrets" / "two.key").exists()
+    assert user.run("setup-proxy", "disable").returncode == 0
+    assert "direct" in user.run("setup-proxy", "status").stdout
+    assert user.run("--proxy", "one", "ask", "hi").returncode == 0
+    missing = user.run("--proxy", "nope", "ask", "hi")
+    assert missing.returncode == 3 and "nope" in missing.stderr
+
+
+def test_corrupted_config_names_file_and_line_and_is_kept(user: User) -> None:
+    path = user.config_dir / "client" / "config.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text("version: 1\nprofiles: {corp: [unclosed\n")
+    before = path.read_bytes()
+    out = user.run("ask", "hi")
+    assert out.returncode == 3
+    assert str(path) in out.stderr and "line" in out.stderr and "Traceback" not in out.stderr
+    assert path.read_bytes() == before
+
+
+def test_proxy_mode_does_not_import_llm(daemon: RunningDaemon, user: User) -> None:
+    user.run("setup-proxy", "configure", issue_url(daemon, "alice"))
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "vibectl", "ask", "hi"],
+        capture_output=True,
+        text=True,
+        env=user.env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    top = {name.split(".")[0] for name in imported}
+    assert "llm" not in top and "pydantic" not in top and "openai" not in top
+    assert "grpc" in top
+
+
+def test_python_dash_m_vibectl(user: User) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vibectl", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **user.env},
+        timeout=60,
+    )
+    assert out.returncode == 0 and "setup-proxy" in out.stdout

@@ -1,0 +1,288 @@
+"""`vibectl setup-proxy`: connect to a vibectld with one pasted URL, and manage profiles."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vibectl.cli_common import State, handles_errors
+from vibectl.config import ClientConfigError, Profile, mask
+from vibectl.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ServerUnavailableError,
+    UsageError,
+)
+from vibectl.proxy_url import ProxyURL, ProxyURLError, parse
+from vibectl.tls_pin import PinMismatch, pinned_ca
+
+
+def _profile_name(host: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", host).strip("-.") or "default"
+    return name[:64]
+
+
+def _read_bundle(path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read --ca-bundle {path}: {e.strerror}") from None
+    try:
+        ssl.create_default_context(cadata=data.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError):
+        raise UsageError(
+            f"--ca-bundle {path} is not a PEM certificate bundle; pass the CA's .pem file"
+        ) from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise UsageError(f"--ca-bundle {path} holds no PEM certificate")
+    return data
+
+
+def _trust(url: ProxyURL, ca_bundle: str | None) -> bytes | None:
+    """The CA to trust for this server, or None for the system's trust store."""
+    if url.insecure:
+        return None
+    if ca_bundle:
+        return _read_bundle(ca_bundle)
+    if url.ca_sha256:
+        try:
+            return pinned_ca(url.host, url.port, url.ca_sha256)
+        except PinMismatch as e:
+            raise AuthenticationError(str(e)) from None
+        except (OSError, ssl.SSLError) as e:
+            raise ServerUnavailableError(
+                f"cannot reach vibectld at {url.target}: {e}; is the server running and the "
+                "address right?"
+            ) from None
+    return None
+
+
+def _adapter(profile: Profile, secret: str, ca_pem: bytes | None) -> Any:
+    from vibectl.adapters.proxy import ProxyModelAdapter
+
+    return ProxyModelAdapter(
+        profile.host,
+        profile.port,
+        secret,
+        ca_pem=ca_pem,
+        insecure=profile.insecure,
+        timeout=min(profile.timeout_seconds, 30.0),
+        connect_timeout=profile.connect_timeout_seconds,
+    )
+
+
+async def _server_info(profile: Profile, secret: str, ca_pem: bytes | None) -> Any:
+    adapter = _adapter(profile, secret, ca_pem)
+    try:
+        return await adapter.server_info()
+    finally:
+        await adapter.aclose()
+
+
+def _show_info(info: Any) -> None:
+    click.echo(f"server:        {info.server_name} (vibectld {info.server_version})")
+    click.echo(f"default model: {info.default_model or '(none)'}")
+    for m in info.available_models:
+        aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
+        click.echo(f"model:         {m.model_id} [{m.provider}]{aliases}")
+    limits = info.limits
+    shown = []
+    if limits.HasField("max_requests_per_minute"):
+        shown.append(f"{limits.max_requests_per_minute} requests/min")
+    if limits.HasField("max_concurrent_requests"):
+        shown.append(f"{limits.max_concurrent_requests} concurrent")
+    if limits.HasField("max_input_length"):
+        shown.append(f"{limits.max_input_length} input chars")
+    if limits.HasField("request_timeout_seconds"):
+        shown.append(f"{limits.request_timeout_seconds} s timeout")
+    click.echo(f"limits:        {', '.join(shown) or 'none'}")
+
+
+@click.group("setup-proxy")
+def setup_proxy() -> None:
+    """Connect vibectl to a vibectld proxy and manage proxy profiles."""
+
+
+@setup_proxy.command("configure")
+@click.argument("url")
+@click.option("--name", metavar="NAME", help="Profile name (default: from the host).")
+@click.option("--ca-bundle", metavar="FILE", help="Trust this CA bundle instead of the URL's pin.")
+@click.option("--no-test", is_flag=True, help="Save without contacting the server.")
+@click.option("--insecure", is_flag=True, help="Allow vibectl-server-insecure:// (no TLS).")
+@click.pass_obj
+@handles_errors
+def configure(
+    state: State,
+    url: str,
+    name: str | None,
+    ca_bundle: str | None,
+    no_test: bool,
+    insecure: bool,
+) -> None:
+    """Verify the server in URL, store its secret, and make it the active profile."""
+    try:
+        parsed = parse(url)
+    except ProxyURLError as e:
+        raise UsageError(str(e)) from None
+    if not parsed.secret:
+        raise UsageError("the URL has no secret; paste the whole URL vibectl-admin printed")
+    if parsed.insecure and not insecure:
+        raise UsageError(
+            "vibectl-server-insecure:// sends the secret and prompts unencrypted; "
+            "pass --insecure if this is local testing"
+        )
+    if ca_bundle and parsed.ca_sha256:
+        raise UsageError("the URL carries a ca-sha256 pin; drop --ca-bundle or the pin")
+    profile_name = name or _profile_name(parsed.host)
+    config = state.config()
+    if no_test and parsed.ca_sha256:
+        raise UsageError("a pinned URL must contact the server to fetch its CA; drop --no-test")
+    ca_pem = _trust(parsed, ca_bundle)
+    profile = Profile(
+        name=profile_name,
+        host=parsed.host,
+        port=parsed.port,
+        ca_sha256=parsed.ca_sha256,
+        insecure=parsed.insecure,
+    )
+    if not no_test:
+        info = asyncio.run(_server_info(profile, parsed.secret, ca_pem))
+    try:
+        if ca_pem is not None:
+            profile.ca_file = str(state.store.save_ca(profile_name, ca_pem))
+        state.store.save_secret(profile_name, parsed.secret)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    config.profiles[profile_name] = profile
+    config.active_profile = profile_name
+    state.store.save(config)
+    click.echo(f"profile '{profile_name}' saved and active ({parsed.masked()})")
+    if not no_test:
+        _show_info(info)
+    click.echo('next: vibectl ask "hello"')
+
+
+def _profile(state: State, name: str | None) -> Profile:
+    config = state.config()
+    chosen = name or config.active_profile
+    if chosen is None:
+        raise ConfigurationError("no active proxy profile; run: vibectl setup-proxy configure URL")
+    if chosen not in config.profiles:
+        known = ", ".join(sorted(config.profiles)) or "none"
+        raise ConfigurationError(f"no proxy profile named '{chosen}' (profiles: {known})")
+    return config.profiles[chosen]
+
+
+def _ca_of(profile: Profile) -> bytes | None:
+    if not profile.ca_file:
+        return None
+    try:
+        return Path(profile.ca_file).read_bytes()
+    except OSError as e:
+        raise ConfigurationError(
+            f"cannot read {profile.ca_file}: {e.strerror}; run setup-proxy configure again"
+        ) from None
+
+
+@setup_proxy.command("test")
+@click.argument("name", required=False)
+@click.pass_obj
+@handles_errors
+def test(state: State, name: str | None) -> None:
+    """Check that a profile (default: the active one) reaches its server."""
+    profile = _profile(state, name)
+    info = asyncio.run(
+        _server_info(profile, state.store.load_secret(profile.name), _ca_of(profile))
+    )
+    click.echo(f"ok: {profile.name} reaches {profile.host}:{profile.port}")
+    _show_info(info)
+
+
+@setup_proxy.command("status")
+@click.pass_obj
+@handles_errors
+def status(state: State) -> None:
+    """Show the active profile and whether its server answers."""
+    config = state.config()
+    if config.active_profile is None:
+        click.echo("mode: direct (no proxy profile active)")
+        return
+    profile = _profile(state, None)
+    secret = state.store.load_secret(profile.name)
+    trust = (
+        "none (insecure)"
+        if profile.insecure
+        else f"pinned CA {profile.ca_sha256[:16]}…"
+        if profile.ca_sha256
+        else profile.ca_file or "system trust store"
+    )
+    click.echo(f"mode:    proxy, profile '{profile.name}'")
+    click.echo(f"server:  {profile.host}:{profile.port}")
+    click.echo(f"secret:  {mask(secret)}")
+    click.echo(f"trust:   {trust}")
+    info = asyncio.run(_server_info(profile, secret, _ca_of(profile)))
+    click.echo(f"status:  reachable, {info.server_name} (vibectld {info.server_version})")
+
+
+@setup_proxy.command("list")
+@click.pass_obj
+@handles_errors
+def list_profiles(state: State) -> None:
+    """List proxy profiles; the active one is marked with *."""
+    config = state.config()
+    if not config.profiles:
+        click.echo("no proxy profiles; add one with: vibectl setup-proxy configure URL")
+        return
+    for name in sorted(config.profiles):
+        p = config.profiles[name]
+        marker = "*" if name == config.active_profile else " "
+        try:
+            shown = mask(state.store.load_secret(name))
+        except ClientConfigError as e:
+            shown = f"(unusable secret: {e})"
+        click.echo(f"{marker} {name}  {p.host}:{p.port}  {shown}")
+
+
+@setup_proxy.command("use")
+@click.argument("name")
+@click.pass_obj
+@handles_errors
+def use(state: State, name: str) -> None:
+    """Make NAME the active profile."""
+    profile = _profile(state, name)
+    config = state.config()
+    config.active_profile = profile.name
+    state.store.save(config)
+    click.echo(f"active profile: {profile.name}")
+
+
+@setup_proxy.command("remove")
+@click.argument("name")
+@click.pass_obj
+@handles_errors
+def remove(state: State, name: str) -> None:
+    """Delete profile NAME and its stored secret."""
+    profile = _profile(state, name)
+    config = state.config()
+    del config.profiles[profile.name]
+    if config.active_profile == profile.name:
+        config.active_profile = None
+    state.store.save(config)
+    state.store.remove_profile_files(profile.name)
+    click.echo(f"removed profile {profile.name}")
+
+
+@setup_proxy.command("disable")
+@click.pass_obj
+@handles_errors
+def disable(state: State) -> None:
+    """Stop using a proxy: calls go directly through the llm library."""
+    config = state.config()
+    config.active_profile = None
+    state.store.save(config)
+    click.echo("proxy disabled: vibectl now calls models directly")
