@@ -61,6 +61,19 @@ def wait_ready(sock: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
     sys.exit(f"vibectld did not become ready within 60 s; its log:\n{log.read_text()}")
 
 
+def vibectl(env: dict[str, str], *args: str) -> str:
+    out = subprocess.run(
+        [str(BIN / "vibectl"), *args], capture_output=True, text=True, env=env, check=False
+    )
+    if out.returncode != 0:
+        sys.exit(f"vibectl {args[0]} failed ({out.returncode}): {out.stderr.strip()}")
+    return out.stdout
+
+
+def indent(text: str) -> str:
+    return "".join(f"    {line}\n" for line in text.rstrip().splitlines())
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vibectld-demo-"))
     sock_dir = Path(tempfile.mkdtemp(prefix="vd-", dir="/tmp"))
@@ -127,10 +140,29 @@ def main() -> int:
             detail = chunk.text_chunk if kind == "text_chunk" else str(getattr(chunk, kind or ""))
             print(f"    [{kind}] {' '.join(detail.split())}")
 
+        step("a user pastes the URL: vibectl setup-proxy configure '<URL>'")
+        user_env = {
+            **os.environ,
+            "VIBECTL_CONFIG_DIR": str(work / "user-config"),
+            "LLM_USER_PATH": str(work / "user-llm"),
+        }
+        print(indent(vibectl(user_env, "setup-proxy", "configure", url, "--name", "demo")), end="")
+
+        step('vibectl ask "why is my pod in CrashLoopBackOff?"  (through the proxy)')
+        print(indent(vibectl(user_env, "ask", "why is my pod in CrashLoopBackOff?")), end="")
+
         step("vibectl-admin revoke-client demo-user")
         print("    " + admin(sock, "revoke-client", "demo-user", "--reason", "demo").strip())
 
-        step("the same secret, once more")
+        step("the same secret, once more: vibectl ask, then a raw gRPC call")
+        refused = subprocess.run(
+            [str(BIN / "vibectl"), "ask", "hello again"],
+            capture_output=True,
+            text=True,
+            env=user_env,
+            check=False,
+        )
+        print(f"    vibectl exit {refused.returncode}: {refused.stderr.strip()}")
         try:
             stub.Execute(request, metadata=auth, timeout=30)
             print("    unexpected: the revoked secret was served")

@@ -21,3 +21,6 @@ def test_demo_runs_end_to_end() -> None:
     assert "[complete]" in out.stdout and "[final_metrics]" in out.stdout
     assert "refused: UNAUTHENTICATED: secret was revoked" in out.stdout
     assert "demo-user  revoked" in out.stdout
+    assert "profile 'demo' saved and active" in out.stdout
+    assert '"prompt": "why is my pod in CrashLoopBackOff?"' in out.stdout
+    assert "vibectl exit 4:" in out.stdout
