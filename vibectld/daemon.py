@@ -189,6 +189,7 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.runtime is not None:
+            await self.runtime.catalogue.aclose()
             self.runtime.executor.close()
             self.runtime.registry.close()
         log.info("stopped")

@@ -9,6 +9,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from vibectld import journal
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -44,6 +46,22 @@ def _journal_line(_: Any, __: str, event: dict[str, Any]) -> str:
     return f"<{priority}>{text}"
 
 
+def _journal_entry(_: Any, method: str, event: dict[str, Any]) -> bytes:
+    event.pop("level", None)
+    details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "exception"))
+    message = f"{event.get('event', '')} {details}".strip()
+    if "exception" in event:
+        message += "\n" + str(event["exception"])
+    fields: dict[str, Any] = {
+        "MESSAGE": message,
+        "PRIORITY": _PRIORITY.get(method, 6),
+        "SYSLOG_IDENTIFIER": "vibectld",
+    }
+    for key, value in event.items():
+        fields.setdefault(journal.field_name(key), value)
+    return journal.encode(fields)
+
+
 def resolve_format(fmt: str, stream: TextIO) -> str:
     if fmt != "auto":
         return fmt
@@ -52,7 +70,30 @@ def resolve_format(fmt: str, stream: TextIO) -> str:
     return "console" if stream.isatty() else "json"
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> str:
+class _Sinks:
+    """The journal socket of the current configuration, closed when it is replaced."""
+
+    current: journal.JournalLogger | None = None
+
+    @classmethod
+    def replace(cls, sink: journal.JournalLogger | None) -> None:
+        if cls.current is not None:
+            cls.current.close()
+        cls.current = sink
+
+
+def reset() -> None:
+    """Back to structlog's defaults (tests), closing any journal socket."""
+    _Sinks.replace(None)
+    structlog.reset_defaults()
+
+
+def configure(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    journal_socket: str = journal.JOURNAL_SOCKET,
+) -> str:
     """Configure structlog for the process; returns the format chosen."""
     out = stream or sys.stderr
     chosen = resolve_format(fmt, out)
@@ -61,7 +102,13 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         structlog.processors.add_log_level,
     ]
     renderer: list[Any]
-    if chosen == "journal":
+    factory: Any = structlog.PrintLoggerFactory(out)
+    if chosen == "journal" and journal.journal_available(journal_socket):
+        renderer = [structlog.processors.format_exc_info, _journal_entry]
+        sink = journal.JournalLogger(journal_socket)
+        _Sinks.replace(sink)
+        factory = lambda *_: sink  # noqa: E731 - structlog wants a factory
+    elif chosen == "journal":
         # journald stamps time itself.
         renderer = [_priority_prefix, structlog.processors.format_exc_info, _journal_line]
     elif chosen == "json":
@@ -78,7 +125,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     structlog.configure(
         processors=shared + renderer,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     return chosen

@@ -8,7 +8,6 @@ plugin of its own so that the core never special-cases a vendor.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,10 @@ import structlog
 from llm.plugins import pm
 
 from vibectld.config import ModelsConfig, OpenAICompatibleModel
+from vibectld.openai_endpoints import PLUGIN_NAME, OpenAICompatiblePlugin, close_clients
 from vibectld.provider_keys import ProviderKeys
 
 log = structlog.get_logger("vibectld.models")
-
-_PLUGIN_NAME = "vibectld-openai-compatible"
 
 
 class UnknownModel(Exception):
@@ -48,35 +46,11 @@ def point_llm_at(state_dir: Path) -> None:
     os.environ["LLM_USER_PATH"] = str(llm_dir)
 
 
-class _OpenAICompatiblePlugin:
-    """An llm plugin (registered with llm's plugin manager) for configured endpoints."""
-
-    def __init__(self, endpoints: Iterable[OpenAICompatibleModel]) -> None:
-        self.endpoints = tuple(endpoints)
-
-    @llm.hookimpl
-    def register_models(self, register: Any) -> None:
-        from llm.default_plugins.openai_models import AsyncChat, Chat
-
-        for ep in self.endpoints:
-            kwargs: dict[str, Any] = {
-                "model_name": ep.model_name,
-                "api_base": ep.api_base,
-                "supports_schema": True,
-            }
-            sync_model = Chat(ep.model_id, **kwargs)  # type: ignore[no-untyped-call]
-            async_model = AsyncChat(ep.model_id, **kwargs)  # type: ignore[no-untyped-call]
-            for model in (sync_model, async_model):
-                # None: the endpoint takes no key; the class default would demand OpenAI's.
-                setattr(model, "needs_key", ep.api_key_name)  # noqa: B010
-            register(sync_model, async_model)
-
-
 def _register_endpoints(endpoints: tuple[OpenAICompatibleModel, ...]) -> None:
-    if pm.get_plugin(_PLUGIN_NAME) is not None:
-        pm.unregister(name=_PLUGIN_NAME)
+    if pm.get_plugin(PLUGIN_NAME) is not None:
+        pm.unregister(name=PLUGIN_NAME)
     if endpoints:
-        pm.register(_OpenAICompatiblePlugin(endpoints), name=_PLUGIN_NAME)
+        pm.register(OpenAICompatiblePlugin(endpoints), name=PLUGIN_NAME)
 
 
 def _provider(model: Any) -> str:
@@ -186,3 +160,8 @@ class ModelCatalogue:
 
     def aliases(self) -> dict[str, str]:
         return dict(self._aliases)
+
+    async def aclose(self) -> None:
+        """Close provider connections this catalogue's models hold."""
+        models = [m for e in self._entries.values() for m in (e.sync_model, e.async_model)]
+        await close_clients(m for m in models if m is not None)

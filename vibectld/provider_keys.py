@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ProviderKeys:
@@ -49,7 +49,7 @@ class ProviderKeys:
         return self._cache[cache_key]
 
     def _find(self, name: str, env_var: str | None) -> str | None:
-        if _KEY_NAME.match(name):
+        if _KEY_NAME.fullmatch(name):
             for directory in self._directories:
                 try:
                     value = (directory / name).read_text(encoding="utf-8").strip()

@@ -1,0 +1,90 @@
+"""The operator's OpenAI-compatible endpoints, as an llm plugin of vibectld's own.
+
+llm's OpenAI models build a new client, with a new connection pool, on every
+prompt, and let the openai package retry 429s and 5xx while sleeping through
+`retry-after`. A proxy must do neither: these subclasses keep one client per
+key for the life of the catalogue (connections are reused) and turn the
+package's retries off, so a provider refusal comes back at once, as itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import llm
+from llm.default_plugins.openai_models import AsyncChat, Chat
+
+from vibectld.config import OpenAICompatibleModel
+
+PLUGIN_NAME = "vibectld-openai-compatible"
+
+
+class _ClientPool:
+    """One openai client per (key, sync/async), created on first use."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[str | None, bool], Any] = {}
+
+    def get(self, key: str | None, async_: bool, make: Any) -> Any:
+        client = self._clients.get((key, async_))
+        if client is None:
+            client = make().with_options(max_retries=0)
+            self._clients[(key, async_)] = client
+        return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
+
+class _Pooled:
+    """Mixed in before llm's Chat classes: their get_client, but pooled and without retries."""
+
+    pool: _ClientPool
+
+    def get_client(self, key: Any, *, async_: bool = False) -> Any:
+        parent = super()
+        return self.pool.get(key, async_, lambda: parent.get_client(key, async_=async_))  # type: ignore[attr-defined]
+
+
+class PooledChat(_Pooled, Chat):  # type: ignore[misc]
+    pass
+
+
+class PooledAsyncChat(_Pooled, AsyncChat):  # type: ignore[misc]
+    pass
+
+
+class OpenAICompatiblePlugin:
+    """Registers one sync and one async model per configured endpoint."""
+
+    def __init__(self, endpoints: Iterable[OpenAICompatibleModel]) -> None:
+        self.endpoints = tuple(endpoints)
+
+    @llm.hookimpl
+    def register_models(self, register: Any) -> None:
+        for ep in self.endpoints:
+            kwargs: dict[str, Any] = {
+                "model_name": ep.model_name,
+                "api_base": ep.api_base,
+                "supports_schema": True,
+            }
+            sync_model: Any = PooledChat(ep.model_id, **kwargs)  # type: ignore[no-untyped-call]
+            async_model: Any = PooledAsyncChat(ep.model_id, **kwargs)  # type: ignore[no-untyped-call]
+            for model in (sync_model, async_model):
+                model.pool = _ClientPool()
+                # None: the endpoint takes no key. The classes' defaults would
+                # demand, and fall back to, the operator's OpenAI key.
+                model.needs_key = ep.api_key_name
+                model.key_env_var = None
+            register(sync_model, async_model)
+
+
+async def close_clients(models: Iterable[Any]) -> None:
+    """Close the pooled connections of the given llm models."""
+    for model in models:
+        pool = getattr(model, "pool", None)
+        if isinstance(pool, _ClientPool):
+            await pool.aclose()
