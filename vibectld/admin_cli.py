@@ -287,6 +287,28 @@ def status(ctx: click.Context) -> None:
         click.echo(f"{key + ':':<{width}} {'-' if value is None else value}")
 
 
+@cli.command("reload")
+@click.option(
+    "--wait", is_flag=True, help="Return only when the reload is done (exit 1 if it was rejected)."
+)
+@click.pass_context
+def reload(ctx: click.Context, wait: bool) -> None:
+    """Re-read the configuration, certificates and limits (same as SIGHUP).
+
+    An invalid new configuration is rejected and the running one keeps serving.
+    """
+    result = _call(ctx, "reload", {"wait": wait})
+    if ctx.obj.json:
+        _print_json(result)
+        return
+    if not wait:
+        click.echo("reload requested; check it with: journalctl -u vibectld -n 20")
+        return
+    click.echo("reloaded")
+    for note in result.get("restart_needed") or []:
+        click.echo(f"note: {note}", err=True)
+
+
 def main() -> None:
     cli.main(prog_name="vibectl-admin")
 

@@ -26,9 +26,11 @@ from vibectld.notify import Notifier
 from vibectld.provider_keys import ProviderKeys
 from vibectld.proxy_service import ProxyService
 from vibectld.registry import Registry
+from vibectld.reloader import ReloadRejected, reload_runtime
 from vibectld.runtime import Runtime
 from vibectld.tls import ServerTLS, default_hosts, load_server_tls
 from vibectld.tokens import SigningKeys
+from vibectld.watchdog import Heartbeat
 
 log = structlog.get_logger("vibectld")
 
@@ -40,11 +42,27 @@ class StartupError(Exception):
     """The daemon cannot start; the message names the cause and the fix."""
 
 
-def _server_credentials(tls: ServerTLS) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials(
-        [(tls.key_pem, tls.cert_chain_pem)],
-        root_certificates=tls.client_ca_pem,
-        require_client_auth=tls.client_ca_pem is not None,
+def _certificate_configuration(tls: ServerTLS) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
+        [(tls.key_pem, tls.cert_chain_pem)], root_certificates=tls.client_ca_pem
+    )
+
+
+def _server_credentials(rt: Runtime) -> grpc.ServerCredentials:
+    """TLS credentials that pick up reloaded certificates on the next handshake."""
+    served = rt.tls
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        nonlocal served
+        if rt.tls is served:
+            return None  # unchanged: gRPC keeps what it has
+        served = rt.tls
+        return _certificate_configuration(served)
+
+    return grpc.dynamic_ssl_server_credentials(
+        _certificate_configuration(served),
+        fetch,
+        require_client_authentication=served.client_ca_pem is not None,
     )
 
 
@@ -57,6 +75,9 @@ class Daemon:
         self._admin: AdminServer | None = None
         self._health: health.aio.HealthServicer | None = None
         self._stop = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._last_reload_error: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -109,7 +130,7 @@ class Daemon:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
-            port = server.add_secure_port(config.server.listen, _server_credentials(tls))
+            port = server.add_secure_port(config.server.listen, _server_credentials(rt))
         except RuntimeError as e:
             raise StartupError(
                 f"cannot listen on {config.server.listen} ({e}); is another process using "
@@ -125,12 +146,16 @@ class Daemon:
         await server.start()
         self._grpc = server
 
-        self._admin = AdminServer(config.admin.socket, config.admin.group, build_routes(rt))
+        routes = build_routes(rt, self.reload, self.request_reload)
+        self._admin = AdminServer(config.admin.socket, config.admin.group, routes)
         await self._admin.start()
 
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._flush_usage(), name="flush-usage"))
+        self._tasks.append(asyncio.create_task(self._reload_on_request(), name="reload"))
+        heartbeat = Heartbeat(rt, self.notifier, self._status_line)
+        self._tasks.append(asyncio.create_task(heartbeat.run(), name="heartbeat"))
         if config.server.public_url is None:
             log.warning(
                 "server.public_url_unset",
@@ -153,10 +178,47 @@ class Daemon:
         rt = self.runtime
         if rt is None:
             return "starting"
-        return (
+        line = (
             f"serving on {rt.grpc_address}; {rt.registry.counts()['active']} active clients; "
             f"{rt.inflight.total()} in flight"
         )
+        if self._last_reload_error:
+            line += f"; last reload rejected: {self._last_reload_error}"
+        return line
+
+    async def reload(self) -> list[str]:
+        """Reload config, certificates, keys, models and limits; raise ReloadRejected if invalid.
+
+        Returns notes about settings that only a restart applies.
+        """
+        assert self.runtime is not None
+        async with self._reload_lock:
+            self.notifier.reloading()
+            log.info("reload.started")
+            try:
+                notes = reload_runtime(self.runtime, self.config.config_path)
+            except ReloadRejected as e:
+                self._last_reload_error = str(e)
+                log.error(
+                    "reload.rejected", error=str(e), hint="the previous configuration keeps serving"
+                )
+                self.notifier.ready(self._status_line())
+                raise
+            self._last_reload_error = None
+            log.info("reload.done", restart_needed=len(notes))
+            self.notifier.ready(self._status_line())
+            return notes
+
+    def request_reload(self) -> None:
+        """Ask for a reload without waiting for it (SIGHUP, `vibectl-admin reload`)."""
+        self._reload_requested.set()
+
+    async def _reload_on_request(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            with contextlib.suppress(ReloadRejected):
+                await self.reload()
 
     async def _flush_usage(self) -> None:
         assert self.runtime is not None
@@ -189,6 +251,7 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.runtime is not None:
+            await self.runtime.cancel_background()
             await self.runtime.catalogue.aclose()
             self.runtime.executor.close()
             self.runtime.registry.close()
@@ -199,6 +262,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             await self.start()
             await self.serve_until_stopped()

@@ -85,7 +85,8 @@ class Executor:
 
     def __init__(self, sync_workers: int, redact: Callable[[str], str]) -> None:
         self._pool = ThreadPoolExecutor(sync_workers, thread_name_prefix="vibectld-model")
-        self._redact = redact
+        # Replaced on reload, when the provider keys are read again.
+        self.redact = redact
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -142,7 +143,7 @@ class Executor:
         except ModelFailure:
             raise
         except Exception as e:
-            raise classify(e, entry.model_id, self._redact) from e
+            raise classify(e, entry.model_id, self.redact) from e
         finally:
             await source.aclose()
             outcome.duration_ms = int((time.monotonic() - started) * 1000)

@@ -7,8 +7,11 @@ configuration.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from vibectld.auth import Authenticator
 from vibectld.config import DaemonConfig
@@ -37,6 +40,18 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     # The address the gRPC port is really bound to (port 0 resolved).
     grpc_address: str = ""
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` as a task the runtime keeps a reference to until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def cancel_background(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     def effective_limits(self, client: ClientRecord) -> dict[str, int | None]:
         """The limits that apply to one client: its own overrides, else the defaults."""

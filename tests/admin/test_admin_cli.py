@@ -311,6 +311,7 @@ def test_no_unreleased_commands() -> None:
     assert sorted(cli.list_commands(click.Context(cli))) == [
         "issue-client",
         "list-clients",
+        "reload",
         "revoke-client",
         "show-ca",
         "status",

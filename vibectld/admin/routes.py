@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from vibectl.proxy_url import ProxyURL
 from vibectld.admin.protocol import ErrorCode, parse_duration
 from vibectld.admin.server import AdminError, Caller, Route
 from vibectld.registry import ClientNotFound, ClientRecord, DuplicateClient, RegistryError
+from vibectld.reloader import ReloadRejected
 from vibectld.runtime import Runtime
 from vibectld.version import __version__
 
@@ -89,8 +91,12 @@ def public_endpoint(rt: Runtime) -> tuple[str, int]:
     return host, port
 
 
-def build_routes(rt: Runtime) -> dict[str, Route]:
-    """The route table, bound to the daemon's runtime."""
+def build_routes(
+    rt: Runtime,
+    reload: Callable[[], Awaitable[list[str]]],
+    request_reload: Callable[[], None],
+) -> dict[str, Route]:
+    """The route table, bound to the daemon's runtime and its reload entry points."""
 
     async def issue_client(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         config = rt.config
@@ -197,9 +203,22 @@ def build_routes(rt: Runtime) -> dict[str, Route]:
             "in_flight": rt.inflight.total(),
         }
 
+    async def reload_config(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        if not args.get("wait"):
+            request_reload()
+            return {"accepted": True}
+        try:
+            notes = await reload()
+        except ReloadRejected as e:
+            raise AdminError(
+                ErrorCode.FAILED, f"new configuration rejected, the old one keeps serving: {e}"
+            ) from None
+        return {"reloaded": True, "restart_needed": notes}
+
     routes = {
         "issue_client": Route(issue_client, write=True, summary="issue a client secret"),
         "list_clients": Route(list_clients, write=False, summary="list client secrets"),
+        "reload": Route(reload_config, write=True, summary="reload the configuration"),
         "revoke_client": Route(revoke_client, write=True, summary="revoke a client secret"),
         "show_ca": Route(show_ca, write=False, summary="the CA clients must trust"),
         "status": Route(status, write=False, summary="daemon status"),

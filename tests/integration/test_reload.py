@@ -1,0 +1,213 @@
+"""Reload (vibectl-admin reload, SIGHUP) and the systemd notification protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningDaemon, short_tmpdir
+from vibectl._proto import llm_proxy_pb2 as pb
+from vibectl.tls_pin import fetch_chain
+from vibectld.config import load_config
+
+BIN = Path(sys.executable).parent
+
+
+def write(path: Path, raw: dict[str, Any]) -> None:
+    path.write_text(json.dumps(raw))
+
+
+def base_config(tmp: Path, sock_dir: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "server": {"listen": "127.0.0.1:0", "name": "reloadable"},
+        "admin": {"socket": str(sock_dir / "admin.sock")},
+        "state_dir": str(tmp / "state"),
+        "models": {"default": "echo"},
+        "logging": {"level": "warning", "format": "console"},
+        **extra,
+    }
+
+
+@pytest.fixture
+def from_file(
+    tmp_path: Path, sock_dir: Path, start_daemon: Callable[..., RunningDaemon]
+) -> Iterator[Callable[[dict[str, Any]], tuple[RunningDaemon, Path]]]:
+    started: list[RunningDaemon] = []
+
+    def start(raw: dict[str, Any]) -> tuple[RunningDaemon, Path]:
+        path = tmp_path / "config.yaml"
+        write(path, raw)
+        running = RunningDaemon(load_config(path)).start()
+        started.append(running)
+        return running, path
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def admin(daemon: RunningDaemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "vibectl-admin"), "--socket", str(daemon.config.admin.socket), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def info(daemon: RunningDaemon, secret: str) -> pb.GetServerInfoResponse:
+    reply: pb.GetServerInfoResponse = daemon.stub().GetServerInfo(
+        pb.GetServerInfoRequest(), metadata=[("authorization", f"Bearer {secret}")], timeout=10
+    )
+    return reply
+
+
+def test_reload_applies_new_limits_and_models(
+    from_file: Callable[[dict[str, Any]], tuple[RunningDaemon, Path]],
+    tmp_path: Path,
+    sock_dir: Path,
+) -> None:
+    raw = base_config(tmp_path, sock_dir, limits={"requests_per_minute": 10})
+    daemon, path = from_file(raw)
+    secret = daemon.issue("alice")
+    assert info(daemon, secret).limits.max_requests_per_minute == 10
+    raw["limits"] = {"requests_per_minute": 3}
+    raw["models"] = {"default": "echo", "aliases": {"quick": "echo"}}
+    write(path, raw)
+    out = admin(daemon, "reload", "--wait")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reloaded"
+    after = info(daemon, secret)
+    assert after.limits.max_requests_per_minute == 3
+    assert after.model_aliases["quick"] == "echo"
+
+
+def test_a_broken_config_is_rejected_and_the_old_one_keeps_serving(
+    from_file: Callable[[dict[str, Any]], tuple[RunningDaemon, Path]],
+    tmp_path: Path,
+    sock_dir: Path,
+) -> None:
+    raw = base_config(tmp_path, sock_dir, limits={"requests_per_minute": 10})
+    daemon, path = from_file(raw)
+    secret = daemon.issue("alice")
+    path.write_text("limits: {requests_per_minute: 5}\nbogus_key: 1\n")
+    out = admin(daemon, "reload", "--wait")
+    assert out.returncode == 1
+    assert "bogus_key" in out.stderr and "old one keeps serving" in out.stderr
+    assert info(daemon, secret).limits.max_requests_per_minute == 10
+    assert "last reload rejected" in daemon.daemon._status_line()
+
+
+def test_restart_only_settings_are_reported_not_applied(
+    from_file: Callable[[dict[str, Any]], tuple[RunningDaemon, Path]],
+    tmp_path: Path,
+    sock_dir: Path,
+) -> None:
+    raw = base_config(tmp_path, sock_dir)
+    daemon, path = from_file(raw)
+    address = daemon.runtime.grpc_address
+    raw["server"] = {"listen": "127.0.0.1:1", "name": "reloadable"}
+    write(path, raw)
+    out = admin(daemon, "reload", "--wait")
+    assert out.returncode == 0 and "restart vibectld to apply" in out.stderr
+    assert daemon.runtime.grpc_address == address
+    assert daemon.runtime.config.server.listen == "127.0.0.1:0"
+
+
+def test_reload_picks_up_a_reissued_server_certificate(
+    from_file: Callable[[dict[str, Any]], tuple[RunningDaemon, Path]],
+    tmp_path: Path,
+    sock_dir: Path,
+) -> None:
+    daemon, _ = from_file(base_config(tmp_path, sock_dir))
+    before = fetch_chain("127.0.0.1", daemon.port)
+    (tmp_path / "state" / "tls" / "server.pem").unlink()
+    assert admin(daemon, "reload", "--wait").returncode == 0
+    after = fetch_chain("127.0.0.1", daemon.port)
+    assert after[0] != before[0], "the new leaf certificate is served"
+    assert after[-1] == before[-1], "the CA, and so every client's pin, is unchanged"
+    secret = daemon.issue("alice")
+    assert info(daemon, secret).server_name == "reloadable"
+
+
+class NotifySocket:
+    """A NOTIFY_SOCKET as systemd provides one, to read what the daemon says."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.settimeout(30)
+        self.seen: list[str] = []
+
+    def wait_for(self, field: str) -> str:
+        while True:
+            message = self.sock.recv(65536).decode()
+            self.seen.append(message)
+            if field in message.split("\n"):
+                return message
+            if field.endswith("=") and any(x.startswith(field) for x in message.split("\n")):
+                return message
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_notify_protocol_reload_on_sighup_and_watchdog(tmp_path: Path) -> None:
+    sock_dir = short_tmpdir()
+    notify = NotifySocket(sock_dir)
+    raw = base_config(tmp_path, sock_dir)
+    path = tmp_path / "config.yaml"
+    write(path, raw)
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(notify.path),
+        "WATCHDOG_USEC": "2000000",
+    }
+    proc = subprocess.Popen(
+        [str(BIN / "vibectld"), "--config", str(path)],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ready = notify.wait_for("READY=1")
+        assert "STATUS=serving on 127.0.0.1:" in ready
+        assert notify.wait_for("WATCHDOG=1")
+        raw["models"] = {"default": "echo", "aliases": {"after-hup": "echo"}}
+        write(path, raw)
+        proc.send_signal(signal.SIGHUP)
+        reloading = notify.wait_for("RELOADING=1")
+        usec = [f for f in reloading.split("\n") if f.startswith("MONOTONIC_USEC=")]
+        assert (
+            usec
+            and int(usec[0].split("=")[1]) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        )
+        assert notify.wait_for("READY=1")
+        status = subprocess.run(
+            [str(BIN / "vibectl-admin"), "--socket", str(sock_dir / "admin.sock"), "status"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert status.returncode == 0
+        proc.send_signal(signal.SIGTERM)
+        assert notify.wait_for("STOPPING=1")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+        for leftover in sock_dir.iterdir():
+            leftover.unlink()
+        sock_dir.rmdir()

@@ -1,0 +1,73 @@
+"""The heartbeat: systemd's watchdog and STATUS= line, sent only while we really serve.
+
+WATCHDOG=1 goes out only after a real gRPC health check against our own TLS
+port answered SERVING, from a task on the event loop. A wedged loop sends
+nothing, and neither does a gRPC server that stopped answering; either way
+systemd restarts the service when WatchdogSec= passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+import structlog
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from vibectld.notify import Notifier
+from vibectld.runtime import Runtime
+
+log = structlog.get_logger("vibectld")
+
+STATUS_INTERVAL_SECONDS = 5.0
+
+
+def _dial_target(rt: Runtime) -> str:
+    host, _, port = rt.grpc_address.rpartition(":")
+    wildcard = ("0.0.0.0", "", "[::]", "::")  # noqa: S104 - comparing, not binding
+    return f"127.0.0.1:{port}" if host in wildcard else rt.grpc_address
+
+
+def _name_in_certificate(chain_pem: bytes) -> str:
+    """A DNS name the server certificate is valid for, to verify our own TLS against."""
+    cert = x509.load_pem_x509_certificate(chain_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    return "localhost" if "localhost" in names else (names[0] if names else "localhost")
+
+
+class Heartbeat:
+    def __init__(self, rt: Runtime, notifier: Notifier, status: Callable[[], str]) -> None:
+        self.rt = rt
+        self.notifier = notifier
+        self.status = status
+        self.watchdog_interval = notifier.watchdog_interval()
+
+    async def _grpc_answers(self, deadline_seconds: float) -> bool:
+        rt = self.rt
+        if rt.tls.client_ca_pem is not None:
+            # With mTLS we hold no client certificate; the loop running is the proof we have.
+            return True
+        creds = grpc.ssl_channel_credentials(root_certificates=rt.tls.ca_pem)
+        options = [("grpc.ssl_target_name_override", _name_in_certificate(rt.tls.cert_chain_pem))]
+        async with grpc.aio.secure_channel(_dial_target(rt), creds, options=options) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=deadline_seconds)
+            except grpc.aio.AioRpcError as e:
+                log.warning("watchdog.health_check_failed", code=e.code().name)
+                return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def run(self) -> None:
+        interval = min(self.watchdog_interval or STATUS_INTERVAL_SECONDS, STATUS_INTERVAL_SECONDS)
+        while True:
+            await asyncio.sleep(interval)
+            self.notifier.status(self.status())
+            if self.watchdog_interval is not None and await self._grpc_answers(interval):
+                self.notifier.watchdog()
