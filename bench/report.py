@@ -157,7 +157,7 @@ def _cpu_model() -> str:
 def _git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty"],
             cwd=REPO,
             capture_output=True,
             text=True,

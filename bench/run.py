@@ -110,6 +110,8 @@ def run(args: argparse.Namespace, workdir: Path, sockdir: Path) -> int:
                             f"client cpu {result['client_cpu_util']:.0%}",
                             flush=True,
                         )
+                        if result["errors"]:
+                            print(f"    e.g. {result['error_samples'][:2]}", flush=True)
                         if result["errors"] or not result["count"]:
                             failed.append(
                                 f"{name} {mode} x{callers}: {result['errors']} errors, "

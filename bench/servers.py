@@ -29,6 +29,8 @@ from vibectl.proxy_url import parse as parse_url
 
 REPO = Path(__file__).resolve().parent.parent
 PR_SET_PDEATHSIG = 1
+# vibectl-admin's exit status when nothing answers on the socket (yet).
+EX_UNAVAILABLE = 69
 
 
 class BenchError(Exception):
@@ -164,6 +166,11 @@ class Vibectld:
             status = self.admin("--json", "status")
             if status.returncode == 0:
                 break
+            if status.returncode != EX_UNAVAILABLE:
+                raise BenchError(
+                    f"vibectl-admin status failed: {status.stderr.strip()}; vibectld's log "
+                    f"({self.log_path}) ends:\n{_tail(self.log_path, 3)}"
+                )
             if time.monotonic() > deadline:
                 raise BenchError(f"vibectld did not answer on {self.socket}: {status.stderr}")
             time.sleep(0.1)

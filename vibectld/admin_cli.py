@@ -94,13 +94,15 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     return value.strip()
 
 
-def _model_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-    if value is None:
-        return None
+def _split_models(value: str) -> list[str]:
     models = [m.strip() for m in value.split(",") if m.strip()]
     if not models:
-        raise click.BadParameter("give one or more model names, e.g. gpt-4o,claude-3.5", ctx, param)
+        raise click.BadParameter("give one or more model names, e.g. gpt-4o,claude-3.5")
     return models
+
+
+def _model_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    return None if value is None else _split_models(value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -213,6 +215,142 @@ def list_clients(ctx: click.Context, show_all: bool) -> None:
         for c in clients
     ]
     click.echo(_table(header, rows, right={6}))
+
+
+_DEFAULT = "default"
+
+
+class _Limit(click.ParamType[Any]):
+    """A positive whole number, or 'default' to drop the client's own value."""
+
+    name = "N|default"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == _DEFAULT:
+            return _DEFAULT
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a whole number or 'default'", param, ctx)
+        if not 1 <= number <= 1_000_000_000:
+            self.fail(f"{number} is out of range (1 to 1000000000)", param, ctx)
+        return number
+
+
+@cli.command("update-client")
+@click.argument("name_or_id")
+@click.option(
+    "--models",
+    metavar="A,B|all",
+    help="Models the client may use; 'all' lifts its list (the server's models apply).",
+)
+@click.option("--rpm", type=_Limit(), help="Requests per minute, or 'default'.")
+@click.option("--concurrency", type=_Limit(), help="Concurrent requests, or 'default'.")
+@click.option("--tokens-per-day", type=_Limit(), help="Token budget per day, or 'default'.")
+@click.option("--note", help="Replace the client's note.")
+@click.pass_context
+def update_client(
+    ctx: click.Context,
+    name_or_id: str,
+    models: str | None,
+    rpm: int | str | None,
+    concurrency: int | str | None,
+    tokens_per_day: int | str | None,
+    note: str | None,
+) -> None:
+    """Change an active client's limits or models, effective on its next request.
+
+    'default' drops the client's own value so the server's limits section applies.
+    """
+    args: dict[str, Any] = {"target": name_or_id}
+    if models is not None:
+        args["models"] = None if models == "all" else _split_models(models)
+    for key, value in (
+        ("rpm", rpm),
+        ("concurrency", concurrency),
+        ("tokens_per_day", tokens_per_day),
+    ):
+        if value is not None:
+            args[key] = None if value == _DEFAULT else value
+    if note is not None:
+        args["note"] = note
+    if len(args) == 1:
+        raise click.UsageError(
+            "nothing to change: give --models, --rpm, --concurrency, --tokens-per-day or --note"
+        )
+    result = _call(ctx, "update_client", args)
+    if ctx.obj.json:
+        _print_json(result)
+        return
+    limits = ", ".join(
+        f"{key}={result.get(key) if result.get(key) is not None else 'default'}"
+        for key in ("rpm", "concurrency", "tokens_per_day")
+    )
+    models_text = ",".join(result.get("models") or []) or "all"
+    click.echo(f"updated {result.get('name')}: models={models_text}, {limits}")
+
+
+@cli.command("usage")
+@click.argument("name", required=False)
+@click.option(
+    "--since",
+    metavar="DURATION",
+    callback=_duration,
+    help="How far back, e.g. 7d (default: today).",
+)
+@click.pass_context
+def usage(ctx: click.Context, name: str | None, since: str | None) -> None:
+    """Requests, errors, tokens and cost per client (UTC days).
+
+    With --json, a list of objects with name, id, requests, errors, input_tokens,
+    output_tokens and cost_usd.
+    """
+    result = _call(ctx, "usage", {"name": name, "since": since})
+    rows = result.get("usage") or []
+    if ctx.obj.json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo(f"no usage since {result.get('since')}", err=True)
+        return
+    header = ["NAME", "REQUESTS", "ERRORS", "INPUT TOKENS", "OUTPUT TOKENS", "COST USD"]
+    table = [
+        [
+            str(r["name"]),
+            str(r["requests"]),
+            str(r["errors"]),
+            str(r["input_tokens"]),
+            str(r["output_tokens"]),
+            f"{r['cost_usd']:.4f}",
+        ]
+        for r in rows
+    ]
+    click.echo(f"since {result.get('since')} (UTC)", err=True)
+    click.echo(_table(header, table, right={1, 2, 3, 4, 5}))
+
+
+@cli.command("audit")
+@click.option("--since", metavar="DURATION", callback=_duration, help="How far back (default: 7d).")
+@click.pass_context
+def audit(ctx: click.Context, since: str | None) -> None:
+    """List admin changes (issue, revoke, update, reload) with who made them."""
+    entries = _call(ctx, "audit", {"since": since})["entries"]
+    if ctx.obj.json:
+        _print_json(entries)
+        return
+    header = ["TIME (UTC)", "USER", "UID", "OPERATION", "TARGET", "OUTCOME"]
+    rows = [
+        [
+            _when(e.get("at")),
+            str(e.get("caller_user")),
+            "-" if e.get("caller_uid") is None else str(e.get("caller_uid")),
+            str(e.get("op")).replace("_", "-"),
+            str(e.get("target") or "-"),
+            str(e.get("outcome")),
+        ]
+        for e in entries
+    ]
+    click.echo(_table(header, rows, right={2}))
 
 
 @cli.command("revoke-client")

@@ -71,6 +71,14 @@ class OpenAICompatibleModel:
 
 
 @dataclass(frozen=True)
+class ModelPrice:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+
+
+@dataclass(frozen=True)
 class ModelsConfig:
     default: str = "gpt-4o-mini"
     allowed: tuple[str, ...] = ()
@@ -78,6 +86,7 @@ class ModelsConfig:
     openai_compatible: tuple[OpenAICompatibleModel, ...] = ()
     # Threads for models that only have a synchronous implementation.
     sync_workers: int = 8
+    prices: Mapping[str, ModelPrice] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,12 @@ class ClientsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # HOST:PORT for the Prometheus endpoint; None keeps it off.
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"
@@ -113,6 +128,7 @@ class DaemonConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # Where the file was read from; keys/ beside it is a provider-key source.
     config_path: Path | None = None
 
@@ -254,6 +270,33 @@ def _public_url(key: str, v: Any) -> str | None:
     return text
 
 
+def _price(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise ConfigError(
+            f"{key}: must be a price in USD per million tokens (0 or more), got {v!r}"
+        )
+    return float(v)
+
+
+def _prices(key: str, v: Any) -> dict[str, ModelPrice]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key}: must map model names to {{input: USD, output: USD}}")
+    prices = {}
+    for model, entry in v.items():
+        sec = _Section(entry, f"{key}.{_str(key, model)}")
+        prices[model] = ModelPrice(
+            input=sec.get("input", _price, 0.0), output=sec.get("output", _price, 0.0)
+        )
+        sec.finish()
+    return prices
+
+
+def _opt_listen(key: str, v: Any) -> str | None:
+    return None if v is None else _listen(key, v)
+
+
 def _openai_compatible(key: str, v: Any) -> tuple[OpenAICompatibleModel, ...]:
     if v is None:
         return ()
@@ -321,6 +364,7 @@ def parse_config(raw: Any, config_path: Path | None = None) -> DaemonConfig:
         aliases=mod.get("aliases", _str_map, {}),
         openai_compatible=mod.get("openai_compatible", _openai_compatible, ()),
         sync_workers=mod.get("sync_workers", _int, d.models.sync_workers),
+        prices=mod.get("prices", _prices, {}),
     )
     mod.finish()
 
@@ -356,6 +400,10 @@ def parse_config(raw: Any, config_path: Path | None = None) -> DaemonConfig:
     )
     log.finish()
 
+    met = top.section("metrics")
+    metrics = MetricsConfig(listen=met.get("listen", _opt_listen, None))
+    met.finish()
+
     state_dir = top.get("state_dir", _path, d.state_dir)
     top.finish()
     return DaemonConfig(
@@ -366,6 +414,7 @@ def parse_config(raw: Any, config_path: Path | None = None) -> DaemonConfig:
         limits=limits,
         clients=clients,
         logging=logging,
+        metrics=metrics,
         config_path=config_path,
     )
 

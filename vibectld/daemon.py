@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 
 import grpc
 import structlog
@@ -18,14 +19,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.admin.routes import build_routes
-from vibectld.admin.server import AdminServer
+from vibectld.admin.server import AdminServer, Caller
 from vibectld.config import DaemonConfig
 from vibectld.execution import Executor
 from vibectld.models import ModelCatalogue, point_llm_at
 from vibectld.notify import Notifier
 from vibectld.provider_keys import ProviderKeys
 from vibectld.proxy_service import ProxyService
-from vibectld.registry import Registry
+from vibectld.registry import Registry, RegistryError
 from vibectld.reloader import ReloadRejected, reload_runtime
 from vibectld.runtime import Runtime
 from vibectld.tls import ServerTLS, default_hosts, load_server_tls
@@ -147,8 +148,18 @@ class Daemon:
         self._grpc = server
 
         routes = build_routes(rt, self.reload, self.request_reload)
-        self._admin = AdminServer(config.admin.socket, config.admin.group, routes)
+        self._admin = AdminServer(
+            config.admin.socket, config.admin.group, routes, on_audit=self._audit
+        )
         await self._admin.start()
+        if config.metrics.listen is not None:
+            try:
+                rt.metrics.serve(config.metrics.listen)
+            except OSError as e:
+                raise StartupError(
+                    f"cannot serve metrics on {config.metrics.listen}: {e.strerror}; change "
+                    "metrics.listen or stop the process using it"
+                ) from None
 
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -209,6 +220,30 @@ class Daemon:
             self.notifier.ready(self._status_line())
             return notes
 
+    def _audit(self, caller: Caller, op: str, target: str | None, outcome: str) -> None:
+        assert self.runtime is not None
+        self.runtime.registry.add_audit(
+            at=int(time.time()),
+            caller_uid=caller.uid,
+            caller_user=caller.user,
+            op=op,
+            target=target,
+            outcome=outcome,
+        )
+
+    def _on_sighup(self) -> None:
+        log.info("reload.requested", audit=True, op="reload", caller_user="SIGHUP")
+        if self.runtime is not None:
+            self.runtime.registry.add_audit(
+                at=int(time.time()),
+                caller_uid=None,
+                caller_user="SIGHUP",
+                op="reload",
+                target=None,
+                outcome="requested",
+            )
+        self.request_reload()
+
     def request_reload(self) -> None:
         """Ask for a reload without waiting for it (SIGHUP, `vibectl-admin reload`)."""
         self._reload_requested.set()
@@ -252,9 +287,15 @@ class Daemon:
                 await task
         if self.runtime is not None:
             await self.runtime.cancel_background()
+            self.runtime.metrics.close()
             await self.runtime.catalogue.aclose()
             self.runtime.executor.close()
-            self.runtime.registry.close()
+            try:
+                self.runtime.registry.close()
+            except RegistryError as e:
+                log.error(
+                    "registry.close_failed", error=str(e), hint="recent usage counts were lost"
+                )
         log.info("stopped")
 
     async def run(self) -> None:
@@ -262,7 +303,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self.start()
             await self.serve_until_stopped()

@@ -46,6 +46,7 @@ class Outcome:
     input_tokens: int | None = None
     output_tokens: int | None = None
     duration_ms: int = 0
+    cost_usd: float | None = None
 
 
 def classify(exc: BaseException, model_id: str, redact: Callable[[str], str]) -> ModelFailure:

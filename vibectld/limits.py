@@ -19,6 +19,25 @@ WINDOW_SECONDS = 60.0
 CONCURRENCY_RETRY_MS = 250
 
 
+def check_token_budget(used: int, budget: int | None, now: float) -> None:
+    """Refuse a call that would start with the day's token budget already spent.
+
+    A call admitted under budget may finish over it (its size is unknown until
+    the model reports usage); the overrun is counted and later calls that day
+    are refused.
+    """
+    if budget is None or used < budget:
+        return
+    midnight = (int(now) // 86400 + 1) * 86400
+    retry_ms = max(1, int((midnight - now) * 1000))
+    raise LimitExceeded(
+        f"this client has used {used} of its {budget} tokens for today (UTC); "
+        "the budget renews at midnight UTC",
+        "tokens",
+        retry_ms,
+    )
+
+
 class Limiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock

@@ -13,13 +13,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.execution import ErrorCode, ModelFailure, Outcome
+from vibectld.limits import check_token_budget
 from vibectld.models import CatalogueEntry, UnknownModel
 from vibectld.refusals import CallRefused, InvalidRequest, PermissionDenied, Unauthenticated, abort
 from vibectld.registry import ClientRecord
@@ -39,6 +40,8 @@ def _metrics(outcome: Outcome) -> pb.ExecutionMetrics:
         metrics.output_tokens = outcome.output_tokens
     if outcome.input_tokens is not None or outcome.output_tokens is not None:
         metrics.total_tokens = (outcome.input_tokens or 0) + (outcome.output_tokens or 0)
+    if outcome.cost_usd is not None:
+        metrics.cost_usd = outcome.cost_usd
     return metrics
 
 
@@ -65,6 +68,7 @@ class _Call:
         self.failure = failure
         self.schema = schema
         self.timeout = timeout
+        self.started = time.monotonic()
 
 
 class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
@@ -116,12 +120,22 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
 
     @contextmanager
     def _admitted(self, call: _Call) -> Iterator[None]:
-        limits = self.rt.effective_limits(call.client)
+        rt = self.rt
+        limits = rt.effective_limits(call.client)
+        now = time.time()
+        # Checked before anything is reserved, so a refusal consumes no budget.
+        check_token_budget(
+            rt.registry.tokens_used(call.client.id, int(now)), limits["tokens_per_day"], now
+        )
         with (
-            self.rt.limiter.admit(call.client.id, limits["rpm"], limits["concurrency"]),
-            self.rt.inflight.track(call.client.id),
+            rt.limiter.admit(call.client.id, limits["rpm"], limits["concurrency"]),
+            rt.inflight.track(call.client.id),
         ):
-            yield
+            rt.metrics.in_flight.inc()
+            try:
+                yield
+            finally:
+                rt.metrics.in_flight.dec()
 
     def _revoked_now(self) -> bool:
         """True when this task was cancelled because its client was just revoked."""
@@ -134,15 +148,30 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
     def _done(
         self, call: _Call, request_id: str, status: str, outcome: Outcome | None = None
     ) -> None:
-        if status == "ok":
-            self.rt.registry.touch(call.client.id, int(time.time()))
+        rt = self.rt
+        model = call.entry.model_id if call.entry else "-"
+        tokens_in = outcome.input_tokens if outcome else None
+        tokens_out = outcome.output_tokens if outcome else None
+        cost = rt.cost_usd(model, tokens_in, tokens_out)
+        if outcome is not None:
+            outcome.cost_usd = cost
+        rt.registry.record_call(
+            call.client.id,
+            now=int(time.time()),
+            error=status != "ok",
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost_usd=cost,
+        )
+        seconds = time.monotonic() - call.started
+        rt.metrics.observe_call(call.client.name, model, status, seconds, tokens_in, tokens_out)
         log.info(
             "request",
             client=call.client.name,
             request_id=request_id,
             model=call.entry.model_id if call.entry else None,
             status=status,
-            duration_ms=outcome.duration_ms if outcome else None,
+            duration_ms=int(seconds * 1000),
             input_tokens=outcome.input_tokens if outcome else None,
             output_tokens=outcome.output_tokens if outcome else None,
         )
@@ -183,7 +212,12 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             )
             return pb.ExecuteResponse(request_id=request_id, success=success)
         except CallRefused as refusal:
-            await abort(context, refusal)
+            await self._refuse(context, refusal)
+
+    async def _refuse(self, context: Any, refusal: CallRefused) -> NoReturn:
+        reason = getattr(refusal, "limit_type", None) or refusal.code.name.lower()
+        self.rt.metrics.refusals.labels(reason).inc()
+        await abort(context, refusal)
 
     async def StreamExecute(
         self, request: pb.ExecuteRequest, context: Any
@@ -226,7 +260,7 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             yield pb.StreamChunk(request_id=request_id, complete=complete)
             yield pb.StreamChunk(request_id=request_id, final_metrics=_metrics(outcome))
         except CallRefused as refusal:
-            await abort(context, refusal)
+            await self._refuse(context, refusal)
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: Any
@@ -235,7 +269,7 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         try:
             client = rt.auth.authenticate(rt, context.invocation_metadata())
         except CallRefused as refusal:
-            await abort(context, refusal)
+            await self._refuse(context, refusal)
         catalogue = rt.catalogue
         allowed = set(client.models) if client.models is not None else None
         models = [

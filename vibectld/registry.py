@@ -1,17 +1,25 @@
 """The client registry: one row per issued secret, kept in SQLite and mirrored in memory.
 
-The database is the record and memory is a cache of it: a change is committed (WAL,
-synchronous=FULL) before memory changes and before the caller hears of it, so an
-acknowledged issue or revocation survives a crash. Reads on the request path never
-touch the disk. Usage counters (`touch`) are the one exception to write-first: they
-change memory at once and reach the disk in batches (`flush`), since losing a few
-seconds of counts in a crash is cheap and a write per request is not.
+The database is the record and memory is a cache of it: a change (issue, revoke, update,
+an audit row) is committed (WAL, synchronous=FULL) before memory changes and before the
+caller hears of it, so an acknowledged change survives a crash. Reads on the request path
+never touch the disk. Usage (`record_call`: the client's request count and last-seen time,
+and the per-day usage table) is the one exception to write-first: it changes memory at
+once and reaches the disk in batches (`flush`, and `close`), since losing a few seconds of
+counts in a crash is cheap and a write per request is not. A failed flush keeps its counts
+for the next one.
+
+Two locks: `_lock` guards memory and is only ever held briefly (the request path takes
+it); `_db_lock` serialises everything that uses the connection, so a flush's disk write
+never blocks the request path. When both are needed, `_db_lock` is taken first.
 
 The registry holds a secret's metadata only, never the secret.
 """
 
 from __future__ import annotations
 
+import builtins
+import enum
 import json
 import os
 import re
@@ -20,9 +28,31 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+from vibectld import audit_log, usage
+from vibectld.audit_log import AuditEntry
+from vibectld.usage import UsageRow
+
+__all__ = [
+    "MAX_LIMIT",
+    "MIGRATIONS",
+    "NAME_RULE",
+    "SCHEMA_VERSION",
+    "UNSET",
+    "AlreadyRevoked",
+    "AuditEntry",
+    "ClientNotFound",
+    "ClientRecord",
+    "DuplicateClient",
+    "Registry",
+    "RegistryError",
+    "Unset",
+    "UsageRow",
+    "migrate",
+]
 
 NAME_RULE = (
     "a client name is 1 to 64 characters: letters, digits, '.', '_', '@' and '-', "
@@ -30,6 +60,20 @@ NAME_RULE = (
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _LIST_HINT = "list them with: vibectl-admin list-clients --all"
+MAX_LIMIT = 1_000_000_000  # larger limits are typing mistakes, not policies
+MAX_NOTE = 1000
+
+
+class Unset(enum.Enum):
+    """The type of UNSET: "leave this field as it is" in `Registry.update`."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset.UNSET
 
 _COLUMNS = (
     "id, name, created_at, expires_at, issued_by, note, models, rpm, concurrency, "
@@ -110,8 +154,16 @@ def _migrate_v1(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX clients_name ON clients (name)")
 
 
+def _migrate_v2(db: sqlite3.Connection) -> None:
+    for sql in usage.SCHEMA_V2 + audit_log.SCHEMA_V2:
+        db.execute(sql)
+    # Who changed a client's limits last; the audit table has the full history.
+    db.execute("ALTER TABLE clients ADD COLUMN updated_at INTEGER")
+    db.execute("ALTER TABLE clients ADD COLUMN updated_by TEXT")
+
+
 # MIGRATIONS[i] takes the schema from version i to i + 1. Append; never edit a shipped one.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_v1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_v1, _migrate_v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -136,24 +188,38 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
 
 
 class Registry:
-    def __init__(self, db: sqlite3.Connection, path: Path, records: dict[str, ClientRecord]):
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        path: Path,
+        records: dict[str, ClientRecord],
+        book: usage.UsageBook | None = None,
+    ):
         self._db: sqlite3.Connection | None = db
         self._path = path
         self._records = records
-        self._pending: set[str] = set()
-        self._lock = threading.Lock()
+        self._usage = book if book is not None else usage.UsageBook()
+        self._pending: set[str] = set()  # clients whose counters are not yet on disk
+        self._lock = threading.Lock()  # memory; held briefly
+        self._db_lock = threading.Lock()  # the connection; taken before _lock
 
     def __repr__(self) -> str:
         return f"Registry(path={str(self._path)!r}, clients={len(self._records)})"
 
     @classmethod
-    def open(cls, path: Path) -> Registry:
-        """Open (creating and migrating if needed) the database and load every record."""
+    def open(cls, path: Path, *, now: int | None = None) -> Registry:
+        """Open (creating and migrating if needed) the database and load every record.
+
+        Today's usage (the UTC day of `now`) is loaded too, so `tokens_used` counts what
+        was spent before a restart.
+        """
+        now = _now(now)
         try:
             _prepare_file(path)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
             raise RegistryError(f"cannot open the client registry {path}: {e}") from None
+        book = usage.UsageBook()
         try:
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
@@ -165,6 +231,7 @@ class Registry:
             db.execute("PRAGMA busy_timeout = 5000")
             migrate(db, path)
             rows = db.execute(f"SELECT {_COLUMNS} FROM clients").fetchall()  # noqa: S608
+            book.load(db.execute(usage.LOAD_DAY_SQL, (usage.day_of(now),)).fetchall(), now)
         except sqlite3.DatabaseError as e:
             db.close()
             raise RegistryError(
@@ -174,11 +241,11 @@ class Registry:
             db.close()
             raise
         records = {row[0]: _record(row) for row in rows}
-        return cls(db, path, records)
+        return cls(db, path, records, book)
 
     def close(self) -> None:
         """Write pending usage counts and close the database; later calls do nothing."""
-        with self._lock:
+        with self._db_lock:
             if self._db is None:
                 return
             try:
@@ -202,61 +269,38 @@ class Registry:
     ) -> ClientRecord:
         """Record a new client; its id is the jti to put in the secret."""
         now = _now(now)
-        if not _NAME.fullmatch(name):
-            raise RegistryError(f"invalid client name {_quote(name)}: {NAME_RULE}")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise RegistryError(f"invalid client name {_quote(str(name))}: {NAME_RULE}")
         if expires_at <= now:
             raise RegistryError("the expiry must lie in the future")
-        for label, limit in (
-            ("rpm", rpm),
-            ("concurrency", concurrency),
-            ("tokens_per_day", tokens_per_day),
-        ):
-            if limit is not None and (isinstance(limit, bool) or limit < 1):
-                raise RegistryError(f"{label} must be a whole number of at least 1")
-        if models is not None and not all(isinstance(m, str) and m for m in models):
-            raise RegistryError("models must be a list of non-empty model names")
         record = ClientRecord(
             id=secrets.token_hex(16),
             name=name,
             created_at=now,
             expires_at=expires_at,
             issued_by=issued_by,
-            note=note,
-            models=tuple(models) if models is not None else None,
-            rpm=rpm,
-            concurrency=concurrency,
-            tokens_per_day=tokens_per_day,
+            note=_check_note(note),
+            models=_check_models(models),
+            rpm=_check_limit("rpm", rpm),
+            concurrency=_check_limit("concurrency", concurrency),
+            tokens_per_day=_check_limit("tokens_per_day", tokens_per_day),
         )
-        with self._lock:
+        with self._db_lock:
             for other in self._records.values():
                 if other.name == name and other.status(now) == "active":
                     raise DuplicateClient(
                         f"an active client named {name!r} exists (id {other.id}); revoke it "
                         "first or choose another name"
                     )
-            models_json = json.dumps(list(record.models)) if record.models is not None else None
-            self._write(
-                f"INSERT INTO clients ({_COLUMNS}) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            self._transaction(
                 (
-                    record.id,
-                    name,
-                    now,
-                    expires_at,
-                    issued_by,
-                    note,
-                    models_json,
-                    rpm,
-                    concurrency,
-                    tokens_per_day,
-                    None,
-                    None,
-                    None,
-                    None,
-                    0,
-                ),
+                    f"INSERT INTO clients ({_COLUMNS}) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_db_row(record)],
+                )
             )
-            self._records[record.id] = record
+            with self._lock:
+                self._records[record.id] = record
         return record
 
     def get(self, jti: str) -> ClientRecord | None:
@@ -283,22 +327,91 @@ class Registry:
         now: int | None = None,
     ) -> ClientRecord:
         now = _now(now)
-        with self._lock:
+        with self._db_lock:
             record = self.find(name_or_id, now)
             if record.revoked_at is not None:
                 raise AlreadyRevoked(
                     f"client {record.name!r} (id {record.id}) was already revoked by "
                     f"{record.revoked_by} at {_iso(record.revoked_at)}; {_LIST_HINT}"
                 )
-            self._write(
-                "UPDATE clients SET revoked_at = ?, revoked_by = ?, revoke_reason = ? WHERE id = ?",
-                (now, by, reason, record.id),
+            self._transaction(
+                (
+                    "UPDATE clients SET revoked_at = ?, revoked_by = ?, revoke_reason = ? "
+                    "WHERE id = ?",
+                    [(now, by, reason, record.id)],
+                )
             )
-            # Re-read under the lock: a touch may have replaced the record meanwhile.
-            current = self._records[record.id]
-            revoked = replace(current, revoked_at=now, revoked_by=by, revoke_reason=reason)
-            self._records[record.id] = revoked
+            with self._lock:
+                # Re-read under the lock: a counted call may have replaced the record.
+                current = self._records[record.id]
+                revoked = replace(current, revoked_at=now, revoked_by=by, revoke_reason=reason)
+                self._records[record.id] = revoked
         return revoked
+
+    def update(
+        self,
+        name_or_id: str,
+        *,
+        by: str,
+        models: Sequence[str] | object | None = UNSET,
+        rpm: int | object | None = UNSET,
+        concurrency: int | object | None = UNSET,
+        tokens_per_day: int | object | None = UNSET,
+        note: str | object | None = UNSET,
+        now: int | None = None,
+    ) -> ClientRecord:
+        """Change an active client's limits, models or note; effective on its next request.
+
+        UNSET leaves a field alone; None clears an override (back to the server's default
+        limit, or every model the server allows) or the note. Values are checked as for
+        `issue`. A revoked or expired client is refused with AlreadyRevoked.
+        """
+        now = _now(now)
+        changes: dict[str, Any] = {}
+        if models is not UNSET:
+            changes["models"] = _check_models(models)
+        for label, value in (
+            ("rpm", rpm),
+            ("concurrency", concurrency),
+            ("tokens_per_day", tokens_per_day),
+        ):
+            if value is not UNSET:
+                changes[label] = _check_limit(label, value)
+        if note is not UNSET:
+            changes["note"] = _check_note(note)
+        with self._db_lock:
+            record = self.find(name_or_id, now)
+            if record.revoked_at is not None:
+                raise AlreadyRevoked(f"client {record.name!r} is revoked; issue a new one")
+            if record.expires_at <= now:
+                raise AlreadyRevoked(
+                    f"client {record.name!r} expired at {_iso(record.expires_at)}; issue a new one"
+                )
+            if not changes:
+                return record
+            new = replace(record, **changes)
+            self._transaction(
+                (
+                    "UPDATE clients SET note = ?, models = ?, rpm = ?, concurrency = ?, "
+                    "tokens_per_day = ?, updated_at = ?, updated_by = ? WHERE id = ?",
+                    [
+                        (
+                            new.note,
+                            _models_json(new.models),
+                            new.rpm,
+                            new.concurrency,
+                            new.tokens_per_day,
+                            now,
+                            by,
+                            record.id,
+                        )
+                    ],
+                )
+            )
+            with self._lock:
+                updated = replace(self._records[record.id], **changes)
+                self._records[record.id] = updated
+        return updated
 
     def list(self, *, include_inactive: bool = False, now: int | None = None) -> list[ClientRecord]:
         now = _now(now)
@@ -314,55 +427,184 @@ class Registry:
             counts[record.status(now)] += 1
         return counts
 
-    def touch(self, jti: str, now: int) -> None:
-        """Count a served request: memory now, the database at the next flush."""
+    # -- usage: memory at once, the database at the next flush ------------------------
+
+    def record_call(
+        self,
+        client_id: str,
+        *,
+        now: int,
+        error: bool,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        cost_usd: float | None,
+    ) -> None:
+        """Count a served call (failed or not) for its client and UTC day; no SQL.
+
+        Adds one to the client's `requests` and moves `last_seen_at`, and adds the call to
+        the day's usage. Unknown ids are ignored; missing, negative or non-finite token
+        counts and costs count as 0.
+        """
         with self._lock:
-            record = self._records.get(jti)
+            record = self._records.get(client_id)
             if record is None:
                 return
-            self._records[jti] = replace(
+            self._records[client_id] = replace(
                 record,
                 requests=record.requests + 1,
                 last_seen_at=max(now, record.last_seen_at or 0),
             )
-            self._pending.add(jti)
+            self._pending.add(client_id)
+            self._usage.record(client_id, now, error, input_tokens, output_tokens, cost_usd)
+
+    def touch(self, jti: str, now: int) -> None:
+        """Count a successful call without token counts (older callers; see record_call)."""
+        self.record_call(
+            jti, now=now, error=False, input_tokens=None, output_tokens=None, cost_usd=None
+        )
+
+    def tokens_used(self, client_id: str, now: int) -> int:
+        """Input plus output tokens of the client's UTC day of `now`, from memory."""
+        with self._lock:
+            return self._usage.tokens_used(client_id, now)
+
+    def top_today(self, now: int, limit: int = 5) -> builtins.list[UsageRow]:
+        """The `limit` clients with the most usage on the UTC day of `now`, from memory."""
+        with self._lock:
+            totals = self._usage.day_totals(now)
+            rows = [counts.row(cid, self._name(cid)) for cid, counts in totals]
+        return usage.sort_rows(rows)[: max(limit, 0)]
+
+    def usage(
+        self, *, since_day: str, name_or_id: str | None = None, now: int | None = None
+    ) -> builtins.list[UsageRow]:
+        """Usage per client id summed over the UTC days >= `since_day` (YYYY-MM-DD).
+
+        Counts not yet flushed are included (this flushes first). Without `name_or_id`:
+        every client with usage in the span. With an id: that client. With a name: one
+        row per client id that had that name and used the span, plus always the client
+        `find` picks (so an unused active client shows as zeros) — a name reissued after
+        a revocation thus gives the old and the new client a row each. Ordered by cost,
+        then requests, most first.
+        """
+        try:
+            usage.parse_day(since_day)
+        except (TypeError, ValueError):
+            raise RegistryError(
+                f"since_day must be a date like 2025-01-31, not {_quote(str(since_day))}"
+            ) from None
+        chosen: ClientRecord | None = None
+        ids: builtins.list[str] = []
+        if name_or_id is not None:
+            chosen = self.find(name_or_id, now)
+            if chosen.id != name_or_id:  # a name: every client that had it
+                ids = sorted(r.id for r in self._records.values() if r.name == name_or_id)
+            ids = ids or [chosen.id]
+        with self._db_lock:
+            self._flush_locked()
+            sql = usage.select_totals_sql(len(ids) if chosen is not None else None)
+            found = self._query(sql, [since_day, *ids])
+        counts = {row[0]: usage.Counts(*row[1:]) for row in found}
+        if chosen is not None:
+            counts.setdefault(chosen.id, usage.Counts())
+        return usage.sort_rows(c.row(cid, self._name(cid)) for cid, c in counts.items())
 
     def flush(self) -> None:
-        """Write the counters of every touched client in one transaction."""
-        with self._lock:
+        """Write the usage and counters counted since the last flush, in one transaction.
+
+        On failure (RegistryError) nothing is lost: the counts stay for the next flush.
+        """
+        with self._db_lock:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if not self._pending:
-            return
-        # Memory holds the totals, so writing them (rather than increments) is idempotent.
-        rows = [
-            (self._records[jti].requests, self._records[jti].last_seen_at, jti)
-            for jti in self._pending
-        ]
-        self._write_many("UPDATE clients SET requests = ?, last_seen_at = ? WHERE id = ?", rows)
-        self._pending.clear()
+        with self._lock:
+            if not self._pending and not self._usage.dirty:
+                return
+            pending, self._pending = self._pending, set()
+            # Memory holds the clients' totals, so writing them is idempotent; usage is
+            # written as increments, which are handed over here and put back on failure.
+            counters = [
+                (self._records[jti].requests, self._records[jti].last_seen_at, jti)
+                for jti in pending
+            ]
+            deltas = self._usage.take_deltas()
+        try:
+            self._transaction(
+                ("UPDATE clients SET requests = ?, last_seen_at = ? WHERE id = ?", counters),
+                (usage.UPSERT_SQL, usage.delta_rows(deltas)),
+            )
+        except BaseException:
+            with self._lock:
+                self._pending |= pending
+                self._usage.restore_deltas(deltas)
+            raise
+        with self._lock:
+            self._usage.prune()
 
-    def _write(self, sql: str, params: Sequence[Any]) -> None:
-        self._write_many(sql, [params])
+    # -- audit --------------------------------------------------------------------------
 
-    def _write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Run `sql` for each row in one committed transaction, or raise RegistryError."""
+    def add_audit(
+        self,
+        *,
+        at: int,
+        caller_uid: int | None,
+        caller_user: str,
+        op: str,
+        target: str | None,
+        outcome: str,
+        detail: str | None = None,
+    ) -> None:
+        """Commit an audit row at once; RegistryError (only) if the database fails.
+
+        Pass names and ids, never secrets; secret-shaped text is redacted regardless.
+        """
+        row = audit_log.insert_row(at, caller_uid, caller_user, op, target, outcome, detail)
+        with self._db_lock:
+            self._transaction((audit_log.INSERT_SQL, [row]))
+
+    def audit(self, *, since: int, limit: int = 1000) -> builtins.list[AuditEntry]:
+        """The newest `limit` audit rows at or after `since` (unix time), oldest first."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise RegistryError("limit must be a whole number of at least 1")
+        with self._db_lock:
+            rows = self._query(audit_log.SELECT_SQL, (since, limit))
+        return [audit_log.entry(row) for row in reversed(rows)]
+
+    # -- the connection -----------------------------------------------------------------
+
+    def _name(self, client_id: str) -> str:
+        record = self._records.get(client_id)
+        return record.name if record is not None else client_id
+
+    def _transaction(self, *steps: tuple[str, Sequence[Sequence[Any]]]) -> None:
+        """Run each (sql, rows) in one committed transaction, or raise RegistryError."""
         if self._db is None:
             raise RegistryError("the client registry is closed")
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(sql, rows)
+                for sql, rows in steps:
+                    if rows:
+                        self._db.executemany(sql, rows)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
             raise RegistryError(
                 f"cannot write the client registry {self._path}: {e}; check the disk "
                 "space and the state directory's permissions"
             ) from None
+
+    def _query(self, sql: str, params: Sequence[Any]) -> builtins.list[Any]:
+        if self._db is None:
+            raise RegistryError("the client registry is closed")
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise RegistryError(f"cannot read the client registry {self._path}: {e}") from None
 
 
 def _prepare_file(path: Path) -> None:
@@ -399,6 +641,45 @@ def _record(row: Sequence[Any]) -> ClientRecord:
         last_seen_at=row[13],
         requests=row[14],
     )
+
+
+def _check_limit(label: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
+        got = f", not {value}" if isinstance(value, int) and not isinstance(value, bool) else ""
+        raise RegistryError(f"{label} must be a whole number from 1 to {MAX_LIMIT}{got}")
+    return value
+
+
+def _check_models(models: object) -> tuple[str, ...] | None:
+    if models is None:
+        return None
+    if not isinstance(models, list | tuple) or not all(isinstance(m, str) and m for m in models):
+        raise RegistryError("models must be a list of non-empty model names")
+    if not models:
+        raise RegistryError(
+            "models must name at least one model; leave it out (or clear it) to allow every "
+            "model the server offers"
+        )
+    return tuple(dict.fromkeys(models))  # in order, without repeats
+
+
+def _check_note(note: object) -> str | None:
+    if note is not None and (not isinstance(note, str) or len(note) > MAX_NOTE):
+        raise RegistryError(f"the note must be a text of at most {MAX_NOTE} characters")
+    return note
+
+
+def _db_row(record: ClientRecord) -> tuple[Any, ...]:
+    """The record's values in _COLUMNS order (the dataclass's field order)."""
+    values = [getattr(record, f.name) for f in fields(ClientRecord)]
+    values[6] = _models_json(record.models)
+    return tuple(values)
+
+
+def _models_json(models: tuple[str, ...] | None) -> str | None:
+    return json.dumps(list(models)) if models is not None else None
 
 
 def _now(now: int | None) -> int:

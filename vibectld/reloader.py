@@ -35,12 +35,15 @@ def _pin_restart_only(old: DaemonConfig, new: DaemonConfig) -> tuple[DaemonConfi
         notes.append(f"server.listen changed to {new.server.listen}: restart vibectld to apply")
     if new.admin != old.admin:
         notes.append("admin.socket/admin.group changed: restart vibectld to apply")
+    if new.metrics != old.metrics:
+        notes.append("metrics.listen changed: restart vibectld to apply")
     if new.state_dir != old.state_dir:
         notes.append(f"state_dir changed to {new.state_dir}: restart vibectld to apply")
     kept = dataclasses.replace(
         new,
         server=dataclasses.replace(new.server, listen=old.server.listen),
         admin=old.admin,
+        metrics=old.metrics,
         state_dir=old.state_dir,
     )
     return kept, notes

@@ -18,6 +18,7 @@ from vibectld.config import DaemonConfig
 from vibectld.execution import Executor
 from vibectld.inflight import InFlight
 from vibectld.limits import Limiter
+from vibectld.metrics import Metrics
 from vibectld.models import ModelCatalogue
 from vibectld.provider_keys import ProviderKeys
 from vibectld.registry import ClientRecord, Registry
@@ -37,6 +38,7 @@ class Runtime:
     inflight: InFlight = field(default_factory=InFlight)
     auth: Authenticator = field(default_factory=Authenticator)
     limiter: Limiter = field(default_factory=Limiter)
+    metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
     # The address the gRPC port is really bound to (port 0 resolved).
     grpc_address: str = ""
@@ -52,6 +54,15 @@ class Runtime:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+
+    def cost_usd(
+        self, model_id: str, input_tokens: int | None, output_tokens: int | None
+    ) -> float | None:
+        """What a call cost, where `models.prices` has a price for the model."""
+        price = self.config.models.prices.get(model_id)
+        if price is None:
+            return None
+        return ((input_tokens or 0) * price.input + (output_tokens or 0) * price.output) / 1e6
 
     def effective_limits(self, client: ClientRecord) -> dict[str, int | None]:
         """The limits that apply to one client: its own overrides, else the defaults."""

@@ -309,12 +309,15 @@ def test_socket_from_environment(
 
 def test_no_unreleased_commands() -> None:
     assert sorted(cli.list_commands(click.Context(cli))) == [
+        "audit",
         "issue-client",
         "list-clients",
         "reload",
         "revoke-client",
         "show-ca",
         "status",
+        "update-client",
+        "usage",
     ]
 
 

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from vibectld.registry import (
+    MAX_LIMIT,
     SCHEMA_VERSION,
+    UNSET,
     AlreadyRevoked,
+    AuditEntry,
     ClientNotFound,
     ClientRecord,
     DuplicateClient,
@@ -291,9 +294,12 @@ def test_wal_mode_schema_and_file_mode(db_path: Path, registry: Registry) -> Non
         assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         indexes = {r[1] for r in con.execute("PRAGMA index_list(clients)")}
         assert "clients_name" in indexes
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"clients", "usage", "audit"} <= tables
         # Metadata only: no column could hold a secret.
-        columns = {r[1] for r in con.execute("PRAGMA table_info(clients)")}
-        assert not columns & {"token", "secret", "jwt"}
+        for table in ("clients", "usage", "audit"):
+            columns = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+            assert not columns & {"token", "secret", "jwt"}
     finally:
         con.close()
 
@@ -320,6 +326,193 @@ def test_garbage_database_is_refused(db_path: Path) -> None:
     db_path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(RegistryError, match="restore it from a backup"):
         Registry.open(db_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rpm", 0, "rpm must be a whole number from 1 to 1000000000, not 0"),
+        ("rpm", -5, "rpm must be a whole number from 1 to 1000000000, not -5"),
+        ("concurrency", MAX_LIMIT + 1, "concurrency must be a whole number from 1 to"),
+        ("tokens_per_day", 10**18, "tokens_per_day must be a whole number from 1 to"),
+        ("rpm", True, "rpm must be a whole number"),
+        ("rpm", 2.5, "rpm must be a whole number"),
+        ("rpm", "5", "rpm must be a whole number"),
+        ("models", [], "at least one model"),
+        ("models", ["ok", ""], "non-empty model names"),
+        ("models", "gpt-4o", "non-empty model names"),
+        ("models", [3], "non-empty model names"),
+        ("note", "x" * 1001, "at most 1000 characters"),
+        ("note", 5, "at most 1000 characters"),
+    ],
+)
+def test_absurd_values_refused(registry: Registry, field: str, value: object, message: str) -> None:
+    with pytest.raises(RegistryError) as err:
+        registry.issue(
+            name="alice",
+            expires_at=NOW + DAY,
+            issued_by=ADMIN,
+            now=NOW,
+            **{field: value},  # type: ignore[arg-type]
+        )
+    assert message in str(err.value)
+    assert registry.list(include_inactive=True) == []
+    rec = issue(registry)
+    with pytest.raises(RegistryError) as err:
+        registry.update("alice", by=ADMIN, now=NOW, **{field: value})
+    assert message in str(err.value)
+    assert registry.get(rec.id) == rec
+
+
+def test_largest_limits_accepted(registry: Registry) -> None:
+    rec = registry.issue(
+        name="a",
+        expires_at=NOW + DAY,
+        issued_by=ADMIN,
+        rpm=MAX_LIMIT,
+        concurrency=1,
+        tokens_per_day=MAX_LIMIT,
+        models=("m1", "m2", "m1"),
+        now=NOW,
+    )
+    assert (rec.rpm, rec.concurrency, rec.tokens_per_day) == (MAX_LIMIT, 1, MAX_LIMIT)
+    assert rec.models == ("m1", "m2")
+
+
+def test_update_each_field_and_clear(db_path: Path) -> None:
+    reg = Registry.open(db_path)
+    rec = issue(reg)
+    reg.record_call(
+        rec.id, now=NOW + 1, error=False, input_tokens=1, output_tokens=1, cost_usd=None
+    )
+    got = reg.update("alice", by=ADMIN, models=("m1", "m2"), now=NOW + 2)
+    assert got.models == ("m1", "m2") and got.rpm is None
+    got = reg.update("alice", by=ADMIN, rpm=5, now=NOW + 3)
+    assert got.models == ("m1", "m2") and got.rpm == 5
+    got = reg.update(rec.id, by=ADMIN, concurrency=2, tokens_per_day=1000, note="n", now=NOW + 4)
+    assert (got.rpm, got.concurrency, got.tokens_per_day, got.note) == (5, 2, 1000, "n")
+    # The counters survive an update; the hot path sees the change at once.
+    assert got.requests == 1 and got.last_seen_at == NOW + 1
+    assert reg.get(rec.id) == got
+    # UNSET (the default) leaves a field; nothing to change writes nothing.
+    assert reg.update("alice", by=ADMIN, rpm=UNSET, now=NOW + 5) == got
+    assert repr(UNSET) == "UNSET"
+    # None clears an override.
+    got = reg.update("alice", by=ADMIN, models=None, rpm=None, note=None, now=NOW + 6)
+    assert (got.models, got.rpm, got.concurrency, got.tokens_per_day, got.note) == (
+        None,
+        None,
+        2,
+        1000,
+        None,
+    )
+    got = reg.update("alice", by=ADMIN, concurrency=None, tokens_per_day=None, now=NOW + 7)
+    assert (got.concurrency, got.tokens_per_day) == (None, None)
+    got = reg.update("alice", by=ADMIN, models=["m3"], rpm=7, now=NOW + 8)
+    reg.close()
+
+    # Written first: another connection sees it (and who changed it).
+    again = Registry.open(db_path)
+    try:
+        assert again.get(rec.id) == got
+    finally:
+        again.close()
+    con = sqlite3.connect(db_path)
+    try:
+        row = con.execute("SELECT updated_at, updated_by FROM clients").fetchone()
+    finally:
+        con.close()
+    assert row == (NOW + 8, ADMIN)
+
+
+def test_update_picks_the_active_client_by_name(registry: Registry) -> None:
+    old = issue(registry)
+    registry.revoke("alice", by=ADMIN, now=NOW + 1)
+    new = issue(registry, now=NOW + 2)
+    assert registry.update("alice", by=ADMIN, rpm=3, now=NOW + 3).id == new.id
+    assert registry.get(old.id).rpm is None  # type: ignore[union-attr]
+
+
+def test_update_refuses_revoked_expired_and_unknown(registry: Registry) -> None:
+    rec = issue(registry)
+    registry.revoke("alice", by=ADMIN, now=NOW + 1)
+    with pytest.raises(AlreadyRevoked) as err:
+        registry.update("alice", by=ADMIN, rpm=5, now=NOW + 2)
+    assert str(err.value) == "client 'alice' is revoked; issue a new one"
+    with pytest.raises(AlreadyRevoked, match="is revoked"):
+        registry.update(rec.id, by=ADMIN, now=NOW + 2)  # even with nothing to change
+
+    issue(registry, "bob", days=1)
+    with pytest.raises(AlreadyRevoked) as err:
+        registry.update("bob", by=ADMIN, rpm=5, now=NOW + 2 * DAY)
+    assert str(err.value) == ("client 'bob' expired at 2027-01-16 08:00:00 UTC; issue a new one")
+    with pytest.raises(ClientNotFound):
+        registry.update("carol", by=ADMIN, rpm=5, now=NOW)
+
+
+def test_audit_add_and_list(db_path: Path) -> None:
+    reg = Registry.open(db_path)
+    reg.add_audit(
+        at=NOW, caller_uid=0, caller_user="root", op="issue", target="alice", outcome="ok"
+    )
+    reg.add_audit(
+        at=NOW + 10,
+        caller_uid=1000,
+        caller_user="ops",
+        op="revoke",
+        target="alice",
+        outcome="ok",
+        detail="reason: laptop lost",
+    )
+    reg.add_audit(
+        at=NOW + 20, caller_uid=None, caller_user="?", op="reload", target=None, outcome="failed"
+    )
+    # Durable at once: another connection sees it without a flush or close.
+    other = Registry.open(db_path)
+    try:
+        entries = other.audit(since=0)
+    finally:
+        other.close()
+    assert entries == [
+        AuditEntry(1, NOW, 0, "root", "issue", "alice", "ok", None),
+        AuditEntry(2, NOW + 10, 1000, "ops", "revoke", "alice", "ok", "reason: laptop lost"),
+        AuditEntry(3, NOW + 20, None, "?", "reload", None, "failed", None),
+    ]
+    assert entries[0].to_dict()["caller_user"] == "root"
+    assert [e.id for e in reg.audit(since=NOW + 10)] == [2, 3]
+    assert reg.audit(since=NOW + 21) == []
+    # The newest `limit`, still oldest first.
+    assert [e.id for e in reg.audit(since=0, limit=2)] == [2, 3]
+    with pytest.raises(RegistryError, match="limit"):
+        reg.audit(since=0, limit=0)
+    reg.close()
+    with pytest.raises(RegistryError, match="closed"):
+        reg.add_audit(at=NOW, caller_uid=0, caller_user="root", op="x", target=None, outcome="ok")
+    with pytest.raises(RegistryError, match="closed"):
+        reg.audit(since=0)
+
+
+def test_audit_never_stores_secrets(registry: Registry) -> None:
+    jwt = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    registry.add_audit(
+        at=NOW,
+        caller_uid=0,
+        caller_user="root",
+        op="revoke",
+        target=jwt,
+        outcome="ok",
+        detail=f"pasted vibectl-server://{jwt}@host:1 and Bearer {jwt} and {'x' * 5000}",
+    )
+    (entry,) = registry.audit(since=0)
+    assert entry.target == "[redacted]"
+    assert entry.detail is not None and "eyJ" not in entry.detail
+    assert entry.detail.startswith("pasted vibectl-server://[redacted]@host:1 and Bearer [")
+    assert len(entry.detail) <= 1000
+    long_target = "a" * 65
+    registry.add_audit(
+        at=NOW, caller_uid=0, caller_user="root", op="x", target=long_target, outcome="ok"
+    )
+    assert registry.audit(since=0)[-1].target == "(a value too long to be a name or id)"
 
 
 def _row(db_path: Path, jti: str) -> tuple[int, int | None]:

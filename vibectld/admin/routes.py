@@ -9,17 +9,27 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from vibectl.proxy_url import ProxyURL
 from vibectld.admin.protocol import ErrorCode, parse_duration
 from vibectld.admin.server import AdminError, Caller, Route
-from vibectld.registry import ClientNotFound, ClientRecord, DuplicateClient, RegistryError
+from vibectld.registry import (
+    AlreadyRevoked,
+    ClientNotFound,
+    ClientRecord,
+    DuplicateClient,
+    RegistryError,
+)
 from vibectld.reloader import ReloadRejected
 from vibectld.runtime import Runtime
 from vibectld.version import __version__
+
+
+def utc_day(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
 def iso(ts: int | None) -> str | None:
@@ -73,8 +83,44 @@ def _required_text(args: dict[str, Any], key: str) -> str:
     return value
 
 
+def _models(rt: Runtime, value: Any) -> tuple[str, ...] | None:
+    """A client's model allow-list, checked against the catalogue and resolved to model ids."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise AdminError(ErrorCode.BAD_REQUEST, "models must be a list of model names")
+    unknown = [m for m in value if not rt.catalogue.has(m)]
+    if unknown:
+        offered = ", ".join(e.model_id for e in rt.catalogue.entries()) or "none"
+        raise AdminError(
+            ErrorCode.BAD_REQUEST,
+            f"unknown model(s): {', '.join(unknown)}; this server offers: {offered}",
+        )
+    return tuple(sorted({rt.catalogue.resolve(m).model_id for m in value}))
+
+
+def _since(args: dict[str, Any], default: str) -> int:
+    """The start of a --since window as unix seconds."""
+    text = args.get("since") or default
+    if not isinstance(text, str):
+        raise AdminError(ErrorCode.BAD_REQUEST, "since must be a duration such as 7d")
+    try:
+        return int(time.time()) - parse_duration(text)
+    except ValueError as e:
+        raise AdminError(ErrorCode.BAD_REQUEST, str(e)) from None
+
+
 def _who(caller: Caller) -> str:
     return f"{caller.user} (uid {caller.uid})"
+
+
+def _named(rt: Runtime, per_client: Mapping[str, int]) -> dict[str, int]:
+    named: dict[str, int] = {}
+    for client_id, count in per_client.items():
+        record = rt.registry.get(client_id)
+        name = record.name if record else client_id
+        named[name] = named.get(name, 0) + count
+    return named
 
 
 def public_endpoint(rt: Runtime) -> tuple[str, int]:
@@ -119,18 +165,7 @@ def build_routes(
                 f"--expires {expires} is longer than this server allows ({days} days, "
                 "clients.max_expiry); choose a shorter expiry",
             )
-        models = args.get("models")
-        if models is not None:
-            if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-                raise AdminError(ErrorCode.BAD_REQUEST, "models must be a list of model names")
-            unknown = [m for m in models if not rt.catalogue.has(m)]
-            if unknown:
-                offered = ", ".join(e.model_id for e in rt.catalogue.entries()) or "none"
-                raise AdminError(
-                    ErrorCode.BAD_REQUEST,
-                    f"unknown model(s): {', '.join(unknown)}; this server offers: {offered}",
-                )
-            models = sorted({rt.catalogue.resolve(m).model_id for m in models})
+        models = _models(rt, args.get("models"))
         now = int(time.time())
         try:
             record = rt.registry.issue(
@@ -138,7 +173,7 @@ def build_routes(
                 expires_at=now + lifetime,
                 issued_by=_who(caller),
                 note=_opt_text(args, "note"),
-                models=tuple(models) if models is not None else None,
+                models=models,
                 rpm=_opt_count(args, "rpm"),
                 concurrency=_opt_count(args, "concurrency"),
                 tokens_per_day=_opt_count(args, "tokens_per_day"),
@@ -187,6 +222,69 @@ def build_routes(
             "cancelled_calls": cancelled,
         }
 
+    async def update_client(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        target = _required_text(args, "target")
+        changes: dict[str, Any] = {}
+        if "models" in args:
+            changes["models"] = _models(rt, args["models"])
+        for key in ("rpm", "concurrency", "tokens_per_day"):
+            if key in args:
+                changes[key] = _opt_count(args, key)
+        if "note" in args:
+            changes["note"] = _opt_text(args, "note")
+        if not changes:
+            raise AdminError(ErrorCode.BAD_REQUEST, "nothing to change: give at least one option")
+        try:
+            record = rt.registry.update(target, by=_who(caller), **changes)
+        except ClientNotFound as e:
+            raise AdminError(ErrorCode.NOT_FOUND, str(e)) from None
+        except AlreadyRevoked as e:
+            raise AdminError(ErrorCode.FAILED, str(e)) from None
+        except RegistryError as e:
+            raise AdminError(ErrorCode.BAD_REQUEST, str(e)) from None
+        return _client_json(record, int(time.time()))
+
+    async def usage(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        since = _since(args, "1d")
+        name = _opt_text(args, "name", 200)
+        try:
+            rows = rt.registry.usage(since_day=utc_day(since), name_or_id=name)
+        except ClientNotFound as e:
+            raise AdminError(ErrorCode.NOT_FOUND, str(e)) from None
+        except RegistryError as e:
+            raise AdminError(ErrorCode.FAILED, str(e)) from None
+        return {
+            "since": utc_day(since),
+            "usage": [
+                {
+                    "id": r.client_id,
+                    "name": r.name,
+                    "requests": r.requests,
+                    "errors": r.errors,
+                    "input_tokens": r.input_tokens,
+                    "output_tokens": r.output_tokens,
+                    "cost_usd": round(r.cost_usd, 6),
+                }
+                for r in rows
+            ],
+        }
+
+    async def audit(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        entries = rt.registry.audit(since=_since(args, "7d"))
+        return {
+            "entries": [
+                {
+                    "at": iso(e.at),
+                    "caller_uid": e.caller_uid,
+                    "caller_user": e.caller_user,
+                    "op": e.op,
+                    "target": e.target,
+                    "outcome": e.outcome,
+                }
+                for e in entries
+            ]
+        }
+
     async def show_ca(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         ca = rt.tls.ca_pem
         return {"pem": ca.decode() if ca else None, "sha256": rt.tls.ca_sha256}
@@ -201,6 +299,11 @@ def build_routes(
             "models": [e.model_id for e in rt.catalogue.entries()],
             "clients": rt.registry.counts(),
             "in_flight": rt.inflight.total(),
+            "in_flight_by_client": _named(rt, rt.inflight.per_client()),
+            "top_today": [
+                {"name": r.name, "requests": r.requests, "tokens": r.input_tokens + r.output_tokens}
+                for r in rt.registry.top_today(int(time.time()))
+            ],
         }
 
     async def reload_config(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +320,10 @@ def build_routes(
 
     routes = {
         "issue_client": Route(issue_client, write=True, summary="issue a client secret"),
+        "audit": Route(audit, write=False, summary="list audited admin changes"),
         "list_clients": Route(list_clients, write=False, summary="list client secrets"),
+        "update_client": Route(update_client, write=True, summary="change a client's limits"),
+        "usage": Route(usage, write=False, summary="requests, tokens and cost per client"),
         "reload": Route(reload_config, write=True, summary="reload the configuration"),
         "revoke_client": Route(revoke_client, write=True, summary="revoke a client secret"),
         "show_ca": Route(show_ca, write=False, summary="the CA clients must trust"),

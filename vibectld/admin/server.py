@@ -61,6 +61,8 @@ class AdminSocketError(OSError):
 
 
 Handler = Callable[[Caller, dict[str, Any]], Awaitable[dict[str, Any]]]
+# Called for every write operation (allowed, refused or failed): caller, op, target, outcome.
+AuditSink = Callable[[Caller, str, str | None, str], None]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class AdminServer:
         *,
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
+        on_audit: AuditSink | None = None,
     ) -> None:
         for op, route in routes.items():
             if not isinstance(op, str) or not _OP_NAME.match(op):
@@ -94,6 +97,7 @@ class AdminServer:
         self._server: asyncio.Server | None = None
         self._identity: tuple[int, int, int] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._on_audit = on_audit
 
     @property
     def path(self) -> Path:
@@ -337,8 +341,7 @@ class AdminServer:
             return f"{who}: only root and uid {os.getuid()} may change state"
         return f"{who}: add the user to the '{self._group}' group (then log in again)"
 
-    @staticmethod
-    def _log(caller: Caller, req: protocol.Request, route: Route, outcome: str) -> None:
+    def _log(self, caller: Caller, req: protocol.Request, route: Route, outcome: str) -> None:
         # Results are never logged: they can carry client secrets.
         fields: dict[str, Any] = {
             "caller_uid": caller.uid,
@@ -352,5 +355,12 @@ class AdminServer:
             structlog.get_logger("vibectld.audit").info(
                 f"admin.{req.op}", audit=True, target=target, **fields
             )
+            if self._on_audit is not None:
+                try:
+                    self._on_audit(caller, req.op, str(target) if target else None, outcome)
+                except Exception:
+                    # The journal record above stands; a broken audit table must not
+                    # turn an operation that happened into one that seems to have failed.
+                    structlog.get_logger("vibectld.audit").exception("audit.store_failed")
         else:
             structlog.get_logger("vibectld.admin").debug(f"admin.{req.op}", **fields)

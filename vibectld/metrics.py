@@ -1,0 +1,97 @@
+"""Prometheus metrics: what was served, refused and spent, by client and model.
+
+Metrics are always counted (in a registry of this daemon's own) and served over
+HTTP only when `metrics.listen` is set; the endpoint has no authentication, so
+it belongs on loopback or behind the operator's scraper network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = structlog.get_logger("vibectld")
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "vibectld_requests",
+            "Calls that reached a model, by outcome (ok or an in-band error code).",
+            ["client", "model", "outcome"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "vibectld_refusals",
+            "Calls refused before reaching a model, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge("vibectld_in_flight", "Calls in progress.", registry=r)
+        self.duration = Histogram(
+            "vibectld_request_duration_seconds",
+            "Time from call start to its last byte, for calls that reached a model.",
+            ["model"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "vibectld_tokens",
+            "Tokens reported by models.",
+            ["client", "model", "direction"],
+            registry=r,
+        )
+        self._server: Any = None
+        # The bound port of the HTTP endpoint, once serving.
+        self.port: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe_call(
+        self,
+        client: str,
+        model: str,
+        outcome: str,
+        seconds: float,
+        input_tokens: int | None,
+        output_tokens: int | None,
+    ) -> None:
+        self.requests.labels(client, model, outcome).inc()
+        self.duration.labels(model).observe(seconds)
+        if input_tokens:
+            self.tokens.labels(client, model, "input").inc(input_tokens)
+        if output_tokens:
+            self.tokens.labels(client, model, "output").inc(output_tokens)
+
+    def serve(self, listen: str) -> int:
+        """Start the HTTP endpoint; returns the bound port."""
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                log.warning(
+                    "metrics.not_loopback",
+                    listen=listen,
+                    hint="the metrics endpoint has no authentication; prefer 127.0.0.1",
+                )
+        except ValueError:
+            pass
+        self._server, self._thread = start_http_server(int(port), host, self.registry)
+        self.port = int(self._server.server_address[1])
+        log.info("metrics.listening", address=f"{host}:{self.port}")
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join(5)
+            self._server = None

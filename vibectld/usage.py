@@ -1,0 +1,240 @@
+"""Usage accounting per client per UTC day: totals in memory, deltas to the registry in batches.
+
+`UsageBook` is the in-memory half. It keeps, for every (client, day) it has seen, the
+day's totals (what `tokens_used` and `top_today` read, in O(1) and without SQL) and,
+separately, the increments not yet written (the deltas). A flush hands the deltas over
+(`take_deltas`) and, once they are committed, forgets them; if the write fails they are
+merged back (`restore_deltas`), so a failed flush loses nothing and a repeated flush
+never counts twice. Writing increments rather than absolute totals keeps the database
+right even for a day whose earlier totals memory never loaded.
+
+The book is not thread-safe: the Registry calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import date
+from typing import Any
+
+DAY_SECONDS = 86400
+_EPOCH = date(1970, 1, 1).toordinal()
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+# Days are counted as whole UTC days since the epoch in memory, and written as YYYY-MM-DD.
+Key = tuple[str, int]  # (client id, day number)
+
+# The tables of schema version 2 (registry.MIGRATIONS); never edit once shipped.
+SCHEMA_V2 = (
+    """
+    CREATE TABLE usage (
+        client_id TEXT NOT NULL,
+        day TEXT NOT NULL,  -- the UTC day, YYYY-MM-DD
+        requests INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (client_id, day)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX usage_day ON usage (day)",
+)
+
+UPSERT_SQL = (
+    "INSERT INTO usage (client_id, day, requests, errors, input_tokens, output_tokens, "
+    "cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (client_id, day) DO UPDATE SET "
+    "requests = requests + excluded.requests, "
+    "errors = errors + excluded.errors, "
+    "input_tokens = input_tokens + excluded.input_tokens, "
+    "output_tokens = output_tokens + excluded.output_tokens, "
+    "cost_usd = cost_usd + excluded.cost_usd"
+)
+
+LOAD_DAY_SQL = (
+    "SELECT client_id, day, requests, errors, input_tokens, output_tokens, cost_usd "
+    "FROM usage WHERE day = ?"
+)
+
+
+def select_totals_sql(n_ids: int | None) -> str:
+    """Per-client sums over days >= ?; restricted to `n_ids` client ids when given."""
+    where = "day >= ?"
+    if n_ids is not None:
+        where += f" AND client_id IN ({', '.join('?' * n_ids)})"
+    return (
+        "SELECT client_id, SUM(requests), SUM(errors), SUM(input_tokens), "  # noqa: S608
+        f"SUM(output_tokens), SUM(cost_usd) FROM usage WHERE {where} GROUP BY client_id"
+    )
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One client's usage over a span of days (or today)."""
+
+    client_id: str
+    name: str
+    requests: int  # every call served to the client, failed ones included
+    errors: int  # the calls among `requests` that ended in an error
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float  # 0.0 where no price is configured
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Counts:
+    requests: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, other: Counts) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cost_usd += other.cost_usd
+
+    def row(self, client_id: str, name: str) -> UsageRow:
+        return UsageRow(
+            client_id=client_id,
+            name=name,
+            requests=self.requests,
+            errors=self.errors,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cost_usd=self.cost_usd,
+        )
+
+
+def day_number(now: int) -> int:
+    return now // DAY_SECONDS
+
+
+def day_text(number: int) -> str:
+    return date.fromordinal(_EPOCH + number).isoformat()
+
+
+def parse_day(text: str) -> int:
+    """The day number of a YYYY-MM-DD date; ValueError if it is not one."""
+    if not _DAY.fullmatch(text):
+        raise ValueError(text)
+    return date.fromisoformat(text).toordinal() - _EPOCH
+
+
+def day_of(now: int) -> str:
+    """The UTC day of a unix time, as YYYY-MM-DD (the `day` column)."""
+    return day_text(day_number(now))
+
+
+def sort_rows(rows: Iterable[UsageRow]) -> list[UsageRow]:
+    """Most expensive first, then the busiest; name and id make the order total."""
+    return sorted(rows, key=lambda r: (-r.cost_usd, -r.requests, r.name, r.client_id))
+
+
+class UsageBook:
+    def __init__(self) -> None:
+        self._totals: dict[Key, Counts] = {}
+        self._deltas: dict[Key, Counts] = {}
+        self._latest_day = 0  # the newest day seen, for pruning
+
+    def load(self, rows: Iterable[Sequence[Any]], now: int) -> None:
+        """Take the persisted totals of the rows (LOAD_DAY_SQL's columns) as memory's."""
+        self._latest_day = max(self._latest_day, day_number(now))
+        for client_id, day, requests, errors, tokens_in, tokens_out, cost in rows:
+            key = (client_id, parse_day(day))
+            self._totals[key] = Counts(requests, errors, tokens_in, tokens_out, cost)
+
+    def record(
+        self,
+        client_id: str,
+        now: int,
+        error: bool,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        cost_usd: float | None,
+    ) -> None:
+        number = day_number(now)
+        self._latest_day = max(self._latest_day, number)
+        call = Counts(
+            requests=1,
+            errors=1 if error else 0,
+            input_tokens=_count(input_tokens),
+            output_tokens=_count(output_tokens),
+            cost_usd=_cost(cost_usd),
+        )
+        key = (client_id, number)
+        self._totals.setdefault(key, Counts()).add(call)
+        self._deltas.setdefault(key, Counts()).add(call)
+
+    def tokens_used(self, client_id: str, now: int) -> int:
+        counts = self._totals.get((client_id, day_number(now)))
+        return 0 if counts is None else counts.input_tokens + counts.output_tokens
+
+    def day_totals(self, now: int) -> list[tuple[str, Counts]]:
+        """Copies of every client's totals for the UTC day of `now`."""
+        number = day_number(now)
+        return [
+            (client_id, Counts(**asdict(counts)))
+            for (client_id, day), counts in self._totals.items()
+            if day == number
+        ]
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._deltas)
+
+    def take_deltas(self) -> dict[Key, Counts]:
+        """Hand over the unwritten increments; memory forgets them until `restore_deltas`."""
+        deltas, self._deltas = self._deltas, {}
+        return deltas
+
+    def restore_deltas(self, deltas: dict[Key, Counts]) -> None:
+        """Put back increments whose write failed, merged with any counted since."""
+        for key, counts in deltas.items():
+            self._deltas.setdefault(key, Counts()).add(counts)
+
+    def prune(self) -> None:
+        """Forget the totals of days before yesterday (they are on disk; nothing reads them)."""
+        oldest = self._latest_day - 1
+        for key in [k for k in self._totals if k[1] < oldest and k not in self._deltas]:
+            del self._totals[key]
+
+
+def delta_rows(deltas: dict[Key, Counts]) -> list[tuple[Any, ...]]:
+    """UPSERT_SQL parameters for the deltas."""
+    return [
+        (
+            client_id,
+            day_text(number),
+            c.requests,
+            c.errors,
+            c.input_tokens,
+            c.output_tokens,
+            c.cost_usd,
+        )
+        for (client_id, number), c in deltas.items()
+    ]
+
+
+def _count(value: int | None) -> int:
+    # The hot path never raises over a provider's odd usage report: it counts nothing.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value
+
+
+def _cost(value: float | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    if not math.isfinite(value) or value < 0:
+        return 0.0
+    return float(value)
