@@ -100,12 +100,46 @@ class Executor:
         schema: dict[str, Any] | None,
     ) -> Outcome:
         """The whole reply at once."""
-        chunks: list[str] = []
         outcome = Outcome(entry.model_id)
-        async for chunk in self.stream(entry, system_fragments, user_fragments, schema, outcome):
-            chunks.append(chunk)
-        outcome.text = "".join(chunks)
+        if entry.async_model is None:
+            chunks = [
+                chunk
+                async for chunk in self.stream(
+                    entry, system_fragments, user_fragments, schema, outcome
+                )
+            ]
+            outcome.text = "".join(chunks)
+            return outcome
+        # The async path without generator layers: this is the hot path of Execute.
+        self._check_schema(entry, schema)
+        started = time.monotonic()
+        try:
+            response = entry.async_model.prompt(
+                None,
+                fragments=user_fragments,
+                system_fragments=system_fragments,
+                schema=schema,
+                stream=False,
+            )
+            outcome.text = await response.text()
+            usage = await response.usage()
+        except ModelFailure:
+            raise
+        except Exception as e:
+            raise classify(e, entry.model_id, self.redact) from e
+        finally:
+            outcome.duration_ms = int((time.monotonic() - started) * 1000)
+        outcome.input_tokens, outcome.output_tokens = usage.input, usage.output
         return outcome
+
+    @staticmethod
+    def _check_schema(entry: CatalogueEntry, schema: dict[str, Any] | None) -> None:
+        if schema is not None and not entry.supports_schema:
+            raise ModelFailure(
+                ErrorCode.SCHEMA_NOT_SUPPORTED,
+                f"model '{entry.model_id}' cannot follow a response schema; "
+                "choose a model that supports schemas or send the request without one",
+            )
 
     async def stream(
         self,
@@ -120,12 +154,7 @@ class Executor:
         The caller owns the deadline: a timeout around the consumer cancels the
         provider call through this generator's close.
         """
-        if schema is not None and not entry.supports_schema:
-            raise ModelFailure(
-                ErrorCode.SCHEMA_NOT_SUPPORTED,
-                f"model '{entry.model_id}' cannot follow a response schema; "
-                "choose a model that supports schemas or send the request without one",
-            )
+        self._check_schema(entry, schema)
         kwargs: dict[str, Any] = {
             "fragments": list(user_fragments),
             "system_fragments": list(system_fragments),

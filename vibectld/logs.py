@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 import structlog
@@ -62,6 +63,22 @@ def _journal_entry(_: Any, method: str, event: dict[str, Any]) -> bytes:
     return journal.encode(fields)
 
 
+class _Second:
+    """The ISO-8601 text of the current second, formatted once per second."""
+
+    second = -1
+    text = ""
+
+
+def _utc_timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
+    second = int(now)
+    if second != _Second.second:
+        _Second.second, _Second.text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+    event["timestamp"] = f"{_Second.text}.{int((now - second) * 1000):03d}Z"
+    return event
+
+
 def resolve_format(fmt: str, stream: TextIO) -> str:
     if fmt != "auto":
         return fmt
@@ -113,7 +130,7 @@ def configure(
         renderer = [_priority_prefix, structlog.processors.format_exc_info, _journal_line]
     elif chosen == "json":
         renderer = [
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _utc_timestamp,
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(),
         ]
@@ -126,6 +143,7 @@ def configure(
         processors=shared + renderer,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=factory,
-        cache_logger_on_first_use=False,
+        # Loggers are built once: per-call construction costs more than the record.
+        cache_logger_on_first_use=True,
     )
     return chosen

@@ -49,6 +49,8 @@ class Metrics:
             ["client", "model", "direction"],
             registry=r,
         )
+        # Labelled children, looked up once: .labels() costs more than the increment.
+        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
         self._server: Any = None
         # The bound port of the HTTP endpoint, once serving.
         self.port: int | None = None
@@ -63,12 +65,23 @@ class Metrics:
         input_tokens: int | None,
         output_tokens: int | None,
     ) -> None:
-        self.requests.labels(client, model, outcome).inc()
-        self.duration.labels(model).observe(seconds)
+        key = (client, model, outcome)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(client, model, outcome),
+                self.duration.labels(model),
+                self.tokens.labels(client, model, "input"),
+                self.tokens.labels(client, model, "output"),
+            )
+            self._children[key] = children
+        requests, duration, tokens_in, tokens_out = children
+        requests.inc()
+        duration.observe(seconds)
         if input_tokens:
-            self.tokens.labels(client, model, "input").inc(input_tokens)
+            tokens_in.inc(input_tokens)
         if output_tokens:
-            self.tokens.labels(client, model, "output").inc(output_tokens)
+            tokens_out.inc(output_tokens)
 
     def serve(self, listen: str) -> int:
         """Start the HTTP endpoint; returns the bound port."""

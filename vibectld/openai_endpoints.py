@@ -9,6 +9,7 @@ package's retries off, so a provider refusal comes back at once, as itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,6 +58,13 @@ class PooledAsyncChat(_Pooled, AsyncChat):  # type: ignore[misc]
     pass
 
 
+def key_env_var(key_name: str | None) -> str | None:
+    """The environment variable for an endpoint's key: gpu-box -> GPU_BOX_API_KEY."""
+    if key_name is None:
+        return None
+    return re.sub(r"[^A-Z0-9]", "_", key_name.upper()) + "_API_KEY"
+
+
 class OpenAICompatiblePlugin:
     """Registers one sync and one async model per configured endpoint."""
 
@@ -78,7 +86,7 @@ class OpenAICompatiblePlugin:
                 # None: the endpoint takes no key. The classes' defaults would
                 # demand, and fall back to, the operator's OpenAI key.
                 model.needs_key = ep.api_key_name
-                model.key_env_var = None
+                model.key_env_var = key_env_var(ep.api_key_name)
             register(sync_model, async_model)
 
 

@@ -148,22 +148,38 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
     def _done(
         self, call: _Call, request_id: str, status: str, outcome: Outcome | None = None
     ) -> None:
+        """Price the call now (the reply carries it); count and log it just after."""
+        seconds = time.monotonic() - call.started
+        if outcome is not None:
+            outcome.cost_usd = self.rt.cost_usd(
+                outcome.model_id, outcome.input_tokens, outcome.output_tokens
+            )
+        # Accounting never sits on the request's critical path: it runs on the
+        # loop's next turn, after the reply has been handed to gRPC.
+        asyncio.get_running_loop().call_soon(
+            self._record, call, request_id, status, outcome, seconds
+        )
+
+    def _record(
+        self,
+        call: _Call,
+        request_id: str,
+        status: str,
+        outcome: Outcome | None,
+        seconds: float,
+    ) -> None:
         rt = self.rt
         model = call.entry.model_id if call.entry else "-"
         tokens_in = outcome.input_tokens if outcome else None
         tokens_out = outcome.output_tokens if outcome else None
-        cost = rt.cost_usd(model, tokens_in, tokens_out)
-        if outcome is not None:
-            outcome.cost_usd = cost
         rt.registry.record_call(
             call.client.id,
             now=int(time.time()),
             error=status != "ok",
             input_tokens=tokens_in,
             output_tokens=tokens_out,
-            cost_usd=cost,
+            cost_usd=outcome.cost_usd if outcome else None,
         )
-        seconds = time.monotonic() - call.started
         rt.metrics.observe_call(call.client.name, model, status, seconds, tokens_in, tokens_out)
         log.info(
             "request",
@@ -172,8 +188,8 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             model=call.entry.model_id if call.entry else None,
             status=status,
             duration_ms=int(seconds * 1000),
-            input_tokens=outcome.input_tokens if outcome else None,
-            output_tokens=outcome.output_tokens if outcome else None,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
         )
 
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:

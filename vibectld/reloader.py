@@ -14,7 +14,6 @@ from pathlib import Path
 
 import structlog
 
-from vibectld import logs
 from vibectld.config import ConfigError, DaemonConfig, load_config
 from vibectld.models import ModelCatalogue
 from vibectld.provider_keys import ProviderKeyError, ProviderKeys
@@ -35,6 +34,8 @@ def _pin_restart_only(old: DaemonConfig, new: DaemonConfig) -> tuple[DaemonConfi
         notes.append(f"server.listen changed to {new.server.listen}: restart vibectld to apply")
     if new.admin != old.admin:
         notes.append("admin.socket/admin.group changed: restart vibectld to apply")
+    if new.logging != old.logging:
+        notes.append("logging changed: restart vibectld to apply")
     if new.metrics != old.metrics:
         notes.append("metrics.listen changed: restart vibectld to apply")
     if new.state_dir != old.state_dir:
@@ -44,6 +45,7 @@ def _pin_restart_only(old: DaemonConfig, new: DaemonConfig) -> tuple[DaemonConfi
         server=dataclasses.replace(new.server, listen=old.server.listen),
         admin=old.admin,
         metrics=old.metrics,
+        logging=old.logging,
         state_dir=old.state_dir,
     )
     return kept, notes
@@ -70,8 +72,6 @@ def reload_runtime(rt: Runtime, config_path: Path | None) -> list[str]:
     previous = rt.catalogue
     rt.config, rt.tls, rt.provider_keys, rt.catalogue = new, tls, keys, catalogue
     rt.executor.redact = keys.redact
-    if new.logging != old.logging:
-        logs.configure(new.logging.level, new.logging.format)
     rt.background(_close_later(previous, new.limits.request_timeout_seconds + 5))
     for note in notes:
         log.warning("reload.restart_needed", detail=note)

@@ -163,9 +163,8 @@ def test_execute_reaches_the_endpoint_with_its_model_name_key_and_messages(
         {"role": "system", "content": "You are a Kubernetes expert.\n\nBe brief."},
         {"role": "user", "content": "why is my pod pending?\nkubectl describe says: 0/3 nodes"},
     ]
-    # The daemon streams from the provider even for Execute, asking for usage.
-    assert sent.body["stream"] is True
-    assert sent.body["stream_options"] == {"include_usage": True}
+    # Execute asks the provider for the whole reply at once; usage comes with it.
+    assert not sent.body.get("stream")
 
     metrics = reply.success.metrics
     assert metrics.input_tokens == 17  # words in both messages, as the fake counts them

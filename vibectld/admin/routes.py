@@ -245,7 +245,8 @@ def build_routes(
         return _client_json(record, int(time.time()))
 
     async def usage(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        since = _since(args, "1d")
+        # Without --since: today (UTC) only.
+        since = _since(args, "1d") if args.get("since") else int(time.time())
         name = _opt_text(args, "name", 200)
         try:
             rows = rt.registry.usage(since_day=utc_day(since), name_or_id=name)
