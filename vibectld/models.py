@@ -17,7 +17,12 @@ import structlog
 from llm.plugins import pm
 
 from vibectld.config import ModelsConfig, OpenAICompatibleModel
-from vibectld.openai_endpoints import PLUGIN_NAME, OpenAICompatiblePlugin, close_clients
+from vibectld.openai_endpoints import (
+    PLUGIN_NAME,
+    OpenAICompatiblePlugin,
+    close_clients,
+    pool_clients,
+)
 from vibectld.provider_keys import ProviderKeys
 
 log = structlog.get_logger("vibectld.models")
@@ -99,6 +104,9 @@ class ModelCatalogue:
                 for m in (mwa.model, mwa.async_model):
                     if m is not None:
                         m.key = key
+            for m in (mwa.model, mwa.async_model):
+                if m is not None:
+                    pool_clients(m)
             offered[model_id] = CatalogueEntry(
                 model_id=model_id,
                 provider=_provider(model),

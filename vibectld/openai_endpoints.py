@@ -9,6 +9,7 @@ package's retries off, so a provider refusal comes back at once, as itself.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -37,7 +38,9 @@ class _ClientPool:
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
-            await client.close()
+            closed = client.close()
+            if inspect.isawaitable(closed):
+                await closed
 
 
 class _Pooled:
@@ -56,6 +59,25 @@ class PooledChat(_Pooled, Chat):  # type: ignore[misc]
 
 class PooledAsyncChat(_Pooled, AsyncChat):  # type: ignore[misc]
     pass
+
+
+def pool_clients(model: Any) -> None:
+    """Give one of llm's stock OpenAI models (built by llm itself) the same pooled clients.
+
+    llm constructs these instances in its own plugin; rather than re-create
+    them with every constructor option they were given, the instance's
+    get_client is wrapped, which changes nothing but where the client comes from.
+    """
+    if isinstance(model, _Pooled) or not callable(getattr(model, "get_client", None)):
+        return
+    original = model.get_client
+    pool = _ClientPool()
+
+    def get_client(key: Any, *, async_: bool = False) -> Any:
+        return pool.get(key, async_, lambda: original(key, async_=async_))
+
+    model.get_client = get_client
+    model.pool = pool
 
 
 def key_env_var(key_name: str | None) -> str | None:

@@ -366,6 +366,26 @@ def test_connections_to_the_endpoint_are_reused(proxy: Proxy) -> None:
     assert len(ports) == 1, f"{len(ports)} connections for 3 sequential requests"
 
 
+def test_llms_stock_openai_models_reuse_connections_too(
+    start_daemon: Callable[..., RunningDaemon],
+    fake: FakeOpenAI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """llm's own gpt-4o-mini, pointed at the fake with the openai package's OPENAI_BASE_URL."""
+    monkeypatch.setenv("OPENAI_BASE_URL", fake.api_base)
+    put_key(tmp_path / "state", name="openai", value="sk-stock-openai-key-0042")
+    daemon = start_daemon(state_dir=tmp_path / "state", models={"allowed": ["gpt-4o-mini"]})
+    secret = daemon.issue("alice")
+    stub = daemon.stub()
+    for _ in range(3):
+        reply = stub.Execute(request("hi", model="gpt-4o-mini"), metadata=auth(secret), timeout=30)
+        assert reply.success.response_text == "Hello from the fake endpoint."
+    sent = fake.chat_requests()
+    assert len(sent) == 3 and {r.authorization for r in sent} == {"Bearer sk-stock-openai-key-0042"}
+    assert len({r.client_port for r in sent}) == 1, "one connection for 3 sequential requests"
+
+
 # -- keys ------------------------------------------------------------------------
 
 
