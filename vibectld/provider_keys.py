@@ -21,10 +21,11 @@ class ProviderKeys:
 
     def __init__(
         self,
-        directories: Iterable[Path],
+        directories: Iterable[Path | tuple[Path, str]],
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self._directories = [d for d in directories if d is not None]
+        # Each source is a directory and a file-name prefix ("" for most).
+        self._sources = [d if isinstance(d, tuple) else (d, "") for d in directories]
         self._environ = os.environ if environ is None else environ
         self._cache: dict[tuple[str, str | None], str | None] = {}
 
@@ -33,9 +34,12 @@ class ProviderKeys:
         cls, config_dir: Path | None, state_dir: Path, environ: Mapping[str, str] | None = None
     ) -> ProviderKeys:
         env = os.environ if environ is None else environ
-        dirs: list[Path] = []
+        dirs: list[Path | tuple[Path, str]] = []
         if env.get("CREDENTIALS_DIRECTORY"):
-            dirs.append(Path(env["CREDENTIALS_DIRECTORY"]))
+            credentials = Path(env["CREDENTIALS_DIRECTORY"])
+            # LoadCredential=openai:FILE gives "openai"; the unit's
+            # LoadCredential=keys:/etc/vibectld/keys gives "keys_openai".
+            dirs += [credentials, (credentials, "keys_")]
         if config_dir is not None:
             dirs.append(config_dir / "keys")
         dirs.append(state_dir / "keys")
@@ -50,15 +54,16 @@ class ProviderKeys:
 
     def _find(self, name: str, env_var: str | None) -> str | None:
         if _KEY_NAME.fullmatch(name):
-            for directory in self._directories:
+            for directory, prefix in self._sources:
+                path = directory / f"{prefix}{name}"
                 try:
-                    value = (directory / name).read_text(encoding="utf-8").strip()
+                    value = path.read_text(encoding="utf-8").strip()
                 except (FileNotFoundError, NotADirectoryError):
                     continue
                 except OSError as e:
                     # An unreadable key file is an operator mistake worth failing loudly on.
                     raise ProviderKeyError(
-                        f"cannot read provider key file {directory / name}: {e.strerror}; "
+                        f"cannot read provider key file {path}: {e.strerror}; "
                         "make it readable by the vibectld user (mode 0600, owned by it)"
                     ) from None
                 if value:

@@ -53,6 +53,15 @@ def test_lookup_order_credentials_then_config_dir_then_state_dir_then_env(
     assert layout.keys(**env).get("gpu", ENV_VAR) == "from-systemd-credentials"
 
 
+def test_credentials_loaded_from_the_units_keys_directory(layout: Layout) -> None:
+    """LoadCredential=keys:/etc/vibectld/keys names each file's credential keys_<file>."""
+    write_key(layout.credentials, "keys_openai", "from-the-keys-directory-credential")
+    write_key(layout.state_dir / "keys", "openai", "from-the-state-dir")
+    assert layout.keys().get("openai") == "from-the-keys-directory-credential"
+    write_key(layout.credentials, "openai", "from-a-per-key-credential")
+    assert layout.keys().get("openai") == "from-a-per-key-credential"
+
+
 def test_without_credentials_directory_or_config_dir(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     write_key(state_dir / "keys", "gpu", "from-the-state-dir")
