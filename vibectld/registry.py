@@ -19,21 +19,43 @@ The registry holds a secret's metadata only, never the secret.
 from __future__ import annotations
 
 import builtins
-import enum
-import json
-import os
-import re
 import secrets
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from vibectld import audit_log, usage
 from vibectld.audit_log import AuditEntry
+from vibectld.registry_schema import (
+    _COLUMNS,
+    _LIST_HINT,
+    _NAME,
+    MAX_LIMIT,
+    MIGRATIONS,
+    NAME_RULE,
+    SCHEMA_VERSION,
+    UNSET,
+    AlreadyRevoked,
+    ClientNotFound,
+    ClientRecord,
+    DuplicateClient,
+    RegistryError,
+    Unset,
+    _check_limit,
+    _check_models,
+    _check_note,
+    _db_row,
+    _iso,
+    _models_json,
+    _now,
+    _prepare_file,
+    _quote,
+    _record,
+    migrate,
+)
 from vibectld.usage import UsageRow
 
 __all__ = [
@@ -53,138 +75,6 @@ __all__ = [
     "UsageRow",
     "migrate",
 ]
-
-NAME_RULE = (
-    "a client name is 1 to 64 characters: letters, digits, '.', '_', '@' and '-', "
-    "starting with a letter or digit"
-)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-_LIST_HINT = "list them with: vibectl-admin list-clients --all"
-MAX_LIMIT = 1_000_000_000  # larger limits are typing mistakes, not policies
-MAX_NOTE = 1000
-
-
-class Unset(enum.Enum):
-    """The type of UNSET: "leave this field as it is" in `Registry.update`."""
-
-    UNSET = "UNSET"
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Final = Unset.UNSET
-
-_COLUMNS = (
-    "id, name, created_at, expires_at, issued_by, note, models, rpm, concurrency, "
-    "tokens_per_day, revoked_at, revoked_by, revoke_reason, last_seen_at, requests"
-)
-
-
-class RegistryError(Exception):
-    """A registry operation failed; the message says why and what to do."""
-
-
-class ClientNotFound(RegistryError):
-    pass
-
-
-class DuplicateClient(RegistryError):
-    pass
-
-
-class AlreadyRevoked(RegistryError):
-    pass
-
-
-@dataclass(frozen=True)
-class ClientRecord:
-    id: str  # the secret's jti
-    name: str
-    created_at: int
-    expires_at: int
-    issued_by: str
-    note: str | None = None
-    models: tuple[str, ...] | None = None  # None: every model the server allows
-    rpm: int | None = None  # None (for each limit): the configured default
-    concurrency: int | None = None
-    tokens_per_day: int | None = None
-    revoked_at: int | None = None
-    revoked_by: str | None = None
-    revoke_reason: str | None = None
-    last_seen_at: int | None = None
-    requests: int = 0
-
-    def status(self, now: int) -> str:
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at <= now:
-            return "expired"
-        return "active"
-
-    def to_dict(self, now: int) -> dict[str, Any]:
-        data = asdict(self)
-        data["models"] = list(self.models) if self.models is not None else None
-        data["status"] = self.status(now)
-        return data
-
-
-def _migrate_v1(db: sqlite3.Connection) -> None:
-    db.execute(
-        """
-        CREATE TABLE clients (
-            id TEXT PRIMARY KEY NOT NULL,
-            name TEXT NOT NULL,
-            created_at INTEGER NOT NULL,
-            expires_at INTEGER NOT NULL,
-            issued_by TEXT NOT NULL,
-            note TEXT,
-            models TEXT,  -- a JSON list of model names, or NULL for the server's list
-            rpm INTEGER,
-            concurrency INTEGER,
-            tokens_per_day INTEGER,
-            revoked_at INTEGER,
-            revoked_by TEXT,
-            revoke_reason TEXT,
-            last_seen_at INTEGER,
-            requests INTEGER NOT NULL DEFAULT 0
-        )
-        """
-    )
-    db.execute("CREATE INDEX clients_name ON clients (name)")
-
-
-def _migrate_v2(db: sqlite3.Connection) -> None:
-    for sql in usage.SCHEMA_V2 + audit_log.SCHEMA_V2:
-        db.execute(sql)
-    # Who changed a client's limits last; the audit table has the full history.
-    db.execute("ALTER TABLE clients ADD COLUMN updated_at INTEGER")
-    db.execute("ALTER TABLE clients ADD COLUMN updated_by TEXT")
-
-
-# MIGRATIONS[i] takes the schema from version i to i + 1. Append; never edit a shipped one.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_v1, _migrate_v2)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema up to SCHEMA_VERSION, one transaction per step."""
-    (version,) = db.execute("PRAGMA user_version").fetchone()
-    if version > SCHEMA_VERSION:
-        raise RegistryError(
-            f"{path} has schema version {version}, newer than this vibectld knows "
-            f"({SCHEMA_VERSION}); run the newer vibectld, or restore a backup of the file"
-        )
-    for step in range(version, SCHEMA_VERSION):
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            MIGRATIONS[step](db)
-            # user_version is part of the database header, so it commits with the step.
-            db.execute(f"PRAGMA user_version = {step + 1}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
 
 class Registry:
@@ -605,92 +495,3 @@ class Registry:
             return self._db.execute(sql, params).fetchall()
         except sqlite3.Error as e:
             raise RegistryError(f"cannot read the client registry {self._path}: {e}") from None
-
-
-def _prepare_file(path: Path) -> None:
-    """Create the database file 0600 before SQLite does (SQLite copies its mode to -wal/-shm)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        if os.fstat(fd).st_mode & 0o777 != 0o600:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm"):
-        sidecar = path.with_name(path.name + suffix)
-        if sidecar.exists() and sidecar.stat().st_mode & 0o777 != 0o600:
-            os.chmod(sidecar, 0o600)
-
-
-def _record(row: Sequence[Any]) -> ClientRecord:
-    models = json.loads(row[6]) if row[6] is not None else None
-    return ClientRecord(
-        id=row[0],
-        name=row[1],
-        created_at=row[2],
-        expires_at=row[3],
-        issued_by=row[4],
-        note=row[5],
-        models=tuple(models) if models is not None else None,
-        rpm=row[7],
-        concurrency=row[8],
-        tokens_per_day=row[9],
-        revoked_at=row[10],
-        revoked_by=row[11],
-        revoke_reason=row[12],
-        last_seen_at=row[13],
-        requests=row[14],
-    )
-
-
-def _check_limit(label: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
-        got = f", not {value}" if isinstance(value, int) and not isinstance(value, bool) else ""
-        raise RegistryError(f"{label} must be a whole number from 1 to {MAX_LIMIT}{got}")
-    return value
-
-
-def _check_models(models: object) -> tuple[str, ...] | None:
-    if models is None:
-        return None
-    if not isinstance(models, list | tuple) or not all(isinstance(m, str) and m for m in models):
-        raise RegistryError("models must be a list of non-empty model names")
-    if not models:
-        raise RegistryError(
-            "models must name at least one model; leave it out (or clear it) to allow every "
-            "model the server offers"
-        )
-    return tuple(dict.fromkeys(models))  # in order, without repeats
-
-
-def _check_note(note: object) -> str | None:
-    if note is not None and (not isinstance(note, str) or len(note) > MAX_NOTE):
-        raise RegistryError(f"the note must be a text of at most {MAX_NOTE} characters")
-    return note
-
-
-def _db_row(record: ClientRecord) -> tuple[Any, ...]:
-    """The record's values in _COLUMNS order (the dataclass's field order)."""
-    values = [getattr(record, f.name) for f in fields(ClientRecord)]
-    values[6] = _models_json(record.models)
-    return tuple(values)
-
-
-def _models_json(models: tuple[str, ...] | None) -> str | None:
-    return json.dumps(list(models)) if models is not None else None
-
-
-def _now(now: int | None) -> int:
-    return int(time.time()) if now is None else now
-
-
-def _quote(text: str) -> str:
-    # Nothing valid is longer than 64 characters; longer input may be a pasted secret,
-    # which must not end up in an error message or the audit log.
-    return repr(text) if len(text) <= 64 else "(a value too long to be a name or id)"
-
-
-def _iso(ts: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))

@@ -17,8 +17,8 @@ from vibectld.registry import (
     Registry,
     RegistryError,
     UsageRow,
-    _migrate_v1,
 )
+from vibectld.registry_schema import _migrate_v1
 from vibectld.usage import day_of
 
 NOW = 1_800_000_000  # 2027-01-15 08:00:00 UTC
