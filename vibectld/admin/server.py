@@ -324,7 +324,9 @@ class AdminServer:
             result = await route.handler(caller, req.args)
             response = protocol.encode_result(req.id, result)
         except AdminError as e:
-            self._log(caller, req, route, f"failed:{e.code}")
+            self._log(
+                caller, req, route, "failed" if e.code == ErrorCode.FAILED else f"failed:{e.code}"
+            )
             return protocol.encode_error(req.id, e.code, e.message)
         except Exception:
             structlog.get_logger("vibectld.admin").exception("admin.handler_crashed", op=req.op)
