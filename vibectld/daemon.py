@@ -37,6 +37,9 @@ log = structlog.get_logger("vibectld")
 
 SERVICE_NAME = "vibectl.llm_proxy.VibectlLLMProxy"
 FLUSH_INTERVAL_SECONDS = 2.0
+# How long arrivals must pause before the server stops, and the most a drain may take.
+DRAIN_QUIET_SECONDS = 0.1
+DRAIN_MAX_SECONDS = 1.0
 
 
 class StartupError(Exception):
@@ -277,6 +280,7 @@ class Daemon:
         log.info("stopping", grace_seconds=grace)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        await self._drain()
         if self._admin is not None:
             await self._admin.close()
         if self._grpc is not None:
@@ -297,6 +301,22 @@ class Daemon:
                     "registry.close_failed", error=str(e), hint="recent usage counts were lost"
                 )
         log.info("stopped")
+
+    async def _drain(self) -> None:
+        """Answer calls that gRPC has queued but not yet handed over with UNAVAILABLE.
+
+        grpc.aio hands a handler one waiting call per method at a time; stopping the
+        server drops the rest with CANCELLED, which clients cannot tell from their own
+        cancellation. Refusing them first gives every one a status that says "retry".
+        """
+        if self.runtime is None:
+            return
+        self.runtime.draining = True
+        deadline = time.monotonic() + DRAIN_MAX_SECONDS
+        while time.monotonic() < deadline:
+            if time.monotonic() - self.runtime.last_arrival >= DRAIN_QUIET_SECONDS:
+                break
+            await asyncio.sleep(0.02)
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop."""

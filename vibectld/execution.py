@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -148,7 +148,7 @@ class Executor:
         user_fragments: list[str],
         schema: dict[str, Any] | None,
         outcome: Outcome,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Yield text as it arrives; fill `outcome` with usage when the reply is complete.
 
         The caller owns the deadline: a timeout around the consumer cancels the

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -22,7 +22,14 @@ from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.execution import ErrorCode, ModelFailure, Outcome
 from vibectld.limits import check_token_budget
 from vibectld.models import CatalogueEntry, UnknownModel
-from vibectld.refusals import CallRefused, InvalidRequest, PermissionDenied, Unauthenticated, abort
+from vibectld.refusals import (
+    CallRefused,
+    InvalidRequest,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    abort,
+)
 from vibectld.registry import ClientRecord
 from vibectld.runtime import Runtime
 from vibectld.version import __version__
@@ -77,6 +84,9 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
 
     def _prepare(self, request: pb.ExecuteRequest, context: Any) -> _Call:
         rt = self.rt
+        rt.last_arrival = time.monotonic()
+        if rt.draining:
+            raise Unavailable("vibectld is shutting down; retry in a moment")
         client = rt.auth.authenticate(rt, context.invocation_metadata())
         config = rt.config
         size = request.ByteSize()
@@ -235,37 +245,47 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         self.rt.metrics.refusals.labels(reason).inc()
         await abort(context, refusal)
 
-    async def StreamExecute(
-        self, request: pb.ExecuteRequest, context: Any
-    ) -> AsyncIterator[pb.StreamChunk]:
+    async def StreamExecute(self, request: pb.ExecuteRequest, context: Any) -> None:
+        # Written with context.write, not as a generator: a cancellation (revocation,
+        # deadline) then lands in this coroutine even while gRPC is busy writing.
         request_id = request.request_id or uuid.uuid4().hex
         try:
             call = self._prepare(request, context)
             if call.failure is not None:
                 self._done(call, request_id, call.failure.code)
-                yield pb.StreamChunk(request_id=request_id, error=_error(call.failure))
+                await context.write(
+                    pb.StreamChunk(request_id=request_id, error=_error(call.failure))
+                )
                 return
             assert call.entry is not None
             with self._admitted(call):
                 outcome = Outcome(call.entry.model_id)
                 try:
                     async with asyncio.timeout(call.timeout):
-                        async for text in self.rt.executor.stream(
+                        chunks = self.rt.executor.stream(
                             call.entry,
                             list(request.system_fragments),
                             list(request.user_fragments),
                             call.schema,
                             outcome,
-                        ):
-                            yield pb.StreamChunk(request_id=request_id, text_chunk=text)
+                        )
+                        try:
+                            async for text in chunks:
+                                await context.write(
+                                    pb.StreamChunk(request_id=request_id, text_chunk=text)
+                                )
+                        finally:
+                            await chunks.aclose()
                 except ModelFailure as failure:
                     self._done(call, request_id, failure.code, outcome)
-                    yield pb.StreamChunk(request_id=request_id, error=_error(failure))
+                    await context.write(
+                        pb.StreamChunk(request_id=request_id, error=_error(failure))
+                    )
                     return
                 except TimeoutError:
                     late = _timed_out(call)
                     self._done(call, request_id, late.code, outcome)
-                    yield pb.StreamChunk(request_id=request_id, error=_error(late))
+                    await context.write(pb.StreamChunk(request_id=request_id, error=_error(late)))
                     return
                 except asyncio.CancelledError:
                     if self._revoked_now():
@@ -273,8 +293,10 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
                     raise
             self._done(call, request_id, "ok", outcome)
             complete = pb.StreamComplete(actual_model_used=outcome.model_id)
-            yield pb.StreamChunk(request_id=request_id, complete=complete)
-            yield pb.StreamChunk(request_id=request_id, final_metrics=_metrics(outcome))
+            await context.write(pb.StreamChunk(request_id=request_id, complete=complete))
+            await context.write(
+                pb.StreamChunk(request_id=request_id, final_metrics=_metrics(outcome))
+            )
         except CallRefused as refusal:
             await self._refuse(context, refusal)
 

@@ -43,6 +43,10 @@ class Runtime:
     # The address the gRPC port is really bound to (port 0 resolved).
     grpc_address: str = ""
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Set when shutting down: new calls are refused with a retryable UNAVAILABLE.
+    draining: bool = False
+    # time.monotonic() of the last call that arrived, to know when arrivals stop.
+    last_arrival: float = 0.0
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` as a task the runtime keeps a reference to until it ends."""
