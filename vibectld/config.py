@@ -6,7 +6,9 @@ TLS context. Every error names the dotted key and what is wrong with it.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -208,10 +210,22 @@ def _opt_int(key: str, v: Any) -> int | None:
     return None if v is None else _int(key, v)
 
 
+def _finite(v: Any) -> float | None:
+    """`v` as a finite float, or None when it is not a plain number that fits one."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        number = float(v)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _seconds(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+    number = _finite(v)
+    if number is None or number < 0:
         raise ConfigError(f"{key}: must be a number of seconds (0 or more), got {v!r}")
-    return float(v)
+    return number
 
 
 def _duration(key: str, v: Any) -> int:
@@ -249,7 +263,7 @@ def _choice(*choices: str) -> Callable[[str, Any], str]:
 def _listen(key: str, v: Any) -> str:
     text = _str(key, v)
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         raise ConfigError(f"{key}: must be HOST:PORT (e.g. 0.0.0.0:50051), got {v!r}")
     return text
 
@@ -258,7 +272,10 @@ def _public_url(key: str, v: Any) -> str | None:
     if v is None:
         return None
     text = _str(key, v)
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as e:
+        raise ConfigError(f"{key}: is not a valid URL ({e}): {v!r}") from None
     if parts.scheme not in ("vibectl-server", "vibectl-server-insecure") or not parts.hostname:
         raise ConfigError(
             f"{key}: must look like vibectl-server://HOST:PORT (the address clients use), got {v!r}"
@@ -271,11 +288,12 @@ def _public_url(key: str, v: Any) -> str | None:
 
 
 def _price(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+    number = _finite(v)
+    if number is None or number < 0:
         raise ConfigError(
             f"{key}: must be a price in USD per million tokens (0 or more), got {v!r}"
         )
-    return float(v)
+    return number
 
 
 def _prices(key: str, v: Any) -> dict[str, ModelPrice]:
@@ -436,8 +454,12 @@ def load_config(path: Path) -> DaemonConfig:
         ) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: is nested too deeply to be a vibectld config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -182,8 +182,15 @@ class Executor:
         self, entry: CatalogueEntry, kwargs: dict[str, Any], outcome: Outcome
     ) -> AsyncGenerator[str, None]:
         response = entry.async_model.prompt(None, **kwargs)
-        async for chunk in response:
-            yield chunk
+        # astream_events closes the model's own generator (and with it the provider's
+        # HTTP stream) when it is closed early, which iterating the response does not.
+        events = response.astream_events()
+        try:
+            async for event in events:
+                if event.type == "text" and event.chunk:
+                    yield event.chunk
+        finally:
+            await events.aclose()
         usage = await response.usage()
         outcome.input_tokens, outcome.output_tokens = usage.input, usage.output
 

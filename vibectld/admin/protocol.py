@@ -72,7 +72,8 @@ def decode_request(line: bytes) -> Request:
     """Parse one request line; raise ProtocolError naming what is wrong."""
     try:
         obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:
+        # ValueError covers bad JSON, bad UTF-8 and integers too long to convert.
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"request is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "request must be a JSON object")
@@ -98,7 +99,7 @@ def decode_request(line: bytes) -> Request:
 def decode_response(line: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise ProtocolError(ErrorCode.INTERNAL, f"daemon sent invalid JSON: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
         raise ProtocolError(ErrorCode.INTERNAL, "daemon sent a malformed response")

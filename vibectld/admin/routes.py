@@ -105,9 +105,11 @@ def _since(args: dict[str, Any], default: str) -> int:
     if not isinstance(text, str):
         raise AdminError(ErrorCode.BAD_REQUEST, "since must be a duration such as 7d")
     try:
-        return int(time.time()) - parse_duration(text)
+        seconds = parse_duration(text)
     except ValueError as e:
         raise AdminError(ErrorCode.BAD_REQUEST, str(e)) from None
+    # Longer ago than the epoch means "everything".
+    return max(0, int(time.time()) - seconds)
 
 
 def _who(caller: Caller) -> str:
