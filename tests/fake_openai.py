@@ -12,6 +12,11 @@ and the behaviour is set per test: latency, reply text, and faults (HTTP 500,
 mid-way). Error bodies echo the presented API key by default, like a careless
 upstream would, so tests can prove the daemon redacts it.
 
+How every streamed response and every hang ended is recorded too
+(`FakeOpenAI.response_ends`): while it waits between chunks or hangs, the fake
+watches its connection, so a client that gives up (a cancelled call) shows as
+``client_closed`` with the moment the fake saw the connection close.
+
 In a test::
 
     with FakeOpenAI(Behaviour(latency_ms=20)) as fake:
@@ -30,6 +35,7 @@ import contextlib
 import enum
 import itertools
 import json
+import select
 import signal
 import socket
 import sys
@@ -118,6 +124,36 @@ class RecordedRequest:
         return isinstance(self.body, dict) and bool(self.body.get("stream"))
 
 
+class End(enum.Enum):
+    """How a streamed response (or a hang) ended at the fake."""
+
+    # Every chunk and the end of the body were sent.
+    COMPLETE = "complete"
+    # The fake cut it on purpose (Fault.CUT).
+    CUT = "cut"
+    # The client closed the connection first (seen as EOF while waiting, or a failed write).
+    CLIENT_CLOSED = "client_closed"
+    # The fake itself was closing.
+    SERVER_CLOSING = "server_closing"
+    # A hang ran its whole `hang_seconds` without the client giving up.
+    HANG_EXPIRED = "hang_expired"
+
+
+@dataclass(frozen=True)
+class ResponseEnd:
+    """One streamed response, or one hang, and how it ended."""
+
+    # "stream" or "hang".
+    kind: str
+    model: str
+    client_port: int
+    started_at: float
+    ended_at: float
+    # Content chunks written (a hang writes none).
+    chunks_sent: int
+    end: End
+
+
 def _words(value: Any) -> int:
     if isinstance(value, str):
         return len(value.split())
@@ -130,14 +166,26 @@ class _Server(ThreadingHTTPServer):
     # Handler threads are joined on close; close() first unblocks every one of them.
     daemon_threads = False
     block_on_close = True
+    # socketserver's default backlog of 5 drops connections a burst of callers opens at
+    # once (they retry after a 1 s SYN timeout); a real endpoint accepts them.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], fake: FakeOpenAI) -> None:
         self.fake = fake
         super().__init__(address, _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that resets its connection (a cancelled call) is no error of the fake's.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as real servers (uvicorn, nginx) set it: without it the body, written
+    # after the headers, waits for the client's delayed ACK — 40 ms on every response.
+    disable_nagle_algorithm = True
     server_version = "fake-openai/1.0"
     sys_version = ""
 
@@ -202,7 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         behaviour, fault = self.fake._next(req)
         key = _bearer(req.authorization) if behaviour.echo_key else None
-        if self.fake._pause(behaviour.latency_ms / 1000):
+        if self._wait(behaviour.latency_ms / 1000) is not None:
             self._drop()
             return
         if fault is Fault.HTTP_500:
@@ -214,7 +262,9 @@ class _Handler(BaseHTTPRequestHandler):
             message = "Incorrect API key provided"
             self._error(401, "invalid_request_error", message, key, code="invalid_api_key")
         elif fault is Fault.HANG:
-            self.fake._pause(behaviour.hang_seconds)
+            started = time.monotonic()
+            why = self._wait(behaviour.hang_seconds)
+            self._ended(req, "hang", started, 0, why or End.HANG_EXPIRED)
             self._drop()
         elif req.streamed:
             self._stream(req, behaviour, fault)
@@ -259,7 +309,41 @@ class _Handler(BaseHTTPRequestHandler):
             "usage": self._usage(req, behaviour),
         }
 
+    def _wait(self, seconds: float) -> End | None:
+        """Sleep up to `seconds` watching the connection; None if nothing happened meanwhile.
+
+        Returns SERVER_CLOSING when the fake is closing, CLIENT_CLOSED as soon as
+        the client has closed (or reset) the connection.
+        """
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.fake._stop.is_set():
+                return End.SERVER_CLOSING
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                readable, _, _ = select.select([self.connection], [], [], min(remaining, 0.05))
+                peeked = self.connection.recv(1, socket.MSG_PEEK) if readable else None
+            except (OSError, ValueError):
+                return End.CLIENT_CLOSED
+            if peeked == b"":
+                return End.CLIENT_CLOSED
+            if peeked:
+                # Bytes of a next request: nothing to watch for until they are read.
+                return End.SERVER_CLOSING if self.fake._pause(remaining) else None
+
+    def _ended(
+        self, req: RecordedRequest, kind: str, started: float, chunks: int, end: End
+    ) -> None:
+        model = str(req.body.get("model")) if isinstance(req.body, dict) else ""
+        self.fake._record_end(
+            ResponseEnd(kind, model, req.client_port, started, time.monotonic(), chunks, end)
+        )
+
     def _stream(self, req: RecordedRequest, behaviour: Behaviour, fault: Fault | None) -> None:
+        started = time.monotonic()
+        sent = 0
         base = {
             "id": f"chatcmpl-fake{self.fake._serial()}",
             "object": "chat.completion.chunk",
@@ -272,12 +356,13 @@ class _Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {**base, "choices": [choice]}
 
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        end = End.COMPLETE
         try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
             if fault is Fault.MALFORMED:
                 self._event(b'{"id": "chatcmpl-broken", "choices": [{"delta": ')
                 self._event(b"[DONE]")
@@ -286,13 +371,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._event(chunk({"role": "assistant", "content": ""}))
             for i, text in enumerate(behaviour.chunks()):
                 if fault is Fault.CUT and i >= behaviour.cut_after:
+                    end = End.CUT
                     self._drop()
                     return
-                if i and self.fake._pause(behaviour.chunk_delay_ms / 1000):
+                why = self._wait(behaviour.chunk_delay_ms / 1000) if i else None
+                if why is not None:
+                    end = why
                     self._drop()
                     return
                 self._event(chunk({"content": text}))
+                sent += 1
+                self.fake._chunk_sent()
             if fault is Fault.CUT:
+                end = End.CUT
                 self._drop()
                 return
             self._event(chunk({}, "stop"))
@@ -303,7 +394,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._end_body()
         except OSError:
             # The client went away (e.g. the daemon cancelled the call).
+            end = End.CLIENT_CLOSED
             self.close_connection = True
+        finally:
+            self._ended(req, "stream", started, sent, end)
 
     def _event(self, data: dict[str, Any] | bytes) -> None:
         payload = data if isinstance(data, bytes) else json.dumps(data).encode()
@@ -389,6 +483,8 @@ class FakeOpenAI:
         # Long benchmark runs only count requests instead of keeping them.
         self._record_requests = record
         self._requests: list[RecordedRequest] = []
+        self._ends: list[ResponseEnd] = []
+        self._chunks = 0
         self._count = 0
         self._faults_served = 0
         self._serials = itertools.count(1)
@@ -466,6 +562,8 @@ class FakeOpenAI:
     def clear(self) -> None:
         with self._lock:
             self._requests.clear()
+            self._ends.clear()
+            self._chunks = 0
             self._count = 0
             self._faults_served = 0
 
@@ -474,6 +572,31 @@ class FakeOpenAI:
         while self.request_count < count and time.monotonic() < deadline:
             time.sleep(0.005)
         return self.requests
+
+    @property
+    def response_ends(self) -> list[ResponseEnd]:
+        """How each streamed response and hang ended, in the order they ended."""
+        with self._lock:
+            return list(self._ends)
+
+    def wait_for_ends(self, count: int, timeout: float = 5.0) -> list[ResponseEnd]:
+        """Wait until `count` responses have ended (or `timeout` passes); return them all."""
+        deadline = time.monotonic() + timeout
+        while len(self.response_ends) < count and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return self.response_ends
+
+    @property
+    def chunks_sent(self) -> int:
+        """Content chunks written to streams so far (since the start or the last clear())."""
+        with self._lock:
+            return self._chunks
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections the fake holds open right now."""
+        with self._lock:
+            return len(self._connections)
 
     @property
     def request_count(self) -> int:
@@ -486,6 +609,15 @@ class FakeOpenAI:
             self._count += 1
             if self._record_requests:
                 self._requests.append(req)
+
+    def _chunk_sent(self) -> None:
+        with self._lock:
+            self._chunks += 1
+
+    def _record_end(self, end: ResponseEnd) -> None:
+        if self._record_requests:
+            with self._lock:
+                self._ends.append(end)
 
     def _next(self, req: RecordedRequest) -> tuple[Behaviour, Fault | None]:
         with self._lock:
