@@ -1,146 +1,18 @@
-"""Aggregating measurements, checking the targets, and formatting the report."""
+"""The results file, the README summary table, and the machine they were measured on."""
 
 from __future__ import annotations
 
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
 from importlib import metadata
-from typing import Any
 
+from bench.common import Section, SummaryRow, md_table
 from bench.servers import REPO
 
-# The targets vibectld is held to.
-MIN_RPS_RATIO = 0.60  # of the floor's req/s, at THROUGHPUT_CALLERS callers
-THROUGHPUT_CALLERS = 16
-MAX_P50_DELTA_MS = 0.35  # over the floor's p50, at LATENCY_CALLERS caller
-LATENCY_CALLERS = 1
-
-MODE_LABEL = {"unary": "unary", "stream": "streaming"}
-HEADER = (
-    "| mode | callers | floor req/s | vibectld req/s | ratio | floor p50/p99 ms "
-    "| vibectld p50/p99 ms | p50 delta ms | first chunk p50 ms floor/vibectld "
-    "| server CPU us/req floor/vibectld | errors |"
-)
-
-
-@dataclass(frozen=True)
-class Cell:
-    """The median over repeats of one server's measurements in one configuration."""
-
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    ttfc_p50_ms: float | None
-    cpu_us_per_req: float | None
-    errors: int
-    client_cpu_util: float
-
-    @classmethod
-    def median_of(cls, results: list[dict[str, Any]]) -> Cell:
-        def med(key: str) -> float | None:
-            values = [r[key] for r in results if r.get(key) is not None]
-            return statistics.median(values) if values else None
-
-        def req(key: str) -> float:
-            value = med(key)
-            return math.nan if value is None else value
-
-        return cls(
-            rps=req("rps"),
-            p50_ms=req("p50_ms"),
-            p99_ms=req("p99_ms"),
-            ttfc_p50_ms=med("ttfc_p50_ms"),
-            cpu_us_per_req=med("server_cpu_us_per_req"),
-            errors=sum(int(r["errors"]) for r in results),
-            client_cpu_util=req("client_cpu_util"),
-        )
-
-
-@dataclass(frozen=True)
-class Row:
-    mode: str
-    callers: int
-    floor: Cell
-    vibectld: Cell
-
-    @property
-    def ratio(self) -> float:
-        return self.vibectld.rps / self.floor.rps if self.floor.rps else math.nan
-
-    @property
-    def p50_delta_ms(self) -> float:
-        return self.vibectld.p50_ms - self.floor.p50_ms
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    detail: str
-
-    def line(self) -> str:
-        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
-
-
-def _opt(value: float | None, fmt: str) -> str:
-    return "-" if value is None or math.isnan(value) else format(value, fmt)
-
-
-def table(rows: list[Row]) -> str:
-    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
-    for r in rows:
-        f, v = r.floor, r.vibectld
-        ttfc = (
-            f"{_opt(f.ttfc_p50_ms, '.3f')} / {_opt(v.ttfc_p50_ms, '.3f')}"
-            if r.mode == "stream"
-            else "-"
-        )
-        cells = [
-            MODE_LABEL[r.mode],
-            str(r.callers),
-            f"{f.rps:.0f}",
-            f"{v.rps:.0f}",
-            f"{r.ratio:.0%}",
-            f"{f.p50_ms:.3f} / {f.p99_ms:.3f}",
-            f"{v.p50_ms:.3f} / {v.p99_ms:.3f}",
-            f"{r.p50_delta_ms:+.3f}",
-            ttfc,
-            f"{_opt(f.cpu_us_per_req, '.0f')} / {_opt(v.cpu_us_per_req, '.0f')}",
-            f"{f.errors} / {v.errors}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def checks(rows: list[Row]) -> list[Check]:
-    out: list[Check] = []
-    for r in rows:
-        label = f"{MODE_LABEL[r.mode]}, {r.callers} caller{'s' if r.callers > 1 else ''}"
-        if r.callers == THROUGHPUT_CALLERS:
-            out.append(
-                Check(
-                    f"throughput ({label})",
-                    r.ratio >= MIN_RPS_RATIO,
-                    f"vibectld {r.vibectld.rps:.0f} req/s = {r.ratio:.0%} of the floor's "
-                    f"{r.floor.rps:.0f} (target >= {MIN_RPS_RATIO:.0%})",
-                )
-            )
-        if r.callers == LATENCY_CALLERS:
-            out.append(
-                Check(
-                    f"latency ({label})",
-                    r.p50_delta_ms <= MAX_P50_DELTA_MS,
-                    f"vibectld p50 {r.vibectld.p50_ms:.3f} ms = floor "
-                    f"{r.floor.p50_ms:.3f} ms {r.p50_delta_ms:+.3f} ms "
-                    f"(target <= +{MAX_P50_DELTA_MS} ms)",
-                )
-            )
-    return out
+SUMMARY_HEADER = ("area", "measure", "result", "target", "verdict")
 
 
 def _cpu_model() -> str:
@@ -169,6 +41,14 @@ def _git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def _loadavg() -> str:
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
 def machine_info() -> dict[str, str]:
     def version(dist: str) -> str:
         try:
@@ -182,32 +62,53 @@ def machine_info() -> dict[str, str]:
         "kernel": platform.release(),
         "python": sys.version.split()[0],
         "grpcio": version("grpcio"),
+        "llm": version("llm"),
+        "openai": version("openai"),
         "vibectld": version("vibectld"),
         "commit": _git_commit(),
+        "load average (1/5/15 min) at the end": _loadavg(),
     }
 
 
+def summary_table(sections: Sequence[Section]) -> str:
+    rows: list[SummaryRow] = [row for s in sections for row in s.summary]
+    return md_table(
+        SUMMARY_HEADER, [[r.area, r.measure, r.result, r.target, r.verdict] for r in rows]
+    )
+
+
 def markdown(
-    date: str, settings: str, rows: list[Row], results: list[Check], info: dict[str, str]
+    date: str,
+    settings: str,
+    sections: Sequence[Section],
+    info: dict[str, str],
+    seconds: float,
 ) -> str:
     machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
-    verdicts = "\n".join(f"- {c.line()}" for c in results)
+    body = "\n\n".join(s.text() for s in sections)
     return f"""# vibectld benchmark, {date}
 
-Closed-loop load from a separate process (`bench/load.py`) against vibectld (`echo`
-model, JSON logs at level info to a file, no limits) and against a bare grpc.aio
-server with canned replies and the same TLS certificate (`bench/floor_server.py`).
-Each number is the median of the repeats; latencies are per request, in ms.
+`make bench` (`python -m bench.run`): load from separate processes on loopback, TLS and
+secret auth on, on this machine. Each figure is the median of the repeats; ratios
+compare measurements taken in the same run, alternating. Latencies are per request.
 
-Settings: {settings}
+Settings: {settings}; the whole run took {seconds / 60:.1f} min.
 
-{table(rows)}
+## Summary
 
-## Targets
+{summary_table(sections)}
 
-{verdicts}
+{body}
 
 ## Machine
 
 {machine}
+"""
+
+
+def summary_markdown(date: str, sections: Sequence[Section]) -> str:
+    return f"""<!-- written by `make bench` (bench/run.py); paste into the README -->
+Measured {date} on a 2-core machine (`bench/results/{date}.md` has every number):
+
+{summary_table(sections)}
 """

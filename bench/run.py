@@ -1,11 +1,24 @@
-"""`make bench`: vibectld against a bare gRPC floor, on this machine.
+"""`make bench`: how vibectld performs on this machine, section by section.
 
-Starts vibectld (a temporary state directory, the `echo` model, no limits, JSON
-logs to a file) and the floor server with vibectld's own TLS certificate, then
-runs the load generator in its own process for each of (unary, streaming) x
-(1, 16 callers), against both servers, alternating which goes first, each
-measurement repeated. Prints a table and PASS/FAIL against the targets, and
-writes the table to bench/results/<date>.md.
+Sections (all by default; `--only a,b` picks some):
+
+  overhead   vibectld vs a bare grpc.aio server of the same protocol (the floor):
+             req/s and p50/p99 at 1/16/64 callers, unary and streaming, time to first chunk
+  provider   a fake OpenAI-compatible endpoint (20 ms) called raw, through the openai
+             client, through llm in-process (vibectld's pooled model and llm's stock
+             one) and through vibectld: p50/p99, req/s at 1 and 16 callers, TTFT
+  registry   throughput with 100,000 issued / 50,000 revoked clients vs 1; admin
+             issue/revoke latency at that size
+  footprint  RSS idle / after 100k / after 200k calls; start to READY=1; client cold
+             start of `vibectl ask` in proxy vs direct mode
+  isolation  a client at 10x its rpm limit next to a normal one: the normal one's p99
+
+Every load generator runs in its own process; each figure is the median of the
+repeats, and every ratio compares measurements of the same run. Each section prints
+its table and PASS/FAIL per target as it finishes; at the end a summary table is
+printed. A full run writes bench/results/<date>.md (replacing the day's file) and
+bench/results/latest-summary.md (the table for the README); a run with --only writes
+bench/results/<date>-<sections>.md instead; --quick and --no-write write nothing.
 
 Exit status: 0 when every measurement completed without errors (whatever the
 targets say, unless --strict); 1 when a measurement failed or saw errors; 3
@@ -16,138 +29,79 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-from bench.report import Cell, Row, checks, machine_info, markdown, table
-from bench.servers import REPO, BenchError, Floor, Processes, Vibectld
+from bench.common import Context, Section, Settings
+from bench.report import machine_info, markdown, summary_markdown, summary_table
+from bench.sections import footprint, isolation, overhead, provider, registry
+from bench.servers import REPO, BenchError, Processes
 
-MODES = ("unary", "stream")
-CALLERS = (1, 16)
 RESULTS_DIR = REPO / "bench" / "results"
+SECTIONS: dict[str, Callable[[Context], Section]] = {
+    "overhead": overhead.run,
+    "provider": provider.run,
+    "registry": registry.run,
+    "footprint": footprint.run,
+    "isolation": isolation.run,
+}
+TITLES = {
+    "overhead": "Overhead vs the floor",
+    "provider": "The real provider path",
+    "registry": "Scale of the registry",
+    "footprint": "Footprint",
+    "isolation": "Isolation",
+}
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def measure(
-    port: int,
-    ca: Path,
-    secret: str,
-    server_pid: int,
-    mode: str,
-    callers: int,
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    """One run of bench.load in its own process; its JSON result."""
-    argv = [
-        sys.executable, "-m", "bench.load", "--json",
-        "--port", str(port), "--ca", str(ca), "--mode", mode,
-        "--callers", str(callers), "--channels", str(args.channels),
-        "--duration", str(args.duration), "--warmup", str(args.warmup),
-        "--server-pid", str(server_pid),
-    ]  # fmt: skip
-    env = {**os.environ, "VIBECTLD_BENCH_SECRET": secret}
-    budget = args.warmup + args.duration + 60
-    try:
-        out = subprocess.run(
-            argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=budget, check=False
+def _sections(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown section(s) {', '.join(unknown) or '(none)'}; choose from "
+            f"{', '.join(SECTIONS)}"
         )
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"bench.load did not finish within {budget:.0f} s") from None
-    lines = out.stdout.strip().splitlines()
-    try:
-        result: dict[str, Any] = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise BenchError(
-            f"bench.load failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}"
-        ) from None
-    return result
+    # In the canonical order, each once.
+    return [n for n in SECTIONS if n in names]
 
 
-def run(args: argparse.Namespace, workdir: Path, sockdir: Path) -> int:
-    procs = Processes()
-    try:
-        daemon = Vibectld(procs, workdir, sockdir)
-        daemon.start()
-        floor = Floor(procs)
-        floor.start(*daemon.chain_for_floor())
-        print(
-            f"vibectld pid {daemon.pid} on 127.0.0.1:{daemon.port} (log {daemon.log_path}); "
-            f"floor pid {floor.pid} on 127.0.0.1:{floor.port}",
-            flush=True,
-        )
-        servers = {
-            "floor": (floor.port, floor.pid),
-            "vibectld": (daemon.port, daemon.pid),
-        }
-        rows: list[Row] = []
-        failed: list[str] = []
-        for mode in MODES:
-            for callers in CALLERS:
-                got: dict[str, list[dict[str, Any]]] = {"floor": [], "vibectld": []}
-                for rep in range(args.repeats):
-                    order = ["floor", "vibectld"] if rep % 2 == 0 else ["vibectld", "floor"]
-                    for name in order:
-                        port, pid = servers[name]
-                        result = measure(
-                            port, daemon.ca_path, daemon.secret, pid, mode, callers, args
-                        )
-                        got[name].append(result)
-                        print(
-                            f"  {mode:6} callers={callers:<3} rep {rep + 1} {name:8} "
-                            f"{result['rps']:8.0f} req/s  p50 {result['p50_ms']:.3f} ms  "
-                            f"p99 {result['p99_ms']:.3f} ms  errors {result['errors']}  "
-                            f"client cpu {result['client_cpu_util']:.0%}",
-                            flush=True,
-                        )
-                        if result["errors"]:
-                            print(f"    e.g. {result['error_samples'][:2]}", flush=True)
-                        if result["errors"] or not result["count"]:
-                            failed.append(
-                                f"{name} {mode} x{callers}: {result['errors']} errors, "
-                                f"{result['count']} ok; e.g. {result['error_samples'][:2]}"
-                            )
-                rows.append(
-                    Row(
-                        mode, callers, Cell.median_of(got["floor"]), Cell.median_of(got["vibectld"])
-                    )
-                )
-    finally:
-        procs.stop_all()
-
-    verdicts = checks(rows)
-    settings = (
-        f"{args.duration:g} s per measurement after {args.warmup:g} s warm-up, "
-        f"{args.repeats} repeat(s), {args.channels} channel(s) per load generator"
-    )
-    print()
-    print(table(rows))
-    print()
-    for check in verdicts:
-        print(check.line())
-    for failure in failed:
-        print(f"ERROR  {failure}")
-    if not args.no_write:
-        date = dt.date.today().isoformat()
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RESULTS_DIR / f"{date}.md"
-        path.write_text(markdown(date, settings, rows, verdicts, machine_info()))
-        print(f"\nwrote {path.relative_to(REPO)}")
-    if failed:
-        return 1
-    if args.strict and not all(c.passed for c in verdicts):
-        return 3
-    return 0
+def run_sections(
+    names: list[str], settings: Settings, workdir: Path, sockdir: Path
+) -> list[Section]:
+    done: list[Section] = []
+    for name in names:
+        print(f"\n=== {TITLES[name]} ===", flush=True)
+        procs = Processes()
+        ctx = Context(settings, procs, workdir / name, sockdir)
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        try:
+            section = SECTIONS[name](ctx)
+        except BenchError as e:
+            section = Section(name, TITLES[name])
+            section.failures.append(f"the section could not run: {e}")
+        except Exception:
+            section = Section(name, TITLES[name])
+            section.failures.append(f"the section crashed:\n{traceback.format_exc()}")
+        finally:
+            procs.stop_all()
+        section.seconds = time.monotonic() - t0
+        print()
+        print(section.text(), flush=True)
+        done.append(section)
+    return done
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,13 +111,21 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--duration", type=float, default=5.0, help="measured seconds per measurement (default 5)"
+        "--only",
+        type=_sections,
+        default=list(SECTIONS),
+        metavar="A,B",
+        help=f"run only these sections ({','.join(SECTIONS)})",
     )
     parser.add_argument(
-        "--warmup",
+        "--duration",
         type=float,
-        default=1.0,
-        help="warm-up seconds before each measurement (default 1)",
+        default=4.0,
+        help="measured seconds of one closed-loop measurement (default 4; the provider "
+        "section uses at most 3)",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="warm-up seconds before each (default 1)"
     )
     parser.add_argument(
         "--repeats",
@@ -177,35 +139,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: 1 s measurements, 0.5 s warm-up, 1 repeat",
+        help="a smoke run (under a minute): short measurements, 1 repeat, small "
+        "registry and call counts; writes nothing",
     )
-    parser.add_argument(
-        "--no-write", action="store_true", help="do not write bench/results/<date>.md"
-    )
+    parser.add_argument("--no-write", action="store_true", help="write no results file")
     parser.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
     parser.add_argument(
         "--keep",
         action="store_true",
-        help="keep the temporary directory (config, state, vibectld's log)",
+        help="keep the temporary directory (configs, state, vibectld's logs)",
     )
-    args = parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.warmup, args.repeats = 1.0, 0.5, 1
+        args.duration, args.warmup, args.repeats = 0.6, 0.3, 1
     if not 0.1 <= args.duration <= 600 or not 0 <= args.warmup <= 60:
         parser.error("--duration must be 0.1..600 and --warmup 0..60 seconds")
     if not 1 <= args.repeats <= 20 or not 1 <= args.channels <= 64:
         parser.error("--repeats must be 1..20 and --channels 1..64")
-    print(f"vibectld benchmark: {args.duration:g} s per measurement, {args.repeats} repeat(s)")
+    settings = Settings(
+        quick=args.quick,
+        repeats=args.repeats,
+        duration=args.duration,
+        warmup=args.warmup,
+        channels=args.channels,
+    )
+    described = (
+        f"{args.duration:g} s per closed-loop measurement after {args.warmup:g} s warm-up, "
+        f"{args.repeats} repeat(s), {args.channels} gRPC channel(s) per load generator"
+        + (" (--quick)" if args.quick else "")
+    )
+    print(f"vibectld benchmark: {', '.join(args.only)}; {described}", flush=True)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="vibectld-bench-"))
-    # Unix socket paths are limited to 107 bytes: keep the admin socket's short.
+    # Unix socket paths are limited to 107 bytes: keep the sockets' directory short.
     sockdir = Path(tempfile.mkdtemp(prefix="vdb-", dir="/tmp"))
+    started = time.monotonic()
+    sections: list[Section] = []
     code = 1
     try:
-        code = run(args, workdir, sockdir)
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
+        sections = run_sections(args.only, settings, workdir, sockdir)
+        code = 0
     except KeyboardInterrupt:
         print("bench: interrupted; servers stopped", file=sys.stderr)
         code = 130
@@ -216,7 +190,34 @@ def main(argv: list[str] | None = None) -> None:
             print(f"kept {workdir}", file=sys.stderr, flush=True)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    sys.exit(code)
+    if code:
+        sys.exit(code)
+    seconds = time.monotonic() - started
+
+    print("\n=== Summary ===\n")
+    print(summary_table(sections))
+    checks = [c for s in sections for c in s.checks if c.passed is not None]
+    missed = [c for c in checks if not c.passed]
+    print(f"\n{len(checks) - len(missed)} of {len(checks)} targets met; {seconds / 60:.1f} min")
+    failures = [f for s in sections for f in s.failures]
+    for f in failures:
+        print(f"ERROR  {f.splitlines()[0]}")
+
+    if not (args.no_write or args.quick):
+        date = dt.date.today().isoformat()
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        full = args.only == list(SECTIONS)
+        path = RESULTS_DIR / (f"{date}.md" if full else f"{date}-{'-'.join(args.only)}.md")
+        path.write_text(markdown(date, described, sections, machine_info(), seconds))
+        print(f"\nwrote {path.relative_to(REPO)}")
+        if full:
+            latest = RESULTS_DIR / "latest-summary.md"
+            latest.write_text(summary_markdown(date, sections))
+            print(f"wrote {latest.relative_to(REPO)}")
+    if failures:
+        sys.exit(1)
+    if args.strict and missed:
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Starting and stopping the servers under test: vibectld and the floor.
+"""Starting and stopping the processes under test: vibectld, the floor, the fake provider.
 
 Every child runs in its own session (so a Ctrl-C at the terminal reaches only
 the orchestrator, which then stops them in order) and, on Linux, is told to
@@ -11,11 +11,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import grp
-import json
 import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,11 +26,10 @@ from typing import IO, Any
 import yaml
 
 from vibectl.proxy_url import parse as parse_url
+from vibectld.admin.client import AdminClient, AdminClientError, DaemonUnreachable
 
 REPO = Path(__file__).resolve().parent.parent
 PR_SET_PDEATHSIG = 1
-# vibectl-admin's exit status when nothing answers on the socket (yet).
-EX_UNAVAILABLE = 69
 
 
 class BenchError(Exception):
@@ -54,6 +53,29 @@ def tool(name: str) -> str:
     if found is None:
         raise BenchError(f"cannot find {name}; run scripts/bootstrap first")
     return found
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without systemd's variables, plus `extra`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC", "WATCHDOG_PID")
+    }
+    env.update(extra)
+    return env
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of a process, in KiB (VmRSS in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 class Processes:
@@ -85,6 +107,20 @@ class Processes:
         self.children.append((name, proc))
         return proc
 
+    def stop(self, proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+        """SIGTERM one child, SIGKILL it after `grace` seconds, and forget it."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        self.children = [(n, p) for n, p in self.children if p is not proc]
+
     def stop_all(self, grace: float = 10.0) -> None:
         for _, proc in reversed(self.children):
             if proc.poll() is None:
@@ -109,80 +145,155 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-class Vibectld:
-    """A vibectld subprocess with an issued client, configured for benchmarking."""
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
 
-    def __init__(self, procs: Processes, workdir: Path, sockdir: Path) -> None:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+
+    def wait_for(self, line: str, deadline: float) -> bool:
+        """Read notifications until one carries `line` (True) or the deadline passes."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if ready and line in self.sock.recv(65536).decode(errors="replace").splitlines():
+                return True
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class Vibectld:
+    """A vibectld subprocess configured for benchmarking, with an admin client."""
+
+    def __init__(
+        self,
+        procs: Processes,
+        workdir: Path,
+        sockdir: Path,
+        *,
+        name: str = "vibectld",
+        models: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+    ) -> None:
         self.procs = procs
-        self.workdir = workdir
-        self.socket = sockdir / "admin.sock"
-        self.state_dir = workdir / "state"
-        self.config_path = workdir / "vibectld.yaml"
-        self.log_path = workdir / "vibectld.log"
+        self.name = name
+        self.workdir = workdir / name
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # Unix socket paths are limited to 107 bytes: keep them in the short sockdir.
+        self.socket = sockdir / f"{name}.sock"
+        self.notify_path = sockdir / f"{name}.notify"
+        self.state_dir = self.workdir / "state"
+        self.config_path = self.workdir / "vibectld.yaml"
+        self.log_path = self.workdir / "vibectld.log"
+        self.models = models or {"default": "echo"}
+        # No limits by default: they would only refuse the load we are measuring.
+        self.limits = limits or {"requests_per_minute": None, "concurrent_requests": None}
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.secret = ""
+        # Seconds from the start of the process to READY=1 (start(notify=True) only).
+        self.ready_s: float | None = None
 
     def write_config(self) -> None:
         config = {
             "server": {"listen": "127.0.0.1:0", "name": "bench", "shutdown_grace_seconds": 1},
             "admin": {"socket": str(self.socket), "group": grp.getgrgid(os.getgid()).gr_name},
             "state_dir": str(self.state_dir),
-            "models": {"default": "echo"},
-            # No limits: they would only refuse the load we are measuring.
-            "limits": {"requests_per_minute": None, "concurrent_requests": None},
+            "models": self.models,
+            "limits": self.limits,
             # A realistic production setting: every request is logged, as JSON, to a file.
             "logging": {"level": "info", "format": "json"},
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    def admin(self, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [tool("vibectl-admin"), "--socket", str(self.socket), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
+    def admin(self, timeout: float = 60.0) -> AdminClient:
+        """A new client of the admin socket (the in-tree one vibectl-admin uses)."""
+        return AdminClient(self.socket, timeout=timeout)
+
+    def start(self, *, timeout: float = 120.0, notify: bool = False, issue: bool = True) -> None:
+        """Start and wait until the admin socket answers; with `notify`, time READY=1."""
+        self.write_config()
+        env = clean_env()
+        notifier = NotifySocket(self.notify_path) if notify else None
+        if notifier is not None:
+            env["NOTIFY_SOCKET"] = str(self.notify_path)
+        started = time.monotonic()
+        deadline = started + timeout
+        try:
+            with self.log_path.open("ab") as log:
+                self.proc = self.procs.start(
+                    self.name,
+                    [tool("vibectld"), "--config", str(self.config_path)],
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                )
+            if notifier is not None:
+                if not notifier.wait_for("READY=1", deadline):
+                    self._fail("did not send READY=1")
+                self.ready_s = time.monotonic() - started
+        finally:
+            if notifier is not None:
+                notifier.close()
+        status = self._wait_for_admin(deadline)
+        listener = status["listeners"]["grpc"]
+        self.port = int(listener.rpartition(":")[2])
+        if issue:
+            self.secret = self.issue("bench")
+
+    def _fail(self, what: str) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            what = f"exited with {self.proc.returncode}"
+        raise BenchError(
+            f"{self.name} {what} while starting; its log ({self.log_path}) ends:\n"
+            f"{_tail(self.log_path)}"
         )
 
-    def start(self, timeout: float = 60.0) -> None:
-        self.write_config()
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
-        with self.log_path.open("wb") as log:
-            self.proc = self.procs.start(
-                "vibectld",
-                [tool("vibectld"), "--config", str(self.config_path)],
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
-        deadline = time.monotonic() + timeout
+    def _wait_for_admin(self, deadline: float) -> dict[str, Any]:
+        assert self.proc is not None
         while True:
             if self.proc.poll() is not None:
-                raise BenchError(
-                    f"vibectld exited with {self.proc.returncode} while starting; its log "
-                    f"({self.log_path}) ends:\n{_tail(self.log_path)}"
-                )
-            status = self.admin("--json", "status")
-            if status.returncode == 0:
-                break
-            if status.returncode != EX_UNAVAILABLE:
-                raise BenchError(
-                    f"vibectl-admin status failed: {status.stderr.strip()}; vibectld's log "
-                    f"({self.log_path}) ends:\n{_tail(self.log_path, 3)}"
-                )
-            if time.monotonic() > deadline:
-                raise BenchError(f"vibectld did not answer on {self.socket}: {status.stderr}")
-            time.sleep(0.1)
-        listener = json.loads(status.stdout)["listeners"]["grpc"]
-        self.port = int(listener.rpartition(":")[2])
-        issued = self.admin("issue-client", "bench")
-        if issued.returncode != 0:
-            raise BenchError(f"vibectl-admin issue-client failed: {issued.stderr.strip()}")
-        secret = parse_url(issued.stdout.strip()).secret
+                self._fail("exited")
+            try:
+                with self.admin(timeout=5) as admin:
+                    return admin.call("status")
+            except DaemonUnreachable as e:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{self.name} did not answer on {self.socket}: {e}") from None
+            except AdminClientError as e:
+                raise BenchError(f"{self.name}: admin status failed: {e.message}") from None
+            time.sleep(0.05)
+
+    def issue(self, name: str, **args: Any) -> str:
+        """Issue a client and return its secret."""
+        try:
+            with self.admin() as admin:
+                result = admin.call("issue_client", {"name": name, **args})
+        except AdminClientError as e:
+            raise BenchError(f"issue-client {name} failed: {e.message}") from None
+        secret = parse_url(result["url"]).secret
         if not secret:
             raise BenchError("the issued URL carries no secret")
-        self.secret = secret
+        return secret
+
+    def issue_url(self, name: str) -> str:
+        with self.admin() as admin:
+            return str(admin.call("issue_client", {"name": name})["url"])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
 
     @property
     def pid(self) -> int:
@@ -193,12 +304,29 @@ class Vibectld:
     def ca_path(self) -> Path:
         return self.state_dir / "tls" / "ca.pem"
 
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry.db"
+
     def chain_for_floor(self) -> tuple[Path, Path]:
         """vibectld's own certificate chain (server.pem + ca.pem, as it serves it) and key."""
         tls = self.state_dir / "tls"
         chain = self.workdir / "floor-chain.pem"
         chain.write_bytes((tls / "server.pem").read_bytes() + (tls / "ca.pem").read_bytes())
         return chain, tls / "server.key"
+
+
+def _start_printing_port(
+    procs: Processes, name: str, argv: list[str], timeout: float, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a child that prints the port it bound on its first line; (child, port)."""
+    proc = procs.start(name, argv, stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().decode().strip() if ready else ""
+    if not line.isdigit():
+        raise BenchError(f"the {name} did not start (said {line!r})")
+    return proc, int(line)
 
 
 class Floor:
@@ -210,27 +338,33 @@ class Floor:
         self.port = 0
 
     def start(self, cert: Path, key: Path, timeout: float = 30.0) -> None:
-        self.proc = self.procs.start(
-            "floor",
-            [
-                sys.executable,
-                "-m",
-                "bench.floor_server",
-                "--port",
-                "0",
-                "--cert",
-                str(cert),
-                "--key",
-                str(key),
-            ],
-            stdout=subprocess.PIPE,
-        )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline().decode().strip() if ready else ""
-        if not line.isdigit():
-            raise BenchError(f"the floor server did not start (said {line!r})")
-        self.port = int(line)
+        argv = [sys.executable, "-m", "bench.floor_server", "--port", "0"]
+        argv += ["--cert", str(cert), "--key", str(key)]
+        self.proc, self.port = _start_printing_port(self.procs, "floor server", argv, timeout)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+class FakeProvider:
+    """The bench.fake_provider subprocess: an OpenAI-compatible endpoint with fixed latency."""
+
+    def __init__(self, procs: Processes, latency_ms: float) -> None:
+        self.procs = procs
+        self.latency_ms = latency_ms
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 30.0) -> None:
+        argv = [sys.executable, "-m", "bench.fake_provider", "--port", "0"]
+        argv += ["--latency-ms", f"{self.latency_ms:g}"]
+        self.proc, self.port = _start_printing_port(self.procs, "fake provider", argv, timeout)
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
 
     @property
     def pid(self) -> int:

@@ -1,24 +1,80 @@
-"""The benchmark runs end to end (a smoke test: timings are not asserted)."""
+"""The benchmark runs end to end (a smoke test: timings are not asserted).
+
+`python -m bench.run --quick --no-write` goes through every section (vibectld, the
+floor, the fake provider, a populated registry, READY=1, `vibectl ask` in both modes,
+an abusive client) in about a minute, and must finish without a measurement error.
+"""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results"
+SECTIONS = (
+    "Overhead vs the floor",
+    "The real provider path",
+    "Scale of the registry",
+    "Footprint",
+    "Isolation",
+)
 
 
-def test_quick_bench_runs_and_prints_the_table() -> None:
+def _results_files() -> dict[Path, float]:
+    return {p: p.stat().st_mtime for p in RESULTS.glob("*.md")}
+
+
+@pytest.mark.timeout(240)
+def test_quick_bench_runs_every_section_and_prints_the_tables() -> None:
+    before = _results_files()
     out = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--no-write"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=200,
         check=False,
     )
-    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    for title in SECTIONS:
+        assert f"## {title}" in out.stdout, title
+    # Overhead: vibectld against the floor, both modes.
     assert "| mode | callers | floor req/s | vibectld req/s | ratio |" in out.stdout
     assert "| unary | 16 |" in out.stdout
     assert "| streaming | 1 |" in out.stdout
+    assert "time to first chunk (streaming, 1 caller)" in out.stdout
+    # Provider: the raw client, llm in-process and vibectld, each measured.
+    for path in ("raw", "llm-pooled", "vibectld"):
+        assert re.search(rf"^\| {path} \| unary \| 16 \| [1-9]", out.stdout, re.M), path
+    assert "provider time to first token (streaming, 1 caller)" in out.stdout
+    # Registry, footprint, isolation: their checks ran.
+    assert "registry scale (unary, 16 callers)" in out.stdout
+    assert "memory growth" in out.stdout
+    assert "| `vibectl ask` proxy mode |" in out.stdout
+    assert "isolation (abuser at 10x its rpm)" in out.stdout
+    # Every target shows a verdict, and the summary closes the run.
+    assert "=== Summary ===" in out.stdout
+    assert re.search(r"^\d+ of \d+ targets met", out.stdout, re.M)
+    assert "ERROR" not in out.stdout
+    # --no-write (and --quick) leave the results alone.
+    assert _results_files() == before
+
+
+def test_only_rejects_an_unknown_section() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--only", "overhead,nope", "--no-write"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "unknown section(s) nope" in out.stderr
+    assert "overhead, provider, registry, footprint, isolation" in out.stderr
