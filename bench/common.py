@@ -229,3 +229,23 @@ def warm_up(ctx: Context, port: int, ca: Path, secret: str, model: str = "echo")
     r = measure_load("bench.load", args, env=clean_env(VIBECTLD_BENCH_SECRET=secret))
     if r["errors"] or not r["count"]:
         raise BenchError(f"the warm-up failed: {r['errors']} errors, e.g. {r['error_samples']}")
+
+
+def paired_ratio(base: Sequence[Result], other: Sequence[Result], key: str) -> float:
+    """The median over repeats of other[i][key] / base[i][key] (results of the same run)."""
+    ratios = [
+        float(o[key]) / float(b[key])
+        for b, o in zip(base, other, strict=True)
+        if b.get(key) and o.get(key) is not None
+    ]
+    return statistics.median(ratios) if ratios else math.nan
+
+
+def paired_delta(base: Sequence[Result], other: Sequence[Result], key: str) -> float:
+    """The median over repeats of other[i][key] - base[i][key] (results of the same run)."""
+    deltas = [
+        float(o[key]) - float(b[key])
+        for b, o in zip(base, other, strict=True)
+        if b.get(key) is not None and o.get(key) is not None
+    ]
+    return statistics.median(deltas) if deltas else math.nan

@@ -89,8 +89,11 @@ def markdown(
     return f"""# vibectld benchmark, {date}
 
 `make bench` (`python -m bench.run`): load from separate processes on loopback, TLS and
-secret auth on, on this machine. Each figure is the median of the repeats; ratios
-compare measurements taken in the same run, alternating. Latencies are per request.
+secret auth on, on this machine. Each figure is the median of the repeats; every ratio
+compares measurements taken in the same run, interleaved (calls alternating between the
+two servers at 1 caller, the callers moving between them every second at 16 and 64, an
+abuser switching on and off every second), so the machine's drift hits both sides alike.
+Latencies are per request.
 
 Settings: {settings}; the whole run took {seconds / 60:.1f} min.
 

@@ -61,17 +61,23 @@ def _split(
     windows = abuser.get("on_windows") or []
     if not windows:
         return [], []
+    samples = normal.get("samples") or []
+    if not samples:
+        return [], []
+    # Whole abuser cycles that the normal client's measurement covers, nothing else.
+    period = on + off
     first = windows[0][0]
-    last = windows[-1][0] + on + off
+    covered_from = math.ceil((samples[0][0] - first) / period) * period + first
+    last = min(windows[-1][0] + period, samples[-1][0])
     paused: list[float] = []
     sending: list[float] = []
-    for start, latency in normal.get("samples") or []:
-        if not first <= start < last:
+    for start, latency in samples:
+        if not max(first, covered_from) <= start < last:
             continue
-        phase = (start - first) % (on + off)
+        phase = (start - first) % period
         if MARGIN_S <= phase < on - MARGIN_S:
             sending.append(latency)
-        elif on + MARGIN_S <= phase < on + off - MARGIN_S:
+        elif on + MARGIN_S <= phase < period - MARGIN_S:
             paused.append(latency)
     return paused, sending
 
@@ -109,7 +115,7 @@ def run(ctx: Context) -> Section:
     common = ["--port", str(daemon.port), "--ca", str(daemon.ca_path), "--call-timeout", "10"]
     # Long enough to cover the abuser's start-up, burst and whole duty cycle.
     normal_args = [
-        *common, "--rate", str(NORMAL_RATE), "--warmup", "1", "--duration", str(span + 5),
+        *common, "--rate", str(NORMAL_RATE), "--warmup", "1", "--duration", str(span + 6),
         "--server-pid", str(daemon.pid), "--keep-samples", "--label", "normal",
     ]  # fmt: skip
     # kind -> one {"paused": stats, "sending": stats} per repeat
@@ -124,8 +130,10 @@ def run(ctx: Context) -> Section:
                     if kind == "10x"
                     else ["--callers", str(FLOOD_CALLERS)]
                 )
+                # Its warm-up (refused calls, sent all the time) lets the normal client's
+                # measurement start before the abuser's first on/off cycle.
                 abuser_args = [
-                    *common, *shape, "--burst", str(ABUSER_RPM), "--warmup", "0",
+                    *common, *shape, "--burst", str(ABUSER_RPM), "--warmup", "1.5",
                     "--duration", str(span), "--duty", str(duty[0]), str(duty[1]),
                     "--label", f"abuser {kind}",
                 ]  # fmt: skip

@@ -15,6 +15,8 @@ from bench.common import (
     md_table,
     measure_load,
     median,
+    paired_delta,
+    paired_ratio,
     pct,
     result_line,
     total,
@@ -36,10 +38,11 @@ INTRO = """\
 vibectld (TLS, secret auth on every call, the `echo` model, JSON logs at level info to a
 file, no limits) against the floor: a bare grpc.aio server of the same protocol with a
 canned reply of the same size, vibectld's TLS certificate and server options
-(`bench/floor_server.py`). Closed-loop load from a separate process (`bench/load.py`,
-one gRPC channel); the two servers alternate within each configuration. At 1 caller one
-process alternates single calls between the two servers (`bench/paired.py`), so both
-latencies are taken under the same conditions; req/s there is 1 / mean latency. "first
+(`bench/floor_server.py`). Closed-loop load from a separate process, one gRPC channel
+per server. With 16 and 64 callers the callers move between the two servers every
+second (`bench/sliced.py`); at 1 caller single calls alternate between them
+(`bench/paired.py`; req/s there is 1 / mean latency). Either way both servers are
+measured over the same stretch of time, so the machine's drift cancels out. "first
 chunk" is the time to the first text chunk of a stream; CPU is the server process's, per
 request."""
 
@@ -77,21 +80,23 @@ def run(ctx: Context) -> Section:
                         ctx.log(result_line(tag, pair[name]))
                         check_errors(section, f"{name} {mode} x1", pair[name])
                     continue
+                # One process whose callers move between the two servers every second.
                 order = ["floor", "vibectld"] if rep % 2 == 0 else ["vibectld", "floor"]
+                targets: list[str] = []
                 for name in order:
                     port, pid = servers[name]
-                    args = [
-                        "--port", str(port), "--ca", str(daemon.ca_path),
-                        "--mode", mode, "--callers", str(callers),
-                        "--channels", str(s.channels), "--duration", str(s.duration),
-                        "--warmup", str(s.warmup), "--server-pid", str(pid),
-                        "--label", name,
-                    ]  # fmt: skip
-                    r = measure_load("bench.load", args, env=env)
-                    got[name].append(r)
-                    tag = f"  {mode:6} x{callers:<3} rep {rep + 1} {name:8}"
-                    ctx.log(result_line(tag, r))
-                    check_errors(section, f"{name} {mode} x{callers}", r)
+                    spec = f"{name}:{port}:{daemon.ca_path}:VIBECTLD_BENCH_SECRET:{pid}"
+                    targets += ["--target", spec]
+                args = [
+                    *targets, "--mode", mode, "--callers", str(callers), "--slice", "1",
+                    "--duration", str(2 * s.duration), "--warmup", str(s.warmup),
+                ]  # fmt: skip
+                pair = measure_load("bench.sliced", args, env=env)
+                for name in order:
+                    got[name].append(pair[name])
+                    tag = f"  {mode:6} x{callers:<3} rep {rep + 1} {name:8} (sliced)"
+                    ctx.log(result_line(tag, pair[name]))
+                    check_errors(section, f"{name} {mode} x{callers}", pair[name])
             cells[(mode, callers)] = got
     finally:
         if floor.proc is not None:
@@ -110,7 +115,7 @@ def _report(section: Section, cells: dict[tuple[str, int], dict[str, list[Result
     rows: list[list[str]] = []
     for (mode, callers), got in cells.items():
         f, v = got["floor"], got["vibectld"]
-        ratio = median(v, "rps") / median(f, "rps")
+        ratio = paired_ratio(f, v, "rps")
         first = "-"
         if mode == "stream":
             first = (
@@ -125,7 +130,7 @@ def _report(section: Section, cells: dict[tuple[str, int], dict[str, list[Result
                 pct(ratio),
                 f"{median(f, 'p50_ms'):.3f} / {median(f, 'p99_ms'):.3f}",
                 f"{median(v, 'p50_ms'):.3f} / {median(v, 'p99_ms'):.3f}",
-                f"{median(v, 'p50_ms') - median(f, 'p50_ms'):+.3f}",
+                f"{paired_delta(f, v, 'p50_ms'):+.3f}",
                 first,
                 f"{fmt(median(f, 'server_cpu_us_per_req'), '.0f')} / "
                 f"{fmt(median(v, 'server_cpu_us_per_req'), '.0f')}",
@@ -138,7 +143,7 @@ def _report(section: Section, cells: dict[tuple[str, int], dict[str, list[Result
         f, v = got["floor"], got["vibectld"]
         label = f"{LABEL[mode]}, {callers} caller{'s' if callers > 1 else ''}"
         if callers == THROUGHPUT_CALLERS:
-            ratio = median(v, "rps") / median(f, "rps")
+            ratio = paired_ratio(f, v, "rps")
             passed = ratio >= MIN_RPS_RATIO
             section.check(
                 f"throughput ({label})",
@@ -156,7 +161,7 @@ def _report(section: Section, cells: dict[tuple[str, int], dict[str, list[Result
                 )
             )
         if callers == 1:
-            delta = median(v, "p50_ms") - median(f, "p50_ms")
+            delta = paired_delta(f, v, "p50_ms")
             passed = delta <= MAX_P50_DELTA_MS
             section.check(
                 f"latency ({label})",
@@ -175,7 +180,7 @@ def _report(section: Section, cells: dict[tuple[str, int], dict[str, list[Result
             )
             if mode == "stream":
                 vt, ft = median(v, "ttfc_p50_ms"), median(f, "ttfc_p50_ms")
-                delta = vt - ft
+                delta = paired_delta(f, v, "ttfc_p50_ms")
                 passed = not math.isnan(delta) and delta <= MAX_TTFB_DELTA_MS
                 section.check(
                     "time to first chunk (streaming, 1 caller)",
