@@ -12,6 +12,8 @@ import asyncio
 import grp
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -96,6 +98,21 @@ class RunningDaemon:
 
     def stub(self) -> pb_grpc.VibectlLLMProxyStub:
         return pb_grpc.VibectlLLMProxyStub(self.channel())
+
+
+def admin_cli(daemon: RunningDaemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real vibectl-admin, as a process, against `daemon`'s admin socket."""
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "vibectl-admin"),
+            "--socket",
+            str(daemon.config.admin.socket),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def short_tmpdir() -> Path:

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from vibectl.adapters import profile_ca, proxy_adapter
 from vibectl.cli_common import State, handles_errors
 from vibectl.config import ClientConfigError, Profile, mask
 from vibectl.errors import (
@@ -62,22 +63,9 @@ def _trust(url: ProxyURL, ca_bundle: str | None) -> bytes | None:
     return None
 
 
-def _adapter(profile: Profile, secret: str, ca_pem: bytes | None) -> Any:
-    from vibectl.adapters.proxy import ProxyModelAdapter
-
-    return ProxyModelAdapter(
-        profile.host,
-        profile.port,
-        secret,
-        ca_pem=ca_pem,
-        insecure=profile.insecure,
-        timeout=min(profile.timeout_seconds, 30.0),
-        connect_timeout=profile.connect_timeout_seconds,
-    )
-
-
 async def _server_info(profile: Profile, secret: str, ca_pem: bytes | None) -> Any:
-    adapter = _adapter(profile, secret, ca_pem)
+    # setup-proxy only asks the server who it is: a long model deadline is no use here.
+    adapter = proxy_adapter(profile, secret, ca_pem, max_timeout=30.0)
     try:
         return await adapter.server_info()
     finally:
@@ -178,17 +166,6 @@ def _profile(state: State, name: str | None) -> Profile:
     return config.profiles[chosen]
 
 
-def _ca_of(profile: Profile) -> bytes | None:
-    if not profile.ca_file:
-        return None
-    try:
-        return Path(profile.ca_file).read_bytes()
-    except OSError as e:
-        raise ConfigurationError(
-            f"cannot read {profile.ca_file}: {e.strerror}; run setup-proxy configure again"
-        ) from None
-
-
 @setup_proxy.command("test")
 @click.argument("name", required=False)
 @click.pass_obj
@@ -197,7 +174,7 @@ def test(state: State, name: str | None) -> None:
     """Check that a profile (default: the active one) reaches its server."""
     profile = _profile(state, name)
     info = asyncio.run(
-        _server_info(profile, state.store.load_secret(profile.name), _ca_of(profile))
+        _server_info(profile, state.store.load_secret(profile.name), profile_ca(profile))
     )
     click.echo(f"ok: {profile.name} reaches {profile.host}:{profile.port}")
     _show_info(info)
@@ -225,7 +202,7 @@ def status(state: State) -> None:
     click.echo(f"server:  {profile.host}:{profile.port}")
     click.echo(f"secret:  {mask(secret)}")
     click.echo(f"trust:   {trust}")
-    info = asyncio.run(_server_info(profile, secret, _ca_of(profile)))
+    info = asyncio.run(_server_info(profile, secret, profile_ca(profile)))
     click.echo(f"status:  reachable, {info.server_name} (vibectld {info.server_version})")
 
 

@@ -87,7 +87,7 @@ class Daemon:
     @property
     def grpc_port(self) -> int:
         assert self.runtime is not None
-        return int(self.runtime.grpc_address.rpartition(":")[2])
+        return self.runtime.grpc_port
 
     async def start(self) -> None:
         config = self.config
@@ -146,7 +146,7 @@ class Daemon:
                 "port? change server.listen or stop it"
             )
         host = config.server.listen.rpartition(":")[0]
-        rt.grpc_address = f"{host}:{port}"
+        rt.grpc_host, rt.grpc_port = host, port
         await server.start()
         self._grpc = server
 

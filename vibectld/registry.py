@@ -88,6 +88,10 @@ class Registry:
         self._db: sqlite3.Connection | None = db
         self._path = path
         self._records = records
+        # Names never change and records are never deleted, so this index only grows.
+        self._ids_by_name: dict[str, builtins.list[str]] = {}
+        for record in records.values():
+            self._ids_by_name.setdefault(record.name, []).append(record.id)
         self._usage = book if book is not None else usage.UsageBook()
         self._pending: set[str] = set()  # clients whose counters are not yet on disk
         self._lock = threading.Lock()  # memory; held briefly
@@ -176,8 +180,8 @@ class Registry:
             tokens_per_day=_check_limit("tokens_per_day", tokens_per_day),
         )
         with self._db_lock:
-            for other in self._records.values():
-                if other.name == name and other.status(now) == "active":
+            for other in self._named(name):
+                if other.status(now) == "active":
                     raise DuplicateClient(
                         f"an active client named {name!r} exists (id {other.id}); revoke it "
                         "first or choose another name"
@@ -191,7 +195,11 @@ class Registry:
             )
             with self._lock:
                 self._records[record.id] = record
+                self._ids_by_name.setdefault(record.name, []).append(record.id)
         return record
+
+    def _named(self, name: str) -> builtins.list[ClientRecord]:
+        return [self._records[i] for i in self._ids_by_name.get(name, ())]
 
     def get(self, jti: str) -> ClientRecord | None:
         """The record for a secret's jti; memory only, for the request path."""
@@ -203,7 +211,7 @@ class Registry:
         record = self._records.get(name_or_id)
         if record is not None:
             return record
-        named = [r for r in self._records.values() if r.name == name_or_id]
+        named = self._named(name_or_id)
         if not named:
             raise ClientNotFound(f"no client named or with id {_quote(name_or_id)}; {_LIST_HINT}")
         return max(named, key=lambda r: (r.status(now) == "active", r.created_at, r.id))
@@ -388,7 +396,7 @@ class Registry:
         if name_or_id is not None:
             chosen = self.find(name_or_id, now)
             if chosen.id != name_or_id:  # a name: every client that had it
-                ids = sorted(r.id for r in self._records.values() if r.name == name_or_id)
+                ids = sorted(r.id for r in self._named(name_or_id))
             ids = ids or [chosen.id]
         with self._db_lock:
             self._flush_locked()

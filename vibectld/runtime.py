@@ -40,8 +40,9 @@ class Runtime:
     limiter: Limiter = field(default_factory=Limiter)
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
-    # The address the gRPC port is really bound to (port 0 resolved).
-    grpc_address: str = ""
+    # Where the gRPC port is really bound (port 0 resolved); host as in server.listen.
+    grpc_host: str = ""
+    grpc_port: int = 0
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
     # Set when shutting down: new calls are refused with a retryable UNAVAILABLE.
     draining: bool = False
@@ -58,6 +59,15 @@ class Runtime:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"
+
+    def dialable_host(self) -> str | None:
+        """The bound host as a client on this machine can dial it; None for a wildcard."""
+        host = self.grpc_host.strip("[]")
+        return None if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - comparing
 
     def cost_usd(
         self, model_id: str, input_tokens: int | None, output_tokens: int | None

@@ -25,9 +25,7 @@ STATUS_INTERVAL_SECONDS = 5.0
 
 
 def _dial_target(rt: Runtime) -> str:
-    host, _, port = rt.grpc_address.rpartition(":")
-    wildcard = ("0.0.0.0", "", "[::]", "::")  # noqa: S104 - comparing, not binding
-    return f"127.0.0.1:{port}" if host in wildcard else rt.grpc_address
+    return rt.grpc_address if rt.dialable_host() else f"127.0.0.1:{rt.grpc_port}"
 
 
 def _name_in_certificate(chain_pem: bytes) -> str:

@@ -8,18 +8,10 @@ import sys
 from pathlib import Path
 
 from tests.conftest import RunningDaemon
+from tests.conftest import admin_cli as admin
 from vibectl.proxy_url import parse
 
 BIN = Path(sys.executable).parent
-
-
-def admin(daemon: RunningDaemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "vibectl-admin"), "--socket", str(daemon.config.admin.socket), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_issue_prints_only_the_url_with_the_ca_pin(daemon: RunningDaemon) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RunningDaemon, short_tmpdir
+from tests.conftest import admin_cli as admin
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl.tls_pin import fetch_chain
 from vibectld.config import load_config
@@ -54,15 +55,6 @@ def from_file(
     yield start
     for running in started:
         running.stop()
-
-
-def admin(daemon: RunningDaemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "vibectl-admin"), "--socket", str(daemon.config.admin.socket), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def info(daemon: RunningDaemon, secret: str) -> pb.GetServerInfoResponse:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import urllib.request
@@ -15,20 +14,12 @@ import grpc
 import pytest
 
 from tests.conftest import RunningDaemon
+from tests.conftest import admin_cli as admin
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 
 BIN = Path(sys.executable).parent
 Outcome = tuple[str, dict[str, str], pb.ExecuteResponse | None]
-
-
-def admin(daemon: RunningDaemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "vibectl-admin"), "--socket", str(daemon.config.admin.socket), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def issue(daemon: RunningDaemon, name: str, *flags: str) -> str:

@@ -128,15 +128,9 @@ def _named(rt: Runtime, per_client: Mapping[str, int]) -> dict[str, int]:
 def public_endpoint(rt: Runtime) -> tuple[str, int]:
     """The host and port clients should dial, as written into issued URLs."""
     server = rt.config.server
-    bound_host, _, bound_port = rt.grpc_address.rpartition(":")
-    host = server.public_host
-    if host is None:
-        bound_host = bound_host.strip("[]")
-        # A wildcard bind address is no address a client can dial.
-        wildcard = ("0.0.0.0", "::", "")  # noqa: S104
-        host = socket.getfqdn() if bound_host in wildcard else bound_host
-    port = server.public_port or int(bound_port)
-    return host, port
+    # A wildcard bind address is no address a client can dial: use the machine's name.
+    host = server.public_host or rt.dialable_host() or socket.getfqdn()
+    return host, server.public_port or rt.grpc_port
 
 
 def build_routes(
