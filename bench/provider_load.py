@@ -3,14 +3,15 @@
 It is the other half of the provider comparison: the same closed loop as bench.load
 (see bench/loadgen.py), but each call goes straight to the endpoint, one of:
 
-- `raw`: httpx (the `httpx2` distribution the openai package depends on here), one
-  AsyncClient with a kept-alive connection pool for the whole run; the JSON reply or
-  the SSE stream is parsed, nothing else. The floor of what any Python client pays.
-- `openai`: one `openai.AsyncOpenAI` client with `max_retries=0`, reused for every call.
+- `raw`: aiohttp, the HTTP client vibectld itself uses for these endpoints: one
+  ClientSession with a kept-alive connection pool for the whole run; the JSON reply
+  or the SSE stream is parsed, nothing else. The floor of what a Python client pays.
+- `httpx`: the same with httpx (the `httpx2` distribution the openai package is
+  built on here), to show what the choice of HTTP library costs.
 - `llm-pooled`: the llm library in this process, the model registered exactly as
   vibectld registers `models.openai_compatible` endpoints (vibectld's own llm plugin,
-  `vibectld.openai_endpoints`: one pooled client per key, no hidden retries), called
-  as vibectld's executor calls it.
+  `vibectld.openai_endpoints`: one aiohttp session per endpoint, no hidden retries),
+  called as vibectld's executor calls it.
 - `llm-stock`: llm's stock `AsyncChat` with `api_base`, as llm's
   `extra-openai-models.yaml` would register it: a new `openai` client (and SSL
   context, and connection) per prompt. The naive cost vibectld must not inherit.
@@ -35,7 +36,7 @@ from typing import Any
 from bench import loadgen
 from bench.loadgen import CallFailed, RunSpec
 
-PATHS = ("raw", "openai", "llm-pooled", "llm-stock")
+PATHS = ("raw", "httpx", "llm-pooled", "llm-stock")
 MODEL_ID = "fake-gpt"
 MODEL_NAME = "fake"
 PROMPT = "hello"
@@ -58,6 +59,58 @@ def _first_text(line: str) -> tuple[str | None, bool]:
 
 
 def raw_client(api_base: str, spec: RunSpec) -> tuple[loadgen.CallFn, Closer]:
+    """The raw client the provider targets compare vibectld with (aiohttp)."""
+    import aiohttp
+
+    session: aiohttp.ClientSession | None = None
+    url = f"{api_base}/chat/completions"
+    messages = [{"role": "user", "content": PROMPT}]
+    headers = {"authorization": "Bearer unused"}
+
+    async def call(index: int, n: int) -> float:
+        nonlocal session
+        if session is None:  # made inside the loop that will use it
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=spec.callers),
+                timeout=aiohttp.ClientTimeout(total=spec.call_timeout),
+                headers=headers,
+            )
+        t0 = time.perf_counter()
+        try:
+            if spec.mode == "unary":
+                body: dict[str, Any] = {"model": MODEL_NAME, "messages": messages}
+                async with session.post(url, json=body) as reply:
+                    if reply.status != 200:
+                        raise CallFailed("error", f"HTTP {reply.status}")
+                    data = json.loads(await reply.read())
+                if not data["choices"][0]["message"]["content"]:
+                    raise CallFailed("error", "empty reply")
+                return 0.0
+            body = {"model": MODEL_NAME, "messages": messages, "stream": True}
+            first: float | None = None
+            done = False
+            async with session.post(url, json=body) as reply:
+                if reply.status != 200:
+                    raise CallFailed("error", f"HTTP {reply.status}")
+                async for raw_line in reply.content:
+                    text, ended = _first_text(raw_line.decode())
+                    done = done or ended
+                    if text and first is None:
+                        first = time.perf_counter() - t0
+            if first is None or not done:
+                raise CallFailed("error", f"bad stream: first text {first}, [DONE] {done}")
+            return first
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise CallFailed("error", f"{type(e).__name__}: {e}") from None
+
+    async def close() -> None:
+        if session is not None:
+            await session.close()
+
+    return call, close
+
+
+def _httpx(api_base: str, spec: RunSpec) -> tuple[loadgen.CallFn, Closer]:
     import httpx2
 
     limits = httpx2.Limits(max_connections=spec.callers, max_keepalive_connections=spec.callers)
@@ -101,39 +154,6 @@ def raw_client(api_base: str, spec: RunSpec) -> tuple[loadgen.CallFn, Closer]:
     return call, client.aclose
 
 
-def _openai(api_base: str, spec: RunSpec) -> tuple[loadgen.CallFn, Closer]:
-    import openai
-
-    client = openai.AsyncOpenAI(
-        base_url=api_base, api_key="unused", max_retries=0, timeout=spec.call_timeout
-    )
-
-    async def call(index: int, n: int) -> float:
-        t0 = time.perf_counter()
-        try:
-            if spec.mode == "unary":
-                completion = await client.chat.completions.create(
-                    model=MODEL_NAME, messages=[{"role": "user", "content": PROMPT}]
-                )
-                if not completion.choices[0].message.content:
-                    raise CallFailed("error", "empty reply")
-                return 0.0
-            stream = await client.chat.completions.create(
-                model=MODEL_NAME, messages=[{"role": "user", "content": PROMPT}], stream=True
-            )
-            first: float | None = None
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content and first is None:
-                    first = time.perf_counter() - t0
-            if first is None:
-                raise CallFailed("error", "no text in the stream")
-            return first
-        except openai.OpenAIError as e:
-            raise CallFailed("error", f"{type(e).__name__}: {e}") from None
-
-    return call, client.close
-
-
 def _llm_model(path: str, api_base: str) -> tuple[Any, Closer]:
     if path == "llm-pooled":
         import llm
@@ -147,8 +167,8 @@ def _llm_model(path: str, api_base: str) -> tuple[Any, Closer]:
         )
         pm.register(OpenAICompatiblePlugin([endpoint]), name=PLUGIN_NAME)
         pooled = llm.get_async_model(MODEL_ID)
-        if type(pooled).__name__ != "PooledAsyncChat":
-            raise SystemExit(f"provider_load: got {type(pooled).__name__}, not PooledAsyncChat")
+        if type(pooled).__name__ != "AiohttpAsyncChat":
+            raise SystemExit(f"provider_load: got {type(pooled).__name__}, not AiohttpAsyncChat")
 
         async def close() -> None:
             await close_clients([pooled])
@@ -207,8 +227,8 @@ def _llm(path: str, api_base: str, spec: RunSpec) -> tuple[loadgen.CallFn, Close
 async def run_load(path: str, api_base: str, spec: RunSpec) -> loadgen.Result:
     if path == "raw":
         call, close = raw_client(api_base, spec)
-    elif path == "openai":
-        call, close = _openai(api_base, spec)
+    elif path == "httpx":
+        call, close = _httpx(api_base, spec)
     else:
         call, close = _llm(path, api_base, spec)
     try:

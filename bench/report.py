@@ -64,6 +64,7 @@ def machine_info() -> dict[str, str]:
         "grpcio": version("grpcio"),
         "llm": version("llm"),
         "openai": version("openai"),
+        "aiohttp": version("aiohttp"),
         "vibectld": version("vibectld"),
         "commit": _git_commit(),
         "load average (1/5/15 min) at the end": _loadavg(),

@@ -4,8 +4,8 @@ Sections (all by default; `--only a,b` picks some):
 
   overhead   vibectld vs a bare grpc.aio server of the same protocol (the floor):
              req/s and p50/p99 at 1/16/64 callers, unary and streaming, time to first chunk
-  provider   a fake OpenAI-compatible endpoint (20 ms) called raw, through the openai
-             client, through llm in-process (vibectld's pooled model and llm's stock
+  provider   a fake OpenAI-compatible endpoint (20 ms) called raw (aiohttp, httpx),
+             through llm in-process (vibectld's model for the endpoint and llm's stock
              one) and through vibectld: p50/p99, req/s at 1 and 16 callers, TTFT
   registry   throughput with 100,000 issued / 50,000 revoked clients vs 1; admin
              issue/revoke latency at that size

@@ -2,9 +2,12 @@
 
 llm's OpenAI models build a new client, with a new connection pool, on every
 prompt, and let the openai package retry 429s and 5xx while sleeping through
-`retry-after`. A proxy must do neither: these subclasses keep one client per
-key for the life of the catalogue (connections are reused) and turn the
-package's retries off, so a provider refusal comes back at once, as itself.
+`retry-after`. A proxy must do neither. The async model of each endpoint, the
+one the daemon calls, is openai_chat.AiohttpAsyncChat: one session per
+endpoint, no retries, and a fraction of the openai package's CPU per call. The
+sync model (only for llm's own tools; the daemon never picks it when an async
+one exists) and llm's stock OpenAI models keep the openai package, with one
+pooled client per key and its retries off.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import llm
-from llm.default_plugins.openai_models import AsyncChat, Chat
+from llm.default_plugins.openai_models import Chat
 
 from vibectld.config import OpenAICompatibleModel
+from vibectld.openai_chat import AiohttpAsyncChat, SessionPool
 
 PLUGIN_NAME = "vibectld-openai-compatible"
 
@@ -57,10 +61,6 @@ class PooledChat(_Pooled, Chat):  # type: ignore[misc]
     pass
 
 
-class PooledAsyncChat(_Pooled, AsyncChat):  # type: ignore[misc]
-    pass
-
-
 def pool_clients(model: Any) -> None:
     """Give one of llm's stock OpenAI models (built by llm itself) the same pooled clients.
 
@@ -68,7 +68,7 @@ def pool_clients(model: Any) -> None:
     them with every constructor option they were given, the instance's
     get_client is wrapped, which changes nothing but where the client comes from.
     """
-    if isinstance(model, _Pooled) or not callable(getattr(model, "get_client", None)):
+    if hasattr(model, "pool") or not callable(getattr(model, "get_client", None)):
         return
     original = model.get_client
     pool = _ClientPool()
@@ -102,9 +102,9 @@ class OpenAICompatiblePlugin:
                 "supports_schema": True,
             }
             sync_model: Any = PooledChat(ep.model_id, **kwargs)  # type: ignore[no-untyped-call]
-            async_model: Any = PooledAsyncChat(ep.model_id, **kwargs)  # type: ignore[no-untyped-call]
+            sync_model.pool = _ClientPool()
+            async_model = AiohttpAsyncChat(ep.model_id, **kwargs)
             for model in (sync_model, async_model):
-                model.pool = _ClientPool()
                 # None: the endpoint takes no key. The classes' defaults would
                 # demand, and fall back to, the operator's OpenAI key.
                 model.needs_key = ep.api_key_name
@@ -116,5 +116,5 @@ async def close_clients(models: Iterable[Any]) -> None:
     """Close the pooled connections of the given llm models."""
     for model in models:
         pool = getattr(model, "pool", None)
-        if isinstance(pool, _ClientPool):
+        if isinstance(pool, _ClientPool | SessionPool):
             await pool.aclose()

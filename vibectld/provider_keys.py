@@ -28,6 +28,8 @@ class ProviderKeys:
         self._sources = [d if isinstance(d, tuple) else (d, "") for d in directories]
         self._environ = os.environ if environ is None else environ
         self._cache: dict[tuple[str, str | None], str | None] = {}
+        # systemd copies credentials in when the service starts; a reload cannot fix them.
+        self.credentials_dir: Path | None = None
 
     @classmethod
     def for_daemon(
@@ -43,7 +45,10 @@ class ProviderKeys:
         if config_dir is not None:
             dirs.append(config_dir / "keys")
         dirs.append(state_dir / "keys")
-        return cls(dirs, env)
+        keys = cls(dirs, env)
+        if env.get("CREDENTIALS_DIRECTORY"):
+            keys.credentials_dir = Path(env["CREDENTIALS_DIRECTORY"])
+        return keys
 
     def get(self, name: str, env_var: str | None = None) -> str | None:
         """The key called `name`, or None when no source has it."""
@@ -62,9 +67,14 @@ class ProviderKeys:
                     continue
                 except OSError as e:
                     # An unreadable key file is an operator mistake worth failing loudly on.
+                    fix = (
+                        "fix the file LoadCredential= names, then "
+                        "`systemctl restart vibectld` (credentials are copied at start)"
+                        if directory == self.credentials_dir
+                        else "make it readable by the vibectld user (mode 0600, owned by it)"
+                    )
                     raise ProviderKeyError(
-                        f"cannot read provider key file {path}: {e.strerror}; "
-                        "make it readable by the vibectld user (mode 0600, owned by it)"
+                        f"cannot read provider key file {path}: {e.strerror}; {fix}"
                     ) from None
                 if value:
                     return value

@@ -1,5 +1,5 @@
 """The real provider path: a fake OpenAI-compatible endpoint with a fixed 20 ms latency,
-called directly (raw HTTP, the openai client), through the llm library in-process (as
+called directly (raw HTTP with aiohttp and with httpx), through the llm library in-process (as
 vibectld registers endpoints, and llm's stock way), and through vibectld."""
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ MODEL_ID = "fake-gpt"
 MODEL_NAME = "fake"
 # (path, what it is); "vibectld" goes through bench.load, the others bench.provider_load.
 PATHS = (
-    ("raw", "raw HTTP: httpx AsyncClient, kept-alive pool"),
-    ("openai", "openai.AsyncOpenAI, reused, max_retries=0"),
-    ("llm-pooled", "llm in-process, vibectld's pooled model (PooledAsyncChat)"),
+    ("raw", "raw HTTP: aiohttp ClientSession, kept-alive pool (what vibectld uses)"),
+    ("httpx", "raw HTTP: httpx AsyncClient, kept-alive pool (what the openai package uses)"),
+    ("llm-pooled", "llm in-process, vibectld's model for the endpoint (AiohttpAsyncChat)"),
     ("llm-stock", "llm in-process, stock AsyncChat with api_base"),
     ("vibectld", "through vibectld (gRPC, TLS, auth) to the same endpoint"),
 )

@@ -5,10 +5,10 @@
   its HTTP connection closed before the reply was finished, moments later; with
   the in-process `faults` model the daemon's in-flight count returns to 0.
 - A slow reader (a stream nobody reads, of a large reply) does not hold up
-  other clients, and the daemon does not pull the whole reply for it. But when
-  such a reader then cancels — the cancellation landing on the daemon's blocked
-  gRPC write rather than inside the provider call — the provider stream stays
-  open until the garbage collector runs (a known bug, pinned by a strict xfail).
+  other clients, and the daemon does not pull the whole reply for it. When such
+  a reader then cancels — the cancellation landing on the daemon's blocked gRPC
+  write rather than inside the provider call — the provider stream is closed
+  at once too, with the garbage collector paused.
 - 500 concurrent streams from one grpc.aio client process complete on 2 cores.
 """
 
@@ -340,15 +340,6 @@ def wait_for_bulk_ends(
     return bulk()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: closing the stream chain (proxy_service.StreamExecute -> Executor.stream -> "
-    "_stream_async -> llm astream_events -> llm AsyncChat.execute) stops at llm's "
-    "AsyncChat.execute, which iterates the openai AsyncStream (`async for chunk in "
-    "completion`) without closing it; AsyncStream <-> its __stream__ generator is a "
-    "reference cycle, so the provider's HTTP response is closed only by the garbage "
-    "collector, and never while anything keeps a reference (e.g. a logged traceback)",
-)
 def test_a_cancelled_slow_reader_closes_the_provider_stream_without_the_gc(px: Proxy) -> None:
     """The client cancels while the daemon is blocked sending to it (flow control).
 

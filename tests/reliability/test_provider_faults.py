@@ -256,9 +256,10 @@ def test_a_batch_of_provider_faults_is_in_band_errors_and_leaks_nothing(
         assert set(kinds[:-1]) <= {"text_chunk"}, kinds
         assert chunks[-1].error.error_code == code
         text = "".join(c.text_chunk for c in chunks[:-1])
+        # For a cut, text in the same read as the cut may be dropped with it.
         assert behaviour.reply.startswith(text)
         if behaviour.fault is Fault.CUT:
-            assert text == "one two three"
+            assert "one two three".startswith(text)
     # Every call reached the provider once: no retries inside the daemon. (A call
     # that hangs may time out before it reaches the provider on a loaded machine.)
     reached = proxy.fake.request_count

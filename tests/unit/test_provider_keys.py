@@ -99,6 +99,16 @@ def test_a_key_file_that_cannot_be_read_is_an_error_naming_it(layout: Layout) ->
     assert "0600" in message
 
 
+def test_an_unreadable_systemd_credential_says_to_restart(layout: Layout) -> None:
+    # systemd copies credentials in at start, so a reload cannot pick up a fixed file.
+    (layout.credentials / "gpu").mkdir()
+    with pytest.raises(ProviderKeyError) as err:
+        layout.keys().get("gpu")
+    message = str(err.value)
+    assert str(layout.credentials / "gpu") in message
+    assert "systemctl restart vibectld" in message
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_a_key_file_without_read_permission_is_an_error_naming_it(layout: Layout) -> None:
     path = write_key(layout.credentials, "gpu", "secret-value-1234")

@@ -1,0 +1,219 @@
+"""llm's async OpenAI chat model with its transport replaced by one pooled aiohttp session.
+
+The messages and request options are still built by llm's own AsyncChat
+(build_messages, build_kwargs), so a prompt means exactly what it means to llm.
+Only the HTTP exchange is ours: the openai package spends about 1.7 ms of CPU per
+call turning JSON into pydantic objects and httpx spends about 1.4 ms more; on a
+two-core host that, not the provider, caps what a proxy can serve. aiohttp's C
+parser does the same exchange in about 0.5 ms (bench/results has the numbers).
+
+Everything the openai package did that a proxy must not do is absent: no
+retries, no sleeping through retry-after, no new client per prompt. A caller
+that stops early closes the HTTP response, and with it the provider's stream,
+at once; nothing waits for the garbage collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import aiohttp
+from llm.default_plugins.openai_models import AsyncChat
+
+# openai's own defaults, so moving off that package changes no limit an operator relied on.
+MAX_CONNECTIONS = 1000
+CONNECT_TIMEOUT_S = 10.0
+# The request deadline is the daemon's (limits.request_timeout_seconds); this only
+# bounds a connection that stops sending altogether.
+READ_TIMEOUT_S = 600.0
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+class ProviderHTTPError(Exception):
+    """The endpoint answered with an HTTP error; status_code drives the in-band error code."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(f"HTTP {status_code}: {message}")
+        self.status_code = status_code
+
+
+class ProviderProtocolError(Exception):
+    """The endpoint's answer was not an OpenAI chat completion."""
+
+
+class SessionPool:
+    """One aiohttp session (and so one connection pool) per event loop, made on first use."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            # A session is bound to the loop it was made in; one from a loop that has
+            # ended cannot be closed from here and is left to be collected.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
+                ),
+                # Not per request: aiohttp would re-read the proxy variables and ~/.netrc
+                # in a worker thread on every call. env_proxy reads them once.
+                trust_env=False,
+                raise_for_status=False,
+            )
+            self._loop = loop
+        return self._session
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
+            await session.close()
+
+
+class AiohttpAsyncChat(AsyncChat):
+    """AsyncChat for one OpenAI-compatible endpoint, over a shared session."""
+
+    supports_tools = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.pool = SessionPool()
+        self._url = f"{str(self.api_base).rstrip('/')}/chat/completions"
+        self._proxy = env_proxy(self._url)
+
+    async def execute(
+        self,
+        prompt: Any,
+        stream: bool,
+        response: Any,
+        conversation: Any = None,
+        key: str | None = None,
+    ) -> AsyncGenerator[str, None]:
+        if prompt.system and not self.allows_system_prompt:
+            raise NotImplementedError("Model does not support system prompts")
+        body = {
+            "model": self.model_name or self.model_id,
+            "messages": self.build_messages(
+                prompt, conversation, image_detail=getattr(prompt.options, "image_detail", None)
+            ),
+            "stream": stream,
+            **self.build_kwargs(prompt, stream),  # type: ignore[no-untyped-call]
+        }
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        async with self.pool.get().post(
+            self._url, json=body, headers=headers, proxy=self._proxy
+        ) as reply:
+            try:
+                if reply.status >= 400:
+                    raise ProviderHTTPError(reply.status, await _error_text(reply))
+                if stream:
+                    async for text in _stream_texts(reply, response):
+                        yield text
+                else:
+                    whole = _completion_text(await _json(reply), response)
+                    if whole:
+                        yield whole
+            except BaseException:
+                # Not back into the pool: the rest of this answer is still on the wire.
+                reply.close()
+                raise
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy that HTTPS_PROXY / HTTP_PROXY name for url, unless NO_PROXY exempts its host.
+
+    Read when the model is built (at start and on reload), as the openai package
+    honoured these variables and operators behind an egress proxy rely on them.
+    """
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return proxies.get(parts.scheme)
+
+
+async def _json(reply: aiohttp.ClientResponse) -> Any:
+    raw = await reply.read()
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise ProviderProtocolError(
+            f"the endpoint's answer is not JSON ({e}): {raw[:200]!r}"
+        ) from None
+
+
+def _usage(data: Any, response: Any) -> None:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if isinstance(usage, dict):
+        response.set_usage(input=usage.get("prompt_tokens"), output=usage.get("completion_tokens"))
+
+
+def _completion_text(data: Any, response: Any) -> str | None:
+    try:
+        message = data["choices"][0]["message"]
+        text = message.get("content")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ProviderProtocolError(
+            f"the endpoint's answer is not a chat completion: {str(data)[:200]}"
+        ) from None
+    if text is not None and not isinstance(text, str):
+        raise ProviderProtocolError("the endpoint's answer has non-text content")
+    response.response_json = data
+    _usage(data, response)
+    return text
+
+
+async def _stream_texts(reply: aiohttp.ClientResponse, response: Any) -> AsyncGenerator[str, None]:
+    """The text deltas of a chat.completion.chunk event stream, in order."""
+    finished = False
+    try:
+        async for line in reply.content:
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, event names
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return
+            try:
+                event = json.loads(payload)
+            except ValueError:
+                raise ProviderProtocolError(
+                    f"the endpoint's stream has an event that is not JSON: {payload[:200]!r}"
+                ) from None
+            if not isinstance(event, dict):
+                raise ProviderProtocolError(
+                    "the endpoint's stream has an event that is not a JSON object"
+                )
+            if "error" in event:
+                detail = str(event["error"])[:300]
+                raise ProviderProtocolError(f"the endpoint failed mid-stream: {detail}")
+            _usage(event, response)
+            for choice in event.get("choices") or ():
+                delta = choice.get("delta") or {}
+                text = delta.get("content")
+                if text:
+                    yield text
+                finished = finished or bool(choice.get("finish_reason"))
+    except ValueError as e:  # aiohttp's limit on one line
+        raise ProviderProtocolError(f"the endpoint's stream is malformed: {e}") from None
+    if not finished:
+        raise ProviderProtocolError(
+            "the endpoint's stream ended before the reply was complete; try again"
+        )
+
+
+async def _error_text(reply: aiohttp.ClientResponse) -> str:
+    """The provider's own words for an error, from a JSON error object or the body's start."""
+    raw = await reply.content.read(ERROR_BODY_LIMIT)
+    try:
+        data = json.loads(raw)
+        message = data["error"]["message"] if isinstance(data.get("error"), dict) else data["error"]
+        return str(message)[:500]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return raw[:500].decode("utf-8", "replace").strip() or (reply.reason or "no detail")
