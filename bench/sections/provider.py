@@ -45,8 +45,8 @@ MIN_RPS_RATIO = 0.80
 MAX_TTFT_OVER_RAW_MS = 2.0
 
 INTRO = f"""\
-A fake OpenAI-compatible endpoint (`bench/fake_provider.py`: tests/fake_openai.py with
-TCP_NODELAY, a separate process) answers every chat completion after a fixed
+A fake OpenAI-compatible endpoint (`bench/fake_provider.py`: tests/fake_openai.py in a
+separate process, TCP_NODELAY like a real server) answers every chat completion after a fixed
 {LATENCY_MS:g} ms, as one JSON document or as an SSE stream. Each path is driven
 closed-loop from its own load-generator process (`bench/provider_load.py`; for vibectld,
 `bench/load.py`); at 1 caller, raw and vibectld are measured by one process that

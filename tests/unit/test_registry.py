@@ -165,6 +165,23 @@ def test_expired_client_can_be_revoked(registry: Registry) -> None:
     assert registry.revoke("alice", by=ADMIN, now=NOW + 2 * DAY).id == rec.id
 
 
+def test_counts_stay_right_across_expiry_and_every_kind_of_write(registry: Registry) -> None:
+    # counts() is cached between writes until the next active client expires.
+    issue(registry, "short", now=NOW, days=1)
+    issue(registry, "long", now=NOW)
+    assert registry.counts(NOW + 10) == {"active": 2, "expired": 0, "revoked": 0}
+    assert registry.counts(NOW + DAY - 1) == {"active": 2, "expired": 0, "revoked": 0}
+    assert registry.counts(NOW + DAY) == {"active": 1, "expired": 1, "revoked": 0}
+    assert registry.counts(NOW + 5) == {"active": 2, "expired": 0, "revoked": 0}  # earlier again
+    issue(registry, "third", now=NOW + 20)
+    assert registry.counts(NOW + 30) == {"active": 3, "expired": 0, "revoked": 0}
+    registry.revoke("third", by=ADMIN, now=NOW + 40)
+    assert registry.counts(NOW + 50) == {"active": 2, "expired": 0, "revoked": 1}
+    registry.update("long", rpm=5, by=ADMIN, now=NOW + 55)
+    assert registry.counts(NOW + 56) == {"active": 2, "expired": 0, "revoked": 1}
+    assert registry.counts(NOW + DAY) == {"active": 1, "expired": 1, "revoked": 1}
+
+
 def test_list_and_counts(registry: Registry) -> None:
     a = issue(registry, "a", now=NOW)
     b = issue(registry, "b", now=NOW + 1, days=1)
