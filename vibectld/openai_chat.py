@@ -32,6 +32,8 @@ CONNECT_TIMEOUT_S = 10.0
 # bounds a connection that stops sending altogether.
 READ_TIMEOUT_S = 600.0
 ERROR_BODY_LIMIT = 64 * 1024
+# One event of a stream; a provider sending more without a newline is broken, not slow.
+MAX_EVENT_BYTES = 16 * 2**20
 
 
 class ProviderHTTPError(Exception):
@@ -170,38 +172,60 @@ def _completion_text(data: Any, response: Any) -> str | None:
     return text
 
 
+async def _sse_data(reply: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+    """The `data:` payloads of a server-sent event stream, one per line, in order."""
+    # The unfinished line, kept in pieces so a long one is not copied once per piece.
+    pieces: list[bytes] = []
+    size = 0
+    async for received in reply.content.iter_any():
+        if b"\n" not in received:
+            pieces.append(received)
+            size += len(received)
+            if size > MAX_EVENT_BYTES:
+                raise ProviderProtocolError(
+                    f"the endpoint's stream has a line over {MAX_EVENT_BYTES // 2**20} MiB"
+                )
+            continue
+        first, *lines, rest = received.split(b"\n")
+        pieces.append(first)
+        for line in (b"".join(pieces), *lines):
+            # Blank separators, comments and event names carry no data.
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+        pieces, size = [rest], len(rest)
+    last = b"".join(pieces)
+    if last.startswith(b"data:"):
+        yield last[5:].strip()
+
+
 async def _stream_texts(reply: aiohttp.ClientResponse, response: Any) -> AsyncGenerator[str, None]:
     """The text deltas of a chat.completion.chunk event stream, in order."""
     finished = False
-    try:
-        async for line in reply.content:
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments, event names
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                return
-            try:
-                event = json.loads(payload)
-            except ValueError:
-                raise ProviderProtocolError(
-                    f"the endpoint's stream has an event that is not JSON: {payload[:200]!r}"
-                ) from None
-            if not isinstance(event, dict):
-                raise ProviderProtocolError(
-                    "the endpoint's stream has an event that is not a JSON object"
-                )
-            if "error" in event:
-                detail = str(event["error"])[:300]
-                raise ProviderProtocolError(f"the endpoint failed mid-stream: {detail}")
-            _usage(event, response)
-            for choice in event.get("choices") or ():
-                delta = choice.get("delta") or {}
-                text = delta.get("content")
-                if text:
-                    yield text
-                finished = finished or bool(choice.get("finish_reason"))
-    except ValueError as e:  # aiohttp's limit on one line
-        raise ProviderProtocolError(f"the endpoint's stream is malformed: {e}") from None
+    async for payload in _sse_data(reply):
+        if payload == b"[DONE]":
+            return
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            raise ProviderProtocolError(
+                f"the endpoint's stream has an event that is not JSON: {payload[:200]!r}"
+            ) from None
+        if not isinstance(event, dict):
+            raise ProviderProtocolError(
+                "the endpoint's stream has an event that is not a JSON object"
+            )
+        if "error" in event:
+            detail = str(event["error"])[:300]
+            raise ProviderProtocolError(f"the endpoint failed mid-stream: {detail}")
+        _usage(event, response)
+        for choice in event.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if text is not None and not isinstance(text, str):
+                raise ProviderProtocolError("the endpoint's stream has non-text content")
+            if text:
+                yield text
+            finished = finished or bool(isinstance(choice, dict) and choice.get("finish_reason"))
     if not finished:
         raise ProviderProtocolError(
             "the endpoint's stream ended before the reply was complete; try again"
@@ -210,7 +234,10 @@ async def _stream_texts(reply: aiohttp.ClientResponse, response: Any) -> AsyncGe
 
 async def _error_text(reply: aiohttp.ClientResponse) -> str:
     """The provider's own words for an error, from a JSON error object or the body's start."""
-    raw = await reply.content.read(ERROR_BODY_LIMIT)
+    raw = b""
+    while len(raw) < ERROR_BODY_LIMIT and (more := await reply.content.read(ERROR_BODY_LIMIT)):
+        raw += more
+    raw = raw[:ERROR_BODY_LIMIT]
     try:
         data = json.loads(raw)
         message = data["error"]["message"] if isinstance(data.get("error"), dict) else data["error"]

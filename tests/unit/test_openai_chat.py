@@ -21,7 +21,8 @@ from vibectld.openai_chat import (
     env_proxy,
 )
 
-Answer = Callable[[dict[str, Any]], bytes]
+# The bytes to send, or pieces sent apart (a short pause between them).
+Answer = Callable[[dict[str, Any]], bytes | list[bytes]]
 
 
 def http(status: str, body: bytes, content_type: str = "application/json") -> bytes:
@@ -58,8 +59,11 @@ class Canned:
                 headers = {k.lower(): v.strip() for k, _, v in pairs}
                 body = json.loads(await reader.readexactly(int(headers["content-length"])))
                 self.requests.append((headers, body))
-                writer.write(self.answer(body))
-                await writer.drain()
+                answer = self.answer(body)
+                for piece in [answer] if isinstance(answer, bytes) else answer:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.005)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -198,6 +202,9 @@ def test_odd_completions_are_errors_that_say_what_was_wrong(
         pytest.param((chunk("a"), "{broken"), "not JSON", id="event-not-json"),
         pytest.param((chunk("a"), "[1, 2]"), "not a JSON object", id="event-not-object"),
         pytest.param(
+            ('{"choices": [{"delta": {"content": [1]}}]}',), "non-text content", id="delta-not-text"
+        ),
+        pytest.param(
             (chunk("a"), '{"error": {"message": "overloaded"}}'),
             "failed mid-stream: .*overloaded",
             id="error-event",
@@ -214,6 +221,37 @@ def test_odd_streams_are_errors_that_say_what_was_wrong(
             await ask(model_for(base), True)
 
     with pytest.raises(ProviderProtocolError, match=words):
+        run(go())
+
+
+def test_events_split_anywhere_across_reads_are_put_back_together(
+    model_for: Callable[[str], AiohttpAsyncChat],
+) -> None:
+    whole = sse(chunk("alpha "), chunk("beta"), chunk(None, "stop"), "[DONE]")
+    head_end = whole.index(b"\r\n\r\n") + 4
+    body = whole[head_end:]
+    # The head, then the body in 7-byte pieces: splits inside "data:", JSON and newlines.
+    pieces = [whole[:head_end]] + [body[i : i + 7] for i in range(0, len(body), 7)]
+
+    async def go() -> tuple[str, Any]:
+        async with Canned(lambda body: pieces) as base:
+            return await ask(model_for(base), True)
+
+    assert run(go())[0] == "alpha beta"
+
+
+def test_an_endless_line_is_refused_not_buffered_forever(
+    model_for: Callable[[str], AiohttpAsyncChat], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("vibectld.openai_chat.MAX_EVENT_BYTES", 1000)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 5000\r\n\r\n"
+    pieces = [head] + [b"data: " + b"x" * 494] * 10
+
+    async def go() -> None:
+        async with Canned(lambda body: pieces) as base:
+            await ask(model_for(base), True)
+
+    with pytest.raises(ProviderProtocolError, match="a line over"):
         run(go())
 
 

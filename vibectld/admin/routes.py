@@ -6,6 +6,7 @@ operations) and the request's args, and returns a JSON-ready result.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -164,7 +165,9 @@ def build_routes(
         models = _models(rt, args.get("models"))
         now = int(time.time())
         try:
-            record = rt.registry.issue(
+            # The registry commits (and fsyncs) before it answers: off the event loop.
+            record = await asyncio.to_thread(
+                rt.registry.issue,
                 name=name,
                 expires_at=now + lifetime,
                 issued_by=_who(caller),
@@ -205,7 +208,9 @@ def build_routes(
     async def revoke_client(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         target = _required_text(args, "target")
         try:
-            record = rt.registry.revoke(target, by=_who(caller), reason=_opt_text(args, "reason"))
+            record = await asyncio.to_thread(
+                rt.registry.revoke, target, by=_who(caller), reason=_opt_text(args, "reason")
+            )
         except ClientNotFound as e:
             raise AdminError(ErrorCode.NOT_FOUND, str(e)) from None
         except RegistryError as e:
@@ -231,7 +236,7 @@ def build_routes(
         if not changes:
             raise AdminError(ErrorCode.BAD_REQUEST, "nothing to change: give at least one option")
         try:
-            record = rt.registry.update(target, by=_who(caller), **changes)
+            record = await asyncio.to_thread(rt.registry.update, target, by=_who(caller), **changes)
         except ClientNotFound as e:
             raise AdminError(ErrorCode.NOT_FOUND, str(e)) from None
         except AlreadyRevoked as e:
@@ -245,7 +250,9 @@ def build_routes(
         since = _since(args, "1d") if args.get("since") else int(time.time())
         name = _opt_text(args, "name", 200)
         try:
-            rows = rt.registry.usage(since_day=utc_day(since), name_or_id=name)
+            rows = await asyncio.to_thread(
+                rt.registry.usage, since_day=utc_day(since), name_or_id=name
+            )
         except ClientNotFound as e:
             raise AdminError(ErrorCode.NOT_FOUND, str(e)) from None
         except RegistryError as e:
@@ -267,7 +274,7 @@ def build_routes(
         }
 
     async def audit(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        entries = rt.registry.audit(since=_since(args, "7d"))
+        entries = await asyncio.to_thread(rt.registry.audit, since=_since(args, "7d"))
         return {
             "entries": [
                 {

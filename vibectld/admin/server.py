@@ -316,7 +316,7 @@ class AdminServer:
                 req.id, ErrorCode.UNKNOWN_OP, f"unknown operation {req.op!r}; known: {known}"
             )
         if route.write and not caller.can_write:
-            self._log(caller, req, route, "refused")
+            await self._log(caller, req, route, "refused")
             return protocol.encode_error(
                 req.id, ErrorCode.PERMISSION_DENIED, self._refusal(caller, req.op)
             )
@@ -324,17 +324,17 @@ class AdminServer:
             result = await route.handler(caller, req.args)
             response = protocol.encode_result(req.id, result)
         except AdminError as e:
-            self._log(
+            await self._log(
                 caller, req, route, "failed" if e.code == ErrorCode.FAILED else f"failed:{e.code}"
             )
             return protocol.encode_error(req.id, e.code, e.message)
         except Exception:
             structlog.get_logger("vibectld.admin").exception("admin.handler_crashed", op=req.op)
-            self._log(caller, req, route, f"failed:{ErrorCode.INTERNAL}")
+            await self._log(caller, req, route, f"failed:{ErrorCode.INTERNAL}")
             return protocol.encode_error(
                 req.id, ErrorCode.INTERNAL, "internal error; see the vibectld log"
             )
-        self._log(caller, req, route, "ok")
+        await self._log(caller, req, route, "ok")
         return response
 
     def _refusal(self, caller: Caller, op: str) -> str:
@@ -343,7 +343,7 @@ class AdminServer:
             return f"{who}: only root and uid {os.getuid()} may change state"
         return f"{who}: add the user to the '{self._group}' group (then log in again)"
 
-    def _log(self, caller: Caller, req: protocol.Request, route: Route, outcome: str) -> None:
+    async def _log(self, caller: Caller, req: protocol.Request, route: Route, outcome: str) -> None:
         # Results are never logged: they can carry client secrets.
         fields: dict[str, Any] = {
             "caller_uid": caller.uid,
@@ -359,7 +359,10 @@ class AdminServer:
             )
             if self._on_audit is not None:
                 try:
-                    self._on_audit(caller, req.op, str(target) if target else None, outcome)
+                    # A committed row costs an fsync: written from a thread, not the loop.
+                    await asyncio.to_thread(
+                        self._on_audit, caller, req.op, str(target) if target else None, outcome
+                    )
                 except Exception:
                     # The journal record above stands; a broken audit table must not
                     # turn an operation that happened into one that seems to have failed.
