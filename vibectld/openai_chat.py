@@ -219,13 +219,15 @@ async def _stream_texts(reply: aiohttp.ClientResponse, response: Any) -> AsyncGe
             raise ProviderProtocolError(f"the endpoint failed mid-stream: {detail}")
         _usage(event, response)
         for choice in event.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
             text = delta.get("content") if isinstance(delta, dict) else None
             if text is not None and not isinstance(text, str):
                 raise ProviderProtocolError("the endpoint's stream has non-text content")
             if text:
                 yield text
-            finished = finished or bool(isinstance(choice, dict) and choice.get("finish_reason"))
+            finished = finished or bool(choice.get("finish_reason"))
     if not finished:
         raise ProviderProtocolError(
             "the endpoint's stream ended before the reply was complete; try again"
@@ -235,9 +237,11 @@ async def _stream_texts(reply: aiohttp.ClientResponse, response: Any) -> AsyncGe
 async def _error_text(reply: aiohttp.ClientResponse) -> str:
     """The provider's own words for an error, from a JSON error object or the body's start."""
     raw = b""
-    while len(raw) < ERROR_BODY_LIMIT and (more := await reply.content.read(ERROR_BODY_LIMIT)):
+    # read(n) returns what has arrived, up to n: loop until the limit or the body's end.
+    while len(raw) < ERROR_BODY_LIMIT and (
+        more := await reply.content.read(ERROR_BODY_LIMIT - len(raw))
+    ):
         raw += more
-    raw = raw[:ERROR_BODY_LIMIT]
     try:
         data = json.loads(raw)
         message = data["error"]["message"] if isinstance(data.get("error"), dict) else data["error"]
