@@ -10,7 +10,7 @@ It is the other half of the provider comparison: the same closed loop as bench.l
   built on here), to show what the choice of HTTP library costs.
 - `llm-pooled`: the llm library in this process, the model registered exactly as
   vibectld registers `models.openai_compatible` endpoints (vibectld's own llm plugin,
-  `vibectld.openai_endpoints`: one aiohttp session per endpoint, no hidden retries),
+  `vibectld.providers.openai_compatible`: one aiohttp session per endpoint, no hidden retries),
   called as vibectld's executor calls it.
 - `llm-stock`: llm's stock `AsyncChat` with `api_base`, as llm's
   `extra-openai-models.yaml` would register it: a new `openai` client (and SSL
@@ -160,7 +160,11 @@ def _llm_model(path: str, api_base: str) -> tuple[Any, Closer]:
         from llm.plugins import pm
 
         from vibectld.config import OpenAICompatibleModel
-        from vibectld.openai_endpoints import PLUGIN_NAME, OpenAICompatiblePlugin, close_clients
+        from vibectld.providers.openai_compatible import (
+            PLUGIN_NAME,
+            OpenAICompatiblePlugin,
+            close_clients,
+        )
 
         endpoint = OpenAICompatibleModel(
             model_id=MODEL_ID, model_name=MODEL_NAME, api_base=api_base
@@ -194,7 +198,7 @@ def _llm(path: str, api_base: str, spec: RunSpec) -> tuple[loadgen.CallFn, Close
     async def call(index: int, n: int) -> float:
         t0 = time.perf_counter()
         try:
-            # As vibectld's executor (vibectld/execution.py) calls an async model.
+            # As vibectld's executor (vibectld/providers/execution.py) calls an async model.
             response = model.prompt(
                 None,
                 fragments=[PROMPT],

@@ -8,8 +8,8 @@ import sys
 import click
 import structlog
 
-from vibectld import logs
 from vibectld.config import ConfigError, load_config, resolve_config_path
+from vibectld.ops import logs
 from vibectld.version import __version__
 
 

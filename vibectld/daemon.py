@@ -22,17 +22,17 @@ from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.admin.routes import build_routes
 from vibectld.admin.server import AdminServer, Caller
 from vibectld.config import DaemonConfig
-from vibectld.execution import Executor
-from vibectld.models import ModelCatalogue, point_llm_at
-from vibectld.notify import Notifier
-from vibectld.provider_keys import ProviderKeys
-from vibectld.proxy_service import ProxyService
-from vibectld.registry import Registry, RegistryError
+from vibectld.ops.notify import Notifier
+from vibectld.ops.watchdog import Heartbeat
+from vibectld.pki.signing import SigningKeys
+from vibectld.pki.tls import ServerTLS, default_hosts, load_server_tls
+from vibectld.providers.catalogue import ModelCatalogue, point_llm_at
+from vibectld.providers.execution import Executor
+from vibectld.providers.keys import ProviderKeys
 from vibectld.reloader import ReloadRejected, reload_runtime
 from vibectld.runtime import Runtime
-from vibectld.tls import ServerTLS, default_hosts, load_server_tls
-from vibectld.tokens import SigningKeys
-from vibectld.watchdog import Heartbeat
+from vibectld.service.servicer import ProxyService
+from vibectld.store.registry import Registry, RegistryError
 
 log = structlog.get_logger("vibectld")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import structlog
 
 from vibectld.config import ConfigError, DaemonConfig, load_config
-from vibectld.models import ModelCatalogue
-from vibectld.provider_keys import ProviderKeyError, ProviderKeys
+from vibectld.pki.tls import TLSError, default_hosts, load_server_tls
+from vibectld.providers.catalogue import ModelCatalogue
+from vibectld.providers.keys import ProviderKeyError, ProviderKeys
 from vibectld.runtime import Runtime
-from vibectld.tls import TLSError, default_hosts, load_server_tls
 
 log = structlog.get_logger("vibectld")
 

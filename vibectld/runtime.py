@@ -13,17 +13,17 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from vibectld.auth import Authenticator
 from vibectld.config import DaemonConfig
-from vibectld.execution import Executor
-from vibectld.inflight import InFlight
-from vibectld.limits import Limiter
-from vibectld.metrics import Metrics
-from vibectld.models import ModelCatalogue
-from vibectld.provider_keys import ProviderKeys
-from vibectld.registry import ClientRecord, Registry
-from vibectld.tls import ServerTLS
-from vibectld.tokens import SigningKeys
+from vibectld.ops.metrics import Metrics
+from vibectld.pki.signing import SigningKeys
+from vibectld.pki.tls import ServerTLS
+from vibectld.providers.catalogue import ModelCatalogue
+from vibectld.providers.execution import Executor
+from vibectld.providers.keys import ProviderKeys
+from vibectld.service.auth import Authenticator
+from vibectld.service.inflight import InFlight
+from vibectld.service.limits import Limiter
+from vibectld.store.registry import ClientRecord, Registry
 
 
 @dataclass

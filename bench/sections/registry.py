@@ -23,7 +23,7 @@ from bench.common import (
     warm_up,
 )
 from bench.servers import BenchError, Vibectld, clean_env, rss_kib
-from vibectld.registry import Registry
+from vibectld.store.registry import Registry
 
 ISSUED = 100_000
 REVOKED = 50_000

@@ -73,7 +73,7 @@ print(json.dumps(out))
 
 _CLI_DRIVER = f"""
 import os
-from vibectld.admin_cli import main
+from vibectld.admin.cli import main
 {_DROP}
 main()
 """

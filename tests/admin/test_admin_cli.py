@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from vibectld.admin import protocol
+from vibectld.admin.cli import cli
 from vibectld.admin.protocol import ErrorCode
 from vibectld.admin.server import AdminError, Caller, Route
-from vibectld.admin_cli import cli
 
 from .helpers import StartServer, cli_as_nobody, needs_root
 
@@ -323,7 +323,7 @@ def test_no_unreleased_commands() -> None:
 
 def _console_script() -> list[str]:
     script = Path(sys.executable).parent / "vibectl-admin"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vibectld.admin_cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vibectld.admin.cli"]
 
 
 def test_console_script_in_a_subprocess(daemon: tuple[FakeDaemon, Path]) -> None:
@@ -340,7 +340,7 @@ def test_console_script_in_a_subprocess(daemon: tuple[FakeDaemon, Path]) -> None
     assert proc.stdout == URL + "\n"
 
     module = subprocess.run(
-        [sys.executable, "-m", "vibectld.admin_cli", "--socket", str(path), "--json", "status"],
+        [sys.executable, "-m", "vibectld.admin.cli", "--socket", str(path), "--json", "status"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,19 +10,19 @@ ALLOWED = {
     "vibectld.admin",
     "vibectld.admin.protocol",
     "vibectld.admin.client",
-    "vibectld.admin_cli",
+    "vibectld.admin.cli",
     "vibectld.version",
 }
 
 
 def test_admin_cli_imports_only_protocol_client_and_version() -> None:
     code = (
-        "import vibectld.admin_cli, sys; "
+        "import vibectld.admin.cli, sys; "
         "print('\\n'.join(m for m in sys.modules if m.startswith('vibectld')))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     imported = set(proc.stdout.split())
-    assert "vibectld.admin_cli" in imported
+    assert "vibectld.admin.cli" in imported
     assert imported <= ALLOWED, sorted(imported - ALLOWED)

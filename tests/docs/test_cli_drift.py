@@ -13,12 +13,12 @@ import click
 import pytest
 
 import vibectl.cli
-import vibectld.admin_cli
+import vibectld.admin.cli
 import vibectld.cli
 from tests.docs.manpage import Page, mentions
 
 CLIS = {
-    "vibectl-admin.8": vibectld.admin_cli.cli,
+    "vibectl-admin.8": vibectld.admin.cli.cli,
     "vibectl.1": vibectl.cli.main,
     "vibectld.8": vibectld.cli.main,
 }

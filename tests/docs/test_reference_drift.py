@@ -8,11 +8,13 @@ from typing import TypeVar
 from unittest import mock
 
 import vibectl.errors
-import vibectld.admin_cli
+import vibectld.admin.cli
 from tests.docs.manpage import Page, mentions
-from vibectld import config, execution, refusals
+from vibectld import config
 from vibectld.admin import protocol, server
 from vibectld.admin.routes import build_routes
+from vibectld.providers import execution
+from vibectld.service import refusals
 
 _OPERATION = re.compile(r"^([a-z_]+) \((read|write)\)$")
 _EXIT_CODE = re.compile(r"^ {7}(\d+)(?:\s|$)")
@@ -51,10 +53,10 @@ def test_admin_error_codes_and_protocol_limits() -> None:
 
 def test_admin_exit_codes_and_environment() -> None:
     page = Page.load("vibectl-admin.8")
-    real = {v for k, v in vars(vibectld.admin_cli).items() if k.startswith("EX_")}
+    real = {v for k, v in vars(vibectld.admin.cli).items() if k.startswith("EX_")}
     assert exit_codes(page) == real
-    assert mentions("\n".join(page.section("ENVIRONMENT")), vibectld.admin_cli.SOCKET_ENV)
-    assert mentions(page.text, vibectld.admin_cli.DEFAULT_SOCKET)
+    assert mentions("\n".join(page.section("ENVIRONMENT")), vibectld.admin.cli.SOCKET_ENV)
+    assert mentions(page.text, vibectld.admin.cli.DEFAULT_SOCKET)
 
 
 T = TypeVar("T")

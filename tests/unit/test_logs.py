@@ -13,8 +13,8 @@ import pytest
 import structlog
 
 from tests.conftest import short_tmpdir
-from vibectld import logs
-from vibectld.journal import encode, field_name
+from vibectld.ops import logs
+from vibectld.ops.journal import encode, field_name
 
 
 def parse_entry(data: bytes) -> dict[str, str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from vibectld.openai_chat import (
+from vibectld.providers.aiohttp_chat import (
     AiohttpAsyncChat,
     ProviderHTTPError,
     ProviderProtocolError,
@@ -243,7 +243,7 @@ def test_events_split_anywhere_across_reads_are_put_back_together(
 def test_an_endless_line_is_refused_not_buffered_forever(
     model_for: Callable[[str], AiohttpAsyncChat], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("vibectld.openai_chat.MAX_EVENT_BYTES", 1000)
+    monkeypatch.setattr("vibectld.providers.aiohttp_chat.MAX_EVENT_BYTES", 1000)
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 5000\r\n\r\n"
     pieces = [head] + [b"data: " + b"x" * 494] * 10
 

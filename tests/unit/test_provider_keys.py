@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vibectld.provider_keys import ProviderKeyError, ProviderKeys
+from vibectld.providers.keys import ProviderKeyError, ProviderKeys
 
 ENV_VAR = "GPU_BOX_API_KEY"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vibectld.registry import (
+from vibectld.store.registry import (
     MAX_LIMIT,
     SCHEMA_VERSION,
     UNSET,
@@ -142,7 +142,7 @@ def test_bad_issue_arguments(registry: Registry) -> None:
         registry.issue(name="a", expires_at=NOW + 1, issued_by=ADMIN, rpm=0, now=NOW)
     with pytest.raises(RegistryError, match="models"):
         registry.issue(name="a", expires_at=NOW + 1, issued_by=ADMIN, models=[""], now=NOW)
-    assert registry.list(include_inactive=True) == []
+    assert registry.clients(include_inactive=True) == []
 
 
 def test_revoke(registry: Registry) -> None:
@@ -189,10 +189,10 @@ def test_list_and_counts(registry: Registry) -> None:
     d = issue(registry, "d", now=NOW + 3)
     registry.revoke("c", by=ADMIN, now=NOW + 4)
     later = NOW + 2 * DAY
-    assert registry.list(now=later) == [a, d]
-    assert [r.name for r in registry.list(include_inactive=True, now=later)] == list("abcd")
+    assert registry.clients(now=later) == [a, d]
+    assert [r.name for r in registry.clients(include_inactive=True, now=later)] == list("abcd")
     assert registry.counts(later) == {"active": 2, "expired": 1, "revoked": 1}
-    assert [r.to_dict(later)["status"] for r in registry.list(include_inactive=True)] == [
+    assert [r.to_dict(later)["status"] for r in registry.clients(include_inactive=True)] == [
         "active",
         "expired",
         "revoked",
@@ -373,7 +373,7 @@ def test_absurd_values_refused(registry: Registry, field: str, value: object, me
             **{field: value},  # type: ignore[arg-type]
         )
     assert message in str(err.value)
-    assert registry.list(include_inactive=True) == []
+    assert registry.clients(include_inactive=True) == []
     rec = issue(registry)
     with pytest.raises(RegistryError) as err:
         registry.update("alice", by=ADMIN, now=NOW, **{field: value})

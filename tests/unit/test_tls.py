@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from vibectld.config import TLSConfig
-from vibectld.tls import (
+from vibectld.pki.tls import (
     ServerTLS,
     TLSError,
     ca_fingerprint,

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from vibectld.tokens import Claims, SigningKeyError, SigningKeys, TokenError
+from vibectld.pki.signing import Claims, SigningKeyError, SigningKeys, TokenError
 
 ISS, AUD = "vibectld", "vibectl-llm-proxy"
 NOW = 1_800_000_000

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vibectld.registry import (
+from vibectld.store.registry import (
     SCHEMA_VERSION,
     ClientNotFound,
     ClientRecord,
@@ -18,8 +18,8 @@ from vibectld.registry import (
     RegistryError,
     UsageRow,
 )
-from vibectld.registry_schema import _migrate_v1
-from vibectld.usage import day_of
+from vibectld.store.schema import _migrate_v1
+from vibectld.store.usage import day_of
 
 NOW = 1_800_000_000  # 2027-01-15 08:00:00 UTC
 DAY = 86400

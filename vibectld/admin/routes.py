@@ -17,15 +17,15 @@ from typing import Any
 from vibectl.proxy_url import ProxyURL
 from vibectld.admin.protocol import ErrorCode, parse_duration
 from vibectld.admin.server import AdminError, Caller, Route
-from vibectld.registry import (
+from vibectld.reloader import ReloadRejected
+from vibectld.runtime import Runtime
+from vibectld.store.registry import (
     AlreadyRevoked,
     ClientNotFound,
     ClientRecord,
     DuplicateClient,
     RegistryError,
 )
-from vibectld.reloader import ReloadRejected
-from vibectld.runtime import Runtime
 from vibectld.version import __version__
 
 
@@ -202,7 +202,7 @@ def build_routes(
 
     async def list_clients(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         now = int(time.time())
-        records = rt.registry.list(include_inactive=bool(args.get("all")), now=now)
+        records = rt.registry.clients(include_inactive=bool(args.get("all")), now=now)
         return {"clients": [_client_json(r, now) for r in records]}
 
     async def revoke_client(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The registry's records, validation and SQLite schema (migrations), apart from its logic.
 
-vibectld.registry is the interface; this module holds what it is made of.
+vibectld.store.registry is the interface; this module holds what it is made of.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
-from vibectld import audit_log, usage
+from vibectld.store import audit, usage
 
 NAME_RULE = (
     "a client name is 1 to 64 characters: letters, digits, '.', '_', '@' and '-', "
@@ -119,7 +119,7 @@ def _migrate_v1(db: sqlite3.Connection) -> None:
 
 
 def _migrate_v2(db: sqlite3.Connection) -> None:
-    for sql in usage.SCHEMA_V2 + audit_log.SCHEMA_V2:
+    for sql in usage.SCHEMA_V2 + audit.SCHEMA_V2:
         db.execute(sql)
     # Who changed a client's limits last; the audit table has the full history.
     db.execute("ALTER TABLE clients ADD COLUMN updated_at INTEGER")

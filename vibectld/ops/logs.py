@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from vibectld import journal
+from vibectld.ops import journal
 
 _LEVELS = {
     "debug": logging.DEBUG,

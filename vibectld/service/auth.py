@@ -12,9 +12,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from vibectld.refusals import Unauthenticated
-from vibectld.registry import ClientRecord
-from vibectld.tokens import Claims, TokenError
+from vibectld.pki.signing import Claims, TokenError
+from vibectld.service.refusals import Unauthenticated
+from vibectld.store.registry import ClientRecord
 
 if TYPE_CHECKING:
     from vibectld.runtime import Runtime

@@ -19,10 +19,11 @@ import structlog
 
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
-from vibectld.execution import ErrorCode, ModelFailure, Outcome
-from vibectld.limits import check_token_budget
-from vibectld.models import CatalogueEntry, UnknownModel
-from vibectld.refusals import (
+from vibectld.providers.catalogue import CatalogueEntry, UnknownModel
+from vibectld.providers.execution import ErrorCode, ModelFailure, Outcome
+from vibectld.runtime import Runtime
+from vibectld.service.limits import check_token_budget
+from vibectld.service.refusals import (
     CallRefused,
     InvalidRequest,
     PermissionDenied,
@@ -30,8 +31,7 @@ from vibectld.refusals import (
     Unavailable,
     abort,
 )
-from vibectld.registry import ClientRecord
-from vibectld.runtime import Runtime
+from vibectld.store.registry import ClientRecord
 from vibectld.version import __version__
 
 log = structlog.get_logger("vibectld.proxy")

@@ -16,7 +16,7 @@ import structlog
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vibectld.notify import Notifier
+from vibectld.ops.notify import Notifier
 from vibectld.runtime import Runtime
 
 log = structlog.get_logger("vibectld")

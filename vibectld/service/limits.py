@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from vibectld.refusals import LimitExceeded
+from vibectld.service.refusals import LimitExceeded
 
 WINDOW_SECONDS = 60.0
 # Concurrency frees up when any call ends; there is no window to compute from.

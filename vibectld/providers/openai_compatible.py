@@ -3,7 +3,7 @@
 llm's OpenAI models build a new client, with a new connection pool, on every
 prompt, and let the openai package retry 429s and 5xx while sleeping through
 `retry-after`. A proxy must do neither. The async model of each endpoint, the
-one the daemon calls, is openai_chat.AiohttpAsyncChat: one session per
+one the daemon calls, is aiohttp_chat.AiohttpAsyncChat: one session per
 endpoint, no retries, and a fraction of the openai package's CPU per call. The
 sync model (only for llm's own tools; the daemon never picks it when an async
 one exists) and llm's stock OpenAI models keep the openai package, with one
@@ -21,7 +21,7 @@ import llm
 from llm.default_plugins.openai_models import Chat
 
 from vibectld.config import OpenAICompatibleModel
-from vibectld.openai_chat import AiohttpAsyncChat, SessionPool
+from vibectld.providers.aiohttp_chat import AiohttpAsyncChat, SessionPool
 
 PLUGIN_NAME = "vibectld-openai-compatible"
 

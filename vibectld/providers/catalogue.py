@@ -17,15 +17,15 @@ import structlog
 from llm.plugins import pm
 
 from vibectld.config import ModelsConfig, OpenAICompatibleModel
-from vibectld.openai_endpoints import (
+from vibectld.providers.keys import ProviderKeys
+from vibectld.providers.openai_compatible import (
     PLUGIN_NAME,
     OpenAICompatiblePlugin,
     close_clients,
     pool_clients,
 )
-from vibectld.provider_keys import ProviderKeys
 
-log = structlog.get_logger("vibectld.models")
+log = structlog.get_logger("vibectld.providers.catalogue")
 
 
 class UnknownModel(Exception):

@@ -18,7 +18,6 @@ The registry holds a secret's metadata only, never the secret.
 
 from __future__ import annotations
 
-import builtins
 import secrets
 import sqlite3
 import threading
@@ -27,9 +26,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vibectld import audit_log, usage
-from vibectld.audit_log import AuditEntry
-from vibectld.registry_schema import (
+from vibectld.store import audit, usage
+from vibectld.store.audit import AuditEntry
+from vibectld.store.schema import (
     _COLUMNS,
     _LIST_HINT,
     _NAME,
@@ -56,7 +55,7 @@ from vibectld.registry_schema import (
     _record,
     migrate,
 )
-from vibectld.usage import UsageRow
+from vibectld.store.usage import UsageRow
 
 __all__ = [
     "MAX_LIMIT",
@@ -92,7 +91,7 @@ class Registry:
         self._path = path
         self._records = records
         # Names never change and records are never deleted, so this index only grows.
-        self._ids_by_name: dict[str, builtins.list[str]] = {}
+        self._ids_by_name: dict[str, list[str]] = {}
         for record in records.values():
             self._ids_by_name.setdefault(record.name, []).append(record.id)
         self._usage = book if book is not None else usage.UsageBook()
@@ -205,7 +204,7 @@ class Registry:
                 self._counts = None
         return record
 
-    def _named(self, name: str) -> builtins.list[ClientRecord]:
+    def _named(self, name: str) -> list[ClientRecord]:
         return [self._records[i] for i in self._ids_by_name.get(name, ())]
 
     def get(self, jti: str) -> ClientRecord | None:
@@ -320,7 +319,9 @@ class Registry:
                 self._counts = None
         return updated
 
-    def list(self, *, include_inactive: bool = False, now: int | None = None) -> list[ClientRecord]:
+    def clients(
+        self, *, include_inactive: bool = False, now: int | None = None
+    ) -> list[ClientRecord]:
         now = _now(now)
         records = sorted(self._records.values(), key=lambda r: (r.created_at, r.id))
         if include_inactive:
@@ -385,7 +386,7 @@ class Registry:
         with self._lock:
             return self._usage.tokens_used(client_id, now)
 
-    def top_today(self, now: int, limit: int = 5) -> builtins.list[UsageRow]:
+    def top_today(self, now: int, limit: int = 5) -> list[UsageRow]:
         """The `limit` clients with the most usage on the UTC day of `now`, from memory."""
         with self._lock:
             totals = self._usage.day_totals(now)
@@ -394,7 +395,7 @@ class Registry:
 
     def usage(
         self, *, since_day: str, name_or_id: str | None = None, now: int | None = None
-    ) -> builtins.list[UsageRow]:
+    ) -> list[UsageRow]:
         """Usage per client id summed over the UTC days >= `since_day` (YYYY-MM-DD).
 
         Counts not yet flushed are included (this flushes first). Without `name_or_id`:
@@ -411,7 +412,7 @@ class Registry:
                 f"since_day must be a date like 2025-01-31, not {_quote(str(since_day))}"
             ) from None
         chosen: ClientRecord | None = None
-        ids: builtins.list[str] = []
+        ids: list[str] = []
         if name_or_id is not None:
             chosen = self.find(name_or_id, now)
             if chosen.id != name_or_id:  # a name: every client that had it
@@ -476,17 +477,17 @@ class Registry:
 
         Pass names and ids, never secrets; secret-shaped text is redacted regardless.
         """
-        row = audit_log.insert_row(at, caller_uid, caller_user, op, target, outcome, detail)
+        row = audit.insert_row(at, caller_uid, caller_user, op, target, outcome, detail)
         with self._db_lock:
-            self._transaction((audit_log.INSERT_SQL, [row]))
+            self._transaction((audit.INSERT_SQL, [row]))
 
-    def audit(self, *, since: int, limit: int = 1000) -> builtins.list[AuditEntry]:
+    def audit(self, *, since: int, limit: int = 1000) -> list[AuditEntry]:
         """The newest `limit` audit rows at or after `since` (unix time), oldest first."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise RegistryError("limit must be a whole number of at least 1")
         with self._db_lock:
-            rows = self._query(audit_log.SELECT_SQL, (since, limit))
-        return [audit_log.entry(row) for row in reversed(rows)]
+            rows = self._query(audit.SELECT_SQL, (since, limit))
+        return [audit.entry(row) for row in reversed(rows)]
 
     # -- the connection -----------------------------------------------------------------
 
@@ -515,7 +516,7 @@ class Registry:
                 "space and the state directory's permissions"
             ) from None
 
-    def _query(self, sql: str, params: Sequence[Any]) -> builtins.list[Any]:
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
         if self._db is None:
             raise RegistryError("the client registry is closed")
         try:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from vibectld.models import CatalogueEntry
+from vibectld.providers.catalogue import CatalogueEntry
 
 
 class ErrorCode:

@@ -1,0 +1,1 @@
+"""Running under systemd: notifications, watchdog, logs, the journal, metrics."""

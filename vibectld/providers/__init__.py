@@ -1,0 +1,1 @@
+"""Where prompts go: the model catalogue, execution, provider keys, OpenAI-compatible endpoints."""

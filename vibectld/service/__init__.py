@@ -1,0 +1,1 @@
+"""The gRPC service clients call: servicer, authentication, refusals, limits, calls in flight."""

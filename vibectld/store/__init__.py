@@ -1,0 +1,1 @@
+"""The daemon's durable state: clients, usage and the audit trail."""
