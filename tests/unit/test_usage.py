@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from vibectld.store.migrations import _migrate_v1
 from vibectld.store.registry import (
     SCHEMA_VERSION,
     ClientNotFound,
@@ -18,7 +19,6 @@ from vibectld.store.registry import (
     RegistryError,
     UsageRow,
 )
-from vibectld.store.schema import _migrate_v1
 from vibectld.store.usage import day_of
 
 NOW = 1_800_000_000  # 2027-01-15 08:00:00 UTC

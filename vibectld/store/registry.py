@@ -28,14 +28,13 @@ from typing import Any
 
 from vibectld.store import audit, usage
 from vibectld.store.audit import AuditEntry
-from vibectld.store.schema import (
+from vibectld.store.migrations import MIGRATIONS, SCHEMA_VERSION, _prepare_file, migrate
+from vibectld.store.records import (
     _COLUMNS,
     _LIST_HINT,
     _NAME,
     MAX_LIMIT,
-    MIGRATIONS,
     NAME_RULE,
-    SCHEMA_VERSION,
     UNSET,
     AlreadyRevoked,
     ClientNotFound,
@@ -50,10 +49,8 @@ from vibectld.store.schema import (
     _iso,
     _models_json,
     _now,
-    _prepare_file,
     _quote,
     _record,
-    migrate,
 )
 from vibectld.store.usage import UsageRow
 

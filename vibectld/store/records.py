@@ -1,22 +1,19 @@
-"""The registry's records, validation and SQLite schema (migrations), apart from its logic.
+"""The registry's records and their validation: ClientRecord, the rules for names, limits,
+models and notes, and the conversion of a record to and from its SQLite row.
 
-vibectld.store.registry is the interface; this module holds what it is made of.
+vibectld.store.registry is the interface; the schema the rows live in is in
+vibectld.store.migrations.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import os
 import re
-import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, Final
-
-from vibectld.store import audit, usage
 
 NAME_RULE = (
     "a client name is 1 to 64 characters: letters, digits, '.', '_', '@' and '-', "
@@ -91,79 +88,6 @@ class ClientRecord:
         data["models"] = list(self.models) if self.models is not None else None
         data["status"] = self.status(now)
         return data
-
-
-def _migrate_v1(db: sqlite3.Connection) -> None:
-    db.execute(
-        """
-        CREATE TABLE clients (
-            id TEXT PRIMARY KEY NOT NULL,
-            name TEXT NOT NULL,
-            created_at INTEGER NOT NULL,
-            expires_at INTEGER NOT NULL,
-            issued_by TEXT NOT NULL,
-            note TEXT,
-            models TEXT,  -- a JSON list of model names, or NULL for the server's list
-            rpm INTEGER,
-            concurrency INTEGER,
-            tokens_per_day INTEGER,
-            revoked_at INTEGER,
-            revoked_by TEXT,
-            revoke_reason TEXT,
-            last_seen_at INTEGER,
-            requests INTEGER NOT NULL DEFAULT 0
-        )
-        """
-    )
-    db.execute("CREATE INDEX clients_name ON clients (name)")
-
-
-def _migrate_v2(db: sqlite3.Connection) -> None:
-    for sql in usage.SCHEMA_V2 + audit.SCHEMA_V2:
-        db.execute(sql)
-    # Who changed a client's limits last; the audit table has the full history.
-    db.execute("ALTER TABLE clients ADD COLUMN updated_at INTEGER")
-    db.execute("ALTER TABLE clients ADD COLUMN updated_by TEXT")
-
-
-# MIGRATIONS[i] takes the schema from version i to i + 1. Append; never edit a shipped one.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_v1, _migrate_v2)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema up to SCHEMA_VERSION, one transaction per step."""
-    (version,) = db.execute("PRAGMA user_version").fetchone()
-    if version > SCHEMA_VERSION:
-        raise RegistryError(
-            f"{path} has schema version {version}, newer than this vibectld knows "
-            f"({SCHEMA_VERSION}); run the newer vibectld, or restore a backup of the file"
-        )
-    for step in range(version, SCHEMA_VERSION):
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            MIGRATIONS[step](db)
-            # user_version is part of the database header, so it commits with the step.
-            db.execute(f"PRAGMA user_version = {step + 1}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-
-def _prepare_file(path: Path) -> None:
-    """Create the database file 0600 before SQLite does (SQLite copies its mode to -wal/-shm)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        if os.fstat(fd).st_mode & 0o777 != 0o600:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm"):
-        sidecar = path.with_name(path.name + suffix)
-        if sidecar.exists() and sidecar.stat().st_mode & 0o777 != 0o600:
-            os.chmod(sidecar, 0o600)
 
 
 def _record(row: Sequence[Any]) -> ClientRecord:
