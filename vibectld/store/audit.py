@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-MAX_TARGET = 64  # a name or id is never longer (see registry.NAME_RULE)
+MAX_TARGET = 64  # a name or id is never longer (see records.NAME_RULE)
 MAX_DETAIL = 1000
 TOO_LONG_TARGET = "(a value too long to be a name or id)"
 
-# The table of schema version 2 (registry.MIGRATIONS); never edit once shipped.
+# The table of schema version 2 (migrations.MIGRATIONS); never edit once shipped.
 SCHEMA_V2 = (
     """
     CREATE TABLE audit (
@@ -82,15 +82,14 @@ def scrub_target(target: str | None) -> str | None:
     return cleaned if len(cleaned) <= MAX_TARGET else TOO_LONG_TARGET
 
 
-def insert_row(
-    at: int,
-    caller_uid: int | None,
-    caller_user: str,
-    op: str,
-    target: str | None,
-    outcome: str,
-    detail: str | None,
-) -> tuple[Any, ...]:
+# A new audit row in INSERT_SQL's order: at, caller_uid, caller_user, op, target, outcome,
+# detail.
+NewRow = tuple[int, int | None, str, str, str | None, str, str | None]
+
+
+def insert_row(row: NewRow) -> tuple[Any, ...]:
+    """INSERT_SQL's parameters for the row: its texts scrubbed of secrets and cut to size."""
+    at, caller_uid, caller_user, op, target, outcome, detail = row
     return (
         at,
         caller_uid,
@@ -103,13 +102,5 @@ def insert_row(
 
 
 def entry(row: Sequence[Any]) -> AuditEntry:
-    return AuditEntry(
-        id=row[0],
-        at=row[1],
-        caller_uid=row[2],
-        caller_user=row[3],
-        op=row[4],
-        target=row[5],
-        outcome=row[6],
-        detail=row[7],
-    )
+    """The entry of a row of SELECT_SQL, whose columns are AuditEntry's fields in order."""
+    return AuditEntry(*row)

@@ -15,13 +15,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
+from vibectl.util.limits import MAX_LIMIT as MAX_LIMIT  # re-exported: the registry's rule
+from vibectl.util.limits import check_limit
+
 NAME_RULE = (
     "a client name is 1 to 64 characters: letters, digits, '.', '_', '@' and '-', "
     "starting with a letter or digit"
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _LIST_HINT = "list them with: vibectl-admin list-clients --all"
-MAX_LIMIT = 1_000_000_000  # larger limits are typing mistakes, not policies
 MAX_NOTE = 1000
 
 
@@ -44,6 +46,14 @@ _COLUMNS = (
 
 class RegistryError(Exception):
     """A registry operation failed; the message says why and what to do."""
+
+
+class InvalidRecord(RegistryError):
+    """The input is unusable (a bad name, limit, model list or note); nothing was touched."""
+
+
+class StorageFailure(RegistryError):
+    """The database could not be read or written (disk full, locked, read-only, closed)."""
 
 
 class ClientNotFound(RegistryError):
@@ -91,42 +101,28 @@ class ClientRecord:
 
 
 def _record(row: Sequence[Any]) -> ClientRecord:
-    models = json.loads(row[6]) if row[6] is not None else None
-    return ClientRecord(
-        id=row[0],
-        name=row[1],
-        created_at=row[2],
-        expires_at=row[3],
-        issued_by=row[4],
-        note=row[5],
-        models=tuple(models) if models is not None else None,
-        rpm=row[7],
-        concurrency=row[8],
-        tokens_per_day=row[9],
-        revoked_at=row[10],
-        revoked_by=row[11],
-        revoke_reason=row[12],
-        last_seen_at=row[13],
-        requests=row[14],
-    )
+    """The record of a row in _COLUMNS order (the dataclass's field order); see _db_row."""
+    values = list(row)
+    values[6] = tuple(json.loads(row[6])) if row[6] is not None else None
+    return ClientRecord(*values)
 
 
 def _check_limit(label: str, value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
-        got = f", not {value}" if isinstance(value, int) and not isinstance(value, bool) else ""
-        raise RegistryError(f"{label} must be a whole number from 1 to {MAX_LIMIT}{got}")
-    return value
+    try:
+        return check_limit(value)
+    except ValueError as e:
+        raise InvalidRecord(f"{label} {e}") from None
 
 
 def _check_models(models: object) -> tuple[str, ...] | None:
     if models is None:
         return None
     if not isinstance(models, list | tuple) or not all(isinstance(m, str) and m for m in models):
-        raise RegistryError("models must be a list of non-empty model names")
+        raise InvalidRecord("models must be a list of non-empty model names")
     if not models:
-        raise RegistryError(
+        raise InvalidRecord(
             "models must name at least one model; leave it out (or clear it) to allow every "
             "model the server offers"
         )
@@ -135,7 +131,7 @@ def _check_models(models: object) -> tuple[str, ...] | None:
 
 def _check_note(note: object) -> str | None:
     if note is not None and (not isinstance(note, str) or len(note) > MAX_NOTE):
-        raise RegistryError(f"the note must be a text of at most {MAX_NOTE} characters")
+        raise InvalidRecord(f"the note must be a text of at most {MAX_NOTE} characters")
     return note
 
 

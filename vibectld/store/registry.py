@@ -40,7 +40,9 @@ from vibectld.store.records import (
     ClientNotFound,
     ClientRecord,
     DuplicateClient,
+    InvalidRecord,
     RegistryError,
+    StorageFailure,
     Unset,
     _check_limit,
     _check_models,
@@ -65,8 +67,10 @@ __all__ = [
     "ClientNotFound",
     "ClientRecord",
     "DuplicateClient",
+    "InvalidRecord",
     "Registry",
     "RegistryError",
+    "StorageFailure",
     "Unset",
     "UsageRow",
     "migrate",
@@ -114,12 +118,12 @@ class Registry:
             _prepare_file(path)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
-            raise RegistryError(f"cannot open the client registry {path}: {e}") from None
+            raise StorageFailure(f"cannot open the client registry {path}: {e}") from None
         book = usage.UsageBook()
         try:
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
-                raise RegistryError(
+                raise StorageFailure(
                     f"{path}: SQLite refused WAL mode (got {mode!r}); keep the state "
                     "directory on a local filesystem"
                 )
@@ -130,7 +134,7 @@ class Registry:
             book.load(db.execute(usage.LOAD_DAY_SQL, (usage.day_of(now),)).fetchall(), now)
         except sqlite3.DatabaseError as e:
             db.close()
-            raise RegistryError(
+            raise StorageFailure(
                 f"the client registry {path} is unreadable ({e}); restore it from a backup"
             ) from None
         except BaseException:
@@ -166,9 +170,9 @@ class Registry:
         """Record a new client; its id is the jti to put in the secret."""
         now = _now(now)
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise RegistryError(f"invalid client name {_quote(str(name))}: {NAME_RULE}")
+            raise InvalidRecord(f"invalid client name {_quote(str(name))}: {NAME_RULE}")
         if expires_at <= now:
-            raise RegistryError("the expiry must lie in the future")
+            raise InvalidRecord("the expiry must lie in the future")
         record = ClientRecord(
             id=secrets.token_hex(16),
             name=name,
@@ -360,6 +364,7 @@ class Registry:
         the day's usage. Unknown ids are ignored; missing, negative or non-finite token
         counts and costs count as 0.
         """
+        call = usage.call_counts(error, input_tokens, output_tokens, cost_usd)
         with self._lock:
             record = self._records.get(client_id)
             if record is None:
@@ -370,7 +375,7 @@ class Registry:
                 last_seen_at=max(now, record.last_seen_at or 0),
             )
             self._pending.add(client_id)
-            self._usage.record(client_id, now, error, input_tokens, output_tokens, cost_usd)
+            self._usage.record(client_id, now, call)
 
     def touch(self, jti: str, now: int) -> None:
         """Count a successful call without token counts (older callers; see record_call)."""
@@ -405,7 +410,7 @@ class Registry:
         try:
             usage.parse_day(since_day)
         except (TypeError, ValueError):
-            raise RegistryError(
+            raise InvalidRecord(
                 f"since_day must be a date like 2025-01-31, not {_quote(str(since_day))}"
             ) from None
         chosen: ClientRecord | None = None
@@ -474,14 +479,14 @@ class Registry:
 
         Pass names and ids, never secrets; secret-shaped text is redacted regardless.
         """
-        row = audit.insert_row(at, caller_uid, caller_user, op, target, outcome, detail)
+        row = audit.insert_row((at, caller_uid, caller_user, op, target, outcome, detail))
         with self._db_lock:
             self._transaction((audit.INSERT_SQL, [row]))
 
     def audit(self, *, since: int, limit: int = 1000) -> list[AuditEntry]:
         """The newest `limit` audit rows at or after `since` (unix time), oldest first."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise RegistryError("limit must be a whole number of at least 1")
+            raise InvalidRecord("limit must be a whole number of at least 1")
         with self._db_lock:
             rows = self._query(audit.SELECT_SQL, (since, limit))
         return [audit.entry(row) for row in reversed(rows)]
@@ -495,7 +500,7 @@ class Registry:
     def _transaction(self, *steps: tuple[str, Sequence[Sequence[Any]]]) -> None:
         """Run each (sql, rows) in one committed transaction, or raise RegistryError."""
         if self._db is None:
-            raise RegistryError("the client registry is closed")
+            raise StorageFailure("the client registry is closed")
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -508,15 +513,15 @@ class Registry:
                     self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
-            raise RegistryError(
+            raise StorageFailure(
                 f"cannot write the client registry {self._path}: {e}; check the disk "
                 "space and the state directory's permissions"
             ) from None
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
         if self._db is None:
-            raise RegistryError("the client registry is closed")
+            raise StorageFailure("the client registry is closed")
         try:
             return self._db.execute(sql, params).fetchall()
         except sqlite3.Error as e:
-            raise RegistryError(f"cannot read the client registry {self._path}: {e}") from None
+            raise StorageFailure(f"cannot read the client registry {self._path}: {e}") from None

@@ -27,7 +27,7 @@ _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # Days are counted as whole UTC days since the epoch in memory, and written as YYYY-MM-DD.
 Key = tuple[str, int]  # (client id, day number)
 
-# The tables of schema version 2 (registry.MIGRATIONS); never edit once shipped.
+# The tables of schema version 2 (migrations.MIGRATIONS); never edit once shipped.
 SCHEMA_V2 = (
     """
     CREATE TABLE usage (
@@ -153,24 +153,10 @@ class UsageBook:
             key = (client_id, parse_day(day))
             self._totals[key] = Counts(requests, errors, tokens_in, tokens_out, cost)
 
-    def record(
-        self,
-        client_id: str,
-        now: int,
-        error: bool,
-        input_tokens: int | None,
-        output_tokens: int | None,
-        cost_usd: float | None,
-    ) -> None:
+    def record(self, client_id: str, now: int, call: Counts) -> None:
+        """Add a call's counts (see `call_counts`) to the client's UTC day of `now`."""
         number = day_number(now)
         self._latest_day = max(self._latest_day, number)
-        call = Counts(
-            requests=1,
-            errors=1 if error else 0,
-            input_tokens=_count(input_tokens),
-            output_tokens=_count(output_tokens),
-            cost_usd=_cost(cost_usd),
-        )
         key = (client_id, number)
         self._totals.setdefault(key, Counts()).add(call)
         self._deltas.setdefault(key, Counts()).add(call)
@@ -223,6 +209,19 @@ def delta_rows(deltas: dict[Key, Counts]) -> list[tuple[Any, ...]]:
         )
         for (client_id, number), c in deltas.items()
     ]
+
+
+def call_counts(
+    error: bool, input_tokens: int | None, output_tokens: int | None, cost_usd: float | None
+) -> Counts:
+    """One served call's counts; missing, negative or non-finite numbers count as 0."""
+    return Counts(
+        requests=1,
+        errors=1 if error else 0,
+        input_tokens=_count(input_tokens),
+        output_tokens=_count(output_tokens),
+        cost_usd=_cost(cost_usd),
+    )
 
 
 def _count(value: int | None) -> int:
