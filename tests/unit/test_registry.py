@@ -247,12 +247,19 @@ def test_issue_and_revoke_are_durable_without_close(db_path: Path) -> None:
         reg.close()
 
 
-def test_touch_and_flush(db_path: Path) -> None:
+def served(reg: Registry, client_id: str, now: int) -> None:
+    """A successful call whose model reported no usage, counted as the servicer counts it."""
+    reg.record_call(
+        client_id, now=now, error=False, input_tokens=None, output_tokens=None, cost_usd=None
+    )
+
+
+def test_record_call_and_flush(db_path: Path) -> None:
     reg = Registry.open(db_path)
     rec = issue(reg)
-    reg.touch(rec.id, NOW + 100)
-    reg.touch(rec.id, NOW + 200)
-    reg.touch("unknown-id", NOW + 200)  # ignored: nothing to count
+    served(reg, rec.id, NOW + 100)
+    served(reg, rec.id, NOW + 200)
+    served(reg, "unknown-id", NOW + 200)  # ignored: nothing to count
     # Memory first.
     assert reg.get(rec.id).requests == 2  # type: ignore[union-attr]
     assert reg.get(rec.id).last_seen_at == NOW + 200  # type: ignore[union-attr]
@@ -260,7 +267,7 @@ def test_touch_and_flush(db_path: Path) -> None:
     assert _row(db_path, rec.id) == (0, None)
     reg.flush()
     assert _row(db_path, rec.id) == (2, NOW + 200)
-    reg.touch(rec.id, NOW + 300)
+    served(reg, rec.id, NOW + 300)
     reg.flush()
     reg.flush()  # nothing pending: no change
     assert _row(db_path, rec.id) == (3, NOW + 300)
@@ -270,7 +277,7 @@ def test_touch_and_flush(db_path: Path) -> None:
 def test_close_flushes(db_path: Path) -> None:
     reg = Registry.open(db_path)
     rec = issue(reg)
-    reg.touch(rec.id, NOW + 5)
+    served(reg, rec.id, NOW + 5)
     reg.close()
     reg.close()  # idempotent
     assert _row(db_path, rec.id) == (1, NOW + 5)
@@ -279,10 +286,10 @@ def test_close_flushes(db_path: Path) -> None:
     again.close()
 
 
-def test_touch_then_revoke_keeps_both(db_path: Path) -> None:
+def test_counted_call_then_revoke_keeps_both(db_path: Path) -> None:
     reg = Registry.open(db_path)
     rec = issue(reg)
-    reg.touch(rec.id, NOW + 5)
+    served(reg, rec.id, NOW + 5)
     revoked = reg.revoke(rec.id, by=ADMIN, now=NOW + 6)
     assert revoked.requests == 1 and revoked.revoked_at == NOW + 6
     reg.close()

@@ -120,9 +120,9 @@ def test_calls_count_in_memory_then_persist_on_flush(db_path: Path, registry: Re
     assert counters(db_path, alice.id) == (4, NOW + 10)
 
 
-def test_touch_counts_a_call_without_tokens(db_path: Path, registry: Registry) -> None:
+def test_a_call_without_usage_counts_no_tokens(db_path: Path, registry: Registry) -> None:
     alice = issue(registry)
-    registry.touch(alice.id, NOW + 1)
+    call(registry, alice, NOW + 1, tokens=(None, None))
     registry.flush()
     assert rows(db_path) == [(alice.id, TODAY, 1, 0, 0, 0, 0.0)]
 

@@ -377,12 +377,6 @@ class Registry:
             self._pending.add(client_id)
             self._usage.record(client_id, now, call)
 
-    def touch(self, jti: str, now: int) -> None:
-        """Count a successful call without token counts (older callers; see record_call)."""
-        self.record_call(
-            jti, now=now, error=False, input_tokens=None, output_tokens=None, cost_usd=None
-        )
-
     def tokens_used(self, client_id: str, now: int) -> int:
         """Input plus output tokens of the client's UTC day of `now`, from memory."""
         with self._lock:
