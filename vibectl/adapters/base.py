@@ -18,7 +18,6 @@ class LLMMetrics:
     token_output: int | None = None
     cost_usd: float | None = None
     model: str | None = None
-    call_count: int = 1
 
     @property
     def total_tokens(self) -> int | None:
