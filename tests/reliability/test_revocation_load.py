@@ -9,10 +9,9 @@ is the moment the revoke was acknowledged. Then:
 - no chunk of client 1 arrives later than REVOKE_GAP_BUDGET_MS after the acknowledgement
   (what does arrive in that window was already on the wire; the measured gap is printed);
 - every one of its 32 streams ends with UNAUTHENTICATED, and the revoke reports them all
-  as cancelled. A stream whose cancel lands while gRPC itself is writing a chunk is
-  stopped (no chunk follows) but gets no status at all and hangs until its deadline: see
-  test_a_revoked_stream_blocked_in_a_write_ends_unauthenticated, which pins that bug.
-  Until it is fixed such streams are tolerated here and counted (`hung`);
+  as cancelled. None may hang until its deadline (`hung`), as a stream whose cancel
+  landed while gRPC itself was writing a chunk once did;
+  test_a_revoked_stream_blocked_in_a_write_ends_unauthenticated pins that case alone;
 - no Execute of client 1 that started after the acknowledgement is served, and a new
   call and a new stream are refused;
 - client 2's streams complete with all their chunks and its calls all succeed.
@@ -44,8 +43,6 @@ OTHER_CHUNKS = 300
 # loopback; anything later than this would be a chunk produced after the revoke.
 REVOKE_GAP_BUDGET_MS = 250.0
 STREAM_DEADLINE = 15.0
-# Streams revoked during a write once hung until their deadline; none may now.
-TOLERATE_HUNG_STREAMS = False
 
 
 @dataclass
@@ -168,7 +165,7 @@ def test_revoking_a_client_with_32_streams_stops_it_at_once_and_spares_others(
         f"cancelled_calls={result['cancelled_calls']}; {before} chunks of the revoked client "
         f"before the ack, {len(late)} after it, last one +{gap_ms:.1f} ms (budget "
         f"{REVOKE_GAP_BUDGET_MS:.0f} ms); streams ended {dict(ends)}, the last +{end_ms:.1f} "
-        f"ms after the ack, {hung} hung until their deadline (known bug); its Execute "
+        f"ms after the ack, {hung} hung until their deadline; its Execute "
         f"loop: {len(heavy_calls.records)} calls, "
         f"{len(refused_after)} started after the ack all refused; other client: "
         f"{OTHER_STREAMS}/{sum(s.completed for s in other_streams)} streams complete, "
@@ -176,7 +173,7 @@ def test_revoking_a_client_with_32_streams_stops_it_at_once_and_spares_others(
     )
     assert gap_ms <= REVOKE_GAP_BUDGET_MS
     assert set(ends) <= {"UNAUTHENTICATED"}, ends
-    assert TOLERATE_HUNG_STREAMS or not hung
+    assert not hung, f"{hung} revoked streams hung until their deadline"
     assert STREAMS <= result["cancelled_calls"] <= STREAMS + 1
     assert not served_after, f"{len(served_after)} calls started after the revoke were served"
     assert refused_after and {r[2] for r in refused_after} == {"UNAUTHENTICATED"}
