@@ -6,6 +6,7 @@ TLS context. Every error names the dotted key and what is wrong with it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -18,7 +19,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from vibectld.admin.protocol import parse_duration
+from vibectl.util.durations import parse_duration
+from vibectl.util.limits import check_limit
 
 DEFAULT_CONFIG_PATH = Path("/etc/vibectld/config.yaml")
 CONFIG_ENV = "VIBECTLD_CONFIG"
@@ -139,6 +141,61 @@ class DaemonConfig:
         return self.config_path.parent if self.config_path else None
 
 
+# Keys a reload cannot apply, each bound to something made once at start: the listening
+# socket, the admin socket, the state directory, the model thread pool, the log pipeline,
+# the metrics endpoint, the shutdown grace read by the signal handler. Declared once: a
+# reload keeps their old values and names each one that changed, and the test of
+# vibectld.yaml(5) checks the page marks exactly these "Reload: needs a restart".
+RESTART_ONLY: tuple[str, ...] = (
+    "server.listen",
+    "server.shutdown_grace_seconds",
+    "admin.socket",
+    "admin.group",
+    "state_dir",
+    "models.sync_workers",
+    "logging.level",
+    "logging.format",
+    "metrics.listen",
+)
+
+
+def _lookup(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _with(config: Any, parts: list[str], value: Any) -> Any:
+    head, *rest = parts
+    new = _with(getattr(config, head), rest, value) if rest else value
+    return dataclasses.replace(config, **{head: new})
+
+
+# Keys a reload applies while they stay set (or unset), but whose switch between null
+# and a value needs a restart: whether TLS clients must present a certificate is fixed
+# when the port is bound.
+RESTART_TO_SWITCH: tuple[str, ...] = ("server.tls.client_ca_file",)
+
+
+def restart_only_changes(old: DaemonConfig, new: DaemonConfig) -> list[str]:
+    """The keys whose change between two configurations only a restart can apply."""
+    changed = [key for key in RESTART_ONLY if _lookup(old, key) != _lookup(new, key)]
+    changed += [
+        key
+        for key in RESTART_TO_SWITCH
+        if (_lookup(old, key) is None) != (_lookup(new, key) is None)
+    ]
+    return changed
+
+
+def keep_restart_only(old: DaemonConfig, new: DaemonConfig) -> DaemonConfig:
+    """`new`, with every key whose change needs a restart set back to its value in `old`."""
+    kept = new
+    for key in restart_only_changes(old, new):
+        kept = _with(kept, key.split("."), _lookup(old, key))
+    return kept
+
+
 T = TypeVar("T")
 
 
@@ -208,6 +265,16 @@ def _int(key: str, v: Any, minimum: int = 1) -> int:
 
 def _opt_int(key: str, v: Any) -> int | None:
     return None if v is None else _int(key, v)
+
+
+def _limit(key: str, v: Any) -> int | None:
+    """A default rate or budget limit: the same rule as a client's own (None: no limit)."""
+    if v is None:
+        return None
+    try:
+        return check_limit(v)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _finite(v: Any) -> float | None:
@@ -338,12 +405,7 @@ def _openai_compatible(key: str, v: Any) -> tuple[OpenAICompatibleModel, ...]:
     return tuple(models)
 
 
-def parse_config(raw: Any, config_path: Path | None = None) -> DaemonConfig:
-    """Build a DaemonConfig from parsed YAML (a mapping, or None for all defaults)."""
-    top = _Section(raw, "")
-    d = DaemonConfig()
-
-    srv = top.section("server")
+def _server(srv: _Section, d: ServerConfig) -> ServerConfig:
     tls = srv.section("tls")
     tls_config = TLSConfig(
         cert_file=tls.get("cert_file", _opt_path, None),
@@ -356,85 +418,92 @@ def parse_config(raw: Any, config_path: Path | None = None) -> DaemonConfig:
             "server.tls: set both cert_file and key_file, or neither (then vibectld "
             "creates its own CA and certificate)"
         )
-    server = ServerConfig(
-        listen=srv.get("listen", _listen, d.server.listen),
+    return ServerConfig(
+        listen=srv.get("listen", _listen, d.listen),
         public_url=srv.get("public_url", _public_url, None),
-        name=srv.get("name", _str, d.server.name),
+        name=srv.get("name", _str, d.name),
         tls=tls_config,
-        max_request_bytes=srv.get("max_request_bytes", _int, d.server.max_request_bytes),
+        max_request_bytes=srv.get("max_request_bytes", _int, d.max_request_bytes),
         shutdown_grace_seconds=srv.get(
-            "shutdown_grace_seconds", _seconds, d.server.shutdown_grace_seconds
+            "shutdown_grace_seconds", _seconds, d.shutdown_grace_seconds
         ),
     )
-    srv.finish()
 
-    adm = top.section("admin")
-    admin = AdminConfig(
-        socket=adm.get("socket", _path, d.admin.socket),
-        group=adm.get("group", _str, d.admin.group),
+
+def _admin(adm: _Section, d: AdminConfig) -> AdminConfig:
+    return AdminConfig(
+        socket=adm.get("socket", _path, d.socket), group=adm.get("group", _str, d.group)
     )
-    adm.finish()
 
-    mod = top.section("models")
-    models = ModelsConfig(
-        default=mod.get("default", _str, d.models.default),
+
+def _models(mod: _Section, d: ModelsConfig) -> ModelsConfig:
+    return ModelsConfig(
+        default=mod.get("default", _str, d.default),
         allowed=mod.get("allowed", _str_list, ()),
         aliases=mod.get("aliases", _str_map, {}),
         openai_compatible=mod.get("openai_compatible", _openai_compatible, ()),
-        sync_workers=mod.get("sync_workers", _int, d.models.sync_workers),
+        sync_workers=mod.get("sync_workers", _int, d.sync_workers),
         prices=mod.get("prices", _prices, {}),
     )
-    mod.finish()
 
-    lim = top.section("limits")
-    limits = LimitsConfig(
-        requests_per_minute=lim.get("requests_per_minute", _opt_int, d.limits.requests_per_minute),
-        concurrent_requests=lim.get("concurrent_requests", _opt_int, d.limits.concurrent_requests),
-        tokens_per_day=lim.get("tokens_per_day", _opt_int, None),
-        max_input_chars=lim.get("max_input_chars", _opt_int, d.limits.max_input_chars),
-        request_timeout_seconds=lim.get(
-            "request_timeout_seconds", _int, d.limits.request_timeout_seconds
-        ),
+
+def _limits(lim: _Section, d: LimitsConfig) -> LimitsConfig:
+    return LimitsConfig(
+        requests_per_minute=lim.get("requests_per_minute", _limit, d.requests_per_minute),
+        concurrent_requests=lim.get("concurrent_requests", _limit, d.concurrent_requests),
+        tokens_per_day=lim.get("tokens_per_day", _limit, None),
+        max_input_chars=lim.get("max_input_chars", _opt_int, d.max_input_chars),
+        request_timeout_seconds=lim.get("request_timeout_seconds", _int, d.request_timeout_seconds),
     )
-    lim.finish()
 
-    cli = top.section("clients")
+
+def _clients(cli: _Section, d: ClientsConfig) -> ClientsConfig:
     clients = ClientsConfig(
-        default_expiry_seconds=cli.get(
-            "default_expiry", _duration, d.clients.default_expiry_seconds
-        ),
-        max_expiry_seconds=cli.get("max_expiry", _duration, d.clients.max_expiry_seconds),
-        issuer=cli.get("issuer", _str, d.clients.issuer),
-        audience=cli.get("audience", _str, d.clients.audience),
+        default_expiry_seconds=cli.get("default_expiry", _duration, d.default_expiry_seconds),
+        max_expiry_seconds=cli.get("max_expiry", _duration, d.max_expiry_seconds),
+        issuer=cli.get("issuer", _str, d.issuer),
+        audience=cli.get("audience", _str, d.audience),
     )
-    cli.finish()
     if clients.default_expiry_seconds > clients.max_expiry_seconds:
         raise ConfigError("clients.default_expiry: must not be longer than clients.max_expiry")
+    return clients
 
-    log = top.section("logging")
-    logging = LoggingConfig(
-        level=log.get("level", _choice("debug", "info", "warning", "error"), "info"),
-        format=log.get("format", _choice("auto", "console", "json", "journal"), "auto"),
+
+def _logging(log: _Section, d: LoggingConfig) -> LoggingConfig:
+    return LoggingConfig(
+        level=log.get("level", _choice("debug", "info", "warning", "error"), d.level),
+        format=log.get("format", _choice("auto", "console", "json", "journal"), d.format),
     )
-    log.finish()
 
-    met = top.section("metrics")
-    metrics = MetricsConfig(listen=met.get("listen", _opt_listen, None))
-    met.finish()
 
-    state_dir = top.get("state_dir", _path, d.state_dir)
+def _metrics(met: _Section, d: MetricsConfig) -> MetricsConfig:
+    return MetricsConfig(listen=met.get("listen", _opt_listen, d.listen))
+
+
+# Each section of the file and the function that reads it, in the order of the file.
+_SECTIONS: tuple[tuple[str, Callable[[_Section, Any], Any]], ...] = (
+    ("server", _server),
+    ("admin", _admin),
+    ("models", _models),
+    ("limits", _limits),
+    ("clients", _clients),
+    ("logging", _logging),
+    ("metrics", _metrics),
+)
+
+
+def parse_config(raw: Any, config_path: Path | None = None) -> DaemonConfig:
+    """Build a DaemonConfig from parsed YAML (a mapping, or None for all defaults)."""
+    top = _Section(raw, "")
+    defaults = DaemonConfig()
+    parsed: dict[str, Any] = {}
+    for name, read in _SECTIONS:
+        section = top.section(name)
+        parsed[name] = read(section, getattr(defaults, name))
+        section.finish()
+    state_dir = top.get("state_dir", _path, defaults.state_dir)
     top.finish()
-    return DaemonConfig(
-        server=server,
-        admin=admin,
-        state_dir=state_dir,
-        models=models,
-        limits=limits,
-        clients=clients,
-        logging=logging,
-        metrics=metrics,
-        config_path=config_path,
-    )
+    return DaemonConfig(**parsed, state_dir=state_dir, config_path=config_path)
 
 
 def resolve_config_path(explicit: str | os.PathLike[str] | None) -> Path:

@@ -21,15 +21,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.admin.routes import build_routes
 from vibectld.admin.server import AdminServer, Caller
-from vibectld.config import DaemonConfig
+from vibectld.config import (
+    ConfigError,
+    DaemonConfig,
+    keep_restart_only,
+    load_config,
+    restart_only_changes,
+)
+from vibectld.generation import GenerationRejected, build_generation
 from vibectld.ops.notify import Notifier
 from vibectld.ops.watchdog import Heartbeat
 from vibectld.pki.signing import SigningKeys
-from vibectld.pki.tls import ServerTLS, default_hosts, load_server_tls
+from vibectld.pki.tls import ServerTLS
 from vibectld.providers.catalogue import ModelCatalogue, point_llm_at
 from vibectld.providers.execution import Executor
-from vibectld.providers.keys import ProviderKeys
-from vibectld.reloader import ReloadRejected, reload_runtime
 from vibectld.runtime import Runtime
 from vibectld.service.servicer import ProxyService
 from vibectld.store.registry import Registry, RegistryError
@@ -55,13 +60,14 @@ def _certificate_configuration(tls: ServerTLS) -> grpc.ServerCertificateConfigur
 
 def _server_credentials(rt: Runtime) -> grpc.ServerCredentials:
     """TLS credentials that pick up reloaded certificates on the next handshake."""
-    served = rt.tls
+    served = rt.generation.tls
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         nonlocal served
-        if rt.tls is served:
+        current = rt.generation.tls
+        if current is served:
             return None  # unchanged: gRPC keeps what it has
-        served = rt.tls
+        served = current
         return _certificate_configuration(served)
 
     return grpc.dynamic_ssl_server_credentials(
@@ -69,6 +75,13 @@ def _server_credentials(rt: Runtime) -> grpc.ServerCredentials:
         fetch,
         require_client_authentication=served.client_ca_pem is not None,
     )
+
+
+async def _close_later(catalogue: ModelCatalogue, delay: float) -> None:
+    # Calls that started before the swap may still use the old catalogue's connections.
+    await asyncio.sleep(delay)
+    with contextlib.suppress(Exception):
+        await catalogue.aclose()
 
 
 class Daemon:
@@ -93,6 +106,31 @@ class Daemon:
         return self.runtime.grpc_port
 
     async def start(self) -> None:
+        self.runtime = rt = self._open_state()
+        await self._start_grpc(rt)
+        routes = build_routes(rt, self.reload, self.request_reload)
+        self._admin = AdminServer(
+            self.config.admin.socket, self.config.admin.group, routes, on_audit=self._audit
+        )
+        await self._admin.start()
+        self._start_metrics(rt)
+        # Everything loaded so far (the registry's records, llm and its plugins) lives as
+        # long as the daemon: taken out of the cyclic GC, a full collection no longer walks
+        # 100,000 client records while calls wait behind it.
+        gc.collect()
+        gc.freeze()
+        assert self._health is not None
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._flush_usage(), name="flush-usage"))
+        self._tasks.append(asyncio.create_task(self._reload_on_request(), name="reload"))
+        heartbeat = Heartbeat(rt, self.notifier, self._status_line)
+        self._tasks.append(asyncio.create_task(heartbeat.run(), name="heartbeat"))
+        self._log_started(rt)
+        self.notifier.ready(self._status_line())
+
+    def _open_state(self) -> Runtime:
+        """The state directory, its keys and registry, and the first generation."""
         config = self.config
         state_dir = config.state_dir
         try:
@@ -103,26 +141,19 @@ class Daemon:
                 "vibectld user or set state_dir"
             ) from None
         point_llm_at(state_dir)
-        tls = load_server_tls(
-            config.server.tls, state_dir, default_hosts(config.server.public_host)
-        )
         signing = SigningKeys.load_or_create(state_dir / "signing-keys")
         registry = Registry.open(state_dir / "registry.db")
-        provider_keys = ProviderKeys.for_daemon(config.config_dir, state_dir)
-        catalogue = ModelCatalogue.build(config.models, provider_keys)
-        executor = Executor(config.models.sync_workers, provider_keys.redact)
-        rt = Runtime(
-            config=config,
-            catalogue=catalogue,
-            signing=signing,
-            registry=registry,
-            executor=executor,
-            provider_keys=provider_keys,
-            tls=tls,
-        )
-        self.runtime = rt
+        try:
+            generation = build_generation(config, signing, registry)
+        except GenerationRejected as e:
+            registry.close()
+            raise StartupError(str(e)) from None
+        executor = Executor(config.models.sync_workers)
+        return Runtime(generation=generation, signing=signing, registry=registry, executor=executor)
 
-        limit = config.server.max_request_bytes
+    async def _start_grpc(self, rt: Runtime) -> None:
+        listen = self.config.server.listen
+        limit = self.config.server.max_request_bytes
         # gRPC itself refuses larger messages with RESOURCE_EXHAUSTED; leaving it
         # headroom lets the service answer "too large" with INVALID_ARGUMENT.
         grpc_limit = max(4 * limit, 4 * 1024 * 1024)
@@ -136,65 +167,48 @@ class Daemon:
         pb_grpc.add_VibectlLLMProxyServicer_to_server(ProxyService(rt), server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        busy = (
+            f"cannot listen on {listen}; is another process using the port? "
+            "change server.listen or stop it"
+        )
         try:
-            port = server.add_secure_port(config.server.listen, _server_credentials(rt))
+            port = server.add_secure_port(listen, _server_credentials(rt))
         except RuntimeError as e:
-            raise StartupError(
-                f"cannot listen on {config.server.listen} ({e}); is another process using "
-                "the port? change server.listen or stop it"
-            ) from None
+            raise StartupError(f"{busy} ({e})") from None
         if not port:
-            raise StartupError(
-                f"cannot listen on {config.server.listen}; is another process using the "
-                "port? change server.listen or stop it"
-            )
-        host = config.server.listen.rpartition(":")[0]
-        rt.grpc_host, rt.grpc_port = host, port
+            raise StartupError(busy)
+        rt.grpc_host, rt.grpc_port = listen.rpartition(":")[0], port
         await server.start()
         self._grpc = server
 
-        routes = build_routes(rt, self.reload, self.request_reload)
-        self._admin = AdminServer(
-            config.admin.socket, config.admin.group, routes, on_audit=self._audit
-        )
-        await self._admin.start()
-        if config.metrics.listen is not None:
-            try:
-                rt.metrics.serve(config.metrics.listen)
-            except OSError as e:
-                raise StartupError(
-                    f"cannot serve metrics on {config.metrics.listen}: {e.strerror}; change "
-                    "metrics.listen or stop the process using it"
-                ) from None
+    def _start_metrics(self, rt: Runtime) -> None:
+        listen = self.config.metrics.listen
+        if listen is None:
+            return
+        try:
+            rt.metrics.serve(listen)
+        except OSError as e:
+            raise StartupError(
+                f"cannot serve metrics on {listen}: {e.strerror}; change "
+                "metrics.listen or stop the process using it"
+            ) from None
 
-        # Everything loaded so far (the registry's records, llm and its plugins) lives as
-        # long as the daemon: taken out of the cyclic GC, a full collection no longer walks
-        # 100,000 client records while calls wait behind it.
-        gc.collect()
-        gc.freeze()
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._tasks.append(asyncio.create_task(self._flush_usage(), name="flush-usage"))
-        self._tasks.append(asyncio.create_task(self._reload_on_request(), name="reload"))
-        heartbeat = Heartbeat(rt, self.notifier, self._status_line)
-        self._tasks.append(asyncio.create_task(heartbeat.run(), name="heartbeat"))
-        if config.server.public_url is None:
+    def _log_started(self, rt: Runtime) -> None:
+        if self.config.server.public_url is None:
             log.warning(
                 "server.public_url_unset",
                 hint="issued URLs use this machine's name; set server.public_url to the "
                 "address clients dial",
             )
-        counts = registry.counts()
         log.info(
             "started",
             listen=rt.grpc_address,
-            admin_socket=str(config.admin.socket),
-            models=len(catalogue.entries()),
-            clients=counts["active"],
-            ca_sha256=tls.ca_sha256,
+            admin_socket=str(self.config.admin.socket),
+            models=len(rt.generation.catalogue.entries()),
+            clients=rt.registry.counts()["active"],
+            ca_sha256=rt.generation.tls.ca_sha256,
             pid=os.getpid(),
         )
-        self.notifier.ready(self._status_line())
 
     def _status_line(self) -> str:
         rt = self.runtime
@@ -209,7 +223,7 @@ class Daemon:
         return line
 
     async def reload(self) -> list[str]:
-        """Reload config, certificates, keys, models and limits; raise ReloadRejected if invalid.
+        """Build a new generation from the config file and swap it in; raise if it is invalid.
 
         Returns notes about settings that only a restart applies.
         """
@@ -218,8 +232,8 @@ class Daemon:
             self.notifier.reloading()
             log.info("reload.started")
             try:
-                notes = reload_runtime(self.runtime, self.config.config_path)
-            except ReloadRejected as e:
+                notes = self._swap_generation(self.runtime)
+            except GenerationRejected as e:
                 self._last_reload_error = str(e)
                 log.error(
                     "reload.rejected", error=str(e), hint="the previous configuration keeps serving"
@@ -230,6 +244,22 @@ class Daemon:
             log.info("reload.done", restart_needed=len(notes))
             self.notifier.ready(self._status_line())
             return notes
+
+    def _swap_generation(self, rt: Runtime) -> list[str]:
+        old = rt.generation
+        path = self.config.config_path
+        try:
+            fresh = load_config(path) if path is not None else old.config
+        except ConfigError as e:
+            raise GenerationRejected(str(e)) from None
+        changed = restart_only_changes(old.config, fresh)
+        config = keep_restart_only(old.config, fresh)
+        rt.generation = build_generation(config, rt.signing, rt.registry, old.number + 1)
+        rt.background(_close_later(old.catalogue, config.limits.request_timeout_seconds + 5))
+        notes = [f"{key} changed: restart vibectld to apply" for key in changed]
+        for note in notes:
+            log.warning("reload.restart_needed", detail=note)
+        return notes
 
     def _audit(self, caller: Caller, op: str, target: str | None, outcome: str) -> None:
         assert self.runtime is not None
@@ -276,7 +306,7 @@ class Daemon:
             await self._reload_requested.wait()
             self._reload_requested.clear()
             await self._audit_sighups()
-            with contextlib.suppress(ReloadRejected):
+            with contextlib.suppress(GenerationRejected):
                 await self.reload()
 
     async def _flush_usage(self) -> None:
@@ -314,7 +344,7 @@ class Daemon:
         if self.runtime is not None:
             await self.runtime.cancel_background()
             self.runtime.metrics.close()
-            await self.runtime.catalogue.aclose()
+            await self.runtime.generation.catalogue.aclose()
             self.runtime.executor.close()
             try:
                 self.runtime.registry.close()

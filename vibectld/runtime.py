@@ -1,8 +1,9 @@
 """The daemon's live parts, shared by the gRPC service and the admin routes.
 
-A reload replaces `config`, `catalogue` and `tls` as a whole; request handlers
-read each once per call, so a call never sees half of an old and half of a new
-configuration.
+What a reload replaces lives in one frozen `Generation`, swapped as a single
+reference; a request handler reads `generation` once per call. What lives as
+long as the process (the registry, the signing keys, the limiter, the calls in
+flight, the thread pool, metrics) is held here directly.
 """
 
 from __future__ import annotations
@@ -14,29 +15,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vibectld.config import DaemonConfig
+from vibectld.generation import Generation
 from vibectld.ops.metrics import Metrics
 from vibectld.pki.signing import SigningKeys
 from vibectld.pki.tls import ServerTLS
 from vibectld.providers.catalogue import ModelCatalogue
 from vibectld.providers.execution import Executor
 from vibectld.providers.keys import ProviderKeys
-from vibectld.service.auth import Authenticator
 from vibectld.service.inflight import InFlight
 from vibectld.service.limits import Limiter
-from vibectld.store.registry import ClientRecord, Registry
+from vibectld.store.registry import Registry
 
 
 @dataclass
 class Runtime:
-    config: DaemonConfig
-    catalogue: ModelCatalogue
+    generation: Generation
     signing: SigningKeys
     registry: Registry
     executor: Executor
-    provider_keys: ProviderKeys
-    tls: ServerTLS
     inflight: InFlight = field(default_factory=InFlight)
-    auth: Authenticator = field(default_factory=Authenticator)
     limiter: Limiter = field(default_factory=Limiter)
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
@@ -48,6 +45,24 @@ class Runtime:
     draining: bool = False
     # time.monotonic() of the last call that arrived, to know when arrivals stop.
     last_arrival: float = 0.0
+
+    # Shorthands for code outside a call (admin status, logs). A call that reads
+    # more than one of them takes `generation` once instead, so it cannot see two.
+    @property
+    def config(self) -> DaemonConfig:
+        return self.generation.config
+
+    @property
+    def catalogue(self) -> ModelCatalogue:
+        return self.generation.catalogue
+
+    @property
+    def tls(self) -> ServerTLS:
+        return self.generation.tls
+
+    @property
+    def provider_keys(self) -> ProviderKeys:
+        return self.generation.provider_keys
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` as a task the runtime keeps a reference to until it ends."""
@@ -68,29 +83,3 @@ class Runtime:
         """The bound host as a client on this machine can dial it; None for a wildcard."""
         host = self.grpc_host.strip("[]")
         return None if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - comparing
-
-    def cost_usd(
-        self, model_id: str, input_tokens: int | None, output_tokens: int | None
-    ) -> float | None:
-        """What a call cost, where `models.prices` has a price for the model."""
-        price = self.config.models.prices.get(model_id)
-        if price is None:
-            return None
-        return ((input_tokens or 0) * price.input + (output_tokens or 0) * price.output) / 1e6
-
-    def effective_limits(self, client: ClientRecord) -> dict[str, int | None]:
-        """The limits that apply to one client: its own overrides, else the defaults."""
-        limits = self.config.limits
-        return {
-            "rpm": client.rpm if client.rpm is not None else limits.requests_per_minute,
-            "concurrency": (
-                client.concurrency if client.concurrency is not None else limits.concurrent_requests
-            ),
-            "tokens_per_day": (
-                client.tokens_per_day
-                if client.tokens_per_day is not None
-                else limits.tokens_per_day
-            ),
-            "max_input_chars": limits.max_input_chars,
-            "request_timeout_seconds": limits.request_timeout_seconds,
-        }

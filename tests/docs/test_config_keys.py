@@ -176,3 +176,15 @@ def test_example_is_valid_and_complete(monkeypatch: pytest.MonkeyPatch) -> None:
     raw = yaml.safe_load(textwrap.dedent("\n".join(lines[start:])))
     config.parse_config(raw)
     assert sorted(set(found.keys) - _flatten(raw, "", found)) == []
+
+
+def test_restart_only_keys_are_the_declared_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page's "Reload: needs a restart" marks are exactly config.RESTART_ONLY."""
+    keys = accepted(monkeypatch).keys
+    marked = set()
+    for name, body in documented().items():
+        match = _FIRST_LINE.match(body)
+        if match is not None and match.group("reload") == "needs a restart":
+            marked.add(name)
+    assert sorted(marked) == sorted(config.RESTART_ONLY)
+    assert set(config.RESTART_ONLY) <= set(keys), "a declared key that the loader never reads"

@@ -203,3 +203,125 @@ def test_notify_protocol_reload_on_sighup_and_watchdog(tmp_path: Path) -> None:
         for leftover in sock_dir.iterdir():
             leftover.unlink()
         sock_dir.rmdir()
+
+
+# A value different from the test daemon's for every key vibectld.yaml(5) documents;
+# entries' own keys (KEY[].NAME, KEY.MODEL.NAME) change with their parent.
+def _every_key_changed(tmp: Path, sock_dir: Path) -> dict[str, Any]:
+    tls = tmp / "state" / "tls"
+    return {
+        "server": {
+            "listen": "127.0.0.1:1",
+            "public_url": "vibectl-server://lb.example.com:443",
+            "name": "renamed",
+            "tls": {
+                "cert_file": str(tls / "server.pem"),
+                "key_file": str(tls / "server.key"),
+                "client_ca_file": str(tls / "ca.pem"),
+            },
+            "max_request_bytes": 2048,
+            "shutdown_grace_seconds": 3,
+        },
+        "admin": {"socket": str(sock_dir / "other.sock"), "group": "nogroup"},
+        "state_dir": str(tmp / "state2"),
+        "models": {
+            "default": "fake-sync",
+            "allowed": ["echo", "fake-sync"],
+            "aliases": {"quick": "echo"},
+            "openai_compatible": [
+                {"model_id": "x", "model_name": "y", "api_base": "http://127.0.0.1:9/v1"}
+            ],
+            "sync_workers": 3,
+            "prices": {"echo": {"input": 1.5, "output": 2.5}},
+        },
+        "limits": {
+            "requests_per_minute": 7,
+            "concurrent_requests": 2,
+            "tokens_per_day": 1000,
+            "max_input_chars": 5000,
+            "request_timeout_seconds": 30,
+        },
+        "clients": {
+            "default_expiry": "10d",
+            "max_expiry": "30d",
+            "issuer": "other-issuer",
+            "audience": "other-audience",
+        },
+        "logging": {"level": "error", "format": "json"},
+        "metrics": {"listen": "127.0.0.1:1"},
+    }
+
+
+# YAML names that the loader keeps under another attribute name.
+_ATTRIBUTE = {
+    "clients.default_expiry": "clients.default_expiry_seconds",
+    "clients.max_expiry": "clients.max_expiry_seconds",
+}
+
+
+def _value(config: Any, key: str) -> Any:
+    for part in _ATTRIBUTE.get(key, key).split("."):
+        config = getattr(config, part)
+    return config
+
+
+def test_the_man_pages_reload_statements_hold(
+    from_file: Callable[[dict[str, Any]], tuple[RunningDaemon, Path]],
+    tmp_path: Path,
+    sock_dir: Path,
+) -> None:
+    """Every key vibectld.yaml(5) marks "applied" is applied by a reload; every key it
+    marks "needs a restart" keeps its value and is named in the reply."""
+    from tests.docs.test_config_keys import _FIRST_LINE, documented
+    from vibectld.config import RESTART_TO_SWITCH, parse_config
+
+    daemon, path = from_file(base_config(tmp_path, sock_dir))
+    before = daemon.runtime.generation
+    raw = _every_key_changed(tmp_path, sock_dir)
+    wanted = parse_config(raw, config_path=path)
+    write(path, raw)
+    out = admin(daemon, "--json", "reload", "--wait")
+    assert out.returncode == 0, out.stderr
+    notes = json.loads(out.stdout)["restart_needed"]
+    after = daemon.runtime.generation
+    assert after.number == before.number + 1
+
+    leaves = {k: v for k, v in documented().items() if "[]" not in k and ".MODEL." not in k}
+    wrong: list[str] = []
+    named: set[str] = set()
+    for key, body in sorted(leaves.items()):
+        match = _FIRST_LINE.match(body)
+        assert match is not None, key
+        old, new, now = _value(before.config, key), _value(wanted, key), _value(after.config, key)
+        assert old != new, f"{key}: the test must change it"
+        restart = match.group("reload") == "needs a restart" or key in RESTART_TO_SWITCH
+        if restart:
+            named.add(key)
+        if now != (old if restart else new):
+            wrong.append(f"{key}: {'kept' if now == old else 'applied'} after reload")
+    assert wrong == []
+    assert sorted(notes) == sorted(f"{key} changed: restart vibectld to apply" for key in named)
+    secret = daemon.issue("alice")
+    reply = info(daemon, secret)
+    assert (reply.server_name, reply.limits.max_requests_per_minute) == ("renamed", 7)
+
+
+def test_a_new_audience_refuses_secrets_verified_under_the_old_one(
+    from_file: Callable[[dict[str, Any]], tuple[RunningDaemon, Path]],
+    tmp_path: Path,
+    sock_dir: Path,
+) -> None:
+    """The cache of verified secrets belongs to one generation, so it cannot outlive it."""
+    import grpc
+
+    raw = base_config(tmp_path, sock_dir)
+    daemon, path = from_file(raw)
+    secret = daemon.issue("alice")
+    assert info(daemon, secret).server_name == "reloadable"  # verified, and so cached
+    raw["clients"] = {"audience": "another-audience"}
+    write(path, raw)
+    assert admin(daemon, "reload", "--wait").returncode == 0
+    with pytest.raises(grpc.RpcError) as refused:
+        info(daemon, secret)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert info(daemon, daemon.issue("bob")).server_name == "reloadable"

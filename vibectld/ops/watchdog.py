@@ -48,11 +48,12 @@ class Heartbeat:
 
     async def _grpc_answers(self, deadline_seconds: float) -> bool:
         rt = self.rt
-        if rt.tls.client_ca_pem is not None:
+        tls = rt.generation.tls
+        if tls.client_ca_pem is not None:
             # With mTLS we hold no client certificate; the loop running is the proof we have.
             return True
-        creds = grpc.ssl_channel_credentials(root_certificates=rt.tls.ca_pem)
-        options = [("grpc.ssl_target_name_override", _name_in_certificate(rt.tls.cert_chain_pem))]
+        creds = grpc.ssl_channel_credentials(root_certificates=tls.ca_pem)
+        options = [("grpc.ssl_target_name_override", _name_in_certificate(tls.cert_chain_pem))]
         async with grpc.aio.secure_channel(_dial_target(rt), creds, options=options) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:

@@ -8,6 +8,7 @@ plugin of its own so that the core never special-cases a vendor.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ class CatalogueEntry:
     # The llm model objects; the async one is preferred when both exist.
     async_model: Any = field(repr=False, compare=False)
     sync_model: Any = field(repr=False, compare=False)
+    # Hides the provider keys of the catalogue's generation in this model's error texts.
+    redact: Callable[[str], str] = field(repr=False, compare=False, default=str)
 
 
 def point_llm_at(state_dir: Path) -> None:
@@ -115,6 +118,7 @@ class ModelCatalogue:
                 supports_schema=bool(model.supports_schema),
                 async_model=mwa.async_model,
                 sync_model=mwa.model,
+                redact=keys.redact,
             )
         if config.allowed:
             unknown = [

@@ -10,17 +10,20 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from vibectld.pki.signing import Claims, TokenError
+from vibectld.pki.signing import Claims, SigningKeys, TokenError
 from vibectld.service.refusals import Unauthenticated
 from vibectld.store.registry import ClientRecord
 
-if TYPE_CHECKING:
-    from vibectld.runtime import Runtime
-
 _ASK_ADMIN = "ask your vibectld admin for a new one"
 _CACHE_SIZE = 4096
+
+
+class ClientLookup(Protocol):
+    """The part of the registry authentication reads: one record by secret id."""
+
+    def get(self, jti: str) -> ClientRecord | None: ...
 
 
 def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -40,24 +43,34 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 
 
 class Authenticator:
-    """Turns call metadata into the calling client's registry record, or refuses."""
+    """Turns call metadata into the calling client's registry record, or refuses.
 
-    def __init__(self) -> None:
+    Built once per configuration generation with the issuer and audience it
+    checks, so its cache of verified secrets can never outlive a change of
+    either: a reload builds a new Authenticator with an empty cache.
+    """
+
+    def __init__(
+        self, signing: SigningKeys, clients: ClientLookup, *, issuer: str, audience: str
+    ) -> None:
+        self._signing = signing
+        self._clients = clients
+        self._issuer = issuer
+        self._audience = audience
         # Verified signatures are remembered (never the verdict on the client,
         # which is re-read from the registry every time) so a busy client costs
         # one Ed25519 verification, not one per request.
         self._verified: OrderedDict[str, Claims] = OrderedDict()
 
-    def _verify(self, rt: Runtime, secret: str, now: int) -> Claims:
+    def _verify(self, secret: str, now: int) -> Claims:
         claims = self._verified.get(secret)
         if claims is not None:
             if claims.exp > now:
                 self._verified.move_to_end(secret)
                 return claims
             del self._verified[secret]
-        clients = rt.config.clients
         try:
-            claims = rt.signing.verify(secret, iss=clients.issuer, aud=clients.audience, now=now)
+            claims = self._signing.verify(secret, iss=self._issuer, aud=self._audience, now=now)
         except TokenError as e:
             raise Unauthenticated(str(e)) from None
         self._verified[secret] = claims
@@ -65,19 +78,14 @@ class Authenticator:
             self._verified.popitem(last=False)
         return claims
 
-    def authenticate(
-        self, rt: Runtime, metadata: Iterable[tuple[str, str | bytes]] | None
-    ) -> ClientRecord:
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> ClientRecord:
         now = int(time.time())
-        return _check_registry(rt, self._verify(rt, _bearer(metadata), now), now)
-
-
-def _check_registry(rt: Runtime, claims: Claims, now: int) -> ClientRecord:
-    record = rt.registry.get(claims.jti)
-    if record is None:
-        raise Unauthenticated(f"secret is not registered on this server — {_ASK_ADMIN}")
-    if record.revoked_at is not None:
-        raise Unauthenticated(f"secret was revoked — {_ASK_ADMIN}")
-    if record.expires_at <= now:
-        raise Unauthenticated(f"secret has expired — {_ASK_ADMIN}")
-    return record
+        claims = self._verify(_bearer(metadata), now)
+        record = self._clients.get(claims.jti)
+        if record is None:
+            raise Unauthenticated(f"secret is not registered on this server — {_ASK_ADMIN}")
+        if record.revoked_at is not None:
+            raise Unauthenticated(f"secret was revoked — {_ASK_ADMIN}")
+        if record.expires_at <= now:
+            raise Unauthenticated(f"secret has expired — {_ASK_ADMIN}")
+        return record

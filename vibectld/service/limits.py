@@ -11,12 +11,44 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+from vibectld.config import LimitsConfig
 from vibectld.service.refusals import LimitExceeded
+from vibectld.store.registry import ClientRecord
 
 WINDOW_SECONDS = 60.0
 # Concurrency frees up when any call ends; there is no window to compute from.
 CONCURRENCY_RETRY_MS = 250
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveLimits:
+    """The limits that apply to one client: its own overrides, else the server's defaults."""
+
+    rpm: int | None
+    concurrency: int | None
+    tokens_per_day: int | None
+    max_input_chars: int | None
+    request_timeout_seconds: int
+
+    @classmethod
+    def of(cls, client: ClientRecord, defaults: LimitsConfig) -> EffectiveLimits:
+        return cls(
+            rpm=client.rpm if client.rpm is not None else defaults.requests_per_minute,
+            concurrency=(
+                client.concurrency
+                if client.concurrency is not None
+                else defaults.concurrent_requests
+            ),
+            tokens_per_day=(
+                client.tokens_per_day
+                if client.tokens_per_day is not None
+                else defaults.tokens_per_day
+            ),
+            max_input_chars=defaults.max_input_chars,
+            request_timeout_seconds=defaults.request_timeout_seconds,
+        )
 
 
 def check_token_budget(used: int, budget: int | None, now: float) -> None:

@@ -19,10 +19,11 @@ import structlog
 
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
+from vibectld.generation import Generation
 from vibectld.providers.catalogue import CatalogueEntry, UnknownModel
 from vibectld.providers.execution import ErrorCode, ModelFailure, Outcome
 from vibectld.runtime import Runtime
-from vibectld.service.limits import check_token_budget
+from vibectld.service.limits import EffectiveLimits, check_token_budget
 from vibectld.service.refusals import (
     CallRefused,
     InvalidRequest,
@@ -60,16 +61,18 @@ def _error(failure: ModelFailure) -> pb.ExecuteError:
 
 
 class _Call:
-    """What one authorized call needs to run."""
+    """What one authorized call needs to run, under the one generation it started with."""
 
     def __init__(
         self,
+        gen: Generation,
         client: ClientRecord,
         entry: CatalogueEntry | None,
         failure: ModelFailure | None,
         schema: dict[str, Any] | None,
         timeout: float,
     ) -> None:
+        self.gen = gen
         self.client = client
         self.entry = entry
         self.failure = failure
@@ -87,8 +90,9 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         rt.last_arrival = time.monotonic()
         if rt.draining:
             raise Unavailable("vibectld is shutting down; retry in a moment")
-        client = rt.auth.authenticate(rt, context.invocation_metadata())
-        config = rt.config
+        gen = rt.generation
+        client = gen.auth.authenticate(context.invocation_metadata())
+        config = gen.config
         size = request.ByteSize()
         if size > config.server.max_request_bytes:
             raise InvalidRequest(
@@ -116,29 +120,29 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             schema = parsed
         name = request.model_name if request.HasField("model_name") else None
         try:
-            entry: CatalogueEntry | None = rt.catalogue.resolve(name)
+            entry: CatalogueEntry | None = gen.catalogue.resolve(name)
         except UnknownModel as e:
             failure = ModelFailure(ErrorCode.MODEL_NOT_FOUND, str(e))
-            return _Call(client, None, failure, schema, 0)
+            return _Call(gen, client, None, failure, schema, 0)
         assert entry is not None
         if client.models is not None and entry.model_id not in client.models:
             raise PermissionDenied(
                 f"client '{client.name}' may not use model '{entry.model_id}'; "
                 f"allowed: {', '.join(client.models) or 'none'} — ask your vibectld admin"
             )
-        return _Call(client, entry, None, schema, float(config.limits.request_timeout_seconds))
+        return _Call(gen, client, entry, None, schema, float(config.limits.request_timeout_seconds))
 
     @contextmanager
     def _admitted(self, call: _Call) -> Iterator[None]:
         rt = self.rt
-        limits = rt.effective_limits(call.client)
+        limits = EffectiveLimits.of(call.client, call.gen.config.limits)
         now = time.time()
         # Checked before anything is reserved, so a refusal consumes no budget.
         check_token_budget(
-            rt.registry.tokens_used(call.client.id, int(now)), limits["tokens_per_day"], now
+            rt.registry.tokens_used(call.client.id, int(now)), limits.tokens_per_day, now
         )
         with (
-            rt.limiter.admit(call.client.id, limits["rpm"], limits["concurrency"]),
+            rt.limiter.admit(call.client.id, limits.rpm, limits.concurrency),
             rt.inflight.track(call.client.id),
         ):
             rt.metrics.in_flight.inc()
@@ -161,7 +165,7 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         """Price the call now (the reply carries it); count and log it just after."""
         seconds = time.monotonic() - call.started
         if outcome is not None:
-            outcome.cost_usd = self.rt.cost_usd(
+            outcome.cost_usd = call.gen.cost_usd(
                 outcome.model_id, outcome.input_tokens, outcome.output_tokens
             )
         # Accounting never sits on the request's critical path: it runs on the
@@ -303,12 +307,12 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: Any
     ) -> pb.GetServerInfoResponse:
-        rt = self.rt
+        gen = self.rt.generation
         try:
-            client = rt.auth.authenticate(rt, context.invocation_metadata())
+            client = gen.auth.authenticate(context.invocation_metadata())
         except CallRefused as refusal:
             await self._refuse(context, refusal)
-        catalogue = rt.catalogue
+        catalogue = gen.catalogue
         allowed = set(client.models) if client.models is not None else None
         models = [
             pb.ModelInfo(
@@ -322,27 +326,28 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             if allowed is None or e.model_id in allowed
         ]
         offered = {m.model_id for m in models}
-        limits = rt.effective_limits(client)
-        server_limits = pb.ServerLimits(
-            request_timeout_seconds=rt.config.limits.request_timeout_seconds
-        )
-        if limits["rpm"] is not None:
-            server_limits.max_requests_per_minute = limits["rpm"]
-        if limits["concurrency"] is not None:
-            server_limits.max_concurrent_requests = limits["concurrency"]
-        if limits["max_input_chars"] is not None:
-            server_limits.max_input_length = limits["max_input_chars"]
         default = catalogue.default
         if catalogue.has(default) and catalogue.resolve(default).model_id not in offered:
             default = min(offered) if offered else ""
         return pb.GetServerInfoResponse(
             available_models=models,
             default_model=default,
-            limits=server_limits,
+            limits=_server_limits(EffectiveLimits.of(client, gen.config.limits)),
             server_version=__version__,
             model_aliases={a: t for a, t in catalogue.aliases().items() if t in offered},
-            server_name=rt.config.server.name,
+            server_name=gen.config.server.name,
         )
+
+
+def _server_limits(limits: EffectiveLimits) -> pb.ServerLimits:
+    reply = pb.ServerLimits(request_timeout_seconds=limits.request_timeout_seconds)
+    if limits.rpm is not None:
+        reply.max_requests_per_minute = limits.rpm
+    if limits.concurrency is not None:
+        reply.max_concurrent_requests = limits.concurrency
+    if limits.max_input_chars is not None:
+        reply.max_input_length = limits.max_input_chars
+    return reply
 
 
 _REVOKED_MID_CALL = "secret was revoked during this call — ask your vibectld admin for a new one"

@@ -1,0 +1,61 @@
+"""Everything a reload replaces, built by one function and swapped as one reference.
+
+A `Generation` is frozen: the configuration, the TLS material, the provider
+keys, the model catalogue and the authenticator (whose issuer, audience and
+cache of verified secrets belong to one configuration) were all built from the
+same file. Start-up and reload both call `build_generation`; a reload swaps
+`Runtime.generation` in one assignment, so a call that reads it once sees
+either the old generation or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vibectld.config import ConfigError, DaemonConfig
+from vibectld.pki.signing import SigningKeys
+from vibectld.pki.tls import ServerTLS, TLSError, default_hosts, load_server_tls
+from vibectld.providers.catalogue import ModelCatalogue
+from vibectld.providers.keys import ProviderKeyError, ProviderKeys
+from vibectld.service.auth import Authenticator, ClientLookup
+
+
+class GenerationRejected(Exception):
+    """The new configuration's parts cannot all be built; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    config: DaemonConfig
+    tls: ServerTLS
+    provider_keys: ProviderKeys
+    catalogue: ModelCatalogue
+    auth: Authenticator
+
+    def cost_usd(
+        self, model_id: str, input_tokens: int | None, output_tokens: int | None
+    ) -> float | None:
+        """What a call cost, where `models.prices` has a price for the model."""
+        price = self.config.models.prices.get(model_id)
+        if price is None:
+            return None
+        return ((input_tokens or 0) * price.input + (output_tokens or 0) * price.output) / 1e6
+
+
+def build_generation(
+    config: DaemonConfig, signing: SigningKeys, clients: ClientLookup, number: int = 1
+) -> Generation:
+    """Build every reloadable part from `config`, or raise GenerationRejected naming the part."""
+    try:
+        tls = load_server_tls(
+            config.server.tls, config.state_dir, default_hosts(config.server.public_host)
+        )
+        keys = ProviderKeys.for_daemon(config.config_dir, config.state_dir)
+        catalogue = ModelCatalogue.build(config.models, keys)
+    except (ConfigError, TLSError, ProviderKeyError) as e:
+        raise GenerationRejected(str(e)) from None
+    auth = Authenticator(
+        signing, clients, issuer=config.clients.issuer, audience=config.clients.audience
+    )
+    return Generation(number, config, tls, keys, catalogue, auth)
