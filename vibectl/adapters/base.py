@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import abc
+import functools
 import json
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec
+
+P = ParamSpec("P")
 
 
 @dataclass
@@ -46,37 +50,25 @@ def schema_of(response_model: ResponseModel | None) -> dict[str, Any] | None:
     return schema
 
 
-class ModelAdapter(abc.ABC):
-    """Runs prompts on a model. Fragments stay separate: system ones are the system prompt."""
+@dataclass(frozen=True)
+class Prompt:
+    """One request to a model: system and user fragments kept apart, and the reply's schema."""
 
-    #: "direct" or "proxy", for messages and `vibectl models`.
-    mode: str
+    system_fragments: list[str]
+    user_fragments: list[str]
+    schema: dict[str, Any] | None = None
 
-    @abc.abstractmethod
-    def get_model(self, name: str | None) -> Any:
-        """A handle for the named model (None: the default one)."""
 
-    @abc.abstractmethod
-    async def execute(
-        self,
-        model: Any,
-        system_fragments: Sequence[str],
-        user_fragments: Sequence[str],
-        response_model: ResponseModel | None = None,
-    ) -> tuple[str, LLMMetrics]:
-        """The whole reply and what it cost."""
+Reply = tuple[str, LLMMetrics]
+_Execute = Callable[P, Awaitable[Reply]]
 
-    async def execute_and_log_metrics(
-        self,
-        model: Any,
-        system_fragments: Sequence[str],
-        user_fragments: Sequence[str],
-        response_model: ResponseModel | None = None,
-    ) -> tuple[str, LLMMetrics]:
-        """Like execute(), also logging the metrics at debug level."""
-        import logging
 
-        text, metrics = await self.execute(model, system_fragments, user_fragments, response_model)
+def _logging_metrics(execute: _Execute[P]) -> _Execute[P]:
+    """`execute`, also logging what each call cost at debug level."""
+
+    @functools.wraps(execute)
+    async def logged(*args: P.args, **kwargs: P.kwargs) -> Reply:
+        text, metrics = await execute(*args, **kwargs)
         logging.getLogger("vibectl.metrics").debug(
             "model=%s latency_ms=%.1f tokens_in=%s tokens_out=%s",
             metrics.model,
@@ -86,7 +78,36 @@ class ModelAdapter(abc.ABC):
         )
         return text, metrics
 
+    return logged
+
+
+class ModelAdapter(abc.ABC):
+    """Runs prompts on a model. Fragments stay separate: system ones are the system prompt.
+
+    The public methods have the interface's signature; an adapter implements only
+    `_execute` and `_stream`, which receive the request as one `Prompt`.
+    """
+
+    #: "direct" or "proxy", for messages and `vibectl models`.
+    mode: str
+
     @abc.abstractmethod
+    def get_model(self, name: str | None) -> Any:
+        """A handle for the named model (None: the default one)."""
+
+    async def execute(
+        self,
+        model: Any,
+        system_fragments: Sequence[str],
+        user_fragments: Sequence[str],
+        response_model: ResponseModel | None = None,
+    ) -> Reply:
+        """The whole reply and what it cost."""
+        prompt = Prompt(list(system_fragments), list(user_fragments), schema_of(response_model))
+        return await self._execute(model, prompt)
+
+    execute_and_log_metrics = _logging_metrics(execute)
+
     def stream_execute(
         self,
         model: Any,
@@ -95,6 +116,16 @@ class ModelAdapter(abc.ABC):
         response_model: ResponseModel | None = None,
     ) -> AsyncIterator[str]:
         """The reply as text chunks, as they arrive."""
+        prompt = Prompt(list(system_fragments), list(user_fragments), schema_of(response_model))
+        return self._stream(model, prompt)
+
+    @abc.abstractmethod
+    async def _execute(self, model: Any, prompt: Prompt) -> Reply:
+        """The whole reply to `prompt` and what it cost."""
+
+    @abc.abstractmethod
+    def _stream(self, model: Any, prompt: Prompt) -> AsyncIterator[str]:
+        """The reply to `prompt` as text chunks, as they arrive."""
 
     @abc.abstractmethod
     def validate_model_key(self, name: str | None) -> str | None:

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import llm
 
-from vibectl.adapters.base import LLMMetrics, ModelAdapter, ResponseModel, schema_of
-from vibectl.errors import ConfigurationError, ModelError
+from vibectl.adapters.base import LLMMetrics, ModelAdapter, Prompt
+from vibectl.errors import ModelError
+from vibectl.model_errors import ErrorCode, KeyOwner, classify
 
 
-def _failure(exc: Exception, model_id: str) -> ModelError:
-    name = type(exc).__name__
-    status = getattr(exc, "status_code", None)
-    if status == 429 or "RateLimit" in name:
-        return ModelError("PROVIDER_RATE_LIMITED", f"'{model_id}' is rate-limited: {exc}")
-    if isinstance(exc, TimeoutError) or "Timeout" in name:
-        return ModelError("PROVIDER_TIMEOUT", f"'{model_id}' did not answer in time: {exc}")
-    return ModelError("PROVIDER_ERROR", f"'{model_id}' failed: {exc}")
+def _failure(exc: Exception, model: Any) -> ModelError:
+    """The shared classification (the daemon's too), worded for the user's own key."""
+    return ModelError(*classify(exc, model.model_id, _your_key(model)))
+
+
+def _your_key(model: Any) -> KeyOwner:
+    if not model.needs_key:
+        return KeyOwner("your", "check the model's plugin settings")
+    remedy = f"set it with: llm keys set {model.needs_key}"
+    if getattr(model, "key_env_var", None):
+        remedy += f" (or the {model.key_env_var} environment variable)"
+    return KeyOwner("your", remedy)
 
 
 def _llm_default() -> str:
@@ -42,48 +47,40 @@ class LLMModelAdapter(ModelAdapter):
             return llm.get_model(wanted)
         except llm.UnknownModelError:
             raise ModelError(
-                "MODEL_NOT_FOUND",
+                ErrorCode.MODEL_NOT_FOUND,
                 f"model '{wanted}' is not installed; list models with: vibectl models",
             ) from None
 
-    def _key_problem(self, model: Any) -> str | None:
+    @staticmethod
+    def _missing_key(model: Any) -> Exception | None:
+        """llm's own complaint (it names the command that fixes it) if the key is missing."""
         if not model.needs_key:
             return None
         try:
             model.get_key()
         except llm.NeedsKeyException as e:
-            return str(e)
+            return e
         return None
 
-    def _prompt(
-        self,
-        model: Any,
-        system_fragments: Sequence[str],
-        user_fragments: Sequence[str],
-        response_model: ResponseModel | None,
-    ) -> Any:
-        problem = self._key_problem(model)
-        if problem:
-            raise ConfigurationError(problem)
+    def _prompt(self, model: Any, prompt: Prompt) -> Any:
+        # A missing key is found before the call and classified as a provider's refusal
+        # would be, so it reads PROVIDER_AUTH_ERROR here as it does through the proxy.
+        missing = self._missing_key(model)
+        if missing is not None:
+            raise _failure(missing, model) from None
         try:
             return model.prompt(
                 None,
-                fragments=list(user_fragments),
-                system_fragments=list(system_fragments),
-                schema=schema_of(response_model),
+                fragments=prompt.user_fragments,
+                system_fragments=prompt.system_fragments,
+                schema=prompt.schema,
             )
         except ValueError as e:
-            raise ModelError("SCHEMA_NOT_SUPPORTED", str(e)) from None
+            raise ModelError(ErrorCode.SCHEMA_NOT_SUPPORTED, str(e)) from None
 
-    async def execute(
-        self,
-        model: Any,
-        system_fragments: Sequence[str],
-        user_fragments: Sequence[str],
-        response_model: ResponseModel | None = None,
-    ) -> tuple[str, LLMMetrics]:
+    async def _execute(self, model: Any, prompt: Prompt) -> tuple[str, LLMMetrics]:
         started = time.monotonic()
-        response = self._prompt(model, system_fragments, user_fragments, response_model)
+        response = self._prompt(model, prompt)
         try:
             if isinstance(response, llm.AsyncResponse):
                 text = await response.text()
@@ -91,10 +88,10 @@ class LLMModelAdapter(ModelAdapter):
             else:
                 text = response.text()
                 usage = response.usage()
-        except (ModelError, ConfigurationError):
+        except ModelError:
             raise
         except Exception as e:
-            raise _failure(e, model.model_id) from e
+            raise _failure(e, model) from e
         metrics = LLMMetrics(
             latency_ms=(time.monotonic() - started) * 1000,
             token_input=usage.input,
@@ -103,14 +100,8 @@ class LLMModelAdapter(ModelAdapter):
         )
         return text, metrics
 
-    async def stream_execute(
-        self,
-        model: Any,
-        system_fragments: Sequence[str],
-        user_fragments: Sequence[str],
-        response_model: ResponseModel | None = None,
-    ) -> AsyncIterator[str]:
-        response = self._prompt(model, system_fragments, user_fragments, response_model)
+    async def _stream(self, model: Any, prompt: Prompt) -> AsyncIterator[str]:
+        response = self._prompt(model, prompt)
         try:
             if isinstance(response, llm.AsyncResponse):
                 async for chunk in response:
@@ -118,13 +109,14 @@ class LLMModelAdapter(ModelAdapter):
             else:
                 for chunk in response:
                     yield chunk
-        except (ModelError, ConfigurationError):
+        except ModelError:
             raise
         except Exception as e:
-            raise _failure(e, model.model_id) from e
+            raise _failure(e, model) from e
 
     def validate_model_key(self, name: str | None) -> str | None:
-        return self._key_problem(self.get_model(name))
+        missing = self._missing_key(self.get_model(name))
+        return None if missing is None else str(missing)
 
     async def validate_model_name(self, name: str) -> str | None:
         try:

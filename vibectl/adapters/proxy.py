@@ -14,14 +14,14 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
-from vibectl.adapters.base import LLMMetrics, ModelAdapter, ResponseModel, schema_of
+from vibectl.adapters.base import LLMMetrics, ModelAdapter, Prompt
 from vibectl.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -173,37 +173,25 @@ class ProxyModelAdapter(ModelAdapter):
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _request(
-        self,
-        model: str | None,
-        system_fragments: Sequence[str],
-        user_fragments: Sequence[str],
-        response_model: ResponseModel | None,
-    ) -> pb.ExecuteRequest:
+    @staticmethod
+    def _request(model: str | None, prompt: Prompt) -> pb.ExecuteRequest:
         request = pb.ExecuteRequest(
-            system_fragments=list(system_fragments),
-            user_fragments=list(user_fragments),
+            system_fragments=prompt.system_fragments,
+            user_fragments=prompt.user_fragments,
             request_id=uuid.uuid4().hex,
         )
         if model:
             request.model_name = model
-        schema = schema_of(response_model)
-        if schema is not None:
-            request.response_model_schema = json.dumps(schema)
+        if prompt.schema is not None:
+            request.response_model_schema = json.dumps(prompt.schema)
         return request
 
     def get_model(self, name: str | None) -> str | None:
         """In proxy mode a model is just its name; the server resolves it (None: its default)."""
         return name
 
-    async def execute(
-        self,
-        model: Any,
-        system_fragments: Sequence[str],
-        user_fragments: Sequence[str],
-        response_model: ResponseModel | None = None,
-    ) -> tuple[str, LLMMetrics]:
-        request = self._request(model, system_fragments, user_fragments, response_model)
+    async def _execute(self, model: Any, prompt: Prompt) -> tuple[str, LLMMetrics]:
+        request = self._request(model, prompt)
         started = time.monotonic()
 
         async def call() -> pb.ExecuteResponse:
@@ -219,14 +207,8 @@ class ProxyModelAdapter(ModelAdapter):
         success = reply.success
         return success.response_text, _metrics(success.metrics, success.actual_model_used, started)
 
-    async def stream_execute(
-        self,
-        model: Any,
-        system_fragments: Sequence[str],
-        user_fragments: Sequence[str],
-        response_model: ResponseModel | None = None,
-    ) -> AsyncIterator[str]:
-        request = self._request(model, system_fragments, user_fragments, response_model)
+    async def _stream(self, model: Any, prompt: Prompt) -> AsyncIterator[str]:
+        request = self._request(model, prompt)
 
         async def first() -> tuple[Any, Any]:
             # Only the wait for the first chunk is retried: once text has been

@@ -15,18 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from vibectl import model_errors
+from vibectl.model_errors import SERVER_KEY
+from vibectl.model_errors import ErrorCode as ErrorCode  # re-exported: the service uses it
 from vibectld.providers.catalogue import CatalogueEntry
-
-
-class ErrorCode:
-    """Stable in-band error codes (ExecuteError.error_code) existing clients know."""
-
-    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
-    SCHEMA_NOT_SUPPORTED = "SCHEMA_NOT_SUPPORTED"
-    PROVIDER_ERROR = "PROVIDER_ERROR"
-    PROVIDER_AUTH_ERROR = "PROVIDER_AUTH_ERROR"
-    PROVIDER_TIMEOUT = "PROVIDER_TIMEOUT"
-    PROVIDER_RATE_LIMITED = "PROVIDER_RATE_LIMITED"
 
 
 class ModelFailure(Exception):
@@ -50,44 +42,21 @@ class Outcome:
 
 
 def classify(exc: BaseException, model_id: str, redact: Callable[[str], str]) -> ModelFailure:
-    """Map whatever a provider or plugin raised to one in-band failure."""
+    """Map whatever a provider or plugin raised to one in-band failure.
+
+    The rules live in vibectl.model_errors, shared with the client's direct mode,
+    so one provider failure reads the same through the proxy and without it.
+    """
     if isinstance(exc, ModelFailure):
         return exc
-    name = type(exc).__name__
-    status = getattr(exc, "status_code", None)
-    details = redact(f"{name}: {exc}")[:1000]
-    if isinstance(exc, TimeoutError) or "Timeout" in name:
-        return ModelFailure(
-            ErrorCode.PROVIDER_TIMEOUT,
-            f"the provider of '{model_id}' did not answer in time; try again later",
-            details,
-        )
-    if status == 429 or "RateLimit" in name:
-        return ModelFailure(
-            ErrorCode.PROVIDER_RATE_LIMITED,
-            f"the provider of '{model_id}' is rate-limiting this server; retry shortly",
-            details,
-        )
-    if status in (401, 403) or name in ("NeedsKeyException", "AuthenticationError"):
-        return ModelFailure(
-            ErrorCode.PROVIDER_AUTH_ERROR,
-            f"the provider refused this server's key for '{model_id}'; tell the vibectld admin",
-            details,
-        )
-    return ModelFailure(
-        ErrorCode.PROVIDER_ERROR,
-        f"the provider of '{model_id}' failed: {redact(str(exc))[:300] or name}",
-        details,
-    )
+    return ModelFailure(*model_errors.classify(exc, model_id, SERVER_KEY, redact))
 
 
 class Executor:
     """Runs prompts; owns the thread pool for models that only have a sync API."""
 
-    def __init__(self, sync_workers: int, redact: Callable[[str], str]) -> None:
+    def __init__(self, sync_workers: int) -> None:
         self._pool = ThreadPoolExecutor(sync_workers, thread_name_prefix="vibectld-model")
-        # Replaced on reload, when the provider keys are read again.
-        self.redact = redact
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -126,7 +95,7 @@ class Executor:
         except ModelFailure:
             raise
         except Exception as e:
-            raise classify(e, entry.model_id, self.redact) from e
+            raise classify(e, entry.model_id, entry.redact) from e
         finally:
             outcome.duration_ms = int((time.monotonic() - started) * 1000)
         outcome.input_tokens, outcome.output_tokens = usage.input, usage.output
@@ -173,7 +142,7 @@ class Executor:
         except ModelFailure:
             raise
         except Exception as e:
-            raise classify(e, entry.model_id, self.redact) from e
+            raise classify(e, entry.model_id, entry.redact) from e
         finally:
             await source.aclose()
             outcome.duration_ms = int((time.monotonic() - started) * 1000)
