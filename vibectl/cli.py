@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from vibectl.cli_common import State, handles_errors
+from vibectl.cli_common import State, command
 from vibectl.errors import UsageError
 from vibectl.setup_proxy import setup_proxy
 
@@ -41,14 +41,12 @@ def _adapter(state: State) -> Any:
     )
 
 
-@main.command("ask")
+@command(main, "ask")
 @click.argument("prompt", required=False)
 @click.option("--model", "-m", metavar="M", help="Model id or alias (default: the server's).")
 @click.option("--system", "-s", metavar="S", help="A system prompt.")
 @click.option("--schema", metavar="JSON", help="A JSON schema the reply must follow.")
 @click.option("--no-stream", is_flag=True, help="Print the reply only when it is complete.")
-@click.pass_obj
-@handles_errors
 def ask(
     state: State,
     prompt: str | None,
@@ -101,10 +99,8 @@ async def _ask(
         await adapter.aclose()
 
 
-@main.command("models")
+@command(main, "models")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_obj
-@handles_errors
 def models(state: State, as_json: bool) -> None:
     """List the models you can use (the server's in proxy mode)."""
 

@@ -53,3 +53,15 @@ def handles_errors(fn: F) -> F:
             fail("interrupted", 130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def command(group: click.Group, name: str) -> Callable[[Callable[..., None]], click.Command]:
+    """Declare a `vibectl` command: it is given the State and its errors become exit codes.
+
+    Its arguments and options go below this decorator, as with click's own.
+    """
+
+    def declare(fn: Callable[..., None]) -> click.Command:
+        return group.command(name)(click.pass_obj(handles_errors(fn)))
+
+    return declare

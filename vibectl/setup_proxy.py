@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from vibectl.adapters import profile_ca, proxy_adapter
-from vibectl.cli_common import State, handles_errors
+from vibectl.cli_common import State, command
 from vibectl.config import ClientConfigError, Profile, mask
 from vibectl.errors import (
     AuthenticationError,
@@ -96,14 +98,12 @@ def setup_proxy() -> None:
     """Connect vibectl to a vibectld proxy and manage proxy profiles."""
 
 
-@setup_proxy.command("configure")
+@command(setup_proxy, "configure")
 @click.argument("url")
 @click.option("--name", metavar="NAME", help="Profile name (default: from the host).")
 @click.option("--ca-bundle", metavar="FILE", help="Trust this CA bundle instead of the URL's pin.")
 @click.option("--no-test", is_flag=True, help="Save without contacting the server.")
 @click.option("--insecure", is_flag=True, help="Allow vibectl-server-insecure:// (no TLS).")
-@click.pass_obj
-@handles_errors
 def configure(
     state: State,
     url: str,
@@ -166,13 +166,25 @@ def _profile(state: State, name: str | None) -> Profile:
     return config.profiles[chosen]
 
 
-@setup_proxy.command("test")
-@click.argument("name", required=False)
-@click.pass_obj
-@handles_errors
-def test(state: State, name: str | None) -> None:
+def _profile_command(
+    command_name: str, *, required: bool = True
+) -> Callable[[Callable[[State, Profile], None]], click.Command]:
+    """Declare a command that acts on the profile NAME (when optional, the active one)."""
+
+    def declare(fn: Callable[[State, Profile], None]) -> click.Command:
+        @functools.wraps(fn)
+        def on_profile(state: State, name: str | None) -> None:
+            fn(state, _profile(state, name))
+
+        declared = click.argument("name", required=required)(on_profile)
+        return command(setup_proxy, command_name)(declared)
+
+    return declare
+
+
+@_profile_command("test", required=False)
+def test(state: State, profile: Profile) -> None:
     """Check that a profile (default: the active one) reaches its server."""
-    profile = _profile(state, name)
     info = asyncio.run(
         _server_info(profile, state.store.load_secret(profile.name), profile_ca(profile))
     )
@@ -180,9 +192,7 @@ def test(state: State, name: str | None) -> None:
     _show_info(info)
 
 
-@setup_proxy.command("status")
-@click.pass_obj
-@handles_errors
+@command(setup_proxy, "status")
 def status(state: State) -> None:
     """Show the active profile and whether its server answers."""
     config = state.config()
@@ -206,9 +216,7 @@ def status(state: State) -> None:
     click.echo(f"status:  reachable, {info.server_name} (vibectld {info.server_version})")
 
 
-@setup_proxy.command("list")
-@click.pass_obj
-@handles_errors
+@command(setup_proxy, "list")
 def list_profiles(state: State) -> None:
     """List proxy profiles; the active one is marked with *."""
     config = state.config()
@@ -225,26 +233,18 @@ def list_profiles(state: State) -> None:
         click.echo(f"{marker} {name}  {p.host}:{p.port}  {shown}")
 
 
-@setup_proxy.command("use")
-@click.argument("name")
-@click.pass_obj
-@handles_errors
-def use(state: State, name: str) -> None:
+@_profile_command("use")
+def use(state: State, profile: Profile) -> None:
     """Make NAME the active profile."""
-    profile = _profile(state, name)
     config = state.config()
     config.active_profile = profile.name
     state.store.save(config)
     click.echo(f"active profile: {profile.name}")
 
 
-@setup_proxy.command("remove")
-@click.argument("name")
-@click.pass_obj
-@handles_errors
-def remove(state: State, name: str) -> None:
+@_profile_command("remove")
+def remove(state: State, profile: Profile) -> None:
     """Delete profile NAME and its stored secret."""
-    profile = _profile(state, name)
     config = state.config()
     del config.profiles[profile.name]
     if config.active_profile == profile.name:
@@ -254,9 +254,7 @@ def remove(state: State, name: str) -> None:
     click.echo(f"removed profile {profile.name}")
 
 
-@setup_proxy.command("disable")
-@click.pass_obj
-@handles_errors
+@command(setup_proxy, "disable")
 def disable(state: State) -> None:
     """Stop using a proxy: calls go directly through the llm library."""
     config = state.config()
