@@ -1,7 +1,7 @@
 """Refusals of a call, and the one place they become gRPC status codes.
 
 Failures of the call itself (who is asking, what they may do, how much) are
-gRPC statuses; failures of the model are reported in-band (see execution.py).
+gRPC statuses; failures of the model are reported in-band (see providers/execution.py).
 """
 
 from __future__ import annotations

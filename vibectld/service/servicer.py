@@ -2,7 +2,7 @@
 
 Order of checks on every call: authenticate → validate → resolve and authorize
 the model → limits → run. Call failures are gRPC statuses (refusals.py);
-model failures are in-band ExecuteErrors (execution.py).
+model failures are in-band ExecuteErrors (providers/execution.py).
 """
 
 from __future__ import annotations
