@@ -39,7 +39,6 @@ import math
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,8 @@ from typing import Any
 import yaml
 
 from vibectl import proxy_url
+from vibectl.util.files import atomic_write
+from vibectl.util.masking import mask as mask  # re-exported: vibectl setup-proxy shows secrets
 
 VERSION = 1
 PROFILE_NAME_RULE = (
@@ -87,14 +88,6 @@ def validate_profile_name(name: str) -> str:
     if not isinstance(name, str) or not _PROFILE_NAME.fullmatch(name):
         raise ValueError(f"invalid profile name {name!r}: {PROFILE_NAME_RULE}")
     return name
-
-
-def mask(secret: str) -> str:
-    """A secret for display: at most its first and last 4 characters, plus its length."""
-    n = len(secret)
-    k = min(4, n // 5)  # never reveal more than 40% of a short secret
-    shown = f"{secret[:k]}…{secret[n - k :]}" if k else "…"
-    return f"{shown} ({n} chars)"
 
 
 @dataclass
@@ -326,23 +319,7 @@ def _make_dir(path: Path, *, own: bool) -> None:
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     """Replace `path` with `data` (mode `mode`) so readers see the old or the new file, whole."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fchmod(f.fileno(), mode)
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, data, mode)
     except OSError as e:
         raise ClientConfigError(f"{path}: cannot write it: {e.strerror}") from None
 

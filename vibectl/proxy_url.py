@@ -10,6 +10,9 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
+from vibectl.util.hostport import join_host_port
+from vibectl.util.masking import glimpse
+
 SECURE_SCHEME = "vibectl-server"
 INSECURE_SCHEME = "vibectl-server-insecure"
 DEFAULT_PORT = 50051
@@ -31,8 +34,7 @@ class ProxyURL:
     @property
     def target(self) -> str:
         """host:port as gRPC wants it (IPv6 literals bracketed)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
     def format(self) -> str:
         scheme = INSECURE_SCHEME if self.insecure else SECURE_SCHEME
@@ -46,7 +48,7 @@ class ProxyURL:
         if not self.secret:
             return shown
         scheme, rest = shown.split("://", 1)
-        return f"{scheme}://{self.secret[:4]}…{self.secret[-4:]}@{rest}"
+        return f"{scheme}://{glimpse(self.secret)}@{rest}"
 
 
 def parse(url: str) -> ProxyURL:

@@ -269,12 +269,7 @@ def _opt_int(key: str, v: Any) -> int | None:
 
 def _limit(key: str, v: Any) -> int | None:
     """A default rate or budget limit: the same rule as a client's own (None: no limit)."""
-    if v is None:
-        return None
-    try:
-        return check_limit(v)
-    except ValueError as e:
-        raise ConfigError(f"{key}: {e}") from None
+    return check_limit(v, f"{key}:", ConfigError)
 
 
 def _finite(v: Any) -> float | None:

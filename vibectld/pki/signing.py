@@ -24,7 +24,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from vibectld.pki.tls import atomic_write, ensure_private_dir
+from vibectl.util.files import atomic_write, ensure_private_dir
 
 ALGORITHM = "EdDSA"
 REQUIRED_CLAIMS = ("sub", "jti", "iat", "exp", "iss", "aud")

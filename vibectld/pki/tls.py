@@ -12,9 +12,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import itertools
-import os
 import re
-import secrets
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from vibectl.util.files import atomic_write, ensure_private_dir
 from vibectld.config import TLSConfig
 
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -363,47 +362,6 @@ def _san(host: str) -> x509.GeneralName | None:
     if len(ascii_name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         return None
     return x509.DNSName(ascii_name)
-
-
-# Small helpers shared by this module and the signing-key store.
-
-
-def ensure_private_dir(path: Path) -> None:
-    """Create `path` (and parents) if needed and make it 0700: it holds private keys."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o777 != 0o700:
-        os.chmod(path, 0o700)
-
-
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` so that readers see the old or the new file, never half.
-
-    The temporary file is created with `mode` from the start, so a private key is
-    never readable by others, not even for a moment.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        try:
-            # The umask may have removed bits we asked for (0644 under umask 027 is fine,
-            # but the result should not depend on it).
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # The rename itself must reach the disk before we rely on it.
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

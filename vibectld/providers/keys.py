@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from vibectl.util.masking import redact
+
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -84,10 +86,7 @@ class ProviderKeys:
 
     def redact(self, text: str) -> str:
         """Remove every key value this process has read from `text`."""
-        for value in self._cache.values():
-            if value and len(value) >= 8:
-                text = text.replace(value, "***")
-        return text
+        return redact(text, (value for value in self._cache.values() if value))
 
 
 class ProviderKeyError(Exception):

@@ -108,12 +108,7 @@ def _record(row: Sequence[Any]) -> ClientRecord:
 
 
 def _check_limit(label: str, value: object) -> int | None:
-    if value is None:
-        return None
-    try:
-        return check_limit(value)
-    except ValueError as e:
-        raise InvalidRecord(f"{label} {e}") from None
+    return check_limit(value, label, InvalidRecord)
 
 
 def _check_models(models: object) -> tuple[str, ...] | None:
