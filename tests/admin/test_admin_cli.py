@@ -66,11 +66,11 @@ class FakeDaemon:
 
     def routes(self) -> dict[str, Route]:
         return {
-            "issue_client": Route(self.issue_client, write=True, summary="issue"),
-            "list_clients": Route(self.list_clients, write=False, summary="list"),
-            "revoke_client": Route(self.revoke_client, write=True, summary="revoke"),
-            "show_ca": Route(self.show_ca, write=False, summary="ca"),
-            "status": Route(self.status, write=False, summary="status"),
+            "issue_client": Route(self.issue_client, write=True),
+            "list_clients": Route(self.list_clients, write=False),
+            "revoke_client": Route(self.revoke_client, write=True),
+            "show_ca": Route(self.show_ca, write=False),
+            "status": Route(self.status, write=False),
         }
 
     async def issue_client(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:

@@ -40,10 +40,10 @@ async def _crash(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
 
 
 ROUTES = {
-    "echo": Route(_echo, write=False, summary="echo the arguments"),
-    "poke": Route(_poke, write=True, summary="change nothing, but audited"),
-    "fail": Route(_fail, write=True, summary="always not_found"),
-    "crash": Route(_crash, write=False, summary="always raises"),
+    "echo": Route(_echo, write=False),
+    "poke": Route(_poke, write=True),
+    "fail": Route(_fail, write=True),
+    "crash": Route(_crash, write=False),
 }
 
 

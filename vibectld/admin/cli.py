@@ -16,8 +16,10 @@ from typing import Any, NoReturn
 
 import click
 
+from vibectl.util.durations import parse_duration
+from vibectl.util.limits import check_limit
 from vibectld.admin.client import AdminClient, AdminClientError, DaemonUnreachable, PermissionDenied
-from vibectld.admin.protocol import ErrorCode, parse_duration
+from vibectld.admin.protocol import ErrorCode
 from vibectld.version import __version__
 
 DEFAULT_SOCKET = "/run/vibectld/admin.sock"
@@ -57,6 +59,15 @@ def _call(ctx: click.Context, op: str, args: dict[str, Any] | None = None) -> di
 
 def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2))
+
+
+def _for_human(ctx: click.Context, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Call `op`; with --json print its result and stop here, else return it to format."""
+    result = _call(ctx, op, args)
+    if ctx.obj.json:
+        _print_json(result)
+        ctx.exit(EX_OK)
+    return result
 
 
 def _when(value: Any, missing: str = "-") -> str:
@@ -105,6 +116,36 @@ def _model_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     return None if value is None else _split_models(value)
 
 
+_DEFAULT = "default"
+
+
+class _Limit(click.ParamType[Any]):
+    """A limit (see vibectl.util.limits), or with `or_default` also 'default'.
+
+    'default' drops the client's own value so the server's limits section applies.
+    """
+
+    def __init__(self, *, or_default: bool = False) -> None:
+        self.or_default = or_default
+        self.name = "N|default" if or_default else "N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if self.or_default and value == _DEFAULT:
+            return _DEFAULT
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            either = " or 'default'" if self.or_default else ""
+            self.fail(f"{value!r} is not a whole number{either}", param, ctx)
+        try:
+            return check_limit(number)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+_LIMIT_OR_DEFAULT = _Limit(or_default=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--socket",
@@ -142,9 +183,9 @@ def cli(ctx: click.Context, socket_path: Path, as_json: bool) -> None:
 @click.option(
     "--models", metavar="A,B", callback=_model_list, help="Models the client may use. Default: all."
 )
-@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute.")
-@click.option("--concurrency", type=click.IntRange(min=1), help="Concurrent requests.")
-@click.option("--tokens-per-day", type=click.IntRange(min=1), help="Token budget per day.")
+@click.option("--rpm", type=_Limit(), help="Requests per minute.")
+@click.option("--concurrency", type=_Limit(), help="Concurrent requests.")
+@click.option("--tokens-per-day", type=_Limit(), help="Token budget per day.")
 @click.option("--note", help="Free text kept with the client (e.g. a ticket number).")
 @click.pass_context
 def issue_client(
@@ -172,10 +213,7 @@ def issue_client(
         "tokens_per_day": tokens_per_day,
         "note": note,
     }
-    result = _call(ctx, "issue_client", args)
-    if ctx.obj.json:
-        _print_json(result)
-        return
+    result = _for_human(ctx, "issue_client", args)
     click.echo(result["url"])
     click.echo(
         f"give this URL to {result.get('name', name)}; it is shown only once "
@@ -217,26 +255,6 @@ def list_clients(ctx: click.Context, show_all: bool) -> None:
     click.echo(_table(header, rows, right={6}))
 
 
-_DEFAULT = "default"
-
-
-class _Limit(click.ParamType[Any]):
-    """A positive whole number, or 'default' to drop the client's own value."""
-
-    name = "N|default"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if value == _DEFAULT:
-            return _DEFAULT
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a whole number or 'default'", param, ctx)
-        if not 1 <= number <= 1_000_000_000:
-            self.fail(f"{number} is out of range (1 to 1000000000)", param, ctx)
-        return number
-
-
 @cli.command("update-client")
 @click.argument("name_or_id")
 @click.option(
@@ -244,9 +262,11 @@ class _Limit(click.ParamType[Any]):
     metavar="A,B|all",
     help="Models the client may use; 'all' lifts its list (the server's models apply).",
 )
-@click.option("--rpm", type=_Limit(), help="Requests per minute, or 'default'.")
-@click.option("--concurrency", type=_Limit(), help="Concurrent requests, or 'default'.")
-@click.option("--tokens-per-day", type=_Limit(), help="Token budget per day, or 'default'.")
+@click.option("--rpm", type=_LIMIT_OR_DEFAULT, help="Requests per minute, or 'default'.")
+@click.option("--concurrency", type=_LIMIT_OR_DEFAULT, help="Concurrent requests, or 'default'.")
+@click.option(
+    "--tokens-per-day", type=_LIMIT_OR_DEFAULT, help="Token budget per day, or 'default'."
+)
 @click.option("--note", help="Replace the client's note.")
 @click.pass_context
 def update_client(
@@ -278,10 +298,7 @@ def update_client(
         raise click.UsageError(
             "nothing to change: give --models, --rpm, --concurrency, --tokens-per-day or --note"
         )
-    result = _call(ctx, "update_client", args)
-    if ctx.obj.json:
-        _print_json(result)
-        return
+    result = _for_human(ctx, "update_client", args)
     limits = ", ".join(
         f"{key}={result.get(key) if result.get(key) is not None else 'default'}"
         for key in ("rpm", "concurrency", "tokens_per_day")
@@ -359,10 +376,7 @@ def audit(ctx: click.Context, since: str | None) -> None:
 @click.pass_context
 def revoke_client(ctx: click.Context, name_or_id: str, reason: str | None) -> None:
     """Revoke a client by name or id, effective for its very next request."""
-    result = _call(ctx, "revoke_client", {"target": name_or_id, "reason": reason})
-    if ctx.obj.json:
-        _print_json(result)
-        return
+    result = _for_human(ctx, "revoke_client", {"target": name_or_id, "reason": reason})
     click.echo(
         f"revoked {result.get('name', name_or_id)} (id {result.get('id')}); "
         "their next request will be refused"
@@ -373,10 +387,7 @@ def revoke_client(ctx: click.Context, name_or_id: str, reason: str | None) -> No
 @click.pass_context
 def show_ca(ctx: click.Context) -> None:
     """Print the PEM of the CA clients must trust; nothing if it is publicly trusted."""
-    result = _call(ctx, "show_ca")
-    if ctx.obj.json:
-        _print_json(result)
-        return
+    result = _for_human(ctx, "show_ca")
     pem = result.get("pem")
     if pem:
         click.echo(pem, nl=not pem.endswith("\n"))
@@ -399,10 +410,7 @@ def _uptime(seconds: Any) -> str:
 @click.pass_context
 def status(ctx: click.Context) -> None:
     """Show the daemon's version, uptime, listeners, models, clients and load."""
-    result = _call(ctx, "status")
-    if ctx.obj.json:
-        _print_json(result)
-        return
+    result = _for_human(ctx, "status")
     listeners = result.get("listeners") or {}
     clients = result.get("clients") or {}
     lines = [
@@ -435,10 +443,7 @@ def reload(ctx: click.Context, wait: bool) -> None:
 
     An invalid new configuration is rejected and the running one keeps serving.
     """
-    result = _call(ctx, "reload", {"wait": wait})
-    if ctx.obj.json:
-        _print_json(result)
-        return
+    result = _for_human(ctx, "reload", {"wait": wait})
     if not wait:
         click.echo("reload requested; check it with: journalctl -u vibectld -n 20")
         return

@@ -9,11 +9,10 @@ from __future__ import annotations
 import errno
 import socket
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from vibectld.admin import protocol
-from vibectld.admin.protocol import ErrorCode, ProtocolError
+from vibectld.admin.protocol import ErrorCode, ProtocolError, WireError
 
 # Client-side error codes (never sent on the wire).
 UNREACHABLE = "unreachable"
@@ -24,13 +23,8 @@ _ADMIN_GROUP_HINT = (
 )
 
 
-class AdminClientError(Exception):
+class AdminClientError(WireError):
     """An operation failed; `code` is a protocol.ErrorCode value or UNREACHABLE."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class DaemonUnreachable(AdminClientError):
@@ -51,12 +45,7 @@ class AdminClient:
     def __enter__(self) -> AdminClient:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:

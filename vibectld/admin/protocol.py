@@ -14,9 +14,11 @@ This module must stay importable without any daemon internals.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
+
+# Re-exported for callers that validate durations as the daemon will (config, tests).
+from vibectl.util.durations import parse_duration as parse_duration
 
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 64 * 1024
@@ -35,8 +37,15 @@ class ErrorCode:
     INTERNAL = "internal"
 
 
-class ProtocolError(Exception):
-    """A request or response that does not follow this protocol."""
+@dataclass(frozen=True)
+class Request:
+    id: int
+    op: str
+    args: dict[str, Any]
+
+
+class WireError(Exception):
+    """An error as a response carries it: a stable `code` (ErrorCode) and a `message`."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -44,11 +53,8 @@ class ProtocolError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Request:
-    id: int
-    op: str
-    args: dict[str, Any]
+class ProtocolError(WireError):
+    """A request or response that does not follow this protocol."""
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -104,21 +110,3 @@ def decode_response(line: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
         raise ProtocolError(ErrorCode.INTERNAL, "daemon sent a malformed response")
     return obj
-
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([mhdwy])\s*$")
-_UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
-
-
-def parse_duration(text: str) -> int:
-    """Parse ``30m``, ``12h``, ``90d``, ``6w`` or ``1y`` into seconds (m = minutes)."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(
-            f"invalid duration {text!r}: use a number and a unit, one of m (minutes), "
-            "h, d, w, y — e.g. 30m, 12h, 90d, 6w, 1y"
-        )
-    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"invalid duration {text!r}: it must be longer than zero")
-    return seconds

@@ -1,7 +1,10 @@
-"""The admin route table: operation → handler and permission, in one sorted place.
+"""The admin operations: each a module-level handler declared with its permission.
 
-Each handler receives the caller (already authorized by the server for write
-operations) and the request's args, and returns a JSON-ready result.
+`ROUTES` is the one table; ``@route(op, write=...)`` registers a handler when this
+module is imported, and a duplicate operation name fails the import. A handler gets
+the daemon's state (`AdminContext`), the caller (already authorized by the server
+for write operations) and the request's args, and returns a JSON-ready result.
+Registry failures become admin errors in one place, `admin_error`.
 """
 
 from __future__ import annotations
@@ -11,32 +14,147 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 from vibectl.proxy_url import ProxyURL
-from vibectld.admin.protocol import ErrorCode, parse_duration
-from vibectld.admin.server import AdminError, Caller, Route
-from vibectld.reloader import ReloadRejected
+from vibectl.util.durations import parse_duration
+from vibectl.util.timefmt import iso, utc_day
+from vibectld.admin.protocol import ErrorCode
+from vibectld.admin.server import AdminError, Caller, Handler, Route, RouteTable
+from vibectld.config import ClientsConfig
+from vibectld.generation import GenerationRejected
 from vibectld.runtime import Runtime
 from vibectld.store.registry import (
-    AlreadyRevoked,
     ClientNotFound,
     ClientRecord,
     DuplicateClient,
+    InvalidRecord,
     RegistryError,
 )
 from vibectld.version import __version__
 
 
-def utc_day(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+@dataclass(frozen=True)
+class AdminContext:
+    """What the handlers work on: the daemon's runtime and its reload entry points."""
+
+    rt: Runtime
+    # Reload now and return the notes of settings that need a restart; raises if rejected.
+    reload: Callable[[], Awaitable[list[str]]]
+    # Ask for a reload (as SIGHUP does) and return at once.
+    request_reload: Callable[[], None]
 
 
-def iso(ts: int | None) -> str | None:
-    if ts is None:
+ROUTES: RouteTable[AdminContext] = RouteTable()
+route = ROUTES.route
+
+
+def admin_error(exc: RegistryError | GenerationRejected) -> AdminError:
+    """The admin error (and so the vibectl-admin exit code) for a failure below a handler.
+
+    BAD_REQUEST (exit 2) is for input the caller can fix; a registry that cannot be
+    written (disk full, locked, read-only) is FAILED (exit 1), whatever the operation.
+    """
+    if isinstance(exc, GenerationRejected):
+        message = f"new configuration rejected, the old one keeps serving: {exc}"
+        return AdminError(ErrorCode.FAILED, message)
+    if isinstance(exc, ClientNotFound):
+        return AdminError(ErrorCode.NOT_FOUND, str(exc))
+    if isinstance(exc, DuplicateClient):
+        return AdminError(ErrorCode.CONFLICT, str(exc))
+    if isinstance(exc, InvalidRecord):
+        return AdminError(ErrorCode.BAD_REQUEST, str(exc))
+    # AlreadyRevoked, StorageFailure and anything else the registry could not do.
+    return AdminError(ErrorCode.FAILED, str(exc))
+
+
+def _mapped(handler: Handler) -> Handler:
+    async def call(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await handler(caller, args)
+        except (RegistryError, GenerationRejected) as e:
+            raise admin_error(e) from None
+
+    return call
+
+
+def build_routes(
+    rt: Runtime,
+    reload: Callable[[], Awaitable[list[str]]],
+    request_reload: Callable[[], None],
+) -> dict[str, Route]:
+    """The route table, bound to the daemon's runtime and its reload entry points."""
+    return ROUTES.bind(AdminContext(rt, reload, request_reload), _mapped)
+
+
+# -- argument checks ------------------------------------------------------------------
+
+
+def _bad(message: str) -> AdminError:
+    return AdminError(ErrorCode.BAD_REQUEST, message)
+
+
+def _opt_text(args: dict[str, Any], key: str, limit: int = 500) -> str | None:
+    value = args.get(key)
+    if value is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if not isinstance(value, str) or len(value) > limit:
+        raise _bad(f"{key} must be text of at most {limit} characters")
+    return value
+
+
+def _required_text(args: dict[str, Any], key: str) -> str:
+    value = _opt_text(args, key, 200)
+    if not value:
+        raise _bad(f"'{key}' is required")
+    return value
+
+
+def _duration(text: object, what: str) -> int:
+    if not isinstance(text, str):
+        raise _bad(f"{what} must be a duration such as 90d")
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise _bad(str(e)) from None
+
+
+def _since(args: dict[str, Any], default: str) -> int:
+    """The start of a --since window as unix seconds."""
+    seconds = _duration(args.get("since") or default, "since")
+    # Longer ago than the epoch means "everything".
+    return max(0, int(time.time()) - seconds)
+
+
+def _lifetime(clients: ClientsConfig, expires: object) -> int:
+    if expires is None:
+        return clients.default_expiry_seconds
+    lifetime = _duration(expires, "expires")
+    if lifetime > clients.max_expiry_seconds:
+        days = clients.max_expiry_seconds // 86400
+        raise _bad(
+            f"--expires {expires} is longer than this server allows ({days} days, "
+            "clients.max_expiry); choose a shorter expiry"
+        )
+    return lifetime
+
+
+def _models(rt: Runtime, value: Any) -> tuple[str, ...] | None:
+    """A client's model allow-list, checked against the catalogue and resolved to model ids."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise _bad("models must be a list of model names")
+    catalogue = rt.catalogue
+    unknown = [m for m in value if not catalogue.has(m)]
+    if unknown:
+        offered = ", ".join(e.model_id for e in catalogue.entries()) or "none"
+        raise _bad(f"unknown model(s): {', '.join(unknown)}; this server offers: {offered}")
+    return tuple(sorted({catalogue.resolve(m).model_id for m in value}))
+
+
+# -- results --------------------------------------------------------------------------
 
 
 def _client_json(record: ClientRecord, now: int) -> dict[str, Any]:
@@ -57,60 +175,6 @@ def _client_json(record: ClientRecord, now: int) -> dict[str, Any]:
         "concurrency": record.concurrency,
         "tokens_per_day": record.tokens_per_day,
     }
-
-
-def _opt_count(args: dict[str, Any], key: str) -> int | None:
-    value = args.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AdminError(ErrorCode.BAD_REQUEST, f"{key} must be a whole number of at least 1")
-    return value
-
-
-def _opt_text(args: dict[str, Any], key: str, limit: int = 500) -> str | None:
-    value = args.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > limit:
-        raise AdminError(ErrorCode.BAD_REQUEST, f"{key} must be text of at most {limit} characters")
-    return value
-
-
-def _required_text(args: dict[str, Any], key: str) -> str:
-    value = _opt_text(args, key, 200)
-    if not value:
-        raise AdminError(ErrorCode.BAD_REQUEST, f"'{key}' is required")
-    return value
-
-
-def _models(rt: Runtime, value: Any) -> tuple[str, ...] | None:
-    """A client's model allow-list, checked against the catalogue and resolved to model ids."""
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
-        raise AdminError(ErrorCode.BAD_REQUEST, "models must be a list of model names")
-    unknown = [m for m in value if not rt.catalogue.has(m)]
-    if unknown:
-        offered = ", ".join(e.model_id for e in rt.catalogue.entries()) or "none"
-        raise AdminError(
-            ErrorCode.BAD_REQUEST,
-            f"unknown model(s): {', '.join(unknown)}; this server offers: {offered}",
-        )
-    return tuple(sorted({rt.catalogue.resolve(m).model_id for m in value}))
-
-
-def _since(args: dict[str, Any], default: str) -> int:
-    """The start of a --since window as unix seconds."""
-    text = args.get("since") or default
-    if not isinstance(text, str):
-        raise AdminError(ErrorCode.BAD_REQUEST, "since must be a duration such as 7d")
-    try:
-        seconds = parse_duration(text)
-    except ValueError as e:
-        raise AdminError(ErrorCode.BAD_REQUEST, str(e)) from None
-    # Longer ago than the epoch means "everything".
-    return max(0, int(time.time()) - seconds)
 
 
 def _who(caller: Caller) -> str:
@@ -134,203 +198,154 @@ def public_endpoint(rt: Runtime) -> tuple[str, int]:
     return host, server.public_port or rt.grpc_port
 
 
-def build_routes(
-    rt: Runtime,
-    reload: Callable[[], Awaitable[list[str]]],
-    request_reload: Callable[[], None],
-) -> dict[str, Route]:
-    """The route table, bound to the daemon's runtime and its reload entry points."""
+# -- the operations, sorted by name ------------------------------------------------------
 
-    async def issue_client(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        config = rt.config
-        name = _required_text(args, "name")
-        expires = args.get("expires")
-        try:
-            lifetime = (
-                parse_duration(expires)
-                if isinstance(expires, str)
-                else config.clients.default_expiry_seconds
-            )
-        except ValueError as e:
-            raise AdminError(ErrorCode.BAD_REQUEST, str(e)) from None
-        if expires is not None and not isinstance(expires, str):
-            raise AdminError(ErrorCode.BAD_REQUEST, "expires must be a duration such as 90d")
-        if lifetime > config.clients.max_expiry_seconds:
-            days = config.clients.max_expiry_seconds // 86400
-            raise AdminError(
-                ErrorCode.BAD_REQUEST,
-                f"--expires {expires} is longer than this server allows ({days} days, "
-                "clients.max_expiry); choose a shorter expiry",
-            )
-        models = _models(rt, args.get("models"))
-        now = int(time.time())
-        try:
-            # The registry commits (and fsyncs) before it answers: off the event loop.
-            record = await asyncio.to_thread(
-                rt.registry.issue,
-                name=name,
-                expires_at=now + lifetime,
-                issued_by=_who(caller),
-                note=_opt_text(args, "note"),
-                models=models,
-                rpm=_opt_count(args, "rpm"),
-                concurrency=_opt_count(args, "concurrency"),
-                tokens_per_day=_opt_count(args, "tokens_per_day"),
-                now=now,
-            )
-        except DuplicateClient as e:
-            raise AdminError(ErrorCode.CONFLICT, str(e)) from None
-        except RegistryError as e:
-            raise AdminError(ErrorCode.BAD_REQUEST, str(e)) from None
-        clients = config.clients
-        secret = rt.signing.sign(
-            sub=record.name,
-            jti=record.id,
-            iat=now,
-            exp=record.expires_at,
-            iss=clients.issuer,
-            aud=clients.audience,
-        )
-        host, port = public_endpoint(rt)
-        url = ProxyURL(host, port, secret=secret, ca_sha256=rt.tls.ca_sha256).format()
-        return {
-            "url": url,
-            "id": record.id,
-            "name": record.name,
-            "expires_at": iso(record.expires_at),
-        }
 
-    async def list_clients(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        now = int(time.time())
-        records = rt.registry.clients(include_inactive=bool(args.get("all")), now=now)
-        return {"clients": [_client_json(r, now) for r in records]}
-
-    async def revoke_client(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        target = _required_text(args, "target")
-        try:
-            record = await asyncio.to_thread(
-                rt.registry.revoke, target, by=_who(caller), reason=_opt_text(args, "reason")
-            )
-        except ClientNotFound as e:
-            raise AdminError(ErrorCode.NOT_FOUND, str(e)) from None
-        except RegistryError as e:
-            raise AdminError(ErrorCode.FAILED, str(e)) from None
-        cancelled = rt.inflight.cancel_client(record.id)
-        return {
-            "id": record.id,
-            "name": record.name,
-            "revoked_at": iso(record.revoked_at),
-            "cancelled_calls": cancelled,
-        }
-
-    async def update_client(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        target = _required_text(args, "target")
-        changes: dict[str, Any] = {}
-        if "models" in args:
-            changes["models"] = _models(rt, args["models"])
-        for key in ("rpm", "concurrency", "tokens_per_day"):
-            if key in args:
-                changes[key] = _opt_count(args, key)
-        if "note" in args:
-            changes["note"] = _opt_text(args, "note")
-        if not changes:
-            raise AdminError(ErrorCode.BAD_REQUEST, "nothing to change: give at least one option")
-        try:
-            record = await asyncio.to_thread(rt.registry.update, target, by=_who(caller), **changes)
-        except ClientNotFound as e:
-            raise AdminError(ErrorCode.NOT_FOUND, str(e)) from None
-        except AlreadyRevoked as e:
-            raise AdminError(ErrorCode.FAILED, str(e)) from None
-        except RegistryError as e:
-            raise AdminError(ErrorCode.BAD_REQUEST, str(e)) from None
-        return _client_json(record, int(time.time()))
-
-    async def usage(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        # Without --since: today (UTC) only.
-        since = _since(args, "1d") if args.get("since") else int(time.time())
-        name = _opt_text(args, "name", 200)
-        try:
-            rows = await asyncio.to_thread(
-                rt.registry.usage, since_day=utc_day(since), name_or_id=name
-            )
-        except ClientNotFound as e:
-            raise AdminError(ErrorCode.NOT_FOUND, str(e)) from None
-        except RegistryError as e:
-            raise AdminError(ErrorCode.FAILED, str(e)) from None
-        return {
-            "since": utc_day(since),
-            "usage": [
-                {
-                    "id": r.client_id,
-                    "name": r.name,
-                    "requests": r.requests,
-                    "errors": r.errors,
-                    "input_tokens": r.input_tokens,
-                    "output_tokens": r.output_tokens,
-                    "cost_usd": round(r.cost_usd, 6),
-                }
-                for r in rows
-            ],
-        }
-
-    async def audit(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        entries = await asyncio.to_thread(rt.registry.audit, since=_since(args, "7d"))
-        return {
-            "entries": [
-                {
-                    "at": iso(e.at),
-                    "caller_uid": e.caller_uid,
-                    "caller_user": e.caller_user,
-                    "op": e.op,
-                    "target": e.target,
-                    "outcome": e.outcome,
-                }
-                for e in entries
-            ]
-        }
-
-    async def show_ca(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        ca = rt.tls.ca_pem
-        return {"pem": ca.decode() if ca else None, "sha256": rt.tls.ca_sha256}
-
-    async def status(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_seconds": int(time.time() - rt.started_at),
-            "listeners": {"grpc": rt.grpc_address, "admin": str(rt.config.admin.socket)},
-            "default_model": rt.catalogue.default,
-            "models": [e.model_id for e in rt.catalogue.entries()],
-            "clients": rt.registry.counts(),
-            "in_flight": rt.inflight.total(),
-            "in_flight_by_client": _named(rt, rt.inflight.per_client()),
-            "top_today": [
-                {"name": r.name, "requests": r.requests, "tokens": r.input_tokens + r.output_tokens}
-                for r in rt.registry.top_today(int(time.time()))
-            ],
-        }
-
-    async def reload_config(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        if not args.get("wait"):
-            request_reload()
-            return {"accepted": True}
-        try:
-            notes = await reload()
-        except ReloadRejected as e:
-            raise AdminError(
-                ErrorCode.FAILED, f"new configuration rejected, the old one keeps serving: {e}"
-            ) from None
-        return {"reloaded": True, "restart_needed": notes}
-
-    routes = {
-        "issue_client": Route(issue_client, write=True, summary="issue a client secret"),
-        "audit": Route(audit, write=False, summary="list audited admin changes"),
-        "list_clients": Route(list_clients, write=False, summary="list client secrets"),
-        "update_client": Route(update_client, write=True, summary="change a client's limits"),
-        "usage": Route(usage, write=False, summary="requests, tokens and cost per client"),
-        "reload": Route(reload_config, write=True, summary="reload the configuration"),
-        "revoke_client": Route(revoke_client, write=True, summary="revoke a client secret"),
-        "show_ca": Route(show_ca, write=False, summary="the CA clients must trust"),
-        "status": Route(status, write=False, summary="daemon status"),
+@route("audit", write=False)
+async def audit(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    entries = await asyncio.to_thread(ctx.rt.registry.audit, since=_since(args, "7d"))
+    return {
+        "entries": [
+            {
+                "at": iso(e.at),
+                "caller_uid": e.caller_uid,
+                "caller_user": e.caller_user,
+                "op": e.op,
+                "target": e.target,
+                "outcome": e.outcome,
+            }
+            for e in entries
+        ]
     }
-    return dict(sorted(routes.items()))
+
+
+@route("issue_client", write=True)
+async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    rt = ctx.rt
+    gen = rt.generation  # one configuration for the whole operation
+    name = _required_text(args, "name")
+    lifetime = _lifetime(gen.config.clients, args.get("expires"))
+    now = int(time.time())
+    # The registry commits (and fsyncs) before it answers: off the event loop.
+    record = await asyncio.to_thread(
+        rt.registry.issue,
+        name=name,
+        expires_at=now + lifetime,
+        issued_by=_who(caller),
+        note=_opt_text(args, "note"),
+        models=_models(rt, args.get("models")),
+        # The registry checks the limits (InvalidRecord: bad_request) before it writes.
+        rpm=args.get("rpm"),
+        concurrency=args.get("concurrency"),
+        tokens_per_day=args.get("tokens_per_day"),
+        now=now,
+    )
+    clients = gen.config.clients
+    secret = rt.signing.sign(
+        sub=record.name,
+        jti=record.id,
+        iat=now,
+        exp=record.expires_at,
+        iss=clients.issuer,
+        aud=clients.audience,
+    )
+    host, port = public_endpoint(rt)
+    url = ProxyURL(host, port, secret=secret, ca_sha256=gen.tls.ca_sha256).format()
+    return {"url": url, "id": record.id, "name": record.name, "expires_at": iso(record.expires_at)}
+
+
+@route("list_clients", write=False)
+async def list_clients(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    now = int(time.time())
+    records = ctx.rt.registry.clients(include_inactive=bool(args.get("all")), now=now)
+    return {"clients": [_client_json(r, now) for r in records]}
+
+
+@route("reload", write=True)
+async def reload(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    if not args.get("wait"):
+        ctx.request_reload()
+        return {"accepted": True}
+    return {"reloaded": True, "restart_needed": await ctx.reload()}
+
+
+@route("revoke_client", write=True)
+async def revoke_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    rt = ctx.rt
+    target = _required_text(args, "target")
+    reason = _opt_text(args, "reason")
+    record = await asyncio.to_thread(rt.registry.revoke, target, by=_who(caller), reason=reason)
+    return {
+        "id": record.id,
+        "name": record.name,
+        "revoked_at": iso(record.revoked_at),
+        "cancelled_calls": rt.inflight.cancel_client(record.id),
+    }
+
+
+@route("show_ca", write=False)
+async def show_ca(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    tls = ctx.rt.tls
+    return {"pem": tls.ca_pem.decode() if tls.ca_pem else None, "sha256": tls.ca_sha256}
+
+
+@route("status", write=False)
+async def status(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    rt = ctx.rt
+    gen = rt.generation
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime_seconds": int(time.time() - rt.started_at),
+        "listeners": {"grpc": rt.grpc_address, "admin": str(gen.config.admin.socket)},
+        "default_model": gen.catalogue.default,
+        "models": [e.model_id for e in gen.catalogue.entries()],
+        "clients": rt.registry.counts(),
+        "in_flight": rt.inflight.total(),
+        "in_flight_by_client": _named(rt, rt.inflight.per_client()),
+        "top_today": [
+            {"name": r.name, "requests": r.requests, "tokens": r.input_tokens + r.output_tokens}
+            for r in rt.registry.top_today(int(time.time()))
+        ],
+    }
+
+
+@route("update_client", write=True)
+async def update_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    rt = ctx.rt
+    target = _required_text(args, "target")
+    changes: dict[str, Any] = {}
+    if "models" in args:
+        changes["models"] = _models(rt, args["models"])
+    for key in ("rpm", "concurrency", "tokens_per_day"):
+        if key in args:
+            changes[key] = args[key]  # checked by the registry before it writes
+    if "note" in args:
+        changes["note"] = _opt_text(args, "note")
+    if not changes:
+        raise _bad("nothing to change: give at least one option")
+    record = await asyncio.to_thread(rt.registry.update, target, by=_who(caller), **changes)
+    return _client_json(record, int(time.time()))
+
+
+@route("usage", write=False)
+async def usage(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    # Without --since: today (UTC) only.
+    since = utc_day(_since(args, "1d") if args.get("since") else time.time())
+    name = _opt_text(args, "name", 200)
+    rows = await asyncio.to_thread(ctx.rt.registry.usage, since_day=since, name_or_id=name)
+    return {
+        "since": since,
+        "usage": [
+            {
+                "id": r.client_id,
+                "name": r.name,
+                "requests": r.requests,
+                "errors": r.errors,
+                "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens,
+                "cost_usd": round(r.cost_usd, 6),
+            }
+            for r in rows
+        ],
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import os
 import pwd
@@ -20,12 +21,12 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
 
 from vibectld.admin import protocol
-from vibectld.admin.protocol import ErrorCode, ProtocolError
+from vibectld.admin.protocol import ErrorCode, ProtocolError, WireError
 
 SOCKET_MODE = 0o660
 # Applied around bind() so the socket file never exists with looser permissions.
@@ -47,13 +48,8 @@ class Caller:
     can_write: bool
 
 
-class AdminError(Exception):
+class AdminError(WireError):
     """Raised by a handler: the caller gets an error response with this code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class AdminSocketError(OSError):
@@ -63,6 +59,9 @@ class AdminSocketError(OSError):
 Handler = Callable[[Caller, dict[str, Any]], Awaitable[dict[str, Any]]]
 # Called for every write operation (allowed, refused or failed): caller, op, target, outcome.
 AuditSink = Callable[[Caller, str, str | None, str], None]
+Ctx = TypeVar("Ctx")
+# A declared handler: like Handler, but first given the state it works on.
+BoundHandler = Callable[[Ctx, Caller, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,41 @@ class Route:
     handler: Handler
     # True: the operation changes state, needs write permission and is audited.
     write: bool
-    summary: str
+
+
+class RouteTable(Generic[Ctx]):
+    """Operations declared beside their handlers, each with its permission.
+
+    ``@table.route("issue_client", write=True)`` on a module-level handler registers it
+    when the module is imported, so a misspelt or duplicate operation name fails then,
+    not when a caller first tries it. `bind` gives the server its routes, each handler
+    given `ctx` first and passed through `wrap` (one place to translate exceptions).
+    """
+
+    def __init__(self) -> None:
+        self._declared: dict[str, tuple[BoundHandler[Ctx], bool]] = {}
+
+    def route(self, op: str, *, write: bool) -> Callable[[BoundHandler[Ctx]], BoundHandler[Ctx]]:
+        _check_op_name(op)
+
+        def register(handler: BoundHandler[Ctx]) -> BoundHandler[Ctx]:
+            if op in self._declared:
+                raise ValueError(f"admin route {op!r} is declared twice")
+            self._declared[op] = (handler, write)
+            return handler
+
+        return register
+
+    def bind(self, ctx: Ctx, wrap: Callable[[Handler], Handler] = lambda h: h) -> dict[str, Route]:
+        return {
+            op: Route(wrap(functools.partial(handler, ctx)), write=write)
+            for op, (handler, write) in sorted(self._declared.items())
+        }
+
+
+def _check_op_name(op: object) -> None:
+    if not isinstance(op, str) or not _OP_NAME.match(op):
+        raise ValueError(f"admin route {op!r}: operation names must be snake_case")
 
 
 class AdminServer:
@@ -85,8 +118,7 @@ class AdminServer:
         on_audit: AuditSink | None = None,
     ) -> None:
         for op, route in routes.items():
-            if not isinstance(op, str) or not _OP_NAME.match(op):
-                raise ValueError(f"admin route {op!r}: operation names must be snake_case")
+            _check_op_name(op)
             if not isinstance(route, Route):
                 raise TypeError(f"admin route {op!r}: expected a Route, got {route!r}")
         self._path = path
