@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from vibectl.util.hostport import join_host_port
 from vibectld.config import DaemonConfig
 from vibectld.generation import Generation
 from vibectld.ops.metrics import Metrics
@@ -77,7 +78,7 @@ class Runtime:
 
     @property
     def grpc_address(self) -> str:
-        return f"{self.grpc_host}:{self.grpc_port}"
+        return join_host_port(self.grpc_host, self.grpc_port)
 
     def dialable_host(self) -> str | None:
         """The bound host as a client on this machine can dial it; None for a wildcard."""

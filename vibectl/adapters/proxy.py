@@ -31,6 +31,7 @@ from vibectl.errors import (
     ServerUnavailableError,
     VibectlError,
 )
+from vibectl.util.hostport import join_host_port
 
 T = TypeVar("T")
 
@@ -112,7 +113,7 @@ class ProxyModelAdapter(ModelAdapter):
         timeout: float = 60.0,
         connect_timeout: float = 10.0,
     ) -> None:
-        self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.target = join_host_port(host, port)
         self._secret = secret
         self._ca_pem = ca_pem
         self._insecure = insecure

@@ -15,3 +15,8 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def readable(ts: float) -> str:
+    """`ts` for a sentence a person reads (``2025-01-31 12:00:00 UTC``)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))

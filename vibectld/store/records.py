@@ -149,7 +149,3 @@ def _quote(text: str) -> str:
     # Nothing valid is longer than 64 characters; longer input may be a pasted secret,
     # which must not end up in an error message or the audit log.
     return repr(text) if len(text) <= 64 else "(a value too long to be a name or id)"
-
-
-def _iso(ts: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))

@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from vibectl.util.timefmt import readable
 from vibectld.store import audit, usage
 from vibectld.store.audit import AuditEntry
 from vibectld.store.migrations import MIGRATIONS, SCHEMA_VERSION, _prepare_file, migrate
@@ -48,7 +49,6 @@ from vibectld.store.records import (
     _check_models,
     _check_note,
     _db_row,
-    _iso,
     _models_json,
     _now,
     _quote,
@@ -237,7 +237,7 @@ class Registry:
             if record.revoked_at is not None:
                 raise AlreadyRevoked(
                     f"client {record.name!r} (id {record.id}) was already revoked by "
-                    f"{record.revoked_by} at {_iso(record.revoked_at)}; {_LIST_HINT}"
+                    f"{record.revoked_by} at {readable(record.revoked_at)}; {_LIST_HINT}"
                 )
             self._transaction(
                 (
@@ -291,7 +291,8 @@ class Registry:
                 raise AlreadyRevoked(f"client {record.name!r} is revoked; issue a new one")
             if record.expires_at <= now:
                 raise AlreadyRevoked(
-                    f"client {record.name!r} expired at {_iso(record.expires_at)}; issue a new one"
+                    f"client {record.name!r} expired at {readable(record.expires_at)}; "
+                    "issue a new one"
                 )
             if not changes:
                 return record

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
 
+from vibectl.util.timefmt import utc_day
+
 DAY_SECONDS = 86400
 _EPOCH = date(1970, 1, 1).toordinal()
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -132,7 +134,7 @@ def parse_day(text: str) -> int:
 
 def day_of(now: int) -> str:
     """The UTC day of a unix time, as YYYY-MM-DD (the `day` column)."""
-    return day_text(day_number(now))
+    return utc_day(now)
 
 
 def sort_rows(rows: Iterable[UsageRow]) -> list[UsageRow]:
