@@ -10,18 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from bench.result import Result, median
 from bench.servers import REPO, BenchError, Processes, clean_env
-
-Result = dict[str, Any]  # one load generator's JSON result (bench.loadgen.Result)
 
 
 @dataclass(frozen=True)
@@ -93,6 +89,18 @@ class Section:
         self.checks.append(c)
         return c
 
+    def graded(self, name: str, passed: bool, detail: str, row: tuple[str, str, str, str]) -> None:
+        """A check with a target, and its row (area, measure, result, target) in the summary."""
+        self.check(name, passed, detail)
+        self.row(*row, passed=passed)
+
+    def row(
+        self, area: str, measure: str, result: str, target: str = "-", passed: bool | None = None
+    ) -> None:
+        """A row of the summary table; `passed` None (no target) shows as "-"."""
+        verdict = "-" if passed is None else ("PASS" if passed else "FAIL")
+        self.summary.append(SummaryRow(area, measure, result, target, verdict))
+
     def text(self) -> str:
         """The section as printed on the terminal (and, less the heading, as markdown)."""
         parts = [f"## {self.title}", ""]
@@ -112,18 +120,24 @@ class Section:
         return "\n".join(parts)
 
 
+def target(name: str, **fields: object) -> list[str]:
+    """A `--target` of bench.load: `secret_env=` becomes `secret-env=`; None is left out."""
+    parts = [f"name={name}"]
+    parts += [f"{k.replace('_', '-')}={v}" for k, v in fields.items() if v is not None]
+    return ["--target", ",".join(parts)]
+
+
+def _argv(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "bench.load", "--json", *args]
+
+
 def measure_load(
-    module: str,
-    args: Sequence[str],
-    *,
-    env: dict[str, str] | None = None,
-    budget: float = 120.0,
-) -> Result:
-    """One run of a load generator (`module` is bench.load or bench.provider_load)."""
-    argv = [sys.executable, "-m", module, "--json", *args]
+    args: Sequence[str], *, env: dict[str, str] | None = None, budget: float = 120.0
+) -> dict[str, Result]:
+    """One run of bench.load: each target's name and its result."""
     try:
         out = subprocess.run(
-            argv,
+            _argv(args),
             cwd=REPO,
             env=env if env is not None else dict(os.environ),
             capture_output=True,
@@ -132,46 +146,57 @@ def measure_load(
             check=False,
         )
     except subprocess.TimeoutExpired:
-        raise BenchError(f"{module} did not finish within {budget:.0f} s") from None
-    return parse_result(module, out.returncode, out.stdout, out.stderr)
+        raise BenchError(f"bench.load did not finish within {budget:.0f} s") from None
+    return _parse(out.returncode, out.stdout, out.stderr)
 
 
-def parse_result(module: str, returncode: int | None, stdout: str, stderr: str) -> Result:
+def _parse(returncode: int | None, stdout: str, stderr: str) -> dict[str, Result]:
     lines = stdout.strip().splitlines()
     try:
-        result: Result = json.loads(lines[-1])
+        data = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
-        raise BenchError(f"{module} failed (exit {returncode}): {stderr.strip()[-2000:]}") from None
-    return result
+        raise BenchError(
+            f"bench.load failed (exit {returncode}): {stderr.strip()[-2000:]}"
+        ) from None
+    return {name: Result.from_json(r) for name, r in data.items()}
 
 
-def start_load(module: str, args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    """A load generator running in the background; finish it with `finish_load`."""
-    argv = [sys.executable, "-m", module, "--json", *args]
+def start_load(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """bench.load running in the background; finish it with `finish_load`."""
     return subprocess.Popen(
-        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _argv(args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def finish_load(module: str, proc: subprocess.Popen[str], budget: float) -> Result:
+def finish_load(proc: subprocess.Popen[str], budget: float) -> Result:
+    """The one result of a background closed-loop run."""
     try:
         stdout, stderr = proc.communicate(timeout=budget)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise BenchError(f"{module} did not finish within {budget:.0f} s") from None
-    return parse_result(module, proc.returncode, stdout, stderr)
+        raise BenchError(f"bench.load did not finish within {budget:.0f} s") from None
+    (result,) = _parse(proc.returncode, stdout, stderr).values()
+    return result
 
 
-def median(results: Sequence[Result], key: str) -> float:
-    """The median of a key over results (NaN when none has it)."""
-    values = [float(r[key]) for r in results if r.get(key) is not None]
-    values = [v for v in values if not math.isnan(v)]
-    return statistics.median(values) if values else math.nan
+def collect(
+    ctx: Context, section: Section, got: dict[str, list[Result]], run: dict[str, Result], tag: str
+) -> None:
+    """Keep each target's result of one run, log it, and record any errors it saw."""
+    for name, r in run.items():
+        got.setdefault(name, []).append(r)
+        ctx.log(result_line(f"  {tag} {name:10}", r))
+        check_errors(section, f"{name} {tag}", r)
+
+
+def median_of(results: Sequence[Result], key: str) -> float:
+    """The median of one field over results (NaN when none has it)."""
+    return median(getattr(r, key) for r in results)
 
 
 def total(results: Sequence[Result], key: str) -> int:
-    return sum(int(r.get(key) or 0) for r in results)
+    return sum(int(getattr(r, key) or 0) for r in results)
 
 
 def fmt(value: float | None, spec: str = ".2f", none: str = "-") -> str:
@@ -193,59 +218,43 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def result_line(name: str, r: Result) -> str:
     """A one-line progress report of one measurement."""
     text = (
-        f"{name}: {r['rps']:8.1f} req/s  p50 {fmt(r['p50_ms'], '.3f')} ms  "
-        f"p99 {fmt(r['p99_ms'], '.3f')} ms"
+        f"{name}: {r.rps:8.1f} req/s  p50 {fmt(r.p50_ms, '.3f')} ms  p99 {fmt(r.p99_ms, '.3f')} ms"
     )
-    if r.get("ttfc_p50_ms") is not None:
-        text += f"  first text p50 {fmt(r['ttfc_p50_ms'], '.3f')} ms"
-    text += f"  errors {r['errors']}"
-    if r.get("refused"):
-        text += f"  refused {r['refused']}"
+    if r.ttfc_p50_ms is not None:
+        text += f"  first text p50 {fmt(r.ttfc_p50_ms, '.3f')} ms"
+    text += f"  errors {r.errors}"
+    if r.refused:
+        text += f"  refused {r.refused}"
     return text
 
 
 def check_errors(section: Section, name: str, r: Result, *, refusals_ok: bool = False) -> None:
     """Record a measurement that saw errors (or, unless expected, refusals) or no success."""
-    refused = 0 if refusals_ok else int(r.get("refused") or 0)
-    if r["errors"] or refused or not (r["count"] or (refusals_ok and r.get("refused"))):
+    refused = 0 if refusals_ok else r.refused
+    if r.errors or refused or not (r.count or (refusals_ok and r.refused)):
         section.failures.append(
-            f"{name}: {r['errors']} errors, {refused} refused, {r['count']} ok; "
-            f"e.g. {r['error_samples'][:2]}"
+            f"{name}: {r.errors} errors, {refused} refused, {r.count} ok; "
+            f"e.g. {r.error_samples[:2]}"
         )
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def warm_up(ctx: Context, port: int, ca: Path, secret: str, model: str = "echo") -> None:
     """A short unmeasured load on a freshly started daemon (first calls are slower)."""
     calls = 100 if ctx.settings.quick else 500
-    args = ["--port", str(port), "--ca", str(ca), "--callers", "16", "--model", model]
-    args += ["--max-requests", str(calls), "--duration", "60", "--warmup", "0"]
-    args += ["--label", "warm-up"]
-    r = measure_load("bench.load", args, env=clean_env(VIBECTLD_BENCH_SECRET=secret))
-    if r["errors"] or not r["count"]:
-        raise BenchError(f"the warm-up failed: {r['errors']} errors, e.g. {r['error_samples']}")
+    args = target("warm-up", port=port, ca=ca, model=model)
+    args += ["--callers", "16", "--max-requests", str(calls), "--duration", "60", "--warmup", "0"]
+    (r,) = measure_load(args, env=clean_env(VIBECTLD_BENCH_SECRET=secret)).values()
+    if r.errors or not r.count:
+        raise BenchError(f"the warm-up failed: {r.errors} errors, e.g. {r.error_samples}")
 
 
 def paired_ratio(base: Sequence[Result], other: Sequence[Result], key: str) -> float:
-    """The median over repeats of other[i][key] / base[i][key] (results of the same run)."""
-    ratios = [
-        float(o[key]) / float(b[key])
-        for b, o in zip(base, other, strict=True)
-        if b.get(key) and o.get(key) is not None
-    ]
-    return statistics.median(ratios) if ratios else math.nan
+    """The median over repeats of other[i].key / base[i].key (results of the same run)."""
+    pairs = zip(base, other, strict=True)
+    return median(getattr(o, key) / getattr(b, key) for b, o in pairs if getattr(b, key))
 
 
 def paired_delta(base: Sequence[Result], other: Sequence[Result], key: str) -> float:
-    """The median over repeats of other[i][key] - base[i][key] (results of the same run)."""
-    deltas = [
-        float(o[key]) - float(b[key])
-        for b, o in zip(base, other, strict=True)
-        if b.get(key) is not None and o.get(key) is not None
-    ]
-    return statistics.median(deltas) if deltas else math.nan
+    """The median over repeats of other[i].key - base[i].key (results of the same run)."""
+    pairs = [(getattr(b, key), getattr(o, key)) for b, o in zip(base, other, strict=True)]
+    return median(o - b for b, o in pairs if b is not None and o is not None)

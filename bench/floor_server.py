@@ -27,6 +27,7 @@ from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 
 MODEL = "echo"
+WAYS = ("receive", "send")
 # About the size of what the `echo` model answers to "hello", so both servers
 # send the same number of bytes back.
 CANNED_TEXT = (
@@ -57,15 +58,11 @@ class FloorService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
 
 
 async def serve(port: int, cert_chain: bytes, key: bytes, text: str) -> None:
-    # The same options vibectld's server uses (vibectld/daemon.py).
+    # The same options vibectld's server uses (vibectld/daemon.py): its message limits
+    # with the default max_request_bytes, and no SO_REUSEPORT.
     limit = 4 * 1024 * 1024
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
+    options: list[tuple[str, int]] = [(f"grpc.max_{way}_message_length", limit) for way in WAYS]
+    server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
     pb_grpc.add_VibectlLLMProxyServicer_to_server(FloorService(text), server)
     creds = grpc.ssl_server_credentials([(key, cert_chain)])
     bound = server.add_secure_port(f"127.0.0.1:{port}", creds)

@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         daemon.start()
         load = subprocess.Popen(
             [
-                sys.executable, "-m", "bench.load", "--port", str(daemon.port),
-                "--ca", str(daemon.ca_path), "--model", args.model, "--mode", args.mode,
-                "--callers", str(args.callers), "--warmup", "2",
-                "--duration", str(args.seconds + 2), "--server-pid", str(daemon.pid),
+                sys.executable, "-m", "bench.load", "--target",
+                f"name=profiled,port={daemon.port},ca={daemon.ca_path},model={args.model},"
+                f"pid={daemon.pid}", "--mode", args.mode, "--callers", str(args.callers),
+                "--warmup", "2", "--duration", str(args.seconds + 2),
             ],
             cwd=REPO,
             env=clean_env(VIBECTLD_BENCH_SECRET=daemon.secret),

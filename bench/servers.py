@@ -111,14 +111,7 @@ class Processes:
         """SIGTERM one child, SIGKILL it after `grace` seconds, and forget it."""
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        _reap(proc, grace)
         self.children = [(n, p) for n, p in self.children if p is not proc]
 
     def stop_all(self, grace: float = 10.0) -> None:
@@ -127,15 +120,20 @@ class Processes:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for _, proc in reversed(self.children):
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+            _reap(proc, max(deadline - time.monotonic(), 0.1))
         self.children.clear()
+
+
+def _reap(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Wait up to `grace` seconds for a signalled child, then SIGKILL it; close its pipes."""
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -349,7 +347,7 @@ class Floor:
 
 
 class FakeProvider:
-    """The bench.fake_provider subprocess: an OpenAI-compatible endpoint with fixed latency."""
+    """The bench.fake_openai subprocess: an OpenAI-compatible endpoint with fixed latency."""
 
     def __init__(self, procs: Processes, latency_ms: float) -> None:
         self.procs = procs
@@ -358,7 +356,7 @@ class FakeProvider:
         self.port = 0
 
     def start(self, timeout: float = 30.0) -> None:
-        argv = [sys.executable, "-m", "bench.fake_provider", "--port", "0"]
+        argv = [sys.executable, "-m", "bench.fake_openai", "--port", "0"]
         argv += ["--latency-ms", f"{self.latency_ms:g}"]
         self.proc, self.port = _start_printing_port(self.procs, "fake provider", argv, timeout)
 

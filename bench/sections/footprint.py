@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import re
-import statistics
 import subprocess
 import sys
 import time
 
-from bench.common import (
-    Context,
-    Section,
-    SummaryRow,
-    check_errors,
-    md_table,
-    measure_load,
-    result_line,
-)
+from bench import common as c
+from bench.common import Context, Section
+from bench.result import Result, median
 from bench.servers import BenchError, Vibectld, clean_env, rss_kib, thread_count, tool
 
 CALLS = 100_000  # per phase; RSS is read after each of two phases
@@ -42,15 +34,11 @@ VIBECTL_CONFIG_DIR and LLM_USER_PATH in a scratch directory; `python -c pass` wi
 same interpreter is the floor of any Python command."""
 
 
-def _med(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
-
-
 def _row(what: str, values: list[float], spec: str) -> list[str]:
     if not values:
         return [what, "-", "-", "0"]
     low, high = format(min(values), spec), format(max(values), spec)
-    return [what, format(_med(values), spec), f"{low} / {high}", str(len(values))]
+    return [what, format(median(values), spec), f"{low} / {high}", str(len(values))]
 
 
 def _ready_times(ctx: Context, cold: int, warm: int) -> tuple[list[float], list[float], Vibectld]:
@@ -156,13 +144,12 @@ def _client_cold_start(
 def run(ctx: Context) -> Section:
     s = ctx.settings
     calls = QUICK_CALLS if s.quick else CALLS
-    section = Section(
-        "footprint", "Footprint", INTRO.format(calls=calls, calls2=2 * calls, callers=CALLERS)
-    )
+    intro = INTRO.format(calls=calls, calls2=2 * calls, callers=CALLERS)
+    section = Section("footprint", "Footprint", intro)
     cold_n, warm_n = (1, 0) if s.quick else (COLD_STARTS, WARM_STARTS)
     cold, warm, daemon = _ready_times(ctx, cold_n, warm_n)
     ctx.log(
-        f"  READY=1 after {_med(cold):.2f} s (fresh state), {_med(warm):.2f} s (existing state)"
+        f"  READY=1 after {median(cold):.2f} s (fresh state), {median(warm):.2f} s (existing state)"
     )
     rss: list[tuple[str, int, int, float | None]] = []
     try:
@@ -171,94 +158,65 @@ def run(ctx: Context) -> Section:
         rss.append(("idle, after start", rss_kib(daemon.pid), thread_count(daemon.pid), None))
         env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
         for phase in (1, 2):
-            args = [
-                "--port", str(daemon.port), "--ca", str(daemon.ca_path),
-                "--callers", str(CALLERS), "--channels", str(s.channels),
-                "--duration", "590", "--warmup", "0", "--max-requests", str(calls),
-                "--label", f"phase {phase}",
-            ]  # fmt: skip
-            r = measure_load("bench.load", args, env=env, budget=700)
-            ctx.log(result_line(f"  {calls:,} calls, phase {phase}", r))
-            check_errors(section, f"footprint phase {phase}", r)
-            rss.append(
-                (
-                    f"after {phase * calls:,} calls",
-                    rss_kib(daemon.pid),
-                    thread_count(daemon.pid),
-                    float(r["rps"]),
-                )
+            name = f"phase-{phase}"
+            args = c.target(name, port=daemon.port, ca=daemon.ca_path, channels=s.channels)
+            args += ["--callers", str(CALLERS), "--duration", "590", "--warmup", "0"]
+            args += ["--max-requests", str(calls)]
+            got: dict[str, list[Result]] = {}
+            c.collect(
+                ctx, section, got, c.measure_load(args, env=env, budget=700), f"{calls:,} calls"
             )
+            what = f"after {phase * calls:,} calls"
+            rss.append((what, rss_kib(daemon.pid), thread_count(daemon.pid), got[name][0].rps))
         runs = QUICK_CLIENT_RUNS if s.quick else CLIENT_RUNS
-        proxy, direct, bare, (imports_llm, slowest) = _client_cold_start(ctx, daemon, runs)
+        client = _client_cold_start(ctx, daemon, runs)
     finally:
         daemon.stop()
+    report(section, calls, rss, {"cold": cold, "warm": warm}, client)
+    return section
 
-    growth = rss[2][1] / rss[1][1] - 1
-    section.tables.append(
-        md_table(
-            ["vibectld", "RSS MiB", "threads", "load req/s"],
-            [
-                [what, f"{kib / 1024:.1f}", str(threads), f"{rps:.0f}" if rps else "-"]
-                for what, kib, threads, rps in rss
-            ],
-        )
-    )
-    section.tables.append(
-        md_table(
-            ["start-up", "median s", "min / max s", "runs"],
-            [
-                _row("vibectld to READY=1, fresh state", cold, ".2f"),
-                _row("vibectld to READY=1, existing state", warm, ".2f"),
-                _row("`vibectl ask` proxy mode", proxy, ".3f"),
-                _row("`vibectl --no-proxy ask` direct mode", direct, ".3f"),
-                _row("`python -c pass`", bare, ".3f"),
-            ],
-        )
-    )
+
+def report(
+    section: Section,
+    calls: int,
+    rss: list[tuple[str, int, int, float | None]],
+    ready: dict[str, list[float]],
+    client: tuple[list[float], list[float], list[float], tuple[bool, str]],
+) -> None:
+    proxy, direct, bare, (imports_llm, slowest) = client
+    cold, warm = median(ready["cold"]), median(ready["warm"])
+    rows = [
+        [what, f"{kib / 1024:.1f}", str(threads), f"{rps:.0f}" if rps else "-"]
+        for what, kib, threads, rps in rss
+    ]
+    section.tables.append(c.md_table(["vibectld", "RSS MiB", "threads", "load req/s"], rows))
+    rows = [
+        _row("vibectld to READY=1, fresh state", ready["cold"], ".2f"),
+        _row("vibectld to READY=1, existing state", ready["warm"], ".2f"),
+        _row("`vibectl ask` proxy mode", proxy, ".3f"),
+        _row("`vibectl --no-proxy ask` direct mode", direct, ".3f"),
+        _row("`python -c pass`", bare, ".3f"),
+    ]
+    section.tables.append(c.md_table(["start-up", "median s", "min / max s", "runs"], rows))
+    before, after = rss[1][1], rss[2][1]
+    growth = after / before - 1
     ok = growth <= MAX_RSS_GROWTH
     section.check(
-        "memory growth",
-        ok,
-        f"RSS {rss[1][1] / 1024:.1f} MiB after {calls:,} calls, {rss[2][1] / 1024:.1f} MiB after "
+        "memory growth", ok,
+        f"RSS {before / 1024:.1f} MiB after {calls:,} calls, {after / 1024:.1f} MiB after "
         f"{2 * calls:,}: {growth:+.1%} (target <= +{MAX_RSS_GROWTH:.0%})",
+    )  # fmt: skip
+    detail = f"slowest imports: {slowest}"
+    section.check("proxy-mode client does not import llm", not imports_llm, detail)
+    p, d = median(proxy), median(direct)
+    section.check("client cold start", None, f"proxy {p:.3f} s vs direct {d:.3f} s ({p / d:.0%})")
+    k, k2 = calls // 1000, 2 * calls // 1000
+    mib = " / ".join(f"{kib / 1024:.0f}" for _, kib, _, _ in rss) + " MiB"
+    section.row("Footprint", f"vibectld RSS idle / after {k}k / after {k2}k calls", mib)
+    measure = f"RSS growth from {k}k to {k2}k calls"
+    section.row("Footprint", measure, f"{growth:+.1%}", f"<= +{MAX_RSS_GROWTH:.0%}", ok)
+    measure = "start to READY=1 (fresh / existing state dir)"
+    section.row("Footprint", measure, f"{cold:.2f} s / {warm:.2f} s")
+    section.row(
+        "Footprint", "`vibectl ask` cold start, proxy / direct mode", f"{p:.2f} s / {d:.2f} s"
     )
-    section.check(
-        "proxy-mode client does not import llm", not imports_llm, f"slowest imports: {slowest}"
-    )
-    section.check(
-        "client cold start",
-        None,
-        f"proxy {_med(proxy):.3f} s vs direct {_med(direct):.3f} s "
-        f"({_med(proxy) / _med(direct):.0%})",
-    )
-    section.summary += [
-        SummaryRow(
-            "Footprint",
-            f"vibectld RSS idle / after {calls // 1000}k / after {2 * calls // 1000}k calls",
-            " / ".join(f"{kib / 1024:.0f}" for _, kib, _, _ in rss) + " MiB",
-            "-",
-            "-",
-        ),
-        SummaryRow(
-            "Footprint",
-            f"RSS growth from {calls // 1000}k to {2 * calls // 1000}k calls",
-            f"{growth:+.1%}",
-            f"<= +{MAX_RSS_GROWTH:.0%}",
-            "PASS" if ok else "FAIL",
-        ),
-        SummaryRow(
-            "Footprint",
-            "start to READY=1 (fresh / existing state dir)",
-            f"{_med(cold):.2f} s / {_med(warm):.2f} s",
-            "-",
-            "-",
-        ),
-        SummaryRow(
-            "Footprint",
-            "`vibectl ask` cold start, proxy / direct mode",
-            f"{_med(proxy):.2f} s / {_med(direct):.2f} s",
-            "-",
-            "-",
-        ),
-    ]
-    return section

@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import math
 
-from bench.common import (
-    Context,
-    Result,
-    Section,
-    SummaryRow,
-    check_errors,
-    finish_load,
-    fmt,
-    md_table,
-    median,
-    start_load,
-    warm_up,
-)
-from bench.loadgen import percentile
+from bench import common as c
+from bench.common import Context, Section
+from bench.result import Result, median, percentile
 from bench.servers import Vibectld, clean_env
 
 ABUSER_RPM = 600
@@ -38,6 +27,11 @@ LABEL = {
     "10x": f"abuser at {OVERSHOOT}x its limit ({OVERSHOOT * ABUSER_RPM // 60}/s, rpm {ABUSER_RPM})",
     "elsewhere": "control: the same abuser aimed at a second vibectld [info]",
     "flood": f"abuser flooding ({FLOOD_CALLERS} closed-loop callers, rpm {ABUSER_RPM}) [info]",
+}
+
+SUMMARY = {
+    "10x": f"normal client's p99 while another runs at {OVERSHOOT}x its rpm",
+    "elsewhere": "control: the same abuser against a second vibectld (the machine's share)",
 }
 
 INTRO = f"""\
@@ -63,11 +57,9 @@ def _split(
 ) -> tuple[list[float], list[float]]:
     """The normal client's latencies (ms) while the abuser paused, and while it sent."""
     on, off = duty
-    windows = abuser.get("on_windows") or []
-    if not windows:
-        return [], []
-    samples = normal.get("samples") or []
-    if not samples:
+    windows = abuser.on_windows or []
+    samples = normal.samples or []
+    if not windows or not samples:
         return [], []
     # Whole abuser cycles that the normal client's measurement covers, nothing else.
     period = on + off
@@ -96,16 +88,13 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def _median(runs: list[dict[str, float]], key: str) -> float:
-    values = sorted(r[key] for r in runs if not math.isnan(r[key]))
-    if not values:
-        return math.nan
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def _pair(paused: list[dict[str, float]], sending: list[dict[str, float]], key: str) -> str:
-    return f"{fmt(_median(paused, key), '.3f')} / {fmt(_median(sending, key), '.3f')}"
+    a, b = median(r[key] for r in paused), median(r[key] for r in sending)
+    return f"{c.fmt(a, '.3f')} / {c.fmt(b, '.3f')}"
+
+
+def _target(d: Vibectld, name: str, **fields: object) -> list[str]:
+    return [*c.target(name, port=d.port, ca=d.ca_path, **fields), "--call-timeout", "10"]
 
 
 def run(ctx: Context) -> Section:
@@ -114,25 +103,19 @@ def run(ctx: Context) -> Section:
     section = Section("isolation", "Isolation", INTRO.format(on=duty[0], off=duty[1], span=span))
     daemon = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="isolation")
     daemon.start()
-    warm_up(ctx, daemon.port, daemon.ca_path, daemon.secret)
+    c.warm_up(ctx, daemon.port, daemon.ca_path, daemon.secret)
     kinds = KINDS[:1] if s.quick else KINDS
     other: Vibectld | None = None
     if "elsewhere" in kinds:
         other = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="isolation-control")
         other.start()
-        warm_up(ctx, other.port, other.ca_path, other.secret)
+        c.warm_up(ctx, other.port, other.ca_path, other.secret)
     normal_env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
-
-    def target_args(d: Vibectld) -> list[str]:
-        return ["--port", str(d.port), "--ca", str(d.ca_path), "--call-timeout", "10"]
-
-    common = target_args(daemon)
     # Long enough to cover the abuser's start-up, burst and whole duty cycle.
-    normal_args = [
-        *common, "--rate", str(NORMAL_RATE), "--warmup", "1", "--duration", str(span + 6),
-        "--server-pid", str(daemon.pid), "--keep-samples", "--label", "normal",
-    ]  # fmt: skip
-    # kind -> one {"paused": stats, "sending": stats} per repeat
+    normal_args = _target(daemon, "normal", pid=daemon.pid)
+    normal_args += ["--rate", str(NORMAL_RATE), "--warmup", "1", "--duration", str(span + 6)]
+    normal_args += ["--keep-samples"]
+    # kind -> one {"paused": stats, "sending": stats} per repeat, and the abuser's results
     runs: dict[str, list[dict[str, dict[str, float]]]] = {k: [] for k in kinds}
     abusers: dict[str, list[Result]] = {k: [] for k in kinds}
     try:
@@ -140,38 +123,24 @@ def run(ctx: Context) -> Section:
             for kind in kinds if rep % 2 == 0 else kinds[::-1]:
                 target = other if kind == "elsewhere" and other is not None else daemon
                 secret = target.issue(f"abuser-{rep}-{kind}", rpm=ABUSER_RPM)
-                shape = (
-                    ["--callers", str(FLOOD_CALLERS)]
-                    if kind == "flood"
-                    else ["--rate", str(OVERSHOOT * ABUSER_RPM / 60), "--callers", "8"]
-                )
+                abuser_args = _target(target, f"abuser-{kind}")
+                if kind == "flood":
+                    abuser_args += ["--callers", str(FLOOD_CALLERS)]
+                else:
+                    abuser_args += ["--rate", str(OVERSHOOT * ABUSER_RPM / 60), "--callers", "8"]
                 # Its warm-up (refused calls, sent all the time) lets the normal client's
                 # measurement start before the abuser's first on/off cycle.
-                abuser_args = [
-                    *target_args(target), *shape, "--burst", str(ABUSER_RPM), "--warmup", "1.5",
-                    "--duration", str(span), "--duty", str(duty[0]), str(duty[1]),
-                    "--label", f"abuser {kind}",
-                ]  # fmt: skip
-                abuser = start_load(
-                    "bench.load", abuser_args, clean_env(VIBECTLD_BENCH_SECRET=secret)
-                )
-                normal = start_load("bench.load", normal_args, normal_env)
-                budget = span + 60
-                r = finish_load("bench.load", normal, budget)
-                a = finish_load("bench.load", abuser, budget)
-                check_errors(section, f"normal client, {kind}", r)
-                check_errors(section, f"abuser, {kind}", a, refusals_ok=True)
+                abuser_args += ["--burst", str(ABUSER_RPM), "--warmup", "1.5"]
+                abuser_args += ["--duration", str(span), "--duty", str(duty[0]), str(duty[1])]
+                abuser = c.start_load(abuser_args, clean_env(VIBECTLD_BENCH_SECRET=secret))
+                normal = c.start_load(normal_args, normal_env)
+                r, a = c.finish_load(normal, span + 60), c.finish_load(abuser, span + 60)
+                c.check_errors(section, f"normal client, {kind}", r)
+                c.check_errors(section, f"abuser, {kind}", a, refusals_ok=True)
                 paused, sending = _split(r, a, duty)
-                got = {"paused": _stats(paused), "sending": _stats(sending)}
-                runs[kind].append(got)
+                runs[kind].append({"paused": _stats(paused), "sending": _stats(sending)})
                 abusers[kind].append(a)
-                ctx.log(
-                    f"  rep {rep + 1} {kind:5} normal p50/p99 ms: abuser paused "
-                    f"{got['paused']['p50']:.3f} / {got['paused']['p99']:.3f} "
-                    f"({len(paused)} calls), sending {got['sending']['p50']:.3f} / "
-                    f"{got['sending']['p99']:.3f} ({len(sending)} calls); abuser "
-                    f"{a['rps']:.1f} ok/s, {a['refused_per_s']:.0f} refused/s while sending"
-                )
+                _log(ctx, rep, kind, runs[kind][-1], a)
                 if not paused or not sending:
                     section.failures.append(
                         f"{kind}: the normal client's calls did not cover the abuser's cycle"
@@ -180,7 +149,26 @@ def run(ctx: Context) -> Section:
         daemon.stop()
         if other is not None:
             other.stop()
+    report(section, runs, abusers, duty)
+    return section
 
+
+def _log(ctx: Context, rep: int, kind: str, got: dict[str, dict[str, float]], a: Result) -> None:
+    paused, sending = got["paused"], got["sending"]
+    ctx.log(
+        f"  rep {rep + 1} {kind:5} normal p50/p99 ms: abuser paused {paused['p50']:.3f} / "
+        f"{paused['p99']:.3f} ({paused['n']:.0f} calls), sending {sending['p50']:.3f} / "
+        f"{sending['p99']:.3f} ({sending['n']:.0f} calls); abuser {a.rps:.1f} ok/s, "
+        f"{a.refused_per_s:.0f} refused/s while sending"
+    )
+
+
+def report(
+    section: Section,
+    runs: dict[str, list[dict[str, dict[str, float]]]],
+    abusers: dict[str, list[Result]],
+    duty: tuple[float, float],
+) -> None:
     header = [
         "abuser", "normal p50 ms paused / sending", "p90 ms paused / sending",
         "p99 ms paused / sending", "p99 change", "calls paused / sending (per run)",
@@ -189,65 +177,39 @@ def run(ctx: Context) -> Section:
     rows: list[list[str]] = []
     change: dict[str, float] = {}
     p99: dict[str, tuple[float, float]] = {}  # kind -> (abuser sending, abuser paused)
-    for kind in kinds:
-        paused_runs = [x["paused"] for x in runs[kind]]
-        sending_runs = [x["sending"] for x in runs[kind]]
-        p99[kind] = (_median(sending_runs, "p99"), _median(paused_runs, "p99"))
+    # The abuser's req/s and refusals are over its whole window, part of which it is silent.
+    sending_share = duty[0] / (duty[0] + duty[1])
+    for kind, got in runs.items():
+        paused, sending = [x["paused"] for x in got], [x["sending"] for x in got]
+        p99[kind] = (median(x["p99"] for x in sending), median(x["p99"] for x in paused))
         change[kind] = p99[kind][0] / p99[kind][1] - 1
-        ab = abusers[kind]
-        # Its req/s and refusals are over its whole window, half of which it is silent.
-        sending_share = duty[0] / (duty[0] + duty[1])
+        calls = f"{median(x['n'] for x in paused):.0f} / {median(x['n'] for x in sending):.0f}"
+        served = c.median_of(abusers[kind], "rps") / sending_share
+        refused = c.median_of(abusers[kind], "refused_per_s") / sending_share
         rows.append(
-            [
-                LABEL[kind],
-                _pair(paused_runs, sending_runs, "p50"),
-                _pair(paused_runs, sending_runs, "p90"),
-                _pair(paused_runs, sending_runs, "p99"),
-                f"{change[kind]:+.0%}",
-                f"{_median(paused_runs, 'n'):.0f} / {_median(sending_runs, 'n'):.0f}",
-                f"{median(ab, 'rps') / sending_share:.1f} / "
-                f"{median(ab, 'refused_per_s') / sending_share:.0f}",
-            ]
-        )
-    section.tables.append(md_table(header, rows))
+            [LABEL[kind], *(_pair(paused, sending, q) for q in ("p50", "p90", "p99")),
+             f"{change[kind]:+.0%}", calls, f"{served:.1f} / {refused:.0f}"]
+        )  # fmt: skip
+    section.tables.append(c.md_table(header, rows))
     p99_on, p99_off = p99["10x"]
     ok = not math.isnan(change["10x"]) and change["10x"] < MAX_P99_INCREASE
     section.check(
-        f"isolation (abuser at {OVERSHOOT}x its rpm)",
-        ok,
+        f"isolation (abuser at {OVERSHOOT}x its rpm)", ok,
         f"normal client p99 {p99_on:.3f} ms while the abuser sends vs {p99_off:.3f} ms while "
         f"it pauses: {change['10x']:+.0%} (target < +{MAX_P99_INCREASE:.0%})",
-    )
+    )  # fmt: skip
     if "elsewhere" in change:
         section.check(
-            "isolation control, abuser on another daemon",
-            None,
+            "isolation control, abuser on another daemon", None,
             f"normal client p99 {change['elsewhere']:+.0%} when the same abuser runs against "
             "a second vibectld: the machine's share of the change",
-        )
+        )  # fmt: skip
     if "flood" in change:
-        section.check(
-            "isolation, flooding abuser",
-            None,
-            f"normal client p99 {change['flood']:+.0%} while the abuser floods (see the table)",
-        )
-    summary = [("10x", f"normal client's p99 while another runs at {OVERSHOOT}x its rpm")]
-    if "elsewhere" in change:
-        summary.append(
-            (
-                "elsewhere",
-                "control: the same abuser against a second vibectld (the machine's share)",
-            )
-        )
-    for kind, measure in summary:
-        graded = kind == "10x"
-        section.summary.append(
-            SummaryRow(
-                "Isolation",
-                measure,
-                f"{change[kind]:+.0%} ({p99[kind][0]:.2f} vs {p99[kind][1]:.2f} ms)",
-                f"< +{MAX_P99_INCREASE:.0%}" if graded else "-",
-                ("PASS" if ok else "FAIL") if graded else "-",
-            )
-        )
-    return section
+        detail = f"normal client p99 {change['flood']:+.0%} while the abuser floods (see the table)"
+        section.check("isolation, flooding abuser", None, detail)
+    for kind, measure in SUMMARY.items():
+        if kind in change:
+            result = f"{change[kind]:+.0%} ({p99[kind][0]:.2f} vs {p99[kind][1]:.2f} ms)"
+            graded = kind == "10x"
+            target = f"< +{MAX_P99_INCREASE:.0%}" if graded else "-"
+            section.row("Isolation", measure, result, target, ok if graded else None)

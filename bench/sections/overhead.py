@@ -5,22 +5,9 @@ from __future__ import annotations
 
 import math
 
-from bench.common import (
-    Context,
-    Result,
-    Section,
-    SummaryRow,
-    check_errors,
-    fmt,
-    md_table,
-    measure_load,
-    median,
-    paired_delta,
-    paired_ratio,
-    pct,
-    result_line,
-    total,
-)
+from bench import common as c
+from bench.common import Context, Section
+from bench.result import Result
 from bench.servers import Floor, Vibectld, clean_env
 
 MODES = ("unary", "stream")
@@ -38,10 +25,10 @@ INTRO = """\
 vibectld (TLS, secret auth on every call, the `echo` model, JSON logs at level info to a
 file, no limits) against the floor: a bare grpc.aio server of the same protocol with a
 canned reply of the same size, vibectld's TLS certificate and server options
-(`bench/floor_server.py`). Closed-loop load from a separate process, one gRPC channel
-per server. With 16 and 64 callers the callers move between the two servers every
-second (`bench/sliced.py`); at 1 caller single calls alternate between them
-(`bench/paired.py`; req/s there is 1 / mean latency). Either way both servers are
+(`bench/floor_server.py`). Closed-loop load from a separate process (`bench/load.py`),
+one gRPC channel per server. With 16 and 64 callers the callers move between the two
+servers every second (`--strategy sliced`); at 1 caller single calls alternate between
+them (`--strategy paired`; req/s there is 1 / mean latency). Either way both servers are
 measured over the same stretch of time, so the machine's drift cancels out. "first
 chunk" is the time to the first text chunk of a stream; CPU is the server process's, per
 request."""
@@ -57,56 +44,38 @@ def run(ctx: Context) -> Section:
     ctx.log(
         f"  vibectld pid {daemon.pid} port {daemon.port}; floor pid {floor.pid} port {floor.port}"
     )
-    servers = {"floor": (floor.port, floor.pid), "vibectld": (daemon.port, daemon.pid)}
+    targets = {
+        "floor": c.target("floor", port=floor.port, ca=daemon.ca_path, pid=floor.pid),
+        "vibectld": c.target("vibectld", port=daemon.port, ca=daemon.ca_path, pid=daemon.pid),
+    }
     env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
+    configs = QUICK_CONFIGS if s.quick else tuple((m, n) for m in MODES for n in CALLERS)
     cells: dict[tuple[str, int], dict[str, list[Result]]] = {}
     try:
-        configs = QUICK_CONFIGS if s.quick else tuple((m, c) for m in MODES for c in CALLERS)
         for mode, callers in configs:
-            got: dict[str, list[Result]] = {"floor": [], "vibectld": []}
+            got = cells[(mode, callers)] = {}
             for rep in range(s.repeats):
-                if callers == 1:
-                    # One process alternating calls between the two: see bench/paired.py.
-                    args = [
-                        "--vibectld-port", str(daemon.port), "--vibectld-pid", str(daemon.pid),
-                        "--floor-port", str(floor.port), "--floor-pid", str(floor.pid),
-                        "--ca", str(daemon.ca_path), "--mode", mode,
-                        "--duration", str(1.5 * s.duration), "--warmup", str(s.warmup),
-                    ]  # fmt: skip
-                    pair = measure_load("bench.paired", args, env=env)
-                    for name in ("floor", "vibectld"):
-                        got[name].append(pair[name])
-                        tag = f"  {mode:6} x1   rep {rep + 1} {name:8} (paired)"
-                        ctx.log(result_line(tag, pair[name]))
-                        check_errors(section, f"{name} {mode} x1", pair[name])
-                    continue
-                # One process whose callers move between the two servers every second.
                 order = ["floor", "vibectld"] if rep % 2 == 0 else ["vibectld", "floor"]
-                targets: list[str] = []
-                for name in order:
-                    port, pid = servers[name]
-                    spec = f"{name}:{port}:{daemon.ca_path}:VIBECTLD_BENCH_SECRET:{pid}"
-                    targets += ["--target", spec]
-                args = [
-                    *targets, "--mode", mode, "--callers", str(callers), "--slice", "1",
-                    "--duration", str(2 * s.duration), "--warmup", str(s.warmup),
-                ]  # fmt: skip
-                pair = measure_load("bench.sliced", args, env=env)
-                for name in order:
-                    got[name].append(pair[name])
-                    tag = f"  {mode:6} x{callers:<3} rep {rep + 1} {name:8} (sliced)"
-                    ctx.log(result_line(tag, pair[name]))
-                    check_errors(section, f"{name} {mode} x{callers}", pair[name])
-            cells[(mode, callers)] = got
+                if callers == 1:
+                    # One caller alternating single calls between the two servers.
+                    args = ["--strategy", "paired", "--duration", str(1.5 * s.duration)]
+                else:
+                    # The callers move between the two servers every second.
+                    args = ["--strategy", "sliced", "--callers", str(callers), "--slice", "1"]
+                    args += ["--duration", str(2 * s.duration)]
+                args += [*targets[order[0]], *targets[order[1]]]
+                args += ["--mode", mode, "--warmup", str(s.warmup)]
+                tag = f"{mode:6} x{callers:<3} rep {rep + 1}"
+                c.collect(ctx, section, got, c.measure_load(args, env=env), tag)
     finally:
         if floor.proc is not None:
             ctx.procs.stop(floor.proc)
         daemon.stop()
-    _report(section, cells)
+    report(section, cells)
     return section
 
 
-def _report(section: Section, cells: dict[tuple[str, int], dict[str, list[Result]]]) -> None:
+def report(section: Section, cells: dict[tuple[str, int], dict[str, list[Result]]]) -> None:
     header = [
         "mode", "callers", "floor req/s", "vibectld req/s", "ratio",
         "floor p50 / p99 ms", "vibectld p50 / p99 ms", "p50 delta ms",
@@ -115,85 +84,53 @@ def _report(section: Section, cells: dict[tuple[str, int], dict[str, list[Result
     rows: list[list[str]] = []
     for (mode, callers), got in cells.items():
         f, v = got["floor"], got["vibectld"]
-        ratio = paired_ratio(f, v, "rps")
-        first = "-"
-        if mode == "stream":
-            first = (
-                f"{fmt(median(f, 'ttfc_p50_ms'), '.3f')} / {fmt(median(v, 'ttfc_p50_ms'), '.3f')}"
-            )
-        rows.append(
-            [
-                LABEL[mode],
-                str(callers),
-                f"{median(f, 'rps'):.0f}",
-                f"{median(v, 'rps'):.0f}",
-                pct(ratio),
-                f"{median(f, 'p50_ms'):.3f} / {median(f, 'p99_ms'):.3f}",
-                f"{median(v, 'p50_ms'):.3f} / {median(v, 'p99_ms'):.3f}",
-                f"{paired_delta(f, v, 'p50_ms'):+.3f}",
-                first,
-                f"{fmt(median(f, 'server_cpu_us_per_req'), '.0f')} / "
-                f"{fmt(median(v, 'server_cpu_us_per_req'), '.0f')}",
-                f"{total(f, 'errors')} / {total(v, 'errors')}",
-            ]
-        )
-    section.tables.append(md_table(header, rows))
-
-    for (mode, callers), got in cells.items():
-        f, v = got["floor"], got["vibectld"]
+        ratio, delta = c.paired_ratio(f, v, "rps"), c.paired_delta(f, v, "p50_ms")
+        rps_f, rps_v = c.median_of(f, "rps"), c.median_of(v, "rps")
+        p50_f, p50_v = c.median_of(f, "p50_ms"), c.median_of(v, "p50_ms")
+        cpu = "server_cpu_us_per_req"
+        row = [
+            LABEL[mode], str(callers), f"{rps_f:.0f}", f"{rps_v:.0f}", c.pct(ratio),
+            _pair(p50_f, c.median_of(f, "p99_ms")), _pair(p50_v, c.median_of(v, "p99_ms")),
+            f"{delta:+.3f}",
+            _pair(c.median_of(f, "ttfc_p50_ms"), c.median_of(v, "ttfc_p50_ms"))
+            if mode == "stream" else "-",
+            _pair(c.median_of(f, cpu), c.median_of(v, cpu), ".0f"),
+            f"{c.total(f, 'errors')} / {c.total(v, 'errors')}",
+        ]  # fmt: skip
+        rows.append(row)
         label = f"{LABEL[mode]}, {callers} caller{'s' if callers > 1 else ''}"
         if callers == THROUGHPUT_CALLERS:
-            ratio = paired_ratio(f, v, "rps")
-            passed = ratio >= MIN_RPS_RATIO
-            section.check(
-                f"throughput ({label})",
-                passed,
-                f"vibectld {median(v, 'rps'):.0f} req/s = {ratio:.0%} of the floor's "
-                f"{median(f, 'rps'):.0f} (target >= {MIN_RPS_RATIO:.0%})",
-            )
-            section.summary.append(
-                SummaryRow(
-                    "Overhead",
-                    f"{LABEL[mode]} req/s at {callers} callers, vs the floor",
-                    f"{ratio:.0%} ({median(v, 'rps'):.0f} vs {median(f, 'rps'):.0f})",
-                    f">= {MIN_RPS_RATIO:.0%}",
-                    "PASS" if passed else "FAIL",
-                )
-            )
+            ok = ratio >= MIN_RPS_RATIO
+            detail = f"vibectld {rps_v:.0f} req/s = {ratio:.0%} of the floor's {rps_f:.0f}"
+            measure = f"{LABEL[mode]} req/s at {callers} callers, vs the floor"
+            result = f"{ratio:.0%} ({rps_v:.0f} vs {rps_f:.0f})"
+            target = f">= {MIN_RPS_RATIO:.0%}"
+            section.graded(f"throughput ({label})", ok, f"{detail} (target {target})",
+                           ("Overhead", measure, result, target))  # fmt: skip
         if callers == 1:
-            delta = paired_delta(f, v, "p50_ms")
-            passed = delta <= MAX_P50_DELTA_MS
-            section.check(
-                f"latency ({label})",
-                passed,
-                f"vibectld p50 {median(v, 'p50_ms'):.3f} ms = floor {median(f, 'p50_ms'):.3f} "
-                f"ms {delta:+.3f} ms (target <= +{MAX_P50_DELTA_MS} ms)",
-            )
-            section.summary.append(
-                SummaryRow(
-                    "Overhead",
-                    f"{LABEL[mode]} p50 at 1 caller, over the floor",
-                    f"{delta:+.3f} ms ({median(v, 'p50_ms'):.3f} vs {median(f, 'p50_ms'):.3f})",
-                    f"<= +{MAX_P50_DELTA_MS} ms",
-                    "PASS" if passed else "FAIL",
-                )
-            )
-            if mode == "stream":
-                vt, ft = median(v, "ttfc_p50_ms"), median(f, "ttfc_p50_ms")
-                delta = paired_delta(f, v, "ttfc_p50_ms")
-                passed = not math.isnan(delta) and delta <= MAX_TTFB_DELTA_MS
-                section.check(
-                    "time to first chunk (streaming, 1 caller)",
-                    passed,
-                    f"vibectld first chunk p50 {vt:.3f} ms = floor {ft:.3f} ms {delta:+.3f} ms "
-                    f"(target <= +{MAX_TTFB_DELTA_MS} ms)",
-                )
-                section.summary.append(
-                    SummaryRow(
-                        "Overhead",
-                        "streaming time to first chunk at 1 caller, over the floor",
-                        f"{delta:+.3f} ms ({vt:.3f} vs {ft:.3f})",
-                        f"<= +{MAX_TTFB_DELTA_MS} ms",
-                        "PASS" if passed else "FAIL",
-                    )
-                )
+            ok = delta <= MAX_P50_DELTA_MS
+            detail = f"vibectld p50 {p50_v:.3f} ms = floor {p50_f:.3f} ms {delta:+.3f} ms"
+            measure = f"{LABEL[mode]} p50 at 1 caller, over the floor"
+            result = f"{delta:+.3f} ms ({p50_v:.3f} vs {p50_f:.3f})"
+            section.graded(f"latency ({label})", ok, f"{detail} (target <= +{MAX_P50_DELTA_MS} ms)",
+                           ("Overhead", measure, result, f"<= +{MAX_P50_DELTA_MS} ms"))  # fmt: skip
+        if callers == 1 and mode == "stream":
+            _first_chunk(section, f, v)
+    section.tables.append(c.md_table(header, rows))
+
+
+def _pair(a: float, b: float, spec: str = ".3f") -> str:
+    return f"{c.fmt(a, spec)} / {c.fmt(b, spec)}"
+
+
+def _first_chunk(section: Section, f: list[Result], v: list[Result]) -> None:
+    vt, ft = c.median_of(v, "ttfc_p50_ms"), c.median_of(f, "ttfc_p50_ms")
+    delta = c.paired_delta(f, v, "ttfc_p50_ms")
+    ok = not math.isnan(delta) and delta <= MAX_TTFB_DELTA_MS
+    section.check(
+        "time to first chunk (streaming, 1 caller)", ok, f"vibectld first chunk p50 {vt:.3f} "
+        f"ms = floor {ft:.3f} ms {delta:+.3f} ms (target <= +{MAX_TTFB_DELTA_MS} ms)",
+    )  # fmt: skip
+    measure = "streaming time to first chunk at 1 caller, over the floor"
+    result = f"{delta:+.3f} ms ({vt:.3f} vs {ft:.3f})"
+    section.row("Overhead", measure, result, f"<= +{MAX_TTFB_DELTA_MS} ms", ok)

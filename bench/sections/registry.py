@@ -4,24 +4,12 @@ against vibectld with one, and the admin socket's issue/revoke latency at that s
 from __future__ import annotations
 
 import sqlite3
-import statistics
 import time
 from pathlib import Path
 
-from bench.common import (
-    Context,
-    Result,
-    Section,
-    SummaryRow,
-    check_errors,
-    md_table,
-    measure_load,
-    median,
-    paired_ratio,
-    pct,
-    result_line,
-    warm_up,
-)
+from bench import common as c
+from bench.common import Context, Section
+from bench.result import Result, median
 from bench.servers import BenchError, Vibectld, clean_env, rss_kib
 from vibectld.store.registry import Registry
 
@@ -40,10 +28,10 @@ Two daemons side by side: one whose registry holds only the benchmark's client, 
 whose registry was filled, before it started, with {issued:,} issued clients of which
 {revoked:,} are revoked. Throughput is unary `echo` calls from {callers} closed-loop
 callers in one process that move from one daemon to the other every second
-(`bench/sliced.py`), so both are measured over the same stretch of time. Then
-`issue_client` and `revoke_client` (half by name, half by id) round trips over the admin
-socket with the in-tree AdminClient, one at a time, {ops} of each, the two daemons
-taking turns op by op. Each of these commits to SQLite (WAL, synchronous=FULL) before
+(`bench/load.py --strategy sliced`), so both are measured over the same stretch of
+time. Then `issue_client` and `revoke_client` (half by name, half by id) round trips
+over the admin socket with the in-tree AdminClient, one at a time, {ops} of each, the
+two daemons taking turns op by op. Each of these commits to SQLite (WAL, synchronous=FULL) before
 it answers, so its latency includes this disk's fsync."""
 
 
@@ -143,125 +131,38 @@ def run(ctx: Context) -> Section:
     s = ctx.settings
     issued, revoked = (QUICK_ISSUED, QUICK_REVOKED) if s.quick else (ISSUED, REVOKED)
     ops = QUICK_ADMIN_OPS if s.quick else ADMIN_OPS
-    section = Section(
-        "registry",
-        "Scale of the registry",
-        INTRO.format(issued=issued, revoked=revoked, callers=CALLERS, ops=ops),
-    )
+    intro = INTRO.format(issued=issued, revoked=revoked, callers=CALLERS, ops=ops)
+    section = Section("registry", "Scale of the registry", intro)
     small = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="reg-small")
     large = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="reg-large")
     fill_s = populate(large.registry_path, issued, revoked)
     api_ms = api_issue_rate(ctx.workdir / "rate" / "registry.db", 200)
     ctx.log(f"  populated {issued:,} clients ({revoked:,} revoked) in {fill_s:.1f} s")
-    got: dict[str, list[Result]] = {"small": [], "large": []}
+    got: dict[str, list[Result]] = {}
     daemons = {"small": small, "large": large}
     try:
         small.start(notify=True)
         large.start(notify=True)
         rss = {k: rss_kib(d.pid) for k, d in daemons.items()}
         for d in daemons.values():
-            warm_up(ctx, d.port, d.ca_path, d.secret)
+            c.warm_up(ctx, d.port, d.ca_path, d.secret)
         env = clean_env(SECRET_SMALL=small.secret, SECRET_LARGE=large.secret)
         for rep in range(s.repeats):
-            order = ["small", "large"] if rep % 2 == 0 else ["large", "small"]
-            targets: list[str] = []
-            for key in order:
+            args = ["--strategy", "sliced", "--callers", str(CALLERS), "--slice", str(SLICE_S)]
+            args += ["--duration", str(2 * s.duration), "--warmup", str(s.warmup)]
+            for key in ["small", "large"] if rep % 2 == 0 else ["large", "small"]:
                 d = daemons[key]
-                spec = f"{key}:{d.port}:{d.ca_path}:SECRET_{key.upper()}:{d.pid}"
-                targets += ["--target", spec]
-            args = [
-                *targets, "--callers", str(CALLERS), "--slice", str(SLICE_S),
-                "--duration", str(2 * s.duration), "--warmup", str(s.warmup),
-            ]  # fmt: skip
-            pair = measure_load("bench.sliced", args, env=env)
-            for key in order:
-                got[key].append(pair[key])
-                ctx.log(result_line(f"  unary x{CALLERS} rep {rep + 1} {key:5}", pair[key]))
-                check_errors(section, f"{key} registry", pair[key])
+                secret_env = f"SECRET_{key.upper()}"
+                args += c.target(key, port=d.port, ca=d.ca_path, secret_env=secret_env, pid=d.pid)
+            c.collect(
+                ctx, section, got, c.measure_load(args, env=env), f"unary x{CALLERS} rep {rep + 1}"
+            )
         latency = admin_latency(daemons, ops)
     finally:
         small.stop()
         large.stop()
-
-    sm, lg = got["small"], got["large"]
-    # Each repeat measured both daemons together: the median of its ratios.
-    ratio = paired_ratio(sm, lg, "rps")
-    section.tables.append(
-        md_table(
-            [
-                "registry",
-                "req/s",
-                "vs 1 client",
-                "p50 / p99 ms",
-                "server CPU us/req",
-                "start to READY=1 s",
-                "idle RSS MiB",
-            ],
-            [
-                [
-                    label,
-                    f"{median(rs, 'rps'):.0f}",
-                    pct(paired_ratio(sm, rs, "rps")),
-                    f"{median(rs, 'p50_ms'):.3f} / {median(rs, 'p99_ms'):.3f}",
-                    f"{median(rs, 'server_cpu_us_per_req'):.0f}",
-                    f"{daemons[key].ready_s or 0:.2f}",
-                    f"{rss[key] / 1024:.1f}",
-                ]
-                for key, label, rs in (
-                    ("small", "1 client", sm),
-                    ("large", f"{issued:,} issued, {revoked:,} revoked", lg),
-                )
-            ],
-        )
-    )
-    lat_rows: list[list[str]] = []
-    for op in ("issue", "revoke by name", "revoke by id"):
-        lat_rows.append(
-            [op]
-            + [
-                f"{statistics.median(latency[k][op]):.2f} / {max(latency[k][op]):.2f}"
-                for k in ("small", "large")
-            ]
-        )
-    section.tables.append(
-        md_table(
-            ["admin op", "1 client: p50 / max ms", f"{issued:,} clients: p50 / max ms"], lat_rows
-        )
-    )
-    ok = ratio >= 1 - MAX_RPS_DROP
-    section.check(
-        f"registry scale (unary, {CALLERS} callers)",
-        ok,
-        f"{median(lg, 'rps'):.0f} req/s with {issued:,} issued / {revoked:,} revoked vs "
-        f"{median(sm, 'rps'):.0f} with 1: {ratio:.0%} (median of the repeats' ratios; "
-        f"target >= {1 - MAX_RPS_DROP:.0%})",
-    )
-    section.summary.append(
-        SummaryRow(
-            "Registry",
-            f"req/s with {issued:,} issued + {revoked:,} revoked, vs 1 client",
-            f"{ratio:.0%} ({median(lg, 'rps'):.0f} vs {median(sm, 'rps'):.0f})",
-            f">= {1 - MAX_RPS_DROP:.0%}",
-            "PASS" if ok else "FAIL",
-        )
-    )
-    for op in ("issue", "revoke by name"):
-        p50 = statistics.median(latency["large"][op])
-        section.check(
-            f"admin {op} at {issued:,} clients",
-            None,
-            f"p50 {p50:.2f} ms (with 1 client: {statistics.median(latency['small'][op]):.2f} ms)",
-        )
-        section.summary.append(
-            SummaryRow(
-                "Registry",
-                f"`{op.replace('issue', 'issue-client').replace('revoke', 'revoke-client')}` "
-                f"p50 at {issued:,} clients",
-                f"{p50:.2f} ms",
-                "-",
-                "-",
-            )
-        )
+    ready = {k: d.ready_s or 0.0 for k, d in daemons.items()}
+    report(section, got, latency, rss, ready, (issued, revoked))
     estimate_min = api_ms * issued / 1000 / 60
     section.notes.append(
         f"the large registry was filled by one multi-row INSERT ({fill_s:.1f} s for "
@@ -271,3 +172,54 @@ def run(ctx: Context) -> Section:
         "that cost flat as the registry grows."
     )
     return section
+
+
+def report(
+    section: Section,
+    got: dict[str, list[Result]],
+    latency: dict[str, dict[str, list[float]]],
+    rss: dict[str, int],
+    ready: dict[str, float],
+    size: tuple[int, int],
+) -> None:
+    issued, revoked = size
+    sm, lg = got["small"], got["large"]
+    large = f"{issued:,} issued, {revoked:,} revoked"
+    header = ["registry", "req/s", "vs 1 client", "p50 / p99 ms", "server CPU us/req"]
+    header += ["start to READY=1 s", "idle RSS MiB"]
+    rows = [
+        [
+            label, f"{c.median_of(rs, 'rps'):.0f}", c.pct(c.paired_ratio(sm, rs, "rps")),
+            f"{c.median_of(rs, 'p50_ms'):.3f} / {c.median_of(rs, 'p99_ms'):.3f}",
+            f"{c.median_of(rs, 'server_cpu_us_per_req'):.0f}", f"{ready[key]:.2f}",
+            f"{rss[key] / 1024:.1f}",
+        ]
+        for key, label, rs in (("small", "1 client", sm), ("large", large, lg))
+    ]  # fmt: skip
+    section.tables.append(c.md_table(header, rows))
+    ops = ("issue", "revoke by name", "revoke by id")
+    lat = {(k, op): (median(latency[k][op]), max(latency[k][op])) for k in latency for op in ops}
+    rows = [
+        [op] + [f"{lat[k, op][0]:.2f} / {lat[k, op][1]:.2f}" for k in ("small", "large")]
+        for op in ops
+    ]
+    header = ["admin op", "1 client: p50 / max ms", f"{issued:,} clients: p50 / max ms"]
+    section.tables.append(c.md_table(header, rows))
+    # Each repeat measured both daemons together: the median of its ratios.
+    ratio = c.paired_ratio(sm, lg, "rps")
+    rps_s, rps_l = c.median_of(sm, "rps"), c.median_of(lg, "rps")
+    ok = ratio >= 1 - MAX_RPS_DROP
+    section.check(
+        f"registry scale (unary, {CALLERS} callers)", ok,
+        f"{rps_l:.0f} req/s with {issued:,} issued / {revoked:,} revoked vs {rps_s:.0f} with 1: "
+        f"{ratio:.0%} (median of the repeats' ratios; target >= {1 - MAX_RPS_DROP:.0%})",
+    )  # fmt: skip
+    measure = f"req/s with {issued:,} issued + {revoked:,} revoked, vs 1 client"
+    result = f"{ratio:.0%} ({rps_l:.0f} vs {rps_s:.0f})"
+    section.row("Registry", measure, result, f">= {1 - MAX_RPS_DROP:.0%}", ok)
+    for op in ("issue", "revoke by name"):
+        p50 = lat["large", op][0]
+        detail = f"p50 {p50:.2f} ms (with 1 client: {lat['small', op][0]:.2f} ms)"
+        section.check(f"admin {op} at {issued:,} clients", None, detail)
+        command = op.replace("issue", "issue-client").replace("revoke", "revoke-client")
+        section.row("Registry", f"`{command}` p50 at {issued:,} clients", f"{p50:.2f} ms")

@@ -1,5 +1,5 @@
 """OpenAI-compatible endpoints end to end: a real daemon, the real llm OpenAI plugin and
-`openai` client, and a fake endpoint on 127.0.0.1 (tests/fake_openai.py).
+`openai` client, and a fake endpoint on 127.0.0.1 (bench/fake_openai.py).
 
 The daemon is configured as an operator would: `models.openai_compatible` names the
 endpoint and a key name, and the key sits in `<state_dir>/keys/<name>`.
@@ -20,8 +20,8 @@ from typing import Any
 import openai
 import pytest
 
+from bench.fake_openai import Behaviour, FakeOpenAI, Fault
 from tests.conftest import RunningDaemon, make_config
-from tests.fake_openai import Behaviour, FakeOpenAI, Fault
 from vibectl._proto import llm_proxy_pb2 as pb
 
 KEY = "sk-gpubox-4f1c9a7e2b8d6035"
@@ -475,7 +475,7 @@ def test_the_fake_speaks_the_openai_wire_format_without_streaming(fake: FakeOpen
 def test_the_fake_runs_standalone_and_prints_its_port() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_openai", "--port", "0", "--latency-ms", "20"],
+        [sys.executable, "-m", "bench.fake_openai", "--port", "0", "--latency-ms", "20"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

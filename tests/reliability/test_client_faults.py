@@ -31,8 +31,8 @@ from typing import Any
 import grpc
 import pytest
 
+from bench.fake_openai import Behaviour, End, FakeOpenAI, Fault, ResponseEnd
 from tests.conftest import RunningDaemon, _register_fake_models, short_tmpdir
-from tests.fake_openai import Behaviour, End, FakeOpenAI, Fault, ResponseEnd
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.config import parse_config

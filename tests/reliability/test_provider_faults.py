@@ -1,6 +1,6 @@
 """Provider faults through a real daemon: every fault is an in-band error, nothing leaks.
 
-A fake OpenAI-compatible endpoint (tests/fake_openai.py) is registered as an
+A fake OpenAI-compatible endpoint (bench/fake_openai.py) is registered as an
 operator would (`models.openai_compatible`, key in `<state>/keys/`), with a
 request timeout of 1 s. For each fault — HTTP 500, 429 with a long
 `retry-after`, a malformed body, a stream cut mid-way, a hang past the timeout —
@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.fake_openai import Behaviour, End, FakeOpenAI, Fault
 from tests.conftest import RunningDaemon, _register_fake_models, short_tmpdir
-from tests.fake_openai import Behaviour, End, FakeOpenAI, Fault
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.config import parse_config

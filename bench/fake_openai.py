@@ -24,8 +24,14 @@ In a test::
         fake.behaviour = Behaviour(fault=Fault.HTTP_500)
         assert fake.requests[-1].authorization == "Bearer ..."
 
-Standalone (the benchmark): ``python -m tests.fake_openai --port 0 --latency-ms 20``
-prints the port it listens on, then serves until SIGINT or SIGTERM.
+Standalone (the benchmark's provider section): ``python -m bench.fake_openai --port 0
+--latency-ms 20`` prints the port it listens on, then serves until SIGINT or SIGTERM.
+Like a real endpoint it sets TCP_NODELAY on every connection: without it the response
+head and body go out as two small segments and Nagle's algorithm holds the second until
+the client's delayed ACK (about 40 ms on Linux), whatever the client.
+
+It lives in bench/ rather than tests/ so that the benchmark need not import the tests;
+the tests import it from here.
 """
 
 from __future__ import annotations
@@ -643,7 +649,7 @@ class FakeOpenAI:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.fake_openai",
+        prog="python -m bench.fake_openai",
         description="A fake OpenAI-compatible endpoint; prints its port, serves until killed.",
     )
     parser.add_argument("--host", default="127.0.0.1")
