@@ -495,6 +495,34 @@ def test_unit_contract() -> None:
     assert stop.endswith("s") and int(stop[:-1]) > 10, "longer than the daemon's 10 s grace"
 
 
+_SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def test_unit_caps_memory_and_tasks() -> None:
+    """A flood or a leak is stopped by the service's own cgroup, before it reaches the host.
+
+    The values are justified in the unit's comment: about 100 MB idle (200 MB with 100,000
+    clients) plus room for hundreds of maximum-size calls; 9 threads idle, about 100 on a
+    large host under load.
+    """
+    settings = dict(
+        line.split("=", 1)
+        for line in UNIT.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    match = re.fullmatch(r"(\d+)([KMGT]?)", settings.get("MemoryMax", ""))
+    assert match, f"MemoryMax={settings.get('MemoryMax')}: a size in bytes (K/M/G), not a %"
+    memory = int(match.group(1)) * _SIZE_SUFFIX[match.group(2)]
+    assert 512 << 20 <= memory <= 4 << 30, f"MemoryMax={settings['MemoryMax']}"
+    tasks = settings.get("TasksMax", "")
+    assert tasks.isdigit(), f"TasksMax={tasks}: a number of tasks, not infinity or a %"
+    assert 128 <= int(tasks) <= 4096, f"TasksMax={tasks}"
+    # The comment above them says why; a bare number would be a guess nobody can revisit.
+    text = UNIT.read_text()
+    assert f"# MemoryMax={settings['MemoryMax']}:" in text
+    assert f"# TasksMax={tasks}:" in text
+
+
 def test_sysusers_creates_user_and_groups(tmp_path: Path) -> None:
     if shutil.which("systemd-sysusers") is None:
         pytest.fail(
