@@ -16,8 +16,34 @@ import sys
 from typing import Any
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
-# Larger entries need a memfd; a log line this long is truncated instead.
-MAX_DATAGRAM = 200_000
+# journald accepts entries of hundreds of MiB, but an entry sent as one datagram must fit
+# the sender's socket buffer (net.core.wmem_default, 208 KiB by default) or send() fails,
+# and a datagram cut short loses every field after the cut (a value cut mid-line is
+# "trailing noise" to journald). So each value is cut on its own, keeping its start and
+# its end, and the entry as a whole stays far below any socket buffer.
+MAX_ENTRY_BYTES = 64 * 1024
+# Any one field but MESSAGE: enough for an upstream error body, not for a flood.
+MAX_VALUE_BYTES = 4096
+# MESSAGE carries a traceback when there is one; the cut keeps its last lines.
+MAX_MESSAGE_BYTES = 32 * 1024
+# The fields a record is found by (`journalctl CLIENT=alice`, `EVENT=request`), placed
+# first so that no cut or dropped field can ever take them: each is at most
+# MAX_VALUE_BYTES, together far under MAX_ENTRY_BYTES.
+ESSENTIAL_FIELDS = (
+    "PRIORITY",
+    "SYSLOG_IDENTIFIER",
+    "EVENT",
+    "CLIENT",
+    "STATUS",
+    "REQUEST_ID",
+    "AUDIT",
+    "MODEL",
+)
+# Names the fields left out when the entry had no room left for them (comma-separated).
+DROPPED_FIELD = "VIBECTLD_FIELDS_DROPPED"
+_DROPPED_ROOM = 1024
+_MARKER = "[... %d bytes cut ...]"
+_RANK = {name: i for i, name in enumerate(ESSENTIAL_FIELDS)}
 _NOT_FIELD_CHAR = re.compile(r"[^A-Z0-9_]")
 
 
@@ -36,18 +62,48 @@ def _value(value: Any) -> str:
     return str(value)
 
 
+def cut(data: bytes, limit: int) -> bytes:
+    """`data` if it fits in `limit` bytes, else its start and end around a marker.
+
+    Both ends are kept on UTF-8 character boundaries: an identifier reads from its start,
+    a traceback ends with the exception.
+    """
+    if len(data) <= limit:
+        return data
+    # The marker is sized for the longest count it could hold, so the result fits.
+    keep = max(limit - len((_MARKER % len(data)).encode()), 0)
+    head = data[: keep - keep // 2].decode("utf-8", "ignore").encode()
+    tail = data[len(data) - keep // 2 :].decode("utf-8", "ignore").encode()
+    marker = (_MARKER % (len(data) - len(head) - len(tail))).encode()
+    return head + marker + tail
+
+
+def _line(name: bytes, data: bytes) -> bytes:
+    if b"\n" in data:
+        return name + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+    return name + b"=" + data + b"\n"
+
+
 def encode(fields: dict[str, Any]) -> bytes:
+    """One native-protocol entry of at most MAX_ENTRY_BYTES, the essential fields intact."""
+    named = [(field_name(key), value) for key, value in fields.items() if value is not None]
+    # Essential fields, then MESSAGE, then the rest in the order given (a stable sort).
+    named.sort(key=lambda item: _RANK.get(item[0], len(_RANK) + (item[0] != "MESSAGE")))
     out = bytearray()
-    for key, value in fields.items():
-        if value is None:
+    dropped: list[str] = []
+    # Room is kept for the line naming dropped fields, should there be any.
+    budget = MAX_ENTRY_BYTES - _DROPPED_ROOM
+    for name, value in named:
+        limit = MAX_MESSAGE_BYTES if name == "MESSAGE" else MAX_VALUE_BYTES
+        # Field name, "=" or "\n" + 8-byte length, final "\n".
+        room = min(limit, budget - len(out) - len(name) - 10)
+        if room < 64:
+            dropped.append(name)
             continue
-        name = field_name(key).encode()
-        data = _value(value).encode("utf-8", "replace")
-        if b"\n" in data:
-            out += name + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
-        else:
-            out += name + b"=" + data + b"\n"
-    return bytes(out[:MAX_DATAGRAM])
+        out += _line(name.encode(), cut(_value(value).encode("utf-8", "replace"), room))
+    if dropped:
+        out += _line(DROPPED_FIELD.encode(), cut(",".join(dropped).encode(), _DROPPED_ROOM - 64))
+    return bytes(out)
 
 
 class JournalLogger:

@@ -39,17 +39,41 @@ def _priority_prefix(_: Any, method: str, event: dict[str, Any]) -> dict[str, An
     return event
 
 
+# A value as MESSAGE's "key=value" summary shows it; the field itself holds up to
+# journal.MAX_VALUE_BYTES of it.
+_SUMMARY_VALUE_BYTES = 1024
+
+
+def _short(value: Any, limit: int) -> Any:
+    """`value`, or its text cut to `limit` bytes with a marker (journal.cut)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit // 4:  # No UTF-8 character is longer than 4 bytes.
+        return value
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return value
+    return journal.cut(data, limit).decode("utf-8", "replace")
+
+
 def _journal_line(_: Any, __: str, event: dict[str, Any]) -> str:
     priority = event.pop("_priority", 6)
+    for key, value in event.items():
+        limit = journal.MAX_MESSAGE_BYTES if key == "exception" else journal.MAX_VALUE_BYTES
+        event[key] = _short(value, limit)
     text = structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True)(
         None, "", event
     )
-    return f"<{priority}>{text}"
+    # journald splits a stream line longer than its LineMax= (48 KiB by default).
+    return f"<{priority}>{_short(text, journal.MAX_MESSAGE_BYTES)}"
 
 
 def _journal_entry(_: Any, method: str, event: dict[str, Any]) -> bytes:
     event.pop("level", None)
-    details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "exception"))
+    details = " ".join(
+        f"{k}={_short(v, _SUMMARY_VALUE_BYTES)}"
+        for k, v in event.items()
+        if k not in ("event", "exception")
+    )
     message = f"{event.get('event', '')} {details}".strip()
     if "exception" in event:
         message += "\n" + str(event["exception"])
