@@ -17,7 +17,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from vibectld.pki.signing import Claims, SigningKeyError, SigningKeys, TokenError
+from vibectld.pki.signing import (
+    Claims,
+    SigningKeyError,
+    SigningKeyInUse,
+    SigningKeys,
+    TokenError,
+    UnknownSigningKey,
+    is_kid,
+)
 
 ISS, AUD = "vibectld", "vibectl-llm-proxy"
 NOW = 1_800_000_000
@@ -281,3 +289,92 @@ def test_repr_shows_no_key_material(keys: SigningKeys) -> None:
 def test_sign_refuses_inverted_times(keys: SigningKeys) -> None:
     with pytest.raises(ValueError):
         issue(keys, exp=NOW)
+
+
+def test_retire_refuses_its_secrets_now_and_after_a_restart(
+    keys: SigningKeys, tmp_path: Path
+) -> None:
+    old_kid = keys.active_kid
+    old_token = issue(keys)
+    new_kid = keys.rotate()
+    new_token = issue(keys)
+    keys.retire(old_kid)
+    assert not keys.verifies(old_kid) and keys.verifies(new_kid)
+    assert keys.kids == (new_kid,) and keys.retired_kids == (old_kid,)
+    error = reject(keys, old_token, "retired_key")
+    assert "retired key" in str(error) and "ask your vibectld admin" in str(error)
+    assert keys.verify(new_token, iss=ISS, aud=AUD, now=NOW).kid == new_kid
+
+    # The file moved to retired/ (still 0600, in a 0700 directory), so a restart
+    # loads only the new key and names the old one as retired.
+    directory = tmp_path / "signing-keys"
+    assert not (directory / f"{old_kid}.pem").exists()
+    moved = directory / "retired" / f"{old_kid}.pem"
+    assert stat.S_IMODE(moved.stat().st_mode) == 0o600
+    assert stat.S_IMODE(moved.parent.stat().st_mode) == 0o700
+    reloaded = SigningKeys.load_or_create(directory)
+    assert reloaded.kids == (new_kid,) and reloaded.retired_kids == (old_kid,)
+    assert reloaded.active_kid == new_kid
+    reject(reloaded, old_token, "retired_key")
+
+
+def test_the_current_or_only_key_cannot_be_retired(keys: SigningKeys, tmp_path: Path) -> None:
+    only = keys.active_kid
+    with pytest.raises(SigningKeyInUse, match=r"current and only one.*rotate-signing-key"):
+        keys.retire(only)
+    newer = keys.rotate()
+    with pytest.raises(SigningKeyInUse, match=f"{newer} is the current one"):
+        keys.retire(newer)
+    keys.retire(only)
+    with pytest.raises(SigningKeyInUse, match="already retired"):
+        keys.retire(only)
+    with pytest.raises(UnknownSigningKey, match="list-signing-keys"):
+        keys.retire("20200101T000000Z-000000")
+    # Nothing refused moved a file.
+    assert (tmp_path / "signing-keys" / f"{newer}.pem").exists()
+
+
+def test_a_retired_key_put_back_by_hand_stays_retired(keys: SigningKeys, tmp_path: Path) -> None:
+    old_kid = keys.active_kid
+    old_token = issue(keys)
+    keys.rotate()
+    keys.retire(old_kid)
+    directory = tmp_path / "signing-keys"
+    (directory / f"{old_kid}.pem").write_bytes(
+        (directory / "retired" / f"{old_kid}.pem").read_bytes()
+    )
+    reloaded = SigningKeys.load_or_create(directory)
+    assert old_kid not in reloaded.kids
+    reject(reloaded, old_token, "retired_key")
+
+
+def test_a_new_key_sorts_after_retired_ones(tmp_path: Path) -> None:
+    # Every key file was retired (by hand: the daemon refuses to retire the current
+    # key); the key made at the next start must still be the newest kid.
+    directory = tmp_path / "signing-keys"
+    (directory / "retired").mkdir(parents=True)
+    future = "29990101T000000Z-abcdef"
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (directory / "retired" / f"{future}.pem").write_bytes(pem)
+    keys = SigningKeys.load_or_create(directory)
+    assert keys.active_kid > future and keys.retired_kids == (future,)
+
+
+def test_sign_with_a_named_key(keys: SigningKeys) -> None:
+    old_kid = keys.active_kid
+    keys.rotate()
+    token = issue(keys, kid=old_kid)
+    assert jwt.get_unverified_header(token)["kid"] == old_kid
+    keys.rotate()
+    keys.retire(old_kid)
+    with pytest.raises(SigningKeyError, match="retired before this secret was signed"):
+        issue(keys, kid=old_kid)
+
+
+def test_kid_shape_and_creation_time(keys: SigningKeys) -> None:
+    assert is_kid(keys.active_kid)
+    assert not is_kid("20260101T000000Z-ABCDEF") and not is_kid(None) and not is_kid("x")
+    assert SigningKeys.created_at("20260131T120000Z-0a1b2c") == 1769860800
+    assert SigningKeys.created_at("nope") is None

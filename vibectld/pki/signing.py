@@ -2,8 +2,11 @@
 
 Keys live in ``<state_dir>/signing-keys/<kid>.pem``. A kid starts with its UTC
 creation time, so sorting the names sorts the keys by age: the newest signs, and
-every key still present verifies. Retiring a key (deleting its file) invalidates
-every secret it signed.
+every key still present verifies. `rotate` adds a key that signs from then on;
+`retire` moves a key's file to ``signing-keys/retired/``, which is never loaded, so
+every secret it signed is refused from then on, after a restart too. The file's
+place is the one record of retirement: there is no second copy (in the registry,
+say) that a restored backup could contradict. Deleting a retired file is safe.
 
 Verification runs on every request, so the keys are loaded once and held in memory,
 and a token is checked without touching the disk.
@@ -12,8 +15,10 @@ and a token is checked without touching the disk.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,10 @@ MAX_TOKEN_LENGTH = 4096
 
 _KID = re.compile(r"^(\d{8}T\d{6}Z)-[0-9a-f]{6}$")
 _KID_TIME = "%Y%m%dT%H%M%SZ"
+RETIRED_DIR = "retired"
+KID_RULE = (
+    "a kid looks like 20260131T120000Z-0a1b2c; list them with: vibectl-admin list-signing-keys"
+)
 
 
 class TokenError(Exception):
@@ -46,6 +55,7 @@ class TokenError(Exception):
     AUDIENCE = "audience"
     ISSUER = "issuer"
     UNKNOWN_KEY = "unknown_key"
+    RETIRED_KEY = "retired_key"
     MISSING_CLAIM = "missing_claim"
 
     def __init__(self, reason: str, message: str) -> None:
@@ -55,6 +65,14 @@ class TokenError(Exception):
 
 class SigningKeyError(Exception):
     """The signing-key directory or a key in it is unusable; the message names the file."""
+
+
+class UnknownSigningKey(SigningKeyError):
+    """No signing key, present or retired, has that kid."""
+
+
+class SigningKeyInUse(SigningKeyError):
+    """The key cannot be retired: it is the one that signs, or already retired."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,9 @@ _MESSAGES = {
     TokenError.UNKNOWN_KEY: (
         "secret was signed by an unknown key — ask your vibectld admin for a new one"
     ),
+    TokenError.RETIRED_KEY: (
+        "secret was signed by a retired key — ask your vibectld admin for a new one"
+    ),
 }
 
 
@@ -91,11 +112,20 @@ def _fail(reason: str) -> TokenError:
 class SigningKeys:
     """The Ed25519 keys that sign and verify client secrets."""
 
-    def __init__(self, directory: Path, keys: dict[str, Ed25519PrivateKey]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        keys: dict[str, Ed25519PrivateKey],
+        retired: frozenset[str] = frozenset(),
+    ) -> None:
         self._dir = directory
         self._private = keys
         self._public = {kid: key.public_key() for kid, key in keys.items()}
+        self._retired = retired
         self._active = max(keys)
+        # Rotations and retirements run in worker threads (they write and fsync files):
+        # one at a time, so two rotations cannot pick their kids from the same `_active`.
+        self._changing = threading.Lock()
         # Time checks are ours (they take `now`); PyJWT checks signature, iss, aud, presence.
         self._jwt = jwt.PyJWT(
             options={
@@ -112,20 +142,27 @@ class SigningKeys:
 
     @classmethod
     def load_or_create(cls, directory: Path) -> SigningKeys:
-        """Load every key in `directory`, creating the directory and a first key if needed."""
+        """Load every key in `directory`, creating the directory and a first key if needed.
+
+        Keys in ``directory/retired/`` are not loaded, only named; a kid found in both
+        places counts as retired (a copy put back by hand must not revive it).
+        """
         try:
             ensure_private_dir(directory)
             paths = sorted(p for p in directory.glob("*.pem") if _KID.fullmatch(p.stem))
+            retired = frozenset(
+                p.stem for p in (directory / RETIRED_DIR).glob("*.pem") if _KID.fullmatch(p.stem)
+            )
         except OSError as e:
             raise SigningKeyError(
                 f"cannot use the signing-key directory {directory}: {e.strerror or e}; check "
                 "that it belongs to the vibectld user"
             ) from None
-        keys = {path.stem: _load_key(path) for path in paths}
+        keys = {path.stem: _load_key(path) for path in paths if path.stem not in retired}
         if not keys:
-            kid, key = _new_key(directory, latest=None)
+            kid, key = _new_key(directory, latest=max(retired, default=None))
             keys[kid] = key
-        return cls(directory, keys)
+        return cls(directory, keys, retired)
 
     @property
     def active_kid(self) -> str:
@@ -133,25 +170,89 @@ class SigningKeys:
 
     @property
     def kids(self) -> tuple[str, ...]:
+        """The kids that verify, oldest first (the last one signs)."""
         return tuple(sorted(self._public))
+
+    @property
+    def retired_kids(self) -> tuple[str, ...]:
+        return tuple(sorted(self._retired))
+
+    def verifies(self, kid: str) -> bool:
+        """Whether secrets signed by `kid` are accepted now (a dict lookup; per request)."""
+        return kid in self._public
 
     def rotate(self) -> str:
         """Create a new signing key; it signs from now on, and older keys still verify."""
-        kid, key = _new_key(self._dir, latest=self._active)
-        # Replaced rather than mutated, so a concurrent verify sees either set whole.
-        self._private = {**self._private, kid: key}
-        self._public = {**self._public, kid: key.public_key()}
-        self._active = kid
-        return kid
+        with self._changing:
+            kid, key = _new_key(self._dir, latest=max((self._active, *self._retired)))
+            # Replaced rather than mutated, so a concurrent verify sees either set whole;
+            # `_active` last, so a concurrent sign never picks a kid without its key.
+            self._private = {**self._private, kid: key}
+            self._public = {**self._public, kid: key.public_key()}
+            self._active = kid
+            return kid
 
-    def sign(self, *, sub: str, jti: str, iat: int, exp: int, iss: str, aud: str) -> str:
+    def retire(self, kid: str) -> None:
+        """Stop accepting secrets signed by `kid`, now and after a restart.
+
+        Refused (SigningKeyInUse) for the key that signs, which is also the case when it
+        is the only key; UnknownSigningKey if no key has that kid.
+        """
+        with self._changing:
+            if kid in self._retired:
+                raise SigningKeyInUse(f"the signing key {kid} is already retired")
+            if kid not in self._public:
+                raise UnknownSigningKey(f"no signing key has the kid {kid!r}; {KID_RULE}")
+            if kid == self._active:
+                only = " and only" if len(self._public) == 1 else ""
+                raise SigningKeyInUse(
+                    f"the signing key {kid} is the current{only} one, which signs new "
+                    "secrets; make a new one first with: vibectl-admin rotate-signing-key"
+                )
+            # The file moves before memory changes: once the daemon refuses the key, a
+            # restart refuses it too. A failed move leaves both as they were.
+            _move_to_retired(self._dir, kid)
+            self._public = {k: v for k, v in self._public.items() if k != kid}
+            self._private = {k: v for k, v in self._private.items() if k != kid}
+            self._retired = self._retired | {kid}
+            _sync_dirs(self._dir, self._dir / RETIRED_DIR)
+
+    @staticmethod
+    def created_at(kid: str) -> int | None:
+        """The creation time (unix seconds) a kid carries, or None if it carries none."""
+        match = _KID.fullmatch(kid)
+        if match is None:
+            return None
+        return int(_kid_time(match.group(1)).timestamp())
+
+    def sign(
+        self,
+        *,
+        sub: str,
+        jti: str,
+        iat: int,
+        exp: int,
+        iss: str,
+        aud: str,
+        kid: str | None = None,
+    ) -> str:
+        """A secret signed by `kid` (default: the current key).
+
+        A caller that records the kid before signing passes it, so a rotation in
+        between cannot make the record name another key than the one that signed.
+        """
         if exp <= iat:
             raise ValueError("a secret's expiry must come after its issue time")
         payload = {"sub": sub, "jti": jti, "iat": iat, "exp": exp, "iss": iss, "aud": aud}
-        kid = self._active
+        kid = self._active if kid is None else kid
+        key = self._private.get(kid)
+        if key is None:
+            raise SigningKeyError(
+                f"the signing key {kid} was retired before this secret was signed; issue it again"
+            )
         return jwt.encode(
             payload,
-            self._private[kid],
+            key,
             algorithm=ALGORITHM,
             headers={"kid": kid, "typ": "JWT"},
         )
@@ -173,7 +274,8 @@ class SigningKeys:
         kid = header.get("kid")
         key = self._public.get(kid) if isinstance(kid, str) else None
         if key is None or not isinstance(kid, str):
-            raise _fail(TokenError.UNKNOWN_KEY)
+            retired = isinstance(kid, str) and kid in self._retired
+            raise _fail(TokenError.RETIRED_KEY if retired else TokenError.UNKNOWN_KEY)
         payload = self._decode(token, key, iss=iss, aud=aud)
         return _claims(payload, kid, now=int(time.time()) if now is None else now, leeway=leeway)
 
@@ -222,8 +324,7 @@ def _new_key(directory: Path, *, latest: str | None) -> tuple[str, Ed25519Privat
     when = dt.datetime.now(dt.UTC).replace(microsecond=0)
     latest_match = _KID.fullmatch(latest) if latest else None
     if latest_match:
-        latest_time = dt.datetime.strptime(latest_match.group(1), _KID_TIME).replace(tzinfo=dt.UTC)
-        when = max(when, latest_time + dt.timedelta(seconds=1))
+        when = max(when, _kid_time(latest_match.group(1)) + dt.timedelta(seconds=1))
     kid = f"{when:{_KID_TIME}}-{secrets.token_hex(3)}"
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
@@ -237,6 +338,45 @@ def _new_key(directory: Path, *, latest: str | None) -> tuple[str, Ed25519Privat
     except OSError as e:
         raise SigningKeyError(f"cannot write the signing key {path}: {e.strerror or e}") from None
     return kid, key
+
+
+def is_kid(text: object) -> bool:
+    """Whether `text` has the shape of a kid (not whether such a key exists)."""
+    return isinstance(text, str) and _KID.fullmatch(text) is not None
+
+
+def _kid_time(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, _KID_TIME).replace(tzinfo=dt.UTC)
+
+
+def _move_to_retired(directory: Path, kid: str) -> None:
+    """Move the key's file into ``retired/``; SigningKeyError if it did not move."""
+    retired = directory / RETIRED_DIR
+    source, target = directory / f"{kid}.pem", retired / f"{kid}.pem"
+    try:
+        ensure_private_dir(retired)
+        os.replace(source, target)
+    except OSError as e:
+        raise SigningKeyError(
+            f"cannot move the signing key {source} to {retired}: {e.strerror or e}; the key "
+            "still verifies — check that the directory belongs to the vibectld user"
+        ) from None
+
+
+def _sync_dirs(*paths: Path) -> None:
+    """Make a rename between these directories durable (it is done either way)."""
+    try:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise SigningKeyError(
+            f"the signing key was retired, but {path} could not be synced to disk "
+            f"({e.strerror or e}); check the disk before the next restart"
+        ) from None
 
 
 def _load_key(path: Path) -> Ed25519PrivateKey:

@@ -1,8 +1,9 @@
 """Who is calling: the bearer secret, checked cryptographically and against the registry.
 
 A secret is honoured only if its signature, expiry, audience and issuer check
-out *and* its id is in the registry and not revoked. The registry check runs on
-every call, so a revocation applies to the very next request.
+out, its signing key is not retired, *and* its id is in the registry and not
+revoked. The registry and key checks run on every call, so a revocation or a
+retired key applies to the very next request.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class Authenticator:
     def _verify(self, secret: str, now: int) -> Claims:
         claims = self._verified.get(secret)
         if claims is not None:
-            if claims.exp > now:
+            # A key retired since the secret was verified refuses it on this very
+            # request: the cache remembers a signature, not that its key is still good.
+            if claims.exp > now and self._signing.verifies(claims.kid):
                 self._verified.move_to_end(secret)
                 return claims
             del self._verified[secret]
