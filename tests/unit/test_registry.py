@@ -11,6 +11,7 @@ import pytest
 
 from vibectld.store.registry import (
     MAX_LIMIT,
+    MIGRATIONS,
     SCHEMA_VERSION,
     UNSET,
     AlreadyRevoked,
@@ -548,3 +549,51 @@ def _row(db_path: Path, jti: str) -> tuple[int, int | None]:
     finally:
         con.close()
     return (row[0], row[1])
+
+
+KID_A, KID_B = "20260101T000000Z-aaaaaa", "20260301T000000Z-bbbbbb"
+
+
+def test_the_signing_kid_is_recorded_and_counted(db_path: Path) -> None:
+    reg = Registry.open(db_path)
+    a1 = reg.issue(name="a1", expires_at=NOW + DAY, issued_by=ADMIN, kid=KID_A, now=NOW)
+    reg.issue(name="a2", expires_at=NOW + DAY, issued_by=ADMIN, kid=KID_A, now=NOW)
+    b1 = reg.issue(name="b1", expires_at=NOW + DAY, issued_by=ADMIN, kid=KID_B, now=NOW)
+    reg.issue(name="b2", expires_at=NOW + 10, issued_by=ADMIN, kid=KID_B, now=NOW)  # expires
+    reg.revoke("a2", by=ADMIN, now=NOW + 1)
+    assert a1.kid == KID_A and a1.to_dict(NOW)["kid"] == KID_A
+    # Only active clients count: a2 is revoked and b2 has expired by NOW + 20.
+    assert reg.active_by_kid(NOW + 20) == {KID_A: 1, KID_B: 1}
+    assert [r.id for r in reg.active_signed_by(KID_B, NOW + 20)] == [b1.id]
+    reg.close()
+    again = Registry.open(db_path)
+    got = again.get(a1.id)
+    assert got is not None and got.kid == KID_A
+    again.close()
+
+
+def test_clients_of_an_older_schema_have_an_unknown_kid(db_path: Path) -> None:
+    # A registry as the release before the kid column left it (schema version 2).
+    db_path.parent.mkdir(parents=True)
+    con = sqlite3.connect(db_path, isolation_level=None)
+    for step in MIGRATIONS[:2]:
+        step(con)
+    con.execute(
+        "INSERT INTO clients (id, name, created_at, expires_at, issued_by, requests) "
+        "VALUES ('old0', 'legacy', ?, ?, ?, 3)",
+        (NOW, NOW + DAY, ADMIN),
+    )
+    con.execute("PRAGMA user_version = 2")
+    con.close()
+
+    reg = Registry.open(db_path)
+    legacy = reg.get("old0")
+    assert legacy is not None and legacy.kid is None and legacy.requests == 3
+    reg.issue(name="fresh", expires_at=NOW + DAY, issued_by=ADMIN, kid=KID_A, now=NOW)
+    assert reg.active_by_kid(NOW) == {None: 1, KID_A: 1}
+    reg.close()
+    con = sqlite3.connect(db_path)
+    try:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    finally:
+        con.close()

@@ -49,8 +49,18 @@ def _migrate_v2(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE clients ADD COLUMN updated_by TEXT")
 
 
+def _migrate_v3(db: sqlite3.Connection) -> None:
+    # The kid of the key that signed the client's secret, recorded at issue. NULL for
+    # clients issued before: the registry never held the secret, so their key is unknown.
+    db.execute("ALTER TABLE clients ADD COLUMN kid TEXT")
+
+
 # MIGRATIONS[i] takes the schema from version i to i + 1. Append; never edit a shipped one.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_v1, _migrate_v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _migrate_v1,
+    _migrate_v2,
+    _migrate_v3,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

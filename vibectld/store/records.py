@@ -40,7 +40,7 @@ UNSET: Final = Unset.UNSET
 
 _COLUMNS = (
     "id, name, created_at, expires_at, issued_by, note, models, rpm, concurrency, "
-    "tokens_per_day, revoked_at, revoked_by, revoke_reason, last_seen_at, requests"
+    "tokens_per_day, revoked_at, revoked_by, revoke_reason, last_seen_at, requests, kid"
 )
 
 
@@ -85,6 +85,8 @@ class ClientRecord:
     revoke_reason: str | None = None
     last_seen_at: int | None = None
     requests: int = 0
+    # The kid of the key that signed the secret; None if issued before it was recorded.
+    kid: str | None = None
 
     def status(self, now: int) -> str:
         if self.revoked_at is not None:

@@ -165,9 +165,10 @@ class Registry:
         rpm: int | None = None,
         concurrency: int | None = None,
         tokens_per_day: int | None = None,
+        kid: str | None = None,
         now: int | None = None,
     ) -> ClientRecord:
-        """Record a new client; its id is the jti to put in the secret."""
+        """Record a new client; its id is the jti to put in the secret, signed by `kid`."""
         now = _now(now)
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidRecord(f"invalid client name {_quote(str(name))}: {NAME_RULE}")
@@ -184,6 +185,7 @@ class Registry:
             rpm=_check_limit("rpm", rpm),
             concurrency=_check_limit("concurrency", concurrency),
             tokens_per_day=_check_limit("tokens_per_day", tokens_per_day),
+            kid=kid,
         )
         with self._db_lock:
             for other in self._named(name):
@@ -195,7 +197,7 @@ class Registry:
             self._transaction(
                 (
                     f"INSERT INTO clients ({_COLUMNS}) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [_db_row(record)],
                 )
             )
@@ -346,6 +348,23 @@ class Registry:
             # Unchanged until the next active client expires, or a write drops it.
             self._counts = (now, next_expiry, counts)
         return dict(counts)
+
+    def active_by_kid(self, now: int | None = None) -> dict[str | None, int]:
+        """How many active clients each signing key signed; None counts the unknown ones."""
+        now = _now(now)
+        counts: dict[str | None, int] = {}
+        with self._lock:
+            for record in self._records.values():
+                if record.status(now) == "active":
+                    counts[record.kid] = counts.get(record.kid, 0) + 1
+        return counts
+
+    def active_signed_by(self, kid: str, now: int | None = None) -> list[ClientRecord]:
+        """The active clients whose secrets `kid` signed."""
+        now = _now(now)
+        with self._lock:
+            records = list(self._records.values())
+        return [r for r in records if r.kid == kid and r.status(now) == "active"]
 
     # -- usage: memory at once, the database at the next flush ------------------------
 
