@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import secrets
 import socket
 import struct
 from collections.abc import Iterator
@@ -186,3 +187,51 @@ def test_without_a_journal_socket_long_values_are_cut_too(tmp_path: Path) -> Non
     assert line.startswith("<6>") and "client='alice'" in line
     assert len(line.encode()) <= MAX_MESSAGE_BYTES + 16
     assert "bytes cut" in line
+
+
+# -- no frame locals, in any format ---------------------------------------------------------
+
+
+def _call_provider(api_key: str) -> None:
+    """A frame whose local holds a key when it fails, as a provider call's does."""
+    headers = {"authorization": f"Bearer {api_key}"}
+    raise ConnectionError(f"cannot reach the provider ({len(headers)} header)")
+
+
+def _log_a_crash() -> str:
+    # Made at run time: a key written here would be in the traceback's source lines.
+    key = "sk-" + secrets.token_hex(24)
+    try:
+        _call_provider(key)
+    except ConnectionError:
+        structlog.get_logger().exception("provider.crashed", client="alice")
+    return key
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tracebacks_never_show_frame_locals(fmt: str) -> None:
+    """A crash once logged a provider key's first 80 characters (structlog's locals)."""
+    out = io.StringIO()
+    logs.configure("info", fmt, stream=out)
+    key = _log_a_crash()
+    logs.reset()
+    text = out.getvalue()
+    assert "ConnectionError" in text and "_call_provider" in text, text
+    assert key[:12] not in text, text
+
+
+def test_journal_tracebacks_never_show_frame_locals(
+    journal_socket: tuple[str, socket.socket], tmp_path: Path
+) -> None:
+    path, server = journal_socket
+    logs.configure("info", "journal", journal_socket=path)
+    key = _log_a_crash()
+    _, entry = recv_entry(server)
+    assert "ConnectionError" in entry["MESSAGE"] and entry["CLIENT"] == "alice"
+    assert key[:12] not in repr(entry)
+    # And on standard error when the journal socket is missing.
+    out = io.StringIO()
+    logs.configure("info", "journal", stream=out, journal_socket=str(tmp_path / "none"))
+    key = _log_a_crash()
+    logs.reset()
+    assert "ConnectionError" in out.getvalue() and key[:12] not in out.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -9,6 +10,8 @@ import time
 from typing import Any, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
+from structlog.typing import ExceptionRenderer
 
 from vibectld.ops import journal
 
@@ -103,6 +106,19 @@ def _utc_timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def _console_tracebacks(colors: bool) -> ExceptionRenderer:
+    """Tracebacks without local variables: rich's when it is installed, else plain.
+
+    ConsoleRenderer's default (rich, or better-exceptions) shows every frame's locals.
+    The journal format uses format_exc_info, which never shows them.
+    """
+    if importlib.util.find_spec("rich") is None:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(
+        color_system="truecolor" if colors else None, show_locals=False
+    )
+
+
 def resolve_format(fmt: str, stream: TextIO) -> str:
     if fmt != "auto":
         return fmt
@@ -155,13 +171,17 @@ def configure(
     elif chosen == "json":
         renderer = [
             _utc_timestamp,
-            structlog.processors.dict_tracebacks,
+            # structlog's default (dict_tracebacks) records each frame's local variables,
+            # and a provider key held in a local is then in the log: never.
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
             structlog.processors.JSONRenderer(),
         ]
     else:
         renderer = [
             structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-            structlog.dev.ConsoleRenderer(colors=out.isatty()),
+            structlog.dev.ConsoleRenderer(
+                colors=out.isatty(), exception_formatter=_console_tracebacks(out.isatty())
+            ),
         ]
     structlog.configure(
         processors=shared + renderer,
