@@ -109,6 +109,31 @@ def test_an_unreadable_systemd_credential_says_to_restart(layout: Layout) -> Non
     assert "systemctl restart vibectld" in message
 
 
+def test_under_systemd_an_unreadable_key_file_says_to_restart(layout: Layout) -> None:
+    """A root-only key added to /etc/vibectld/keys after the start: LoadCredential= reads
+    it as root, but only when the service starts, so the fix is a restart, not chmod."""
+    (layout.config_dir / "keys" / "gpu").mkdir()
+    for env in ({"INVOCATION_ID": "0123456789abcdef"}, {}):
+        with pytest.raises(ProviderKeyError) as err:
+            layout.keys(**env).get("gpu")
+        message = str(err.value)
+        assert str(layout.config_dir / "keys" / "gpu") in message
+        assert "systemctl restart vibectld" in message and "LoadCredential=" in message
+        assert "a reload does not" in message
+
+
+def test_without_systemd_an_unreadable_key_file_says_to_fix_its_mode(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    (state_dir / "keys" / "gpu").mkdir(parents=True)
+    # A terminal or a container, with or without a config dir: nothing to restart.
+    for config_dir in (None, tmp_path / "etc"):
+        with pytest.raises(ProviderKeyError) as err:
+            ProviderKeys.for_daemon(config_dir, state_dir, {}).get("gpu")
+        message = str(err.value)
+        assert str(state_dir / "keys" / "gpu") in message
+        assert "mode 0600" in message and "restart" not in message
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_a_key_file_without_read_permission_is_an_error_naming_it(layout: Layout) -> None:
     path = write_key(layout.credentials, "gpu", "secret-value-1234")

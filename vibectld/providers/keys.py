@@ -32,6 +32,9 @@ class ProviderKeys:
         self._cache: dict[tuple[str, str | None], str | None] = {}
         # systemd copies credentials in when the service starts; a reload cannot fix them.
         self.credentials_dir: Path | None = None
+        # Under systemd, keys are meant to arrive through LoadCredential= (read as root, at
+        # start), so an unreadable key file is fixed by a restart, not by a reload.
+        self.under_systemd = False
 
     @classmethod
     def for_daemon(
@@ -50,6 +53,8 @@ class ProviderKeys:
         keys = cls(dirs, env)
         if env.get("CREDENTIALS_DIRECTORY"):
             keys.credentials_dir = Path(env["CREDENTIALS_DIRECTORY"])
+        # systemd sets INVOCATION_ID for every service it runs.
+        keys.under_systemd = bool(env.get("INVOCATION_ID") or env.get("CREDENTIALS_DIRECTORY"))
         return keys
 
     def get(self, name: str, env_var: str | None = None) -> str | None:
@@ -69,20 +74,34 @@ class ProviderKeys:
                     continue
                 except OSError as e:
                     # An unreadable key file is an operator mistake worth failing loudly on.
-                    fix = (
-                        "fix the file LoadCredential= names, then "
-                        "`systemctl restart vibectld` (credentials are copied at start)"
-                        if directory == self.credentials_dir
-                        else "make it readable by the vibectld user (mode 0600, owned by it)"
-                    )
                     raise ProviderKeyError(
-                        f"cannot read provider key file {path}: {e.strerror}; {fix}"
+                        f"cannot read provider key file {path}: {e.strerror}; "
+                        f"{self._fix(directory)}"
                     ) from None
                 if value:
                     return value
         if env_var and self._environ.get(env_var):
             return self._environ[env_var]
         return None
+
+    def _fix(self, directory: Path) -> str:
+        """What the operator should do about an unreadable key file in `directory`."""
+        readable = "make it readable by the vibectld user (mode 0600, owned by it)"
+        if directory == self.credentials_dir:
+            return (
+                "fix the file LoadCredential= names, then "
+                "`systemctl restart vibectld` (credentials are copied at start)"
+            )
+        if self.under_systemd:
+            # Most likely a root-only file added after the start: LoadCredential= would
+            # have read it as root, but only a start runs LoadCredential=.
+            return (
+                "under systemd, keys arrive through LoadCredential= (the unit loads "
+                "/etc/vibectld/keys), read as root when the service starts: run "
+                "`systemctl restart vibectld` (a reload does not load credentials), "
+                f"or {readable}"
+            )
+        return readable
 
     def redact(self, text: str) -> str:
         """Remove every key value this process has read from `text`."""
