@@ -14,6 +14,7 @@ import vibectld.admin.routes as routes
 from vibectld.admin.protocol import ErrorCode
 from vibectld.admin.server import Caller, RouteTable
 from vibectld.generation import GenerationRejected
+from vibectld.pki.signing import SigningKeyError, SigningKeyInUse, UnknownSigningKey
 from vibectld.store.registry import (
     AlreadyRevoked,
     ClientNotFound,
@@ -65,7 +66,14 @@ def test_the_table_is_sorted_and_declares_each_permission() -> None:
     bound = routes.build_routes(mock.MagicMock(), mock.AsyncMock(), mock.MagicMock())
     assert list(bound) == sorted(bound)
     writes = {op for op, r in bound.items() if r.write}
-    assert writes == {"issue_client", "reload", "revoke_client", "update_client"}
+    assert writes == {
+        "issue_client",
+        "reload",
+        "retire_signing_key",
+        "revoke_client",
+        "rotate_signing_key",
+        "update_client",
+    }
 
 
 @pytest.mark.parametrize(
@@ -78,9 +86,13 @@ def test_the_table_is_sorted_and_declares_each_permission() -> None:
         (StorageFailure("cannot write the client registry: disk I/O error"), ErrorCode.FAILED),
         (RegistryError("something else"), ErrorCode.FAILED),
         (GenerationRejected("models.default: no such model"), ErrorCode.FAILED),
+        (UnknownSigningKey("no signing key has the kid 'x'"), ErrorCode.NOT_FOUND),
+        # The current or only key: exit 1, as the issue asks, not a usage error.
+        (SigningKeyInUse("the signing key k is the current one"), ErrorCode.FAILED),
+        (SigningKeyError("cannot move the signing key"), ErrorCode.FAILED),
     ],
 )
-def test_admin_error_maps_each_failure(exc: RegistryError | GenerationRejected, code: str) -> None:
+def test_admin_error_maps_each_failure(exc: routes.Failure, code: str) -> None:
     error = routes.admin_error(exc)
     assert error.code == code
     assert str(exc) in error.message

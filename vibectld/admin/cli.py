@@ -161,7 +161,7 @@ _LIMIT_OR_DEFAULT = _Limit(or_default=True)
 @click.version_option(__version__, prog_name="vibectl-admin")
 @click.pass_context
 def cli(ctx: click.Context, socket_path: Path, as_json: bool) -> None:
-    """Administer vibectld: issue, list and revoke client secrets, show status.
+    """Administer vibectld: issue, list and revoke client secrets, rotate signing keys.
 
     Talks to the daemon's admin socket. Changing state needs root, the daemon's
     user or membership of the admin group (vibectld-admin). Exit codes: 0 ok,
@@ -381,6 +381,83 @@ def revoke_client(ctx: click.Context, name_or_id: str, reason: str | None) -> No
         f"revoked {result.get('name', name_or_id)} (id {result.get('id')}); "
         "their next request will be refused"
     )
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
+@cli.command("rotate-signing-key")
+@click.pass_context
+def rotate_signing_key(ctx: click.Context) -> None:
+    """Make a new signing key the one that signs new secrets.
+
+    Secrets signed by older keys keep working until their key is retired with
+    retire-signing-key. With --json, an object with kid, created_at and previous.
+    """
+    result = _for_human(ctx, "rotate_signing_key")
+    click.echo(f"{result.get('kid')} signs new secrets from now on")
+    click.echo(
+        f"secrets signed by older keys keep working; when their clients have new ones: "
+        f"vibectl-admin retire-signing-key {result.get('previous')}",
+        err=True,
+    )
+
+
+@cli.command("retire-signing-key")
+@click.argument("kid")
+@click.pass_context
+def retire_signing_key(ctx: click.Context, kid: str) -> None:
+    """Refuse every secret signed by KID, from its next request on.
+
+    Refused for the current key (which is also the case for the only one): rotate
+    first. The key file moves to signing-keys/retired/, so it stays retired after
+    a restart. With --json, an object with kid, active_clients, cancelled_calls and
+    unknown_kid_clients.
+    """
+    result = _for_human(ctx, "retire_signing_key", {"target": kid})
+    count = result.get("active_clients", 0)
+    click.echo(
+        f"retired {result.get('kid', kid)}: the secrets it signed are refused from now on "
+        f"({_count(count, 'active client')}, "
+        f"{_count(result.get('cancelled_calls', 0), 'running call')} cancelled)"
+    )
+    if count:
+        click.echo("issue those clients new secrets; vibectl-admin --json list-clients", err=True)
+        click.echo("shows the kid that signed each client's secret", err=True)
+
+
+@cli.command("list-signing-keys")
+@click.pass_context
+def list_signing_keys(ctx: click.Context) -> None:
+    """List signing keys: kid, created, status, active clients each signed.
+
+    The status is current (signs new secrets), verifies (an older key whose secrets
+    still work) or retired. Clients issued before vibectld recorded kids are counted
+    as unknown. With --json, an object with keys (kid, created_at, current, retired,
+    active_clients) and unknown_kid_clients.
+    """
+    result = _for_human(ctx, "list_signing_keys")
+    header = ["KID", "CREATED", "STATUS", "ACTIVE CLIENTS"]
+    rows = [
+        [
+            str(k.get("kid")),
+            _when(k.get("created_at")),
+            "current" if k.get("current") else "retired" if k.get("retired") else "verifies",
+            str(k.get("active_clients", 0)),
+        ]
+        for k in result.get("keys") or []
+    ]
+    unknown = result.get("unknown_kid_clients") or 0
+    if unknown:
+        rows.append(["unknown", "-", "-", str(unknown)])
+    click.echo(_table(header, rows, right={3}))
+    if unknown:
+        click.echo(
+            f"{unknown} active clients were issued before vibectld recorded which key "
+            "signed a secret; retiring a key refuses theirs too if that key signed them",
+            err=True,
+        )
 
 
 @cli.command("show-ca")

@@ -24,6 +24,13 @@ from vibectld.admin.protocol import ErrorCode
 from vibectld.admin.server import AdminError, Caller, Handler, Route, RouteTable
 from vibectld.config import ClientsConfig
 from vibectld.generation import GenerationRejected
+from vibectld.pki.signing import (
+    KID_RULE,
+    SigningKeyError,
+    SigningKeys,
+    UnknownSigningKey,
+    is_kid,
+)
 from vibectld.runtime import Runtime
 from vibectld.store.registry import (
     ClientNotFound,
@@ -50,15 +57,23 @@ ROUTES: RouteTable[AdminContext] = RouteTable()
 route = ROUTES.route
 
 
-def admin_error(exc: RegistryError | GenerationRejected) -> AdminError:
+Failure = RegistryError | GenerationRejected | SigningKeyError
+
+
+def admin_error(exc: Failure) -> AdminError:
     """The admin error (and so the vibectl-admin exit code) for a failure below a handler.
 
     BAD_REQUEST (exit 2) is for input the caller can fix; a registry that cannot be
-    written (disk full, locked, read-only) is FAILED (exit 1), whatever the operation.
+    written (disk full, locked, read-only) is FAILED (exit 1), whatever the operation,
+    and so is a signing key that may not be retired (the current or only one).
     """
     if isinstance(exc, GenerationRejected):
         message = f"new configuration rejected, the old one keeps serving: {exc}"
         return AdminError(ErrorCode.FAILED, message)
+    if isinstance(exc, UnknownSigningKey):
+        return AdminError(ErrorCode.NOT_FOUND, str(exc))
+    if isinstance(exc, SigningKeyError):  # SigningKeyInUse, or a file that cannot move
+        return AdminError(ErrorCode.FAILED, str(exc))
     if isinstance(exc, ClientNotFound):
         return AdminError(ErrorCode.NOT_FOUND, str(exc))
     if isinstance(exc, DuplicateClient):
@@ -73,7 +88,7 @@ def _mapped(handler: Handler) -> Handler:
     async def call(caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         try:
             return await handler(caller, args)
-        except (RegistryError, GenerationRejected) as e:
+        except (RegistryError, GenerationRejected, SigningKeyError) as e:
             raise admin_error(e) from None
 
     return call
@@ -174,6 +189,7 @@ def _client_json(record: ClientRecord, now: int) -> dict[str, Any]:
         "rpm": record.rpm,
         "concurrency": record.concurrency,
         "tokens_per_day": record.tokens_per_day,
+        "kid": record.kid,
     }
 
 
@@ -226,6 +242,9 @@ async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
     name = _required_text(args, "name")
     lifetime = _lifetime(gen.config.clients, args.get("expires"))
     now = int(time.time())
+    # Read once: the record names the key that signs below, even if a rotation comes
+    # in between.
+    kid = rt.signing.active_kid
     # The registry commits (and fsyncs) before it answers: off the event loop.
     record = await asyncio.to_thread(
         rt.registry.issue,
@@ -238,6 +257,7 @@ async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
         rpm=args.get("rpm"),
         concurrency=args.get("concurrency"),
         tokens_per_day=args.get("tokens_per_day"),
+        kid=kid,
         now=now,
     )
     clients = gen.config.clients
@@ -248,6 +268,7 @@ async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
         exp=record.expires_at,
         iss=clients.issuer,
         aud=clients.audience,
+        kid=kid,
     )
     host, port = public_endpoint(rt)
     url = ProxyURL(host, port, secret=secret, ca_sha256=gen.tls.ca_sha256).format()
@@ -259,6 +280,32 @@ async def list_clients(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
     now = int(time.time())
     records = ctx.rt.registry.clients(include_inactive=bool(args.get("all")), now=now)
     return {"clients": [_client_json(r, now) for r in records]}
+
+
+def _signing_key_json(
+    signing: SigningKeys, kid: str, active: dict[str | None, int]
+) -> dict[str, Any]:
+    return {
+        "kid": kid,
+        "created_at": iso(signing.created_at(kid)),
+        "current": kid == signing.active_kid,
+        "retired": not signing.verifies(kid),
+        "active_clients": active.get(kid, 0),
+    }
+
+
+@route("list_signing_keys", write=False)
+async def list_signing_keys(
+    ctx: AdminContext, caller: Caller, args: dict[str, Any]
+) -> dict[str, Any]:
+    signing = ctx.rt.signing
+    active = ctx.rt.registry.active_by_kid()
+    kids = sorted({*signing.kids, *signing.retired_kids})
+    return {
+        "keys": [_signing_key_json(signing, kid, active) for kid in kids],
+        # Clients issued before the registry recorded kids: their key is not known.
+        "unknown_kid_clients": active.get(None, 0),
+    }
 
 
 @route("reload", write=True)
@@ -281,6 +328,39 @@ async def revoke_client(ctx: AdminContext, caller: Caller, args: dict[str, Any])
         "revoked_at": iso(record.revoked_at),
         "cancelled_calls": rt.inflight.cancel_client(record.id),
     }
+
+
+@route("retire_signing_key", write=True)
+async def retire_signing_key(
+    ctx: AdminContext, caller: Caller, args: dict[str, Any]
+) -> dict[str, Any]:
+    rt = ctx.rt
+    kid = _required_text(args, "target")
+    if not is_kid(kid):
+        raise _bad(f"{kid!r} is not a kid; {KID_RULE}")
+    # Moves the key file and fsyncs: off the event loop. Verification reads the
+    # key set on every request, so the next request signed by `kid` is refused.
+    await asyncio.to_thread(rt.signing.retire, kid)
+    clients = rt.registry.active_signed_by(kid)
+    # Calls already running for those clients end now, as for revoke_client.
+    cancelled = sum(rt.inflight.cancel_client(record.id) for record in clients)
+    return {
+        "kid": kid,
+        "active_clients": len(clients),
+        "cancelled_calls": cancelled,
+        "unknown_kid_clients": rt.registry.active_by_kid().get(None, 0),
+    }
+
+
+@route("rotate_signing_key", write=True)
+async def rotate_signing_key(
+    ctx: AdminContext, caller: Caller, args: dict[str, Any]
+) -> dict[str, Any]:
+    signing = ctx.rt.signing
+    previous = signing.active_kid
+    # Writes and fsyncs the new key file: off the event loop.
+    kid = await asyncio.to_thread(signing.rotate)
+    return {"kid": kid, "created_at": iso(signing.created_at(kid)), "previous": previous}
 
 
 @route("show_ca", write=False)
