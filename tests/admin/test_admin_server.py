@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import inspect
 import json
 import os
 import pwd
@@ -18,7 +19,14 @@ from structlog.typing import EventDict
 
 from vibectld.admin import protocol
 from vibectld.admin.client import AdminClient, AdminClientError, PermissionDenied
-from vibectld.admin.server import AdminError, AdminServer, AdminSocketError, Caller, Route
+from vibectld.admin.server import (
+    IDLE_TIMEOUT_SECONDS,
+    AdminError,
+    AdminServer,
+    AdminSocketError,
+    Caller,
+    Route,
+)
 
 from .helpers import NOBODY, StartServer, call_as_nobody, needs_root
 
@@ -350,6 +358,87 @@ def test_connection_cap_and_slow_clients(serve: StartServer, sock_path: Path) ->
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+    finally:
+        for raw in held:
+            raw.close()
+
+
+def test_idle_connections_close_after_30_seconds_by_default() -> None:
+    # The tests inject a short timeout; the daemon builds its server with the default.
+    default = inspect.signature(AdminServer).parameters["idle_timeout"].default
+    assert default == IDLE_TIMEOUT_SECONDS == 30
+
+
+def test_an_idle_connection_after_a_request_is_closed(serve: StartServer, sock_path: Path) -> None:
+    serve(sock_path, ROUTES, idle_timeout=0.5)
+    raw = Raw(sock_path)
+    try:
+        raw.send(protocol.encode_request(protocol.Request(1, "echo", {})))
+        assert raw.response()["ok"]
+        start = time.monotonic()
+        assert raw.closed_by_server()  # Nothing more sent: idle from here on.
+        assert 0.4 <= time.monotonic() - start < 4
+    finally:
+        raw.close()
+    with AdminClient(sock_path) as client:
+        assert client.call("echo")["args"] == {}
+
+
+def test_connections_per_uid_are_limited(
+    serve: StartServer, sock_path: Path, logs: list[EventDict]
+) -> None:
+    serve(sock_path, ROUTES, max_connections_per_uid=2)
+    held = [Raw(sock_path), Raw(sock_path)]
+    try:
+        for i, raw in enumerate(held):
+            raw.send(protocol.encode_request(protocol.Request(i, "echo", {})))
+            assert raw.response()["ok"]
+        extra = Raw(sock_path)
+        try:
+            refused = extra.response()
+            assert refused["ok"] is False and refused["error"]["code"] == "failed"
+            assert refused["error"]["message"] == (
+                f"too many admin connections from uid {os.getuid()} (limit 2 per user); "
+                "close the ones you hold (idle ones close after 30 s) and try again"
+            )
+            assert extra.closed_by_server()
+        finally:
+            extra.close()
+        (warning,) = [e for e in logs if e["event"] == "admin.too_many_connections_for_uid"]
+        assert warning["caller_uid"] == os.getuid() and warning["limit"] == 2
+        # The client library reports it as a failure with that message.
+        refusal = "too many admin connections from uid"
+        with pytest.raises(AdminClientError, match=refusal), AdminClient(sock_path) as client:
+            client.call("echo")
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # The server notices the closed connection asynchronously.
+            try:
+                with AdminClient(sock_path) as client:
+                    assert client.call("echo")["args"] == {}
+                break
+            except AdminClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        for raw in held:
+            raw.close()
+
+
+@needs_root
+def test_one_uid_at_its_limit_does_not_lock_out_another(
+    serve: StartServer, shared_dir: Path
+) -> None:
+    path = shared_dir / "admin.sock"
+    serve(path, ROUTES, max_connections_per_uid=2)
+    path.chmod(0o666)
+    held = [Raw(path), Raw(path)]
+    try:
+        for raw in held:
+            raw.send(b'{"v": 1, "id": 1, ')  # Stalled mid-request, as a hung script would.
+        read = call_as_nobody(path, "echo")
+        assert read["ok"] and read["result"]["uid"] == NOBODY
     finally:
         for raw in held:
             raw.close()

@@ -31,8 +31,13 @@ from vibectld.admin.protocol import ErrorCode, ProtocolError, WireError
 SOCKET_MODE = 0o660
 # Applied around bind() so the socket file never exists with looser permissions.
 BIND_UMASK = 0o117
-IDLE_TIMEOUT_SECONDS = 300.0
+# vibectl-admin sends its request as soon as it connects and closes after the answer; a
+# connection with nothing to read for this long is a stalled or forgotten client.
+IDLE_TIMEOUT_SECONDS = 30.0
 MAX_CONNECTIONS = 64
+# Per peer uid, so that one user's stalled scripts cannot take every connection and lock
+# out the others (root, and ExecReload=, which runs as the daemon's own uid).
+MAX_CONNECTIONS_PER_UID = 16
 _OP_NAME = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 _PEERCRED = struct.Struct("3i")
 
@@ -101,6 +106,13 @@ class RouteTable(Generic[Ctx]):
         }
 
 
+def _peer_credentials(sock: Any) -> tuple[int, int, int]:
+    """The connecting process's pid, uid and gid, as the kernel recorded them at connect."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(creds)
+    return int(pid), int(uid), int(gid)
+
+
 def _check_op_name(op: object) -> None:
     if not isinstance(op, str) or not _OP_NAME.match(op):
         raise ValueError(f"admin route {op!r}: operation names must be snake_case")
@@ -115,6 +127,7 @@ class AdminServer:
         *,
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
+        max_connections_per_uid: int = MAX_CONNECTIONS_PER_UID,
         on_audit: AuditSink | None = None,
     ) -> None:
         for op, route in routes.items():
@@ -126,9 +139,11 @@ class AdminServer:
         self._routes = dict(sorted(routes.items()))
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
+        self._max_per_uid = max_connections_per_uid
         self._server: asyncio.Server | None = None
         self._identity: tuple[int, int, int] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._per_uid: dict[int, int] = {}
         self._on_audit = on_audit
 
     @property
@@ -269,27 +284,56 @@ class AdminServer:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
+        log = structlog.get_logger("vibectld.admin")
         if len(self._connections) >= self._max_connections:
-            structlog.get_logger("vibectld.admin").warning(
-                "admin.too_many_connections", limit=self._max_connections
-            )
+            log.warning("admin.too_many_connections", limit=self._max_connections)
             message = f"too many admin connections (limit {self._max_connections}); try again"
-            with contextlib.suppress(Exception):
-                writer.write(protocol.encode_error(None, ErrorCode.FAILED, message))
-                await asyncio.wait_for(writer.drain(), 1.0)
+            await self._refuse(writer, message)
+            return
+        try:
+            # One getsockopt(2): no reason to leave the loop before the limits are checked.
+            pid, uid, gid = _peer_credentials(writer.get_extra_info("socket"))
+        except OSError:
             writer.close()
             return
+        if self._per_uid.get(uid, 0) >= self._max_per_uid:
+            log.warning(
+                "admin.too_many_connections_for_uid",
+                caller_uid=uid,
+                caller_pid=pid,
+                limit=self._max_per_uid,
+            )
+            message = (
+                f"too many admin connections from uid {uid} (limit {self._max_per_uid} per "
+                f"user); close the ones you hold (idle ones close after "
+                f"{self._idle_timeout:g} s) and try again"
+            )
+            await self._refuse(writer, message)
+            return
         self._connections.add(task)
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
         try:
-            caller = await asyncio.to_thread(self._identify, writer.get_extra_info("socket"))
+            caller = await asyncio.to_thread(self._identify, pid, uid, gid)
             await self._serve(caller, reader, writer)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass  # The client went away or idled out; nothing to answer.
         except Exception:
-            structlog.get_logger("vibectld.admin").exception("admin.connection_failed")
+            log.exception("admin.connection_failed")
         finally:
             self._connections.discard(task)
+            if self._per_uid[uid] <= 1:
+                del self._per_uid[uid]
+            else:
+                self._per_uid[uid] -= 1
             writer.close()
+
+    @staticmethod
+    async def _refuse(writer: asyncio.StreamWriter, message: str) -> None:
+        """Answer a connection that is over a limit with one error, then close it."""
+        with contextlib.suppress(Exception):
+            writer.write(protocol.encode_error(None, ErrorCode.FAILED, message))
+            await asyncio.wait_for(writer.drain(), 1.0)
+        writer.close()
 
     async def _serve(
         self, caller: Caller, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -307,9 +351,8 @@ class AdminServer:
             writer.write(await self._dispatch(caller, line))
             await asyncio.wait_for(writer.drain(), self._idle_timeout)
 
-    def _identify(self, sock: Any) -> Caller:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        pid, uid, gid = _PEERCRED.unpack(creds)
+    def _identify(self, pid: int, uid: int, gid: int) -> Caller:
+        # Name service look-ups (NSS, perhaps LDAP) can block: run in a thread.
         try:
             user = pwd.getpwuid(uid).pw_name
         except KeyError:
