@@ -12,17 +12,11 @@ from typing import Any
 
 import click
 
-from vibectl.adapters import profile_ca, proxy_adapter
+from vibectl.adapters import fetch_pinned_ca, profile_ca, proxy_adapter
 from vibectl.cli_common import State, command
 from vibectl.config import ClientConfigError, Profile, mask
-from vibectl.errors import (
-    AuthenticationError,
-    ConfigurationError,
-    ServerUnavailableError,
-    UsageError,
-)
+from vibectl.errors import ConfigurationError, UsageError
 from vibectl.proxy_url import ProxyURL, ProxyURLError, parse
-from vibectl.tls_pin import PinMismatch, pinned_ca
 
 
 def _profile_name(host: str) -> str:
@@ -53,15 +47,7 @@ def _trust(url: ProxyURL, ca_bundle: str | None) -> bytes | None:
     if ca_bundle:
         return _read_bundle(ca_bundle)
     if url.ca_sha256:
-        try:
-            return pinned_ca(url.host, url.port, url.ca_sha256)
-        except PinMismatch as e:
-            raise AuthenticationError(str(e)) from None
-        except (OSError, ssl.SSLError) as e:
-            raise ServerUnavailableError(
-                f"cannot reach vibectld at {url.target}: {e}; is the server running and the "
-                "address right?"
-            ) from None
+        return fetch_pinned_ca(url.host, url.port, url.ca_sha256)
     return None
 
 
@@ -185,9 +171,8 @@ def _profile_command(
 @_profile_command("test", required=False)
 def test(state: State, profile: Profile) -> None:
     """Check that a profile (default: the active one) reaches its server."""
-    info = asyncio.run(
-        _server_info(profile, state.store.load_secret(profile.name), profile_ca(profile))
-    )
+    secret = state.store.load_secret(profile.name)
+    info = asyncio.run(_server_info(profile, secret, profile_ca(state.store, profile)))
     click.echo(f"ok: {profile.name} reaches {profile.host}:{profile.port}")
     _show_info(info)
 
@@ -212,7 +197,7 @@ def status(state: State) -> None:
     click.echo(f"server:  {profile.host}:{profile.port}")
     click.echo(f"secret:  {mask(secret)}")
     click.echo(f"trust:   {trust}")
-    info = asyncio.run(_server_info(profile, secret, profile_ca(profile)))
+    info = asyncio.run(_server_info(profile, secret, profile_ca(state.store, profile)))
     click.echo(f"status:  reachable, {info.server_name} (vibectld {info.server_version})")
 
 

@@ -9,9 +9,14 @@ fingerprint, and from then on trusts exactly that CA.
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 import ssl
 from typing import Any
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----"
+)
 
 
 class PinMismatch(Exception):
@@ -41,11 +46,33 @@ def fetch_chain(host: str, port: int, timeout: float = 10.0) -> list[bytes]:
         return _chain_der(tls)
 
 
-def pinned_ca(host: str, port: int, pin: str, timeout: float = 10.0) -> bytes:
-    """The PEM of the server's CA whose SHA-256 equals `pin`, or PinMismatch."""
-    for der in fetch_chain(host, port, timeout):
+def _pinned(ders: list[bytes], pin: str) -> bytes | None:
+    for der in ders:
         if hashlib.sha256(der).hexdigest() == pin.lower():
             return ssl.DER_cert_to_PEM_cert(der).encode()
+    return None
+
+
+def pinned_in_pem(pem: bytes, pin: str) -> bytes | None:
+    """The PEM of the one certificate in `pem` whose SHA-256 equals `pin`, or None.
+
+    A saved CA file (or a user's bundle) is trusted only through its pinned
+    certificate: anything else in the file, or a file someone swapped, is ignored.
+    """
+    ders = []
+    for block in _PEM_CERTIFICATE.findall(pem):
+        try:
+            ders.append(ssl.PEM_cert_to_DER_cert(block.decode("ascii")))
+        except ValueError:  # bad base64 (binascii.Error is a ValueError)
+            continue
+    return _pinned(ders, pin)
+
+
+def pinned_ca(host: str, port: int, pin: str, timeout: float = 10.0) -> bytes:
+    """The PEM of the server's CA whose SHA-256 equals `pin`, or PinMismatch."""
+    found = _pinned(fetch_chain(host, port, timeout), pin)
+    if found is not None:
+        return found
     raise PinMismatch(
         f"the certificate of {host}:{port} does not match the URL's ca-sha256 pin; "
         "nothing was saved — check the URL with your vibectld admin"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -14,15 +16,19 @@ import pydantic
 import pytest
 
 from tests.conftest import RunningDaemon
+from vibectl.adapters import proxy_adapter
 from vibectl.adapters.direct import LLMModelAdapter
 from vibectl.adapters.proxy import ProxyModelAdapter
+from vibectl.config import Profile
 from vibectl.errors import (
     AuthenticationError,
+    ConfigurationError,
     LimitExceededError,
     ModelError,
     PermissionDeniedError,
     ServerUnavailableError,
 )
+from vibectl.tls_pin import pinned_in_pem
 
 
 class Answer(pydantic.BaseModel):
@@ -157,3 +163,22 @@ def test_direct_adapter_uses_llm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert err.value.code == "MODEL_NOT_FOUND"
     assert asyncio.run(adapter.validate_model_name("echo")) is None
     assert adapter.validate_model_key("echo") is None
+
+
+def test_only_the_pinned_certificate_of_a_bundle_is_trusted(daemon: RunningDaemon) -> None:
+    tls = daemon.config.state_dir / "tls"
+    ca, leaf = (tls / "ca.pem").read_bytes(), (tls / "server.pem").read_bytes()
+    pin = hashlib.sha256(ssl.PEM_cert_to_DER_cert(ca.decode())).hexdigest()
+    broken = b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n"
+    found = pinned_in_pem(leaf + b"junk\n" + broken + ca.replace(b"\n", b"\r\n"), pin.upper())
+    assert found is not None and found.count(b"BEGIN CERTIFICATE") == 1
+    assert hashlib.sha256(ssl.PEM_cert_to_DER_cert(found.decode())).hexdigest() == pin
+    assert pinned_in_pem(leaf, pin) is None
+    assert pinned_in_pem(b"", pin) is None
+
+
+def test_a_pinned_profile_is_never_given_the_system_roots() -> None:
+    # Defence in depth: whatever a caller passes, a pin without its CA is refused.
+    profile = Profile("corp", "bastion.example.com", 50051, ca_sha256="ab" * 32)
+    with pytest.raises(ConfigurationError, match="system"):
+        proxy_adapter(profile, "secret", None)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -233,3 +235,73 @@ def test_python_dash_m_vibectl(user: User) -> None:
         timeout=60,
     )
     assert out.returncode == 0 and "setup-proxy" in out.stdout
+
+
+# --- the client never weakens its trust (issue 12, item 5) -------------------------------------
+
+
+def other_pin(pin: str) -> str:
+    return ("0" if pin[0] != "0" else "1") + pin[1:]
+
+
+def legacy_config(user: User, text: str) -> Path:
+    """A legacy flat config.yaml, which the next vibectl command migrates."""
+    user.config_dir.mkdir(parents=True, exist_ok=True)
+    path = user.config_dir / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def trust_system_roots(user: User, tmp_path: Path, pem: bytes) -> None:
+    """Make `pem` part of what Python's ssl and gRPC take as the system's trusted roots."""
+    roots = tmp_path / "system-roots.pem"
+    roots.write_bytes(pem)
+    user.env |= {"SSL_CERT_FILE": str(roots), "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(roots)}
+
+
+def test_a_migrated_pinned_profile_never_falls_back_to_the_system_roots(
+    daemon: RunningDaemon, user: User, tmp_path: Path
+) -> None:
+    # The server holds a certificate the system trusts, but not the CA the profile is
+    # pinned to: exactly what an impostor with a public certificate for the host has.
+    url = issue_url(daemon, "alice")
+    pin = url.rsplit("=", 1)[1]
+    legacy_config(user, f"proxy_url: {url.replace(pin, other_pin(pin))}\n")
+    trust_system_roots(user, tmp_path, daemon.ca_pem)
+    for args in (("ask", "hi"), ("models",), ("setup-proxy", "test"), ("setup-proxy", "status")):
+        out = user.run(*args)
+        assert out.returncode == 4, (args, out.stdout, out.stderr)
+        assert "pin" in out.stderr and "the secret was not sent" in out.stderr, args
+        assert "reachable" not in out.stdout and "echo" not in out.stdout, args
+    assert not (user.config_dir / "client" / "ca" / "default.pem").exists()
+
+
+def test_a_migrated_pinned_profile_fetches_its_ca_again_and_checks_the_pin(
+    daemon: RunningDaemon, user: User
+) -> None:
+    url = issue_url(daemon, "alice")
+    pin = url.rsplit("=", 1)[1]
+    legacy_config(user, f"proxy_url: {url}\n")
+    first = user.run("ask", "hi")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["prompt"] == "hi"
+    assert "checked it against the pin" in first.stderr
+    saved = user.config_dir / "client" / "ca" / "default.pem"
+    assert hashlib.sha256(ssl.PEM_cert_to_DER_cert(saved.read_text())).hexdigest() == pin
+    again = user.run("ask", "again")
+    assert again.returncode == 0 and "fetched" not in again.stderr, again.stderr
+
+
+def test_a_saved_ca_that_no_longer_matches_the_pin_is_not_trusted(
+    daemon: RunningDaemon, user: User, tmp_path: Path
+) -> None:
+    # The saved CA file is replaced by one that trusts the server, but the pin is not its
+    # fingerprint: the file is ignored, the pin decides, and the server fails it.
+    url = issue_url(daemon, "alice")
+    pin = url.rsplit("=", 1)[1]
+    assert user.run("setup-proxy", "configure", url, "--name", "corp").returncode == 0
+    config_path = user.config_dir / "client" / "config.yaml"
+    config_path.write_text(config_path.read_text().replace(pin, other_pin(pin)))
+    out = user.run("ask", "hi")
+    assert out.returncode == 4 and "the secret was not sent" in out.stderr, out.stderr
+    assert out.stdout == ""

@@ -8,17 +8,33 @@ mode never loads the llm library.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vibectl.adapters.base import LLMMetrics, ModelAdapter
 from vibectl.config import ClientConfig, ClientConfigError, ConfigStore, Profile
-from vibectl.errors import ConfigurationError, UsageError
+from vibectl.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ServerUnavailableError,
+    UsageError,
+)
+from vibectl.tls_pin import PinMismatch, pinned_ca, pinned_in_pem
+from vibectl.util.hostport import join_host_port
 
 if TYPE_CHECKING:
     from vibectl.adapters.proxy import ProxyModelAdapter
 
-__all__ = ["LLMMetrics", "ModelAdapter", "get_model_adapter", "profile_ca", "proxy_adapter"]
+__all__ = [
+    "LLMMetrics",
+    "ModelAdapter",
+    "fetch_pinned_ca",
+    "get_model_adapter",
+    "profile_ca",
+    "proxy_adapter",
+]
 
 
 def get_model_adapter(
@@ -46,18 +62,72 @@ def get_model_adapter(
         secret = store.load_secret(name)
     except ClientConfigError as e:
         raise ConfigurationError(str(e)) from None
-    return proxy_adapter(profile, secret, profile_ca(profile))
+    return proxy_adapter(profile, secret, profile_ca(store, profile))
 
 
-def profile_ca(profile: Profile) -> bytes | None:
-    """The CA a profile trusts (its saved pin or bundle), or None for the system's store."""
-    if not profile.ca_file:
+def profile_ca(store: ConfigStore, profile: Profile) -> bytes | None:
+    """The CA certificates a profile trusts, or None for the system's trust store.
+
+    A profile with a ca_sha256 pin trusts exactly the certificate with that
+    fingerprint and never the system's store: a publicly trusted certificate for
+    the same host must not receive the secret. The pinned certificate is looked
+    for in the profile's ca_file and in client/ca/<profile>.pem; when neither has
+    it (a migrated profile, a deleted or altered file), the server's chain is
+    fetched again and checked against the pin before anything is sent.
+    """
+    if profile.insecure:
         return None
+    if profile.ca_sha256 is None:
+        return _read_ca(profile.name, profile.ca_file) if profile.ca_file else None
+    own = str(store.ca_path(profile.name))
+    for path in dict.fromkeys(p for p in (profile.ca_file, own) if p):
+        with contextlib.suppress(OSError):
+            found = pinned_in_pem(Path(path).read_bytes(), profile.ca_sha256)
+            if found is not None:
+                return found
     try:
-        return Path(profile.ca_file).read_bytes()
+        pem = fetch_pinned_ca(
+            profile.host, profile.port, profile.ca_sha256, profile.connect_timeout_seconds
+        )
+    except AuthenticationError:
+        raise AuthenticationError(
+            f"profile '{profile.name}': no saved CA matches its ca-sha256 pin, and neither does "
+            f"any certificate {join_host_port(profile.host, profile.port)} presents; the secret "
+            "was not sent. Check the address, or ask your vibectld admin for a new URL"
+        ) from None
+    try:
+        saved = store.save_ca(profile.name, pem)
+    except ClientConfigError as e:
+        # The pin was checked: this call is safe; only the next one will fetch again.
+        print(f"vibectl: {e}", file=sys.stderr)
+    else:
+        print(
+            f"vibectl: profile '{profile.name}' had no saved CA matching its pin; fetched the "
+            f"server's CA again, checked it against the pin and saved it to {saved}",
+            file=sys.stderr,
+        )
+    return pem
+
+
+def fetch_pinned_ca(host: str, port: int, pin: str, timeout: float = 10.0) -> bytes:
+    """The PEM of the server's CA whose SHA-256 is `pin`, fetched now, or a client error."""
+    try:
+        return pinned_ca(host, port, pin, timeout)
+    except PinMismatch as e:
+        raise AuthenticationError(str(e)) from None
+    except OSError as e:  # ssl.SSLError included
+        raise ServerUnavailableError(
+            f"cannot reach vibectld at {join_host_port(host, port)}: {e}; is the server "
+            "running and the address right?"
+        ) from None
+
+
+def _read_ca(profile: str, ca_file: str) -> bytes:
+    try:
+        return Path(ca_file).read_bytes()
     except OSError as e:
         raise ConfigurationError(
-            f"cannot read the CA file {profile.ca_file} of profile '{profile.name}': "
+            f"cannot read the CA file {ca_file} of profile '{profile}': "
             f"{e.strerror}; run vibectl setup-proxy configure again"
         ) from None
 
@@ -68,6 +138,12 @@ def proxy_adapter(
     """The proxy adapter for a profile; `max_timeout` caps its per-call deadline."""
     from vibectl.adapters.proxy import ProxyModelAdapter
 
+    if profile.ca_sha256 and not profile.insecure and ca_pem is None:
+        # gRPC would use the system's trust store: the pin would be silently ignored.
+        raise ConfigurationError(
+            f"profile '{profile.name}' is pinned to a CA but none was given; refusing to "
+            "trust the system's certificates instead"
+        )
     timeout = profile.timeout_seconds
     return ProxyModelAdapter(
         profile.host,
