@@ -12,10 +12,13 @@ import sys
 from importlib.metadata import Distribution, distributions
 from pathlib import Path
 
+CHANGELOG = Path(__file__).with_name("changelog.yaml")
+
 HEADER = """\
 {package}: vibectld and vibectl, a central LLM proxy and its command-line client.
 
-Copyright: the vibectld authors
+Copyright: {holder}
+Contact: {identity}
 License: Apache-2.0
 
 On Debian systems the full text of the Apache License, Version 2.0, is in
@@ -27,6 +30,26 @@ one's license text is in its .dist-info directory under
 {site}.
 
 """
+
+
+def project_identity(changelog: Path = CHANGELOG) -> str:
+    """The packager of the newest changelog entry ("Name <address>"), read as
+    scripts/build-packages reads it for the packages' Maintainer and Packager."""
+    for line in changelog.read_text(encoding="utf-8").splitlines():
+        if line.startswith("  packager: "):
+            return line.removeprefix("  packager: ").strip()
+    raise SystemExit(f"no packager in {changelog}")
+
+
+def header(package: str, prefix: str) -> str:
+    identity = project_identity()
+    return HEADER.format(
+        package=package,
+        prefix=prefix,
+        site=f"{prefix}/lib/python3.11/site-packages",
+        holder=identity.split("<", 1)[0].strip(),
+        identity=identity,
+    )
 
 
 def license_of(dist: Distribution) -> str:
@@ -50,8 +73,7 @@ def license_of(dist: Distribution) -> str:
 
 
 def main(package: str, prefix: str, site_packages: Path) -> None:
-    site = f"{prefix}/lib/python3.11/site-packages"
-    out = [HEADER.format(package=package, prefix=prefix, site=site)]
+    out = [header(package, prefix)]
     rows = sorted(
         (str(d.metadata["Name"]), d.version, license_of(d))
         for d in distributions(path=[str(site_packages)])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import gzip
+import importlib.util
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -205,6 +207,47 @@ def run_at_prefix(
     )
 
 
+def _copyright_module() -> ModuleType:
+    """packaging/copyright.py (a script, not an importable module: `packaging` is taken)."""
+    spec = importlib.util.spec_from_file_location(
+        "vibectld_copyright", REPO / "packaging" / "copyright.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def project_identity() -> str:
+    """The packager of the newest packaging/changelog.yaml entry, "Name <address>"."""
+    identity: str = _copyright_module().project_identity()
+    return identity
+
+
+# Domains nobody can own (RFC 2606, RFC 6761) and hosts that bounce.
+_PLACEHOLDER_DOMAINS = re.compile(
+    r"(^|\.)(example(\.(com|net|org))?|invalid|test|localhost|local|localdomain)$"
+)
+
+
+def test_the_project_identity_is_real_and_used_everywhere() -> None:
+    """One identity, no placeholder: Maintainer (.deb), Packager (.rpm), changelog, copyright."""
+    identity = project_identity()
+    match = re.fullmatch(r"(?P<name>[^<>@]+?) <(?P<user>[^<>@\s]+)@(?P<host>[^<>@\s]+)>", identity)
+    assert match, f"packager {identity!r} is not 'Name <user@host>'"
+    host = match.group("host").lower()
+    assert "." in host and not _PLACEHOLDER_DOMAINS.search(host), f"{host} is a placeholder"
+    assert "noreply" not in identity and "maintainers@" not in identity, identity
+    assert match.group("name").startswith("vibectld"), identity
+    # Every changelog entry, and the copyright file, name the same identity.
+    changelog = (REPO / "packaging" / "changelog.yaml").read_text()
+    packagers = set(re.findall(r"^  packager: (.+)$", changelog, re.M))
+    assert packagers == {identity}
+    header = _copyright_module().header("vibectld", "/opt/vibectld")
+    assert f"Contact: {identity}\n" in header
+    assert f"Copyright: {match.group('name')}\n" in header
+
+
 # -- the build and the linters --------------------------------------------------------------
 
 
@@ -247,7 +290,7 @@ def test_deb_metadata(packages: Packages) -> None:
         depends = [d.strip() for d in fields["Depends"].split(",")]
         assert "python3.11" in depends, fields["Depends"]
         assert any(d.startswith("libc6 (>= ") for d in depends), fields["Depends"]
-        assert "localhost" not in fields["Maintainer"]
+        assert fields["Maintainer"] == project_identity()
 
 
 def test_deb_conffiles(packages: Packages) -> None:
@@ -279,6 +322,7 @@ def test_deb_server_payload(extracted: dict[str, Path]) -> None:
     assert (root / "etc/vibectld/keys/README").is_file()
     doc = root / "usr/share/doc/vibectld"
     assert "Apache-2.0" in (doc / "copyright").read_text()
+    assert f"Contact: {project_identity()}\n" in (doc / "copyright").read_text()
     assert "grpcio" in (doc / "copyright").read_text(), "bundled distributions are listed"
     assert (doc / "changelog.Debian.gz").is_file()
     # Installed as a wheel (not editable), with no build paths recorded.
@@ -362,6 +406,7 @@ def test_rpm_metadata(packages: Packages) -> None:
         requires = run(["rpm", "-qpR", rpm]).splitlines()
         assert "python3.11" in [r.strip() for r in requires], requires
         assert run(["rpm", "-qp", "--qf", "%{LICENSE}", rpm]) == "Apache-2.0"
+        assert run(["rpm", "-qp", "--qf", "%{PACKAGER}", rpm]) == project_identity()
 
 
 def test_rpm_config_files_are_noreplace(packages: Packages) -> None:
