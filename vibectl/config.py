@@ -18,15 +18,22 @@ same directory, fsync, rename). The format of ``client/config.yaml``::
         host: bastion.example.com
         port: 50051
         ca_sha256: "<64 hex digits>"  # the pin from the URL, or null
-        ca_file: /home/u/.config/vibectl/client/ca/corp.pem  # null: system trust store
+        ca_file: /home/u/.config/vibectl/client/ca/corp.pem  # null: see below
         insecure: false           # true only for vibectl-server-insecure:// (no TLS)
         timeout_seconds: 60       # deadline of one call
         connect_timeout_seconds: 10
     extra: {}                     # settings carried over from a legacy file, kept verbatim
 
+A profile with a ``ca_sha256`` pin trusts only the certificate with that
+fingerprint, found in ``ca_file`` or ``client/ca/<profile>.pem`` or else fetched
+again and checked against the pin; never the system's trust store (see
+vibectl.adapters.profile_ca). Without a pin, ``ca_file`` null means the system's
+trust store.
+
 A legacy flat ``config.yaml`` directly in the config directory (keys such as
 ``model`` and ``proxy_url``, or the 0.11 ``proxy:`` block) is migrated into this
-layout once, and then renamed to ``config.yaml.bak`` so it is never read again.
+layout once, and then replaced by ``config.yaml.bak`` (mode 0600, its secrets cut
+out) so it is never read again.
 
 Proxy mode must start fast: this module imports only the standard library,
 PyYAML and vibectl.proxy_url.
@@ -43,11 +50,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 
 from vibectl import proxy_url
 from vibectl.util.files import atomic_write
+from vibectl.util.masking import MIN_REDACTED_LENGTH
 from vibectl.util.masking import mask as mask  # re-exported: vibectl setup-proxy shows secrets
 
 VERSION = 1
@@ -303,6 +312,34 @@ def _from_legacy(
     return config, secrets
 
 
+# The backup of a migrated legacy file keeps everything but the secrets. A secret needs no
+# second copy to be recoverable: it is in server-secrets/<profile>.key (0600), the one place
+# vibectl reads it from. A backup keeping it, even at 0600, would be one more file to leak
+# through a dotfile repository, a sync or a support request, long after it stopped being
+# read. So it is cut out of every vibectl-server URL in the text (comments included) and
+# wherever else it appears; the rest (comments, order, unknown keys) stays as the user wrote it.
+_URL_SECRET = re.compile(r"(vibectl-server(?:-insecure)?://)[^@\s/?#'\"]+@")
+_SECRET_REMOVED = "SECRET-REMOVED"  # noqa: S105 - a placeholder, not a secret
+
+
+def _backup_text(text: str, secrets: Mapping[str, str], secrets_dir: Path) -> str:
+    """The legacy file's text with every secret replaced by SECRET-REMOVED."""
+    masked = _URL_SECRET.sub(rf"\1{_SECRET_REMOVED}@", text)
+    for secret in secrets.values():
+        for form in (secret, quote(secret, safe="")):
+            if len(form) >= MIN_REDACTED_LENGTH:  # a short one could be any word
+                masked = masked.replace(form, _SECRET_REMOVED)
+    if masked == text:
+        return text
+    kept = "".join(f"#   {n}: {secrets_dir / f'{n}.key'}\n" for n in sorted(secrets))
+    return (
+        "# vibectl: the settings below were migrated to client/config.yaml, and each secret\n"
+        f"# in them was replaced by {_SECRET_REMOVED}."
+        + (f" The secrets are kept (mode 0600) in:\n{kept}" if kept else "\n")
+        + masked
+    )
+
+
 def _make_dir(path: Path, *, own: bool) -> None:
     """Create `path` 0700; an existing directory is set to 0700 only if it is ours (`own`)."""
     try:
@@ -417,11 +454,11 @@ class ConfigStore:
 
     def _migrate(self) -> ClientConfig:
         legacy = self.legacy_path
-        raw = _yaml_load(legacy, _read_text(legacy) or "")
-        config, secrets = _from_legacy(legacy, raw, self.config_path)
-        for name, secret in secrets.items():
-            if secret:
-                self.save_secret(name, secret)
+        text = _read_text(legacy) or ""
+        config, secrets = _from_legacy(legacy, _yaml_load(legacy, text), self.config_path)
+        stored = {name: secret for name, secret in secrets.items() if secret}
+        for name, secret in stored.items():
+            self.save_secret(name, secret)
         self.save(config)
         backup = legacy.with_name(f"{legacy.name}.bak")
         n = 0
@@ -429,14 +466,22 @@ class ConfigStore:
             n += 1
             backup = legacy.with_name(f"{legacy.name}.bak.{n}")
         try:
-            os.replace(legacy, backup)
+            atomic_write(backup, _backup_text(text, stored, self.secrets_dir).encode(), 0o600)
         except OSError as e:
             raise ClientConfigError(
-                f"{legacy}: migrated to {self.config_path}, but could not rename the old file "
-                f"to {backup}: {e.strerror}; move it aside yourself"
+                f"{legacy}: migrated to {self.config_path}, but could not write the backup "
+                f"{backup}: {e.strerror}; delete {legacy} yourself (its secrets are now in "
+                f"{self.secrets_dir})"
+            ) from None
+        try:
+            legacy.unlink()
+        except OSError as e:
+            raise ClientConfigError(
+                f"{legacy}: migrated to {self.config_path} and backed up to {backup}, but could "
+                f"not remove it: {e.strerror}; delete it yourself, it holds secrets"
             ) from None
         self.migration_notice = (
             f"vibectl: moved the settings in {legacy} to the new layout in {self.config_path} "
-            f"(secrets in {self.secrets_dir}); the old file is kept as {backup}"
+            f"(secrets in {self.secrets_dir}); the old file is kept, without secrets, as {backup}"
         )
         return config

@@ -305,3 +305,22 @@ def test_a_saved_ca_that_no_longer_matches_the_pin_is_not_trusted(
     out = user.run("ask", "hi")
     assert out.returncode == 4 and "the secret was not sent" in out.stderr, out.stderr
     assert out.stdout == ""
+
+
+def secret_of(url: str) -> str:
+    return url.split("://", 1)[1].split("@", 1)[0]
+
+
+def test_migration_backup_is_private_and_holds_no_secret(daemon: RunningDaemon, user: User) -> None:
+    url = issue_url(daemon, "alice")
+    legacy = legacy_config(user, f"# my settings\nmodel: echo\nproxy_url: {url}\ntheme: dark\n")
+    legacy.chmod(0o644)
+    out = user.run("setup-proxy", "list")
+    assert out.returncode == 0, out.stderr
+    backup = user.config_dir / "config.yaml.bak"
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    kept = backup.read_text()
+    assert secret_of(url) not in kept
+    assert "# my settings" in kept and "theme: dark" in kept and "server-secrets" in kept
+    assert not legacy.exists()
+    assert user.run("ask", "through the migrated profile").returncode == 0

@@ -264,7 +264,10 @@ def migrate(tmp_path: Path, legacy: str) -> tuple[ConfigStore, ClientConfig]:
     assert str(tmp_path / "config.yaml.bak") in store.migration_notice
     assert "\n" not in store.migration_notice
     assert not (tmp_path / "config.yaml").exists()
-    assert (tmp_path / "config.yaml.bak").read_text() == legacy
+    backup = tmp_path / "config.yaml.bak"
+    assert mode(backup) == 0o600
+    assert SECRET not in backup.read_text()
+    assert backup.read_text().endswith(legacy.replace(SECRET, "SECRET-REMOVED"))
     assert mode(store.config_path) == 0o600
     assert SECRET not in store.config_path.read_text()
     again = ConfigStore(tmp_path)
@@ -331,6 +334,38 @@ proxy:
     )
     assert profile.timeout_seconds == 20
     assert store.load_secret("corp-prod") == SECRET
+
+
+def test_the_backup_keeps_everything_but_the_secrets(tmp_path: Path) -> None:
+    # A world-readable legacy file, a secret percent-encoded in a URL, an old URL in a comment.
+    encoded = "tok%2Ben%2Fslash" + SECRET
+    secret = "tok+en/slash" + SECRET
+    legacy = f"""# my old settings
+# proxy_url: vibectl-server://{SECRET}X@old.example.com:50051
+proxy:
+  profiles:
+    corp:
+      server_url: "vibectl-server://{encoded}@bastion.example.com:50051?ca-sha256={PIN}"
+theme: dark
+"""
+    path = tmp_path / "config.yaml"
+    path.write_text(legacy)
+    path.chmod(0o644)
+    store = ConfigStore(tmp_path)
+    store.load()
+    assert store.load_secret("corp") == secret
+    backup = tmp_path / "config.yaml.bak"
+    assert mode(backup) == 0o600
+    text = backup.read_text()
+    assert SECRET not in text and "tok" not in text
+    assert str(store.secrets_dir / "corp.key") in text and "SECRET-REMOVED" in text
+    assert "# my old settings" in text and "old.example.com" in text
+    kept = yaml.safe_load(text)
+    assert kept["theme"] == "dark"
+    assert kept["proxy"]["profiles"]["corp"]["server_url"] == (
+        f"vibectl-server://SECRET-REMOVED@bastion.example.com:50051?ca-sha256={PIN}"
+    )
+    assert "without secrets" in (store.migration_notice or "")
 
 
 def test_migrates_model_only(tmp_path: Path) -> None:
