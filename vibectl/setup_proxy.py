@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import getpass
 import re
 import ssl
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,8 +86,30 @@ def setup_proxy() -> None:
     """Connect vibectl to a vibectld proxy and manage proxy profiles."""
 
 
+# Enough for any URL vibectl-admin prints (a secret is well under 2 kB); more is not a URL.
+_MAX_URL_CHARS = 16_384
+
+
+def _url_from_stdin() -> str:
+    """The URL read from standard input: typed without echo on a terminal, else piped."""
+    if sys.stdin.isatty():
+        try:
+            # getpass turns echo off on the terminal, so the secret is not shown either.
+            text = getpass.getpass("Paste the vibectl-server:// URL (input hidden): ")
+        except EOFError:
+            text = ""
+    else:
+        text = sys.stdin.read(_MAX_URL_CHARS + 1)
+    lines = text.strip().splitlines()
+    if not lines:
+        raise UsageError("no URL given; paste the whole URL vibectl-admin printed")
+    if len(lines) > 1 or len(text) > _MAX_URL_CHARS:
+        raise UsageError("expected one URL on standard input, found more")
+    return lines[0]
+
+
 @command(setup_proxy, "configure")
-@click.argument("url")
+@click.argument("url", required=False)
 @click.option("--name", metavar="NAME", help="Profile name (default: from the host).")
 @click.option("--ca-bundle", metavar="FILE", help="Trust this CA bundle instead of the URL's pin.")
 @click.option("--no-test", is_flag=True, help="Save without contacting the server.")
@@ -98,7 +122,19 @@ def configure(
     no_test: bool,
     insecure: bool,
 ) -> None:
-    """Verify the server in URL, store its secret, and make it the active profile."""
+    """Verify the server in URL, store its secret, and make it the active profile.
+
+    With URL '-' the URL is read from standard input; on a terminal, with '-' or
+    without URL, it is prompted for without echo. Either way the secret stays out
+    of `ps` and of the shell's history.
+    """
+    if url is None and not sys.stdin.isatty():
+        raise UsageError(
+            "give the URL, or - to read it from standard input: "
+            "vibectl setup-proxy configure - < url.txt"
+        )
+    if url is None or url == "-":
+        url = _url_from_stdin()
     try:
         parsed = parse(url)
     except ProxyURLError as e:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pty
+import select
 import socket
 import ssl
 import stat
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -324,3 +328,96 @@ def test_migration_backup_is_private_and_holds_no_secret(daemon: RunningDaemon, 
     assert "# my settings" in kept and "theme: dark" in kept and "server-secrets" in kept
     assert not legacy.exists()
     assert user.run("ask", "through the migrated profile").returncode == 0
+
+
+def test_configure_reads_the_url_from_stdin(daemon: RunningDaemon, user: User) -> None:
+    url = issue_url(daemon, "alice")
+    proc = subprocess.Popen(
+        [str(BIN / "vibectl"), "setup-proxy", "configure", "-", "--name", "corp"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=user.env,
+    )
+    # What `ps` shows while it runs: no secret.
+    argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"configure" in argv and not any(secret_of(url).encode() in a for a in argv)
+    stdout, stderr = proc.communicate(f"{url}\n", timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "profile 'corp' saved and active" in stdout
+    assert secret_of(url) not in stdout + stderr
+    asked = user.run("ask", "hello")
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["prompt"] == "hello"
+
+
+@pytest.mark.parametrize(("stdin", "reason"), [("", "no URL"), ("a\nb\n", "one URL")])
+def test_configure_dash_refuses_what_is_not_one_url(user: User, stdin: str, reason: str) -> None:
+    out = user.run("setup-proxy", "configure", "-", stdin=stdin)
+    assert out.returncode == 2 and reason in out.stderr, out.stderr
+    assert not (user.config_dir / "client").exists()
+
+
+def test_configure_without_a_url_off_a_terminal_is_a_usage_error(user: User) -> None:
+    out = user.run("setup-proxy", "configure", stdin="")
+    assert out.returncode == 2 and "configure -" in out.stderr, out.stderr
+
+
+# Runs `vibectl` with the pty as its controlling terminal, as a login shell would.
+_ON_A_TERMINAL = (
+    "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def run_on_a_terminal(user: User, answer: str, *args: str) -> tuple[int, str]:
+    """Run vibectl on a new pty, type `answer` when it prompts; its exit code and screen."""
+    main, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ON_A_TERMINAL, str(BIN / "vibectl"), *args],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env=user.env,
+        close_fds=True,
+    )
+    os.close(terminal)
+    screen = b""
+
+    def read_until(done: Callable[[bytes], bool]) -> None:
+        nonlocal screen
+        deadline = time.monotonic() + 60
+        while not done(screen) and time.monotonic() < deadline:
+            ready, _, _ = select.select([main], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(main, 4096)
+                except OSError:  # EIO: the terminal closed
+                    return
+                if not chunk:
+                    return
+                screen += chunk
+
+    try:
+        read_until(lambda s: b"(input hidden)" in s)
+        os.write(main, answer.encode() + b"\n")
+        read_until(lambda s: False)
+        return proc.wait(timeout=60), screen.decode(errors="replace")
+    finally:
+        os.close(main)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("args", [(), ("-",)])
+def test_configure_on_a_terminal_prompts_without_echo(
+    daemon: RunningDaemon, user: User, args: tuple[str, ...]
+) -> None:
+    url = issue_url(daemon, "alice")
+    code, screen = run_on_a_terminal(user, url, "setup-proxy", "configure", *args)
+    assert code == 0, screen
+    assert "(input hidden)" in screen and "saved and active" in screen
+    assert secret_of(url) not in screen
+    assert user.run("ask", "hi").returncode == 0
