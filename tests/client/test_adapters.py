@@ -69,12 +69,14 @@ def test_a_pydantic_response_model_becomes_the_schema(daemon: RunningDaemon) -> 
 
 
 def test_errors_are_typed(daemon: RunningDaemon) -> None:
-    secret = daemon.issue("carol", models=["echo", "faults"], rpm=1)
+    # Whether a refused call counts against the rate limit is the server's rule (it does
+    # since issue 12); with rpm=2 the last call is over the limit either way.
+    secret = daemon.issue("carol", models=["echo", "faults"], rpm=2)
 
     async def scenario() -> list[Exception]:
         adapter = proxy_for(daemon, secret)
         errors: list[Exception] = []
-        for model, prompt in [("faults", "fail"), ("fake-sync", "x"), ("echo", "x")]:
+        for model, prompt in [("faults", "fail"), ("fake-sync", "x"), ("echo", "x"), ("echo", "x")]:
             try:
                 await adapter.execute(adapter.get_model(model), [], [prompt])
             except Exception as e:
@@ -86,9 +88,9 @@ def test_errors_are_typed(daemon: RunningDaemon) -> None:
     assert isinstance(errors[0], ModelError) and errors[0].code == "PROVIDER_ERROR"
     assert not errors[0].recoverable
     assert isinstance(errors[1], PermissionDeniedError) and not errors[1].recoverable
-    # The third call is over the rpm limit; retry-after (a minute) is too long to wait.
-    assert isinstance(errors[2], LimitExceededError) and errors[2].recoverable
-    assert errors[2].limit_type == "rpm" and (errors[2].retry_after_ms or 0) > 5000
+    # The last call is over the rpm limit; retry-after (a minute) is too long to wait.
+    assert isinstance(errors[-1], LimitExceededError) and errors[-1].recoverable
+    assert errors[-1].limit_type == "rpm" and (errors[-1].retry_after_ms or 0) > 5000
 
     daemon.admin("revoke_client", {"target": "carol"})
     with pytest.raises(AuthenticationError, match="revoked"):
