@@ -138,7 +138,7 @@ def test_list_table_counts_unknown_signers(keys: tuple[FakeKeys, Path]) -> None:
         "20260301T120000Z-bbbbbb  2026-03-01 12:00  current                3",
         "unknown                  -                 -                      2",
     ]
-    assert "2 active clients were issued before" in result.stderr
+    assert "unknown: clients issued by an older vibectld" in result.stderr
     fake.listing = {**KEYS, "unknown_kid_clients": 0}
     assert "unknown" not in run(path, "list-signing-keys").output
 

@@ -454,8 +454,8 @@ def list_signing_keys(ctx: click.Context) -> None:
     click.echo(_table(header, rows, right={3}))
     if unknown:
         click.echo(
-            f"{unknown} active clients were issued before vibectld recorded which key "
-            "signed a secret; retiring a key refuses theirs too if that key signed them",
+            "unknown: clients issued by an older vibectld, which did not record the key "
+            "that signed each secret; retiring that key refuses them too",
             err=True,
         )
 
