@@ -60,6 +60,8 @@ class ServerConfig:
     name: str = field(default_factory=socket.gethostname)
     tls: TLSConfig = field(default_factory=TLSConfig)
     max_request_bytes: int = 1024 * 1024
+    # Calls and streams in progress on the whole server; past it RESOURCE_EXHAUSTED.
+    max_concurrent_calls: int = 4096
     shutdown_grace_seconds: float = 10.0
 
     @property
@@ -302,6 +304,7 @@ def _server(srv: _Section, d: ServerConfig) -> ServerConfig:
         name=srv.get("name", _str, d.name),
         tls=tls_config,
         max_request_bytes=srv.get("max_request_bytes", _int, d.max_request_bytes),
+        max_concurrent_calls=srv.get("max_concurrent_calls", _int, d.max_concurrent_calls),
         shutdown_grace_seconds=srv.get(
             "shutdown_grace_seconds", _seconds, d.shutdown_grace_seconds
         ),

@@ -64,8 +64,10 @@ def test_carol_rpm_5_of_12_rapid_calls(daemon: RunningDaemon) -> None:
         if code == "RESOURCE_EXHAUSTED":
             assert trailers["limit-type"] == "rpm"
             assert 0 < int(trailers["retry-after-ms"]) <= 60_000
-    code, _, _ = call(daemon, secret, model="faults")
-    assert code == "PERMISSION_DENIED"
+    # The rate limit comes before the model is authorized: over it, every call is refused
+    # for rpm, whatever it asks for.
+    code, trailers, _ = call(daemon, secret, model="faults")
+    assert (code, trailers["limit-type"]) == ("RESOURCE_EXHAUSTED", "rpm")
     usage = json.loads(admin(daemon, "--json", "usage", "carol").stdout)
     assert [(u["name"], u["requests"]) for u in usage] == [("carol", 5)]
     audit = admin(daemon, "audit")
@@ -156,7 +158,7 @@ def test_update_client_applies_to_the_next_request(daemon: RunningDaemon) -> Non
     assert out.returncode == 0, out.stderr
     assert "models=echo" in out.stdout and "rpm=2" in out.stdout
     assert call(daemon, secret, model="faults")[0] == "PERMISSION_DENIED"
-    assert call(daemon, secret)[0] == "OK"
+    # The refused call counted against the new rpm of 2, as every authenticated call does.
     assert call(daemon, secret)[0] == "OK"
     assert call(daemon, secret)[0] == "RESOURCE_EXHAUSTED"
     back = admin(daemon, "--json", "update-client", "ivy", "--models", "all", "--rpm", "default")

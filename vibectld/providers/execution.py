@@ -22,13 +22,21 @@ from vibectld.providers.catalogue import CatalogueEntry
 
 
 class ModelFailure(Exception):
-    """The model could not answer; reported to the client in-band."""
+    """The model could not answer; reported to the client in-band.
 
-    def __init__(self, code: str, message: str, details: str | None = None) -> None:
+    `message` and `details` go to the client; `logged` (what the provider
+    really said, which can name internal hosts or quote an upstream body) goes
+    only to the daemon's log, with the call's client and request_id.
+    """
+
+    def __init__(
+        self, code: str, message: str, details: str | None = None, logged: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.details = details
+        self.logged = logged
 
 
 @dataclass
@@ -44,12 +52,27 @@ class Outcome:
 def classify(exc: BaseException, model_id: str, redact: Callable[[str], str]) -> ModelFailure:
     """Map whatever a provider or plugin raised to one in-band failure.
 
-    The rules live in vibectl.model_errors, shared with the client's direct mode,
-    so one provider failure reads the same through the proxy and without it.
+    The code comes from vibectl.model_errors, shared with the client's direct
+    mode, so one provider failure has the same code through the proxy and
+    without it. What the provider said is for the operator, not the client: an
+    exception's text can name the server's internal endpoints ("Cannot connect
+    to host 10.0.0.7:8000") or quote an upstream body, so the client gets the
+    code, a message without it and, as details, the exception's type and HTTP
+    status; the full (key-redacted) text is logged.
     """
     if isinstance(exc, ModelFailure):
         return exc
-    return ModelFailure(*model_errors.classify(exc, model_id, SERVER_KEY, redact))
+    failure = model_errors.classify(exc, model_id, SERVER_KEY, redact)
+    message = failure.message
+    if failure.code == ErrorCode.PROVIDER_ERROR:
+        # model_errors quotes the exception here, which direct mode wants and we do not.
+        message = (
+            f"the provider of '{model_id}' failed; the vibectld admin can find what it said "
+            "in the server's log under this request_id"
+        )
+    status = getattr(exc, "status_code", None)
+    details = type(exc).__name__ + (f" (HTTP {status})" if isinstance(status, int) else "")
+    return ModelFailure(failure.code, message, details, logged=failure.details)
 
 
 class Executor:

@@ -2,7 +2,7 @@
 
 Every check runs on the event loop thread with no await between checking and
 reserving, so limits are exact however many connections a client opens.
-A refused call reserves nothing.
+A call refused by a check takes nothing from it.
 """
 
 from __future__ import annotations
@@ -71,18 +71,45 @@ def check_token_budget(used: int, budget: int | None, now: float) -> None:
 
 
 class Limiter:
+    """The rpm window and the concurrency reservation, as two separate steps.
+
+    The rpm step comes right after authentication, so every authenticated call
+    counts against the client's rate, whatever happens to it later (bad input,
+    an unknown model, a budget). The concurrency reservation comes last, just
+    before the call runs.
+    """
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._recent: dict[str, deque[float]] = {}
         self._running: dict[str, int] = {}
 
-    @contextmanager
-    def admit(self, client_id: str, rpm: int | None, concurrency: int | None) -> Iterator[None]:
-        """Reserve one request slot for the duration of the block, or raise LimitExceeded."""
+    def count_request(self, client_id: str, rpm: int | None) -> None:
+        """Count this call in the client's 60 s window, or raise LimitExceeded.
+
+        A call refused here is not counted, so a client that keeps retrying
+        gets through as soon as its window has room, when retry-after-ms says.
+        """
+        if rpm is None:
+            return
         now = self._clock()
-        recent = self._recent.setdefault(client_id, deque())
+        recent = self._recent.get(client_id)
+        if recent is None:
+            recent = self._recent[client_id] = deque()
         while recent and recent[0] <= now - WINDOW_SECONDS:
             recent.popleft()
+        if len(recent) >= rpm:
+            retry_ms = max(1, int((recent[-rpm] + WINDOW_SECONDS - now) * 1000))
+            raise LimitExceeded(
+                f"this client may make {rpm} requests per minute; retry in {retry_ms / 1000:.1f} s",
+                "rpm",
+                retry_ms,
+            )
+        recent.append(now)
+
+    @contextmanager
+    def reserve(self, client_id: str, concurrency: int | None) -> Iterator[None]:
+        """Hold one of the client's concurrent slots for the block, or raise LimitExceeded."""
         running = self._running.get(client_id, 0)
         if concurrency is not None and running >= concurrency:
             raise LimitExceeded(
@@ -91,15 +118,6 @@ class Limiter:
                 "concurrency",
                 CONCURRENCY_RETRY_MS,
             )
-        if rpm is not None and len(recent) >= rpm:
-            retry_ms = max(1, int((recent[-rpm] + WINDOW_SECONDS - now) * 1000))
-            raise LimitExceeded(
-                f"this client may make {rpm} requests per minute; retry in {retry_ms / 1000:.1f} s",
-                "rpm",
-                retry_ms,
-            )
-        if rpm is not None:
-            recent.append(now)
         self._running[client_id] = running + 1
         try:
             yield

@@ -1,14 +1,18 @@
 """The VibectlLLMProxy servicer: Execute, StreamExecute and GetServerInfo.
 
-Order of checks on every call: authenticate → validate → resolve and authorize
-the model → limits → run. Call failures are gRPC statuses (refusals.py);
-model failures are in-band ExecuteErrors (providers/execution.py).
+Order of checks on every call (the contract's): authenticate → request_id
+shape → the client's rate limit → validate the request → (redaction policy) →
+authorize the model → token budget → concurrency → run. Authentication happens
+first at the door (interceptor.py, before the message is read) and again here,
+under the generation the call runs with. Call failures are gRPC statuses
+(refusals.py); model failures are in-band ExecuteErrors (providers/execution.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +27,7 @@ from vibectld.generation import Generation
 from vibectld.providers.catalogue import CatalogueEntry, UnknownModel
 from vibectld.providers.execution import ErrorCode, ModelFailure, Outcome
 from vibectld.runtime import Runtime
+from vibectld.service.interceptor import FailedAuthLog
 from vibectld.service.limits import EffectiveLimits, check_token_budget
 from vibectld.service.refusals import (
     CallRefused,
@@ -36,6 +41,12 @@ from vibectld.store.registry import ClientRecord
 from vibectld.version import __version__
 
 log = structlog.get_logger("vibectld.proxy")
+
+# What a client may send as request_id; anything else is refused before it is logged.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# Deeper schemas are refused: no real response schema comes near it, and code that walks
+# a schema recursively (llm, pydantic, provider SDKs) must not meet one it cannot handle.
+MAX_SCHEMA_DEPTH = 64
 
 
 def _metrics(outcome: Outcome) -> pb.ExecutionMetrics:
@@ -67,82 +78,60 @@ class _Call:
         self,
         gen: Generation,
         client: ClientRecord,
+        limits: EffectiveLimits,
+        request_id: str,
         entry: CatalogueEntry | None,
         failure: ModelFailure | None,
         schema: dict[str, Any] | None,
-        timeout: float,
     ) -> None:
         self.gen = gen
         self.client = client
+        self.limits = limits
+        self.request_id = request_id
         self.entry = entry
         self.failure = failure
         self.schema = schema
-        self.timeout = timeout
+        self.timeout = float(limits.request_timeout_seconds)
         self.started = time.monotonic()
 
 
 class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, failed_auth: FailedAuthLog | None = None) -> None:
         self.rt = runtime
+        self.failed_auth = failed_auth or FailedAuthLog()
 
     def _prepare(self, request: pb.ExecuteRequest, context: Any) -> _Call:
+        """Every check before the model, in the contract's order; raises CallRefused.
+
+        The callers enter `_admitted` with no await after this, so no other call
+        can slip between these checks and the concurrency reservation.
+        """
         rt = self.rt
         rt.last_arrival = time.monotonic()
         if rt.draining:
             raise Unavailable("vibectld is shutting down; retry in a moment")
         gen = rt.generation
-        client = gen.auth.authenticate(context.invocation_metadata())
-        config = gen.config
-        size = request.ByteSize()
-        if size > config.server.max_request_bytes:
-            raise InvalidRequest(
-                f"request is {size} bytes; this server accepts at most "
-                f"{config.server.max_request_bytes} — send a shorter prompt"
-            )
-        if not any(f.strip() for f in request.user_fragments):
-            raise InvalidRequest("request has no prompt: user_fragments is empty")
-        max_chars = config.limits.max_input_chars
-        if max_chars is not None:
-            chars = sum(map(len, request.user_fragments)) + sum(map(len, request.system_fragments))
-            if chars > max_chars:
-                raise InvalidRequest(
-                    f"input is {chars} characters; this server accepts at most {max_chars} "
-                    "— send a shorter prompt"
-                )
-        schema: dict[str, Any] | None = None
-        if request.HasField("response_model_schema"):
-            try:
-                parsed = json.loads(request.response_model_schema)
-            except json.JSONDecodeError as e:
-                raise InvalidRequest(f"response_model_schema is not valid JSON: {e}") from None
-            if not isinstance(parsed, dict):
-                raise InvalidRequest("response_model_schema must be a JSON object (a JSON schema)")
-            schema = parsed
-        name = request.model_name if request.HasField("model_name") else None
-        try:
-            entry: CatalogueEntry | None = gen.catalogue.resolve(name)
-        except UnknownModel as e:
-            failure = ModelFailure(ErrorCode.MODEL_NOT_FOUND, str(e))
-            return _Call(gen, client, None, failure, schema, 0)
-        assert entry is not None
-        if client.models is not None and entry.model_id not in client.models:
-            raise PermissionDenied(
-                f"client '{client.name}' may not use model '{entry.model_id}'; "
-                f"allowed: {', '.join(client.models) or 'none'} — ask your vibectld admin"
-            )
-        return _Call(gen, client, entry, None, schema, float(config.limits.request_timeout_seconds))
+        client = self._authenticate(gen, context)
+        request_id = _request_id(request.request_id)
+        limits = EffectiveLimits.of(client, gen.config.limits)
+        # Every authenticated call counts, whatever the checks below make of it.
+        rt.limiter.count_request(client.id, limits.rpm)
+        schema = _validate(request, gen.config.server.max_request_bytes, limits.max_input_chars)
+        # The redaction policy (a later release) applies here: to validated input,
+        # before the model is chosen.
+        entry, failure = _authorize(request, client, gen)
+        return _Call(gen, client, limits, request_id, entry, failure, schema)
 
     @contextmanager
     def _admitted(self, call: _Call) -> Iterator[None]:
         rt = self.rt
-        limits = EffectiveLimits.of(call.client, call.gen.config.limits)
         now = time.time()
         # Checked before anything is reserved, so a refusal consumes no budget.
         check_token_budget(
-            rt.registry.tokens_used(call.client.id, int(now)), limits.tokens_per_day, now
+            rt.registry.tokens_used(call.client.id, int(now)), call.limits.tokens_per_day, now
         )
         with (
-            rt.limiter.admit(call.client.id, limits.rpm, limits.concurrency),
+            rt.limiter.reserve(call.client.id, call.limits.concurrency),
             rt.inflight.track(call.client.id),
         ):
             rt.metrics.in_flight.inc()
@@ -160,7 +149,11 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         return False
 
     def _done(
-        self, call: _Call, request_id: str, status: str, outcome: Outcome | None = None
+        self,
+        call: _Call,
+        status: str,
+        outcome: Outcome | None = None,
+        failure: ModelFailure | None = None,
     ) -> None:
         """Price the call now (the reply carries it); count and log it just after."""
         seconds = time.monotonic() - call.started
@@ -170,16 +163,14 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             )
         # Accounting never sits on the request's critical path: it runs on the
         # loop's next turn, after the reply has been handed to gRPC.
-        asyncio.get_running_loop().call_soon(
-            self._record, call, request_id, status, outcome, seconds
-        )
+        asyncio.get_running_loop().call_soon(self._record, call, status, outcome, failure, seconds)
 
     def _record(
         self,
         call: _Call,
-        request_id: str,
         status: str,
         outcome: Outcome | None,
+        failure: ModelFailure | None,
         seconds: float,
     ) -> None:
         rt = self.rt
@@ -195,23 +186,28 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             cost_usd=outcome.cost_usd if outcome else None,
         )
         rt.metrics.observe_call(call.client.name, model, status, seconds, tokens_in, tokens_out)
+        fields: dict[str, Any] = {}
+        if failure is not None and failure.logged:
+            # What the provider said: for the operator, never sent to the client.
+            fields["provider_error"] = failure.logged
         log.info(
             "request",
             client=call.client.name,
-            request_id=request_id,
+            request_id=call.request_id,
             model=call.entry.model_id if call.entry else None,
             status=status,
             duration_ms=int(seconds * 1000),
             input_tokens=tokens_in,
             output_tokens=tokens_out,
+            **fields,
         )
 
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
-        request_id = request.request_id or uuid.uuid4().hex
         try:
             call = self._prepare(request, context)
+            request_id = call.request_id
             if call.failure is not None:
-                self._done(call, request_id, call.failure.code)
+                self._done(call, call.failure.code, failure=call.failure)
                 return pb.ExecuteResponse(request_id=request_id, error=_error(call.failure))
             assert call.entry is not None
             with self._admitted(call):
@@ -224,17 +220,17 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
                             call.schema,
                         )
                 except ModelFailure as failure:
-                    self._done(call, request_id, failure.code)
+                    self._done(call, failure.code, failure=failure)
                     return pb.ExecuteResponse(request_id=request_id, error=_error(failure))
                 except TimeoutError:
                     late = _timed_out(call)
-                    self._done(call, request_id, late.code)
+                    self._done(call, late.code)
                     return pb.ExecuteResponse(request_id=request_id, error=_error(late))
                 except asyncio.CancelledError:
                     if self._revoked_now():
                         raise Unauthenticated(_REVOKED_MID_CALL) from None
                     raise
-            self._done(call, request_id, "ok", outcome)
+            self._done(call, "ok", outcome)
             success = pb.ExecuteSuccess(
                 response_text=outcome.text,
                 metrics=_metrics(outcome),
@@ -249,14 +245,21 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         self.rt.metrics.refusals.labels(reason).inc()
         await abort(context, refusal)
 
+    def _authenticate(self, gen: Generation, context: Any) -> ClientRecord:
+        try:
+            return gen.auth.authenticate(context.invocation_metadata())
+        except Unauthenticated as refusal:
+            self.failed_auth.refused(context.peer(), refusal.message)
+            raise
+
     async def StreamExecute(self, request: pb.ExecuteRequest, context: Any) -> None:
         # Written with context.write, not as a generator: a cancellation (revocation,
         # deadline) then lands in this coroutine even while gRPC is busy writing.
-        request_id = request.request_id or uuid.uuid4().hex
         try:
             call = self._prepare(request, context)
+            request_id = call.request_id
             if call.failure is not None:
-                self._done(call, request_id, call.failure.code)
+                self._done(call, call.failure.code, failure=call.failure)
                 await context.write(
                     pb.StreamChunk(request_id=request_id, error=_error(call.failure))
                 )
@@ -281,21 +284,21 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
                         finally:
                             await chunks.aclose()
                 except ModelFailure as failure:
-                    self._done(call, request_id, failure.code, outcome)
+                    self._done(call, failure.code, outcome, failure)
                     await context.write(
                         pb.StreamChunk(request_id=request_id, error=_error(failure))
                     )
                     return
                 except TimeoutError:
                     late = _timed_out(call)
-                    self._done(call, request_id, late.code, outcome)
+                    self._done(call, late.code, outcome)
                     await context.write(pb.StreamChunk(request_id=request_id, error=_error(late)))
                     return
                 except asyncio.CancelledError:
                     if self._revoked_now():
                         raise Unauthenticated(_REVOKED_MID_CALL) from None
                     raise
-            self._done(call, request_id, "ok", outcome)
+            self._done(call, "ok", outcome)
             complete = pb.StreamComplete(actual_model_used=outcome.model_id)
             await context.write(pb.StreamChunk(request_id=request_id, complete=complete))
             await context.write(
@@ -309,7 +312,7 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
     ) -> pb.GetServerInfoResponse:
         gen = self.rt.generation
         try:
-            client = gen.auth.authenticate(context.invocation_metadata())
+            client = self._authenticate(gen, context)
         except CallRefused as refusal:
             await self._refuse(context, refusal)
         catalogue = gen.catalogue
@@ -337,6 +340,124 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             model_aliases={a: t for a, t in catalogue.aliases().items() if t in offered},
             server_name=gen.config.server.name,
         )
+
+
+def _request_id(sent: str) -> str:
+    """The client's request_id if it has the allowed shape, a new one if it sent none."""
+    if not sent:
+        return uuid.uuid4().hex
+    if len(sent) > 64 or not _REQUEST_ID.fullmatch(sent):
+        # Never quoted back or logged: it is the client's text, and it may be huge.
+        raise InvalidRequest(
+            "request_id must be at most 64 characters of letters, digits and . _ : - "
+            "(or empty, and the server chooses one)"
+        )
+    return sent
+
+
+def _validate(
+    request: pb.ExecuteRequest, max_bytes: int, max_chars: int | None
+) -> dict[str, Any] | None:
+    """Check the request's size and shape; return its response schema, parsed, if any."""
+    size = request.ByteSize()
+    if size > max_bytes:
+        raise InvalidRequest(
+            f"request is {size} bytes; this server accepts at most {max_bytes} "
+            "— send a shorter prompt"
+        )
+    if not any(f.strip() for f in request.user_fragments):
+        raise InvalidRequest("request has no prompt: user_fragments is empty")
+    has_schema = request.HasField("response_model_schema")
+    if max_chars is not None:
+        chars = sum(map(len, request.user_fragments)) + sum(map(len, request.system_fragments))
+        if has_schema:
+            chars += len(request.response_model_schema)
+        if chars > max_chars:
+            raise InvalidRequest(
+                f"input is {chars} characters (prompt, system prompt and response schema); "
+                f"this server accepts at most {max_chars} — send a shorter prompt"
+            )
+    return _schema(request.response_model_schema) if has_schema else None
+
+
+def _schema(text: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(text)
+    except RecursionError:  # deeper than Python's own parser goes
+        raise _too_deep() from None
+    except ValueError as e:  # JSONDecodeError, or a number too long to convert
+        raise InvalidRequest(f"response_model_schema is not valid JSON: {e}") from None
+    if _deeper_than(parsed, MAX_SCHEMA_DEPTH):
+        raise _too_deep()
+    if not isinstance(parsed, dict):
+        raise InvalidRequest("response_model_schema must be a JSON object (a JSON schema)")
+    return parsed
+
+
+def _too_deep() -> InvalidRequest:
+    return InvalidRequest(
+        f"response_model_schema is nested more than {MAX_SCHEMA_DEPTH} levels deep; "
+        "send a flatter schema (use $defs and $ref for repeated parts)"
+    )
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True when `value` nests objects and arrays more than `limit` levels (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _authorize(
+    request: pb.ExecuteRequest, client: ClientRecord, gen: Generation
+) -> tuple[CatalogueEntry | None, ModelFailure | None]:
+    """The model to run, or an in-band MODEL_NOT_FOUND; raises PermissionDenied.
+
+    A client with an allow-list gets the same refusal for a model the server
+    does not have as for one it may not use, and it names no model outside that
+    list: the server's other models are not its business. A client without a
+    list gets the in-band MODEL_NOT_FOUND that lists what it can use.
+    """
+    name = request.model_name if request.HasField("model_name") else None
+    allowed = client.models
+    try:
+        entry = gen.catalogue.resolve(name)
+    except UnknownModel as e:
+        if allowed is None:
+            return None, ModelFailure(ErrorCode.MODEL_NOT_FOUND, str(e))
+        if name is not None and name in allowed:
+            # Its own model, gone from the server (the catalogue changed): say so.
+            usable = [m for m in allowed if gen.catalogue.has(m)]
+            return None, ModelFailure(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"model '{name}' is not available on this server now; your models here: "
+                f"{', '.join(usable) or 'none'} — ask your vibectld admin",
+            )
+        raise _not_allowed(client) from None
+    assert entry is not None
+    if allowed is not None and entry.model_id not in allowed:
+        raise _not_allowed(client)
+    return entry, None
+
+
+def _not_allowed(client: ClientRecord) -> PermissionDenied:
+    # The same words whatever was asked for, known to the server or not, and no name
+    # from outside the client's own list (not even the one it sent).
+    assert client.models is not None
+    return PermissionDenied(
+        f"client '{client.name}' may not use the requested model; allowed: "
+        f"{', '.join(client.models) or 'none'} — choose one of those, or ask your vibectld admin"
+    )
 
 
 def _server_limits(limits: EffectiveLimits) -> pb.ServerLimits:
