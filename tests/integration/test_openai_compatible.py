@@ -19,6 +19,7 @@ from typing import Any
 
 import openai
 import pytest
+import structlog.testing
 
 from bench.fake_openai import Behaviour, FakeOpenAI, Fault
 from tests.conftest import RunningDaemon, make_config
@@ -271,19 +272,31 @@ def test_endpoint_faults_are_in_band_errors_without_the_key(
     proxy.assert_still_serving()
 
 
-def test_the_endpoints_error_text_is_redacted_not_dropped(proxy: Proxy) -> None:
-    """The 401 body quotes the key; the client sees the rest of the message."""
-    proxy.fake.behaviour = Behaviour(fault=Fault.HTTP_401)
-    error = proxy.execute(request("hi")).error
-    assert error.error_code == "PROVIDER_AUTH_ERROR"
-    assert "Incorrect API key provided: ***" in error.error_details
-    assert_no_key(error)
-    # The endpoint really was sent the key it echoed.
-    assert proxy.fake.chat_requests()[0].authorization == f"Bearer {KEY}"
-    proxy.fake.behaviour = Behaviour(fault=Fault.HTTP_500)
-    error = proxy.execute(request("hi")).error
-    assert "the model crashed: ***" in error.error_message
-    assert_no_key(error)
+def test_the_endpoints_error_text_goes_to_the_log_redacted_not_to_the_client(
+    proxy: Proxy,
+) -> None:
+    """The 401 body quotes the key: the log keeps the rest of it; the client gets the code."""
+    with structlog.testing.capture_logs() as records:
+        proxy.fake.behaviour = Behaviour(fault=Fault.HTTP_401)
+        error = proxy.execute(request("hi")).error
+        assert error.error_code == "PROVIDER_AUTH_ERROR"
+        assert error.error_details == "ProviderHTTPError (HTTP 401)"
+        assert_no_key(error)
+        # The endpoint really was sent the key it echoed.
+        assert proxy.fake.chat_requests()[0].authorization == f"Bearer {KEY}"
+        proxy.fake.behaviour = Behaviour(fault=Fault.HTTP_500)
+        error = proxy.execute(request("hi")).error
+        assert "crashed" not in error.error_message + error.error_details
+        assert "request_id" in error.error_message
+        assert_no_key(error)
+        deadline = time.monotonic() + 5
+        while len([r for r in records if r.get("provider_error")]) < 2:
+            assert time.monotonic() < deadline, records
+            time.sleep(0.01)
+    logged = [r["provider_error"] for r in records if r.get("provider_error")]
+    assert "Incorrect API key provided: ***" in logged[0]
+    assert "the model crashed: ***" in logged[1]
+    assert all(KEY not in text and KEY[4:20] not in text for text in logged)
 
 
 def test_a_hanging_endpoint_times_out_at_the_request_timeout(start_proxy: StartProxy) -> None:
