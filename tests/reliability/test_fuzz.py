@@ -108,11 +108,14 @@ yaml_like = st.recursive(
     ),
     max_leaves=12,
 )
-# The real ops of the admin protocol (but `reload`, which would reload the test daemon).
+# The real ops of the admin protocol (but `reload`, which would reload the test daemon,
+# and `rotate_signing_key`, which would write a key file per example).
 ADMIN_OPS = [
     "audit",
     "issue_client",
     "list_clients",
+    "list_signing_keys",
+    "retire_signing_key",
     "revoke_client",
     "show_ca",
     "status",
