@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import jwt
 import pytest
+import structlog
 
 from tests.conftest import RunningDaemon
 from tests.conftest import admin_cli as admin
@@ -60,10 +61,14 @@ def keys_by_kid(daemon: RunningDaemon) -> dict[str, dict[str, Any]]:
 def test_rotate_then_retire(daemon: RunningDaemon) -> None:
     old_secret = daemon.issue("alice")
     old_kid = kid_of(old_secret)
-    rotated = admin(daemon, "rotate-signing-key")
+    with structlog.testing.capture_logs() as logs:
+        rotated = admin(daemon, "rotate-signing-key")
     assert rotated.returncode == 0, rotated.stderr
     new_kid = rotated.stdout.split()[0]
     assert new_kid > old_kid
+    # The journal's audit record names the new key (the audit table's has no target).
+    [record] = [r for r in logs if r["event"] == "signing_key.rotated"]
+    assert (record["audit"], record["kid"], record["previous"]) == (True, new_kid, old_kid)
     assert f"retire-signing-key {old_kid}" in rotated.stderr
 
     # New secrets are signed by the new key; the old one's still work.

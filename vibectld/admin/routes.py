@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from vibectl.proxy_url import ProxyURL
 from vibectl.util.durations import parse_duration
 from vibectl.util.timefmt import iso, utc_day
@@ -344,6 +346,14 @@ async def retire_signing_key(
     clients = rt.registry.active_signed_by(kid)
     # Calls already running for those clients end now, as for revoke_client.
     cancelled = sum(rt.inflight.cancel_client(record.id) for record in clients)
+    structlog.get_logger("vibectld.audit").info(
+        "signing_key.retired",
+        audit=True,
+        kid=kid,
+        by=_who(caller),
+        active_clients=len(clients),
+        cancelled_calls=cancelled,
+    )
     return {
         "kid": kid,
         "active_clients": len(clients),
@@ -360,6 +370,10 @@ async def rotate_signing_key(
     previous = signing.active_kid
     # Writes and fsyncs the new key file: off the event loop.
     kid = await asyncio.to_thread(signing.rotate)
+    # The admin server's audit record has no target for this op: name the new key here.
+    structlog.get_logger("vibectld.audit").info(
+        "signing_key.rotated", audit=True, kid=kid, previous=previous, by=_who(caller)
+    )
     return {"kid": kid, "created_at": iso(signing.created_at(kid)), "previous": previous}
 
 
