@@ -283,3 +283,25 @@ def test_a_new_ca_needs_a_new_url_with_its_pin(daemon: RunningDaemon, tmp_path: 
     assert configured.returncode == 0, configured.stderr
     assert user.run("ask", "--no-stream", "hello").returncode == 0
     assert parse_url(daemon.admin("issue_client", {"name": "bob"})["url"]).ca_sha256 == new_pin
+
+
+def test_a_key_retired_while_a_client_is_issued(
+    daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The one interleaving in which issue_client cannot sign with the kid it recorded:
+    # a rotation and a retirement while the registry writes the new client.
+    signing, registry = daemon.runtime.signing, daemon.runtime.registry
+    write = registry.issue
+
+    def issue_then_retire(**kwargs: Any) -> Any:
+        record = write(**kwargs)
+        signing.rotate()
+        signing.retire(kwargs["kid"])
+        return record
+
+    monkeypatch.setattr(registry, "issue", issue_then_retire)
+    failed = admin(daemon, "issue-client", "alice")
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert "was retired before this secret was signed" in failed.stderr
+    [record] = registry.clients()
+    assert f"vibectl-admin revoke-client {record.id}" in failed.stderr

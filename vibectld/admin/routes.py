@@ -263,15 +263,23 @@ async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
         now=now,
     )
     clients = gen.config.clients
-    secret = rt.signing.sign(
-        sub=record.name,
-        jti=record.id,
-        iat=now,
-        exp=record.expires_at,
-        iss=clients.issuer,
-        aud=clients.audience,
-        kid=kid,
-    )
+    try:
+        secret = rt.signing.sign(
+            sub=record.name,
+            jti=record.id,
+            iat=now,
+            exp=record.expires_at,
+            iss=clients.issuer,
+            aud=clients.audience,
+            kid=kid,
+        )
+    except SigningKeyError as e:
+        # Only if `kid` was rotated away and retired while the registry wrote.
+        raise AdminError(
+            ErrorCode.FAILED,
+            f"{e}; revoke the client just recorded (vibectl-admin revoke-client {record.id}) "
+            "and issue it again",
+        ) from None
     host, port = public_endpoint(rt)
     url = ProxyURL(host, port, secret=secret, ca_sha256=gen.tls.ca_sha256).format()
     return {"url": url, "id": record.id, "name": record.name, "expires_at": iso(record.expires_at)}

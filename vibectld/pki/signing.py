@@ -248,7 +248,7 @@ class SigningKeys:
         key = self._private.get(kid)
         if key is None:
             raise SigningKeyError(
-                f"the signing key {kid} was retired before this secret was signed; issue it again"
+                f"the signing key {kid} was retired before this secret was signed"
             )
         return jwt.encode(
             payload,
