@@ -1045,12 +1045,12 @@ def test_a_rapid_reset_of_1000_streams(live: Live) -> None:
 @pytest.mark.parametrize(
     ("size", "codes"),
     [
-        # Over server.max_request_bytes (1 MiB): the service says what to do.
-        (2 * 1024 * 1024, {grpc.StatusCode.INVALID_ARGUMENT}),
-        # Over gRPC's own receive limit (4 MiB here): refused by gRPC itself.
-        (6 * 1024 * 1024, {grpc.StatusCode.RESOURCE_EXHAUSTED}),
+        # Just over server.max_request_bytes (1 MiB): the service says what to do.
+        (1024 * 1024 + 1000, {grpc.StatusCode.INVALID_ARGUMENT}),
+        # Over gRPC's own receive limit (1 MiB + 64 KiB): refused by gRPC itself.
+        (2 * 1024 * 1024, {grpc.StatusCode.RESOURCE_EXHAUSTED}),
     ],
-    ids=["2-MiB", "6-MiB"],
+    ids=["1-MiB-and-a-bit", "2-MiB"],
 )
 def test_oversized_grpc_messages_are_refused(
     live: Live, size: int, codes: set[grpc.StatusCode]
@@ -1071,4 +1071,75 @@ def test_oversized_metadata_is_refused(live: Live) -> None:
         live.stub.Execute(req, metadata=meta, timeout=10)
     print(f"\n300 KB of metadata -> {caught.value.code()}")
     assert caught.value.code() != grpc.StatusCode.OK
+    live.assert_serving()
+
+
+# The request path's own checks (issue 12): whatever a client puts in a request's
+# request_id, model name and response schema, or in its authorization metadata, the
+# answer is a documented status, never UNKNOWN or INTERNAL, and the daemon keeps serving.
+REQUEST_PATH_CODES = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
+request_ids = st.text(max_size=80) | st.text(alphabet="abc._:-09", max_size=70)
+schemas = (
+    json_values.map(json.dumps)
+    | st.integers(min_value=1, max_value=3000).map(lambda n: "[" * n + "]" * n)
+    | st.integers(min_value=1, max_value=3000).map(lambda n: '{"a":' * n + "1" + "}" * n)
+    | st.text(max_size=40)
+)
+
+
+@pytest.mark.timeout(300)
+def test_random_request_fields_get_documented_answers(live: Live) -> None:
+    restricted = live.daemon.issue("fuzz-restricted", models=["faults"])
+
+    @LIVE
+    @given(
+        rid=request_ids,
+        model=st.none() | st.sampled_from(["faults", "echo", "no-such"]) | st.text(max_size=20),
+        schema=st.none() | schemas,
+        secret=st.sampled_from([live.secret, restricted]),
+    )
+    def check(rid: str, model: str | None, schema: str | None, secret: str) -> None:
+        RAN["gRPC port: random request fields"] += 1
+        req = pb.ExecuteRequest(user_fragments=["hi"], request_id=rid)
+        if model is not None:
+            req.model_name = model
+        if schema is not None:
+            req.response_model_schema = schema
+        try:
+            reply = live.stub.Execute(req, metadata=auth(secret), timeout=10)
+        except grpc.RpcError as e:
+            assert e.code() in REQUEST_PATH_CODES, (e.code(), e.details())
+            if secret == restricted and e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                assert "echo" not in (e.details() or "")
+            return
+        assert reply.request_id == rid or (not rid and len(reply.request_id) == 32)
+
+    check()
+    live.assert_serving()
+
+
+@pytest.mark.timeout(300)
+def test_random_authorization_metadata_is_refused_at_the_door(live: Live) -> None:
+    execute = live.channel.unary_unary("/vibectl.llm_proxy.VibectlLLMProxy/Execute")
+
+    @LIVE
+    @given(
+        value=st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=600),
+        body=st.binary(max_size=200),
+    )
+    def check(value: str, body: bytes) -> None:
+        RAN["gRPC port: random authorization metadata"] += 1
+        try:
+            execute(body, metadata=[("authorization", value)], timeout=10)
+        except grpc.RpcError as e:
+            # The body is never read: garbage in it cannot turn the refusal into an error.
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
+            return
+        raise AssertionError(f"served with authorization {value!r}")
+
+    check()
     live.assert_serving()
