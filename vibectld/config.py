@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 import yaml
 
 from vibectld.config_values import (  # the value readers, one per kind of value
-    ConfigError,
+    ConfigError as ConfigError,  # re-exported: every reader of the config raises it
+)
+from vibectld.config_values import (
     _choice,
     _duration,
     _int,

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.docs.manpage import Page
-from vibectld import config
+from vibectld import config, config_values
 from vibectld.admin.protocol import parse_duration
 
 PAGE = "vibectld.yaml.5"
@@ -99,7 +99,7 @@ def test_every_section_has_a_subsection(monkeypatch: pytest.MonkeyPatch) -> None
 
 def _same(documented: str, key: Key) -> bool:
     value = key.default
-    if key.conv is config._duration:
+    if key.conv is config_values._duration:
         # Written as a duration (90d), held in seconds.
         return isinstance(value, int) and parse_duration(documented) == value
     if value is None:
