@@ -25,4 +25,6 @@ def test_admin_cli_imports_only_protocol_client_and_version() -> None:
     )
     imported = set(proc.stdout.split())
     assert "vibectld.admin.cli" in imported
-    assert imported <= ALLOWED, sorted(imported - ALLOWED)
+    # The CLI's own package (its command modules) is the CLI.
+    outside = {m for m in imported - ALLOWED if not m.startswith("vibectld.admin.cli.")}
+    assert not outside, sorted(outside)

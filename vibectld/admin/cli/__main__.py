@@ -1,0 +1,5 @@
+"""`python -m vibectld.admin.cli` is vibectl-admin."""
+
+from vibectld.admin.cli import main
+
+main()

@@ -1,0 +1,143 @@
+"""Commands that report and steer the daemon: usage, audit, show-ca, status, reload."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from vibectld.admin.cli.base import call, cli, duration_option, for_human, print_json, table, when
+
+
+@cli.command("usage")
+@click.argument("name", required=False)
+@click.option(
+    "--since",
+    metavar="DURATION",
+    callback=duration_option,
+    help="How far back, e.g. 7d (default: today).",
+)
+@click.pass_context
+def usage(ctx: click.Context, name: str | None, since: str | None) -> None:
+    """Requests, errors, tokens and cost per client (UTC days).
+
+    With --json, a list of objects with name, id, requests, errors, input_tokens,
+    output_tokens and cost_usd.
+    """
+    result = call(ctx, "usage", {"name": name, "since": since})
+    rows = result.get("usage") or []
+    if ctx.obj.json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo(f"no usage since {result.get('since')}", err=True)
+        return
+    header = ["NAME", "REQUESTS", "ERRORS", "INPUT TOKENS", "OUTPUT TOKENS", "COST USD"]
+    cells = [
+        [
+            str(r["name"]),
+            str(r["requests"]),
+            str(r["errors"]),
+            str(r["input_tokens"]),
+            str(r["output_tokens"]),
+            f"{r['cost_usd']:.4f}",
+        ]
+        for r in rows
+    ]
+    click.echo(f"since {result.get('since')} (UTC)", err=True)
+    click.echo(table(header, cells, right={1, 2, 3, 4, 5}))
+
+
+@cli.command("audit")
+@click.option(
+    "--since", metavar="DURATION", callback=duration_option, help="How far back (default: 7d)."
+)
+@click.pass_context
+def audit(ctx: click.Context, since: str | None) -> None:
+    """List admin changes (issue, revoke, update, reload) with who made them."""
+    entries = call(ctx, "audit", {"since": since})["entries"]
+    if ctx.obj.json:
+        print_json(entries)
+        return
+    header = ["TIME (UTC)", "USER", "UID", "OPERATION", "TARGET", "OUTCOME"]
+    rows = [
+        [
+            when(e.get("at")),
+            str(e.get("caller_user")),
+            "-" if e.get("caller_uid") is None else str(e.get("caller_uid")),
+            str(e.get("op")).replace("_", "-"),
+            str(e.get("target") or "-"),
+            str(e.get("outcome")),
+        ]
+        for e in entries
+    ]
+    click.echo(table(header, rows, right={2}))
+
+
+@cli.command("show-ca")
+@click.pass_context
+def show_ca(ctx: click.Context) -> None:
+    """Print the PEM of the CA clients must trust; nothing if it is publicly trusted."""
+    result = for_human(ctx, "show_ca")
+    pem = result.get("pem")
+    if pem:
+        click.echo(pem, nl=not pem.endswith("\n"))
+
+
+def _uptime(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    parts += [f"{hours}h"] if days or hours else []
+    parts += [f"{minutes}m", f"{secs}s"]
+    return " ".join(parts)
+
+
+@cli.command("status")
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Show the daemon's version, uptime, listeners, models, clients and load."""
+    result = for_human(ctx, "status")
+    listeners = result.get("listeners") or {}
+    clients = result.get("clients") or {}
+    lines = [
+        ("version", result.get("version")),
+        ("pid", result.get("pid")),
+        ("uptime", _uptime(result.get("uptime_seconds"))),
+        ("grpc listener", listeners.get("grpc")),
+        ("admin socket", listeners.get("admin")),
+        ("default model", result.get("default_model")),
+        ("models", ", ".join(map(str, result.get("models") or [])) or "-"),
+        (
+            "clients",
+            f"{clients.get('active', 0)} active, {clients.get('expired', 0)} expired, "
+            f"{clients.get('revoked', 0)} revoked",
+        ),
+        ("in flight", result.get("in_flight")),
+    ]
+    width = max(len(key) for key, _ in lines) + 1
+    for key, value in lines:
+        click.echo(f"{key + ':':<{width}} {'-' if value is None else value}")
+
+
+@cli.command("reload")
+@click.option(
+    "--wait", is_flag=True, help="Return only when the reload is done (exit 1 if it was rejected)."
+)
+@click.pass_context
+def reload(ctx: click.Context, wait: bool) -> None:
+    """Re-read the configuration, certificates and limits (same as SIGHUP).
+
+    An invalid new configuration is rejected and the running one keeps serving.
+    """
+    result = for_human(ctx, "reload", {"wait": wait})
+    if not wait:
+        click.echo("reload requested; check it with: journalctl -u vibectld -n 20")
+        return
+    click.echo("reloaded")
+    for note in result.get("restart_needed") or []:
+        click.echo(f"note: {note}", err=True)
