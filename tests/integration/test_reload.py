@@ -220,6 +220,7 @@ def _every_key_changed(tmp: Path, sock_dir: Path) -> dict[str, Any]:
                 "client_ca_file": str(tls / "ca.pem"),
             },
             "max_request_bytes": 2048,
+            "max_concurrent_calls": 1000,
             "shutdown_grace_seconds": 3,
         },
         "admin": {"socket": str(sock_dir / "other.sock"), "group": "nogroup"},
