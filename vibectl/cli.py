@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
@@ -16,6 +17,7 @@ import click
 
 from vibectl.cli_common import State, command
 from vibectl.errors import UsageError
+from vibectl.redaction import summary
 from vibectl.setup_proxy import setup_proxy
 
 
@@ -47,6 +49,11 @@ def _adapter(state: State) -> Any:
 @click.option("--system", "-s", metavar="S", help="A system prompt.")
 @click.option("--schema", metavar="JSON", help="A JSON schema the reply must follow.")
 @click.option("--no-stream", is_flag=True, help="Print the reply only when it is complete.")
+@click.option(
+    "--no-redact",
+    is_flag=True,
+    help="Send the prompt without replacing secrets in it (the server's policy still applies).",
+)
 def ask(
     state: State,
     prompt: str | None,
@@ -54,6 +61,7 @@ def ask(
     system: str | None,
     schema: str | None,
     no_stream: bool,
+    no_redact: bool,
 ) -> None:
     """Ask a model; reads the prompt from stdin when PROMPT is absent."""
     if prompt is None:
@@ -70,7 +78,14 @@ def ask(
             raise UsageError(f"--schema is not valid JSON: {e}") from None
         if not isinstance(parsed_schema, dict):
             raise UsageError("--schema must be a JSON object (a JSON schema)")
-    run(_ask(state, prompt, model, system, parsed_schema, no_stream))
+    run(_ask(state, prompt, model, system, parsed_schema, no_stream, no_redact))
+
+
+def _tell_redacted(counts: Counter[str]) -> None:
+    click.echo(
+        f"vibectl: redacted {summary(counts)} before sending; --no-redact to send as is",
+        err=True,
+    )
 
 
 async def _ask(
@@ -80,8 +95,11 @@ async def _ask(
     system: str | None,
     schema: dict[str, Any] | None,
     no_stream: bool,
+    no_redact: bool = False,
 ) -> None:
     adapter = _adapter(state)
+    adapter.redact = not no_redact and state.config().redaction_enabled
+    adapter.on_redacted = _tell_redacted
     try:
         model = adapter.get_model(model_name)
         system_fragments = [system] if system else []

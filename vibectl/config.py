@@ -22,6 +22,8 @@ same directory, fsync, rename). The format of ``client/config.yaml``::
         insecure: false           # true only for vibectl-server-insecure:// (no TLS)
         timeout_seconds: 60       # deadline of one call
         connect_timeout_seconds: 10
+    redaction:
+      enabled: true               # false: prompts are sent without replacing secrets
     extra: {}                     # settings carried over from a legacy file, kept verbatim
 
 A profile with a ``ca_sha256`` pin trusts only the certificate with that
@@ -65,7 +67,7 @@ PROFILE_NAME_RULE = (
 )
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
-_TOP_KEYS = ("version", "active_profile", "model", "profiles", "extra")
+_TOP_KEYS = ("version", "active_profile", "model", "profiles", "redaction", "extra")
 _TIMEOUTS = {"timeout_seconds": 60.0, "connect_timeout_seconds": 10.0}
 _PROFILE_KEYS = ("host", "port", "ca_sha256", "ca_file", "insecure", *_TIMEOUTS)
 _LEGACY_PROFILE_KEYS = ("server_url", "jwt_path", "ca_bundle_path", "timeout_seconds")
@@ -118,6 +120,8 @@ class ClientConfig:
     profiles: dict[str, Profile] = field(default_factory=dict)
     model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Secrets in prompts are replaced before they leave (vibectl.redaction) unless false.
+    redaction_enabled: bool = True
 
     def active(self) -> Profile | None:
         """The active proxy profile, or None (direct mode)."""
@@ -223,7 +227,23 @@ def _parse_config(path: Path, raw: Any) -> ClientConfig:
     extra = raw.get("extra") or {}
     if not isinstance(extra, dict):
         raise _bad(path, "extra", "must be a mapping")
-    return ClientConfig(path, active, profiles, model.strip() if model else None, dict(extra))
+    config = ClientConfig(path, active, profiles, model.strip() if model else None, dict(extra))
+    config.redaction_enabled = _redaction_enabled(path, raw.get("redaction"))
+    return config
+
+
+def _redaction_enabled(path: Path, raw: Any) -> bool:
+    if raw is None:
+        return True
+    if not isinstance(raw, dict):
+        raise _bad(path, "redaction", "must be a mapping (enabled: true or false)")
+    for k in raw:
+        if k != "enabled":
+            raise _bad(path, f"redaction.{k}", "unknown setting (known: enabled)")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise _bad(path, "redaction.enabled", "must be true or false")
+    return enabled
 
 
 def _to_raw(config: ClientConfig) -> dict[str, Any]:
@@ -237,6 +257,7 @@ def _to_raw(config: ClientConfig) -> dict[str, Any]:
         "profiles": {
             n: {k: getattr(p, k) for k in _PROFILE_KEYS} for n, p in config.profiles.items()
         },
+        **({} if config.redaction_enabled else {"redaction": {"enabled": False}}),
         "extra": config.extra,
     }
 

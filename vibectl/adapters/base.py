@@ -6,9 +6,12 @@ import abc
 import functools
 import json
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec
+
+from vibectl.redaction import Redactor, default_redactor, summary
 
 P = ParamSpec("P")
 
@@ -60,6 +63,15 @@ class Prompt:
 
 
 Reply = tuple[str, LLMMetrics]
+# Told how many secrets of which kinds were replaced in a request (never their values).
+RedactionNotice = Callable[[Counter[str]], None]
+
+
+def log_redactions(counts: Counter[str]) -> None:
+    """The library's default notice: a warning on the `vibectl.redaction` logger."""
+    logging.getLogger("vibectl.redaction").warning("redacted %s before sending", summary(counts))
+
+
 _Execute = Callable[P, Awaitable[Reply]]
 
 
@@ -90,6 +102,15 @@ class ModelAdapter(abc.ABC):
 
     #: "direct" or "proxy", for messages and `vibectl models`.
     mode: str
+    #: Secrets in every fragment are replaced before a request leaves, unless `redact` is
+    #: False (`vibectl ask --no-redact`, `redaction.enabled: false`). `redactor` None is
+    #: the shared Redactor with every built-in detector.
+    redact: bool = True
+    redactor: Redactor | None = None
+    #: Called with the counts per kind when a request had secrets replaced.
+    on_redacted: RedactionNotice = staticmethod(log_redactions)
+    #: What the last request had replaced, per kind (empty when nothing was).
+    last_redactions: Counter[str] = Counter()  # noqa: RUF012 - replaced per call, never mutated
 
     @abc.abstractmethod
     def get_model(self, name: str | None) -> Any:
@@ -103,8 +124,9 @@ class ModelAdapter(abc.ABC):
         response_model: ResponseModel | None = None,
     ) -> Reply:
         """The whole reply and what it cost."""
-        prompt = Prompt(list(system_fragments), list(user_fragments), schema_of(response_model))
-        return await self._execute(model, prompt)
+        return await self._execute(
+            model, self._outgoing(system_fragments, user_fragments, response_model)
+        )
 
     execute_and_log_metrics = _logging_metrics(execute)
 
@@ -116,8 +138,26 @@ class ModelAdapter(abc.ABC):
         response_model: ResponseModel | None = None,
     ) -> AsyncIterator[str]:
         """The reply as text chunks, as they arrive."""
-        prompt = Prompt(list(system_fragments), list(user_fragments), schema_of(response_model))
-        return self._stream(model, prompt)
+        return self._stream(model, self._outgoing(system_fragments, user_fragments, response_model))
+
+    def _outgoing(
+        self,
+        system_fragments: Sequence[str],
+        user_fragments: Sequence[str],
+        response_model: ResponseModel | None,
+    ) -> Prompt:
+        """The request as it leaves: the one place where every fragment is redacted."""
+        system, user = list(system_fragments), list(user_fragments)
+        counts: Counter[str] = Counter()
+        if self.redact:
+            redactor = self.redactor or default_redactor()
+            system, in_system = redactor.redact_all(system)
+            user, in_user = redactor.redact_all(user)
+            counts = in_system + in_user
+        self.last_redactions = counts
+        if counts:
+            self.on_redacted(counts)
+        return Prompt(system, user, schema_of(response_model))
 
     @abc.abstractmethod
     async def _execute(self, model: Any, prompt: Prompt) -> Reply:
