@@ -23,6 +23,7 @@ from vibectl.config import Profile
 from vibectl.errors import (
     AuthenticationError,
     ConfigurationError,
+    InvalidRequestError,
     LimitExceededError,
     ModelError,
     PermissionDeniedError,
@@ -184,3 +185,22 @@ def test_a_pinned_profile_is_never_given_the_system_roots() -> None:
     profile = Profile("corp", "bastion.example.com", 50051, ca_sha256="ab" * 32)
     with pytest.raises(ConfigurationError, match="system"):
         proxy_adapter(profile, "secret", None)
+
+
+def test_a_request_too_large_for_the_transport_is_invalid_not_a_limit(
+    start_daemon: Callable[..., RunningDaemon],
+) -> None:
+    """gRPC's own receive limit answers RESOURCE_EXHAUSTED without a limit-type: that is no
+    limit a later retry can pass, so the client says "too large" (exit 65), not "retry"."""
+    daemon = start_daemon(server={"max_request_bytes": 1024})
+    adapter = proxy_for(daemon, daemon.issue("alice"))
+
+    async def scenario() -> None:
+        try:
+            with pytest.raises(InvalidRequestError, match="too large") as refused:
+                await adapter.execute(adapter.get_model("echo"), [], ["x" * 200_000])
+            assert refused.value.exit_code == 65 and not refused.value.recoverable
+        finally:
+            await adapter.aclose()
+
+    asyncio.run(scenario())

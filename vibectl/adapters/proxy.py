@@ -50,10 +50,16 @@ def error_from_rpc(err: grpc.aio.AioRpcError, target: str, timeout: float) -> Vi
         return PermissionDeniedError(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         trailers = dict(err.trailing_metadata() or ())
+        if "limit-type" not in trailers:
+            # Not a limit of vibectld's (those always say which): gRPC's own receive limit
+            # refused a message too large to read. Retrying the same request cannot help.
+            return InvalidRequestError(
+                f"vibectld refused the request as too large ({details}); send a shorter prompt"
+            )
         retry_after = trailers.get("retry-after-ms")
         return LimitExceededError(
             details or "a server limit was reached; retry later",
-            str(trailers["limit-type"]) if "limit-type" in trailers else None,
+            str(trailers["limit-type"]),
             int(retry_after) if isinstance(retry_after, str) and retry_after.isdigit() else None,
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
