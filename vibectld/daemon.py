@@ -44,6 +44,8 @@ log = structlog.get_logger("vibectld")
 
 SERVICE_NAME = "vibectl.llm_proxy.VibectlLLMProxy"
 FLUSH_INTERVAL_SECONDS = 2.0
+# How often the served certificate's expiry is looked at (renewal starts 30 days ahead).
+CERTIFICATE_CHECK_SECONDS = 6 * 3600.0
 # How long arrivals must pause before the server stops, and the most a drain may take.
 DRAIN_QUIET_SECONDS = 0.1
 DRAIN_MAX_SECONDS = 1.0
@@ -129,6 +131,7 @@ class Daemon:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._flush_usage(), name="flush-usage"))
         self._tasks.append(asyncio.create_task(self._reload_on_request(), name="reload"))
+        self._tasks.append(asyncio.create_task(self._watch_certificate(), name="certificate"))
         heartbeat = Heartbeat(rt, self.notifier, self._status_line)
         self._tasks.append(asyncio.create_task(heartbeat.run(), name="heartbeat"))
         self._log_started(rt)
@@ -327,6 +330,28 @@ class Daemon:
             await self._audit_sighups()
             with contextlib.suppress(GenerationRejected):
                 await self.reload()
+
+    async def _watch_certificate(self) -> None:
+        while True:
+            await asyncio.sleep(CERTIFICATE_CHECK_SECONDS)
+            self.check_certificate()
+
+    def check_certificate(self) -> None:
+        """Renew a server certificate about to expire: a daemon may run for longer than
+        one is valid without ever being reloaded or restarted."""
+        assert self.runtime is not None
+        gen = self.runtime.generation
+        if not gen.tls.renewal_due():
+            return
+        if gen.config.server.tls.self_managed:
+            log.info("tls.renewing", hint="the server certificate expires soon; reloading")
+            self.request_reload()
+        else:
+            log.warning(
+                "tls.expiring",
+                cert_file=str(gen.config.server.tls.cert_file),
+                hint="renew server.tls.cert_file, then: systemctl reload vibectld",
+            )
 
     async def _flush_usage(self) -> None:
         assert self.runtime is not None

@@ -326,3 +326,38 @@ def test_a_new_audience_refuses_secrets_verified_under_the_old_one(
         info(daemon, secret)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert info(daemon, daemon.issue("bob")).server_name == "reloadable"
+
+
+def test_a_certificate_about_to_expire_is_renewed_without_an_operator(
+    from_file: Callable[[dict[str, Any]], tuple[RunningDaemon, Path]],
+    tmp_path: Path,
+    sock_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A daemon can run longer than its server certificate is valid: it renews it itself."""
+    import datetime as dt
+
+    from cryptography import x509
+
+    from vibectld.pki import tls as pki_tls
+
+    daemon, _ = from_file(base_config(tmp_path, sock_dir))
+    # As if the daemon had served for almost two years: 10 days left.
+    monkeypatch.setattr(pki_tls, "SERVER_VALIDITY", dt.timedelta(days=10))
+    (tmp_path / "state" / "tls" / "server.pem").unlink()
+    assert admin(daemon, "reload", "--wait").returncode == 0
+    assert daemon.runtime.generation.tls.renewal_due()
+    monkeypatch.undo()
+    before = daemon.runtime.generation.number
+
+    async def check() -> None:
+        daemon.daemon.check_certificate()
+
+    daemon.run(check())
+    deadline = time.monotonic() + 10
+    while daemon.runtime.generation.number == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not daemon.runtime.generation.tls.renewal_due()
+    # The next handshake presents the renewed certificate.
+    leaf = x509.load_der_x509_certificate(fetch_chain("localhost", daemon.port)[0])
+    assert leaf.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=700)

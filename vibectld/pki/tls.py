@@ -57,6 +57,16 @@ class ServerTLS:
     def ca_sha256(self) -> str | None:
         return ca_fingerprint(self.ca_pem) if self.ca_pem is not None else None
 
+    def renewal_due(self, now: dt.datetime | None = None) -> bool:
+        """True when the served certificate expires within RENEW_BEFORE.
+
+        A reload then renews a self-managed certificate; an operator's file is only
+        re-read, and the reload's log says it expires.
+        """
+        leaf = x509.load_pem_x509_certificate(self.cert_chain_pem)
+        now = now or dt.datetime.now(dt.UTC)
+        return leaf.not_valid_after_utc <= now + RENEW_BEFORE
+
 
 def ca_fingerprint(pem: bytes) -> str:
     """Lowercase hex SHA-256 over the DER of the first certificate in `pem` (no colons)."""
