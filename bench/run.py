@@ -12,6 +12,8 @@ Sections (all by default; `--only a,b` picks some):
   footprint  RSS idle / after 100k / after 200k calls; start to READY=1; client cold
              start of `vibectl ask` in proxy vs direct mode
   isolation  a client at 10x its rpm limit next to a normal one: the normal one's p99
+  redaction  replacing secrets in a 10 kB and a 200 kB kubectl prompt: the client's
+             request hook and the server's engine on an ExecuteRequest (redact, refuse)
 
 Every load generator runs in its own process; each figure is the median of the
 repeats, and every ratio compares measurements of the same run. Each section prints
@@ -41,7 +43,7 @@ from types import FrameType
 
 from bench.common import Context, Section, Settings
 from bench.report import machine_info, markdown, summary_markdown, summary_table
-from bench.sections import footprint, isolation, overhead, provider, registry
+from bench.sections import footprint, isolation, overhead, provider, redaction, registry
 from bench.servers import REPO, BenchError, Processes
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -51,6 +53,7 @@ SECTIONS: dict[str, Callable[[Context], Section]] = {
     "registry": registry.run,
     "footprint": footprint.run,
     "isolation": isolation.run,
+    "redaction": redaction.run,
 }
 TITLES = {
     "overhead": "Overhead vs the floor",
@@ -58,6 +61,7 @@ TITLES = {
     "registry": "Scale of the registry",
     "footprint": "Footprint",
     "isolation": "Isolation",
+    "redaction": "Redaction",
 }
 
 

@@ -44,6 +44,7 @@ running time explodes on adversarial inputs.
 
 from __future__ import annotations
 
+import bisect
 import re
 import time
 from collections import Counter
@@ -108,7 +109,7 @@ _SEP = r"""(?:\\?["'])?[ \t]*(?:[:=]|,?[ \t]*\r?\n\s*(?:\\?["'])?value(?:\\?["']
 # The value: quoted (to the closing quote), or unquoted to the end of the line but not
 # past a following `key=` / `key:` on the same line (log lines), a quote or an `&`.
 _VALUE = (
-    r"""(?:\\?"(?P<dq>(?:[^"\\\n]|\\[^"\n])+)\\?"|'(?P<sq>[^'\n]+)'"""
+    r"""(?:\\?"(?P<dq>[^"\\\n]*(?:\\[^"\n][^"\\\n]*)*)\\?"|'(?P<sq>[^'\n]+)'"""
     r"""|(?P<raw>[^\s"'&{\[<][^\n"'&]*?)"""
     r"""(?=[ \t\r]*(?:[,;]?[ \t\r]*$|[ \t]+[\w.-]+[:=]|["'&]|\\[nr])))"""
 )
@@ -127,59 +128,74 @@ def _not_placeholder(value: str) -> bool:
 
 # ---- Kubernetes Secrets: the values under data/stringData of an object of kind Secret ----
 
-_DATA_KEY = re.compile(r"""[ \t]*(?:- )?"?(?:data|stringData)"?[ \t]*:[ \t]*(?:\{[ \t]*)?\r?$""")
+# A `data:` / `stringData:` key ending its line (YAML, or indented JSON opening its object),
+# found from the literal (fast) in the lower-cased text, then what precedes it on the line.
+_DATA_KEY_END = re.compile(r"""(?m)data"?[ \t]*:[ \t]*(?:\{[ \t]*)?\r?$""")
+_DATA_KEY_START = re.compile(r"""(?P<indent>[ \t]*(?:- )*)"?(?:string)?""")
 _COMPACT_DATA = re.compile(r"""\\?"(?:data|stringData)\\?"[ \t]*:[ \t]*\{""")
 _COMPACT_PAIR = re.compile(
-    r"""[ \t]*,?[ \t]*\\?"(?:[^"\\]|\\[^"])*\\?"[ \t]*:[ \t]*\\?"(?P<v>(?:[^"\\]|\\[^"])*)\\?\""""
+    r"""[ \t]*,?[ \t]*\\?"[^"\\]*(?:\\[^"][^"\\]*)*\\?"[ \t]*:[ \t]*"""
+    r"""\\?"(?P<v>[^"\\]*(?:\\[^"][^"\\]*)*)\\?\""""
 )
 _CHILD_VALUE = re.compile(
-    r"""[ \t]*(?:"(?:[^"\\]|\\.)*"|'[^']*'|[^\s:"'#][^:\n]*?)[ \t]*:[ \t]*"""
-    r"""(?:(?P<v>"(?:[^"\\]|\\.)*"|'[^']*'|[^\s|>][^\n]*?)|[|>][-+]?\d?)?[ \t]*,?[ \t]*\r?$"""
+    r"""[ \t]*(?:"[^"\\\n]*(?:\\.[^"\\\n]*)*"|'[^'\n]*'|[^\s:"'#][^:\n]*?)[ \t]*:[ \t]*"""
+    r"""(?:(?P<v>[^\s|>][^\n]*)|[|>][-+]?\d?[ \t]*\r?$)?"""
 )
-_YAMLISH = re.compile(r"""[ \t]*(?:- )?(?:"[^"\n]*"|[\w./-]+)[ \t]*:|[ \t]*[{}\[\]]|---""")
-_MAX_LINES = 5000  # how far one object is followed up or down
+_boundaries: dict[int, re.Pattern[str]] = {}
 
 
-def _column(line: str) -> int:
-    """The column where a line's content starts (after indentation and a list's `- `)."""
-    stripped = line.lstrip(" \t")
-    col = len(line) - len(stripped)
-    while stripped.startswith("- "):
-        stripped = stripped[2:].lstrip(" ")
-        col = len(line) - len(stripped)
-    return col
+def _boundary(col: int) -> re.Pattern[str]:
+    """A line that ends the object whose keys are at column `col`, seen between two of them.
 
-
-def _lines_from(text: str, pos: int, step: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of the lines after (step 1) or before (step -1) the line at `pos`."""
-    start = text.rfind("\n", 0, pos) + 1
-    end = text.find("\n", pos)
-    end = len(text) if end < 0 else end
-    for _ in range(_MAX_LINES):
-        if step > 0:
-            if end >= len(text):
-                return
-            start = end + 1
-            nl = text.find("\n", start)
-            end = len(text) if nl < 0 else nl
+    Deeper lines are the object's own; a line less indented, or the start of the next
+    list item, ends it. At column 0 the object ends at `---`, at a line of prose, or at
+    a second `apiVersion:` or `kind:` (the next object of a concatenated output).
+    """
+    if col not in _boundaries:
+        if col == 0:
+            rule = r"""(?m)^(?:---|(?:apiVersion|kind)[ \t]*:|(?![\w"./-]+[ \t]*:)[^\s{}\[\]])"""
         else:
-            if start == 0:
-                return
-            end = start - 1
-            start = text.rfind("\n", 0, end) + 1
-        yield start, end
+            rule = rf"""(?m)^(?:(?![ \t]{{{col}}})[ \t]*[^\s]|[ \t]{{{max(col - 2, 0)}}}- )"""
+        _boundaries[col] = re.compile(rule)
+    return _boundaries[col]
 
 
 def _secret_spans(text: str, lowered: str, anchor: re.Pattern[str]) -> Iterator[tuple[int, int]]:
+    """The values under data/stringData of every object of kind Secret."""
+    kinds: dict[int, list[int]] = {}  # column of the `kind` key -> where its lines start
     for m in anchor.finditer(lowered):
         start = text.rfind("\n", 0, m.start()) + 1
         end = text.find("\n", m.start())
         end = len(text) if end < 0 else end
-        line = text[start:end]
-        if line[: m.start() - start].strip(" \t-\"'{\\,"):
-            yield from _compact(text, start, end)  # `kind` is not the line's first key
+        before = text[start : m.start()]
+        if before.strip(" \t-\"'{\\,"):
+            yield from _compact(text, start, end)  # `kind` is not its line's first key
         else:
-            yield from _indented(text, start, end, _column(line))
+            col = len(before) - len(before.lstrip(" \t-"))
+            kinds.setdefault(col, []).append(start)
+    if not kinds:
+        return
+    for d in _DATA_KEY_END.finditer(lowered):
+        start = lowered.rfind("\n", 0, d.start()) + 1
+        key = _DATA_KEY_START.fullmatch(lowered, start, d.start())
+        if key is None:
+            continue  # e.g. metadata:
+        col = len(key.group("indent"))
+        lines = kinds.get(col)
+        if lines is None:
+            continue
+        i = bisect.bisect_left(lines, start)  # the nearest `kind` lines before and after
+        if any(_same_object(text, start, k, col) for k in lines[max(i - 1, 0) : i + 1]):
+            yield from _children(text, d.end(), col)
+
+
+def _same_object(text: str, a: int, b: int, col: int) -> bool:
+    """Whether the key lines starting at `a` and `b` (column `col`) are in one object."""
+    first, second = min(a, b), max(a, b)
+    after_first = text.find("\n", first) + 1
+    if after_first <= 0 or after_first > second:
+        return after_first > second or first == second
+    return _boundary(col).search(text, after_first, second) is None
 
 
 def _compact(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -192,40 +208,14 @@ def _compact(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
             pos = pair.end()
 
 
-def _indented(text: str, start: int, end: int, col: int) -> Iterator[tuple[int, int]]:
-    """Values under data/stringData keys at column `col` of the object around this line."""
-    siblings: list[tuple[int, int]] = [(start, end)]
-    for s, e in _lines_from(text, start, -1):
-        line = text[s:e]
-        if not line.strip():
-            continue
-        c = _column(line)
-        if c < col or (col == 0 and not _YAMLISH.match(line)) or line.startswith("---"):
-            break
-        if c == col:
-            siblings.append((s, e))
-            if line.lstrip(" \t").startswith("- "):
-                break  # the first key of this list item
-    for s, e in _lines_from(text, start, 1):
-        line = text[s:e]
-        if not line.strip():
-            continue
-        c = _column(line)
-        if c < col or (c == col and line.lstrip(" \t").startswith("- ")) or line.startswith("---"):
-            break
-        if col == 0 and not _YAMLISH.match(line):
-            break
-        if c == col:
-            siblings.append((s, e))
-    for s, e in siblings:
-        if _DATA_KEY.match(text, s, e):
-            yield from _children(text, e, col)
-
-
 def _children(text: str, pos: int, col: int) -> Iterator[tuple[int, int]]:
     """The values of the lines indented deeper than `col` that follow `pos`."""
     child_col = -1
-    for s, e in _lines_from(text, pos, 1):
+    e = text.find("\n", pos)
+    while 0 <= e < len(text):
+        s = e + 1
+        e = text.find("\n", s)
+        e = len(text) if e < 0 else e
         line = text[s:e]
         if not line.strip():
             continue
@@ -241,6 +231,8 @@ def _children(text: str, pos: int, col: int) -> Iterator[tuple[int, int]]:
                 yield s + c, s + c + len(line.rstrip()) - c
         elif m.group("v") is not None:
             vs, ve = m.span("v")
+            value = text[vs:ve].rstrip(" \t\r")
+            ve = vs + len(value.removesuffix(",").rstrip(" \t"))
             if text[vs] in "\"'" and ve - vs >= 2:
                 vs, ve = vs + 1, ve - 1
             if ve > vs and real_value(text[vs:ve]):

@@ -22,6 +22,7 @@ SECTIONS = (
     "Scale of the registry",
     "Footprint",
     "Isolation",
+    "Redaction",
 )
 
 
@@ -58,6 +59,7 @@ def test_quick_bench_runs_every_section_and_prints_the_tables() -> None:
     assert "memory growth" in out.stdout
     assert "| `vibectl ask` proxy mode |" in out.stdout
     assert "isolation (abuser at 10x its rpm)" in out.stdout
+    assert "redaction client, 10 kB typical prompt" in out.stdout
     # Every target shows a verdict, and the summary closes the run.
     assert "=== Summary ===" in out.stdout
     assert re.search(r"^\d+ of \d+ targets met", out.stdout, re.M)
