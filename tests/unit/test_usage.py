@@ -392,7 +392,7 @@ def test_v1_database_is_migrated_in_place(db_path: Path) -> None:
         reg.close()
     con = sqlite3.connect(db_path)
     try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert con.execute("SELECT requests, rpm, updated_by FROM clients").fetchone() == (
             8,
             9,

@@ -55,11 +55,17 @@ def _migrate_v3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE clients ADD COLUMN kid TEXT")
 
 
+def _migrate_v4(db: sqlite3.Connection) -> None:
+    # A client's own dollar budget per UTC month; NULL: the configured default applies.
+    db.execute("ALTER TABLE clients ADD COLUMN usd_per_month REAL")
+
+
 # MIGRATIONS[i] takes the schema from version i to i + 1. Append; never edit a shipped one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_v1,
     _migrate_v2,
     _migrate_v3,
+    _migrate_v4,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

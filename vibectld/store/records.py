@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
 from vibectl.util.limits import MAX_LIMIT as MAX_LIMIT  # re-exported: the registry's rule
-from vibectl.util.limits import check_limit
+from vibectl.util.limits import check_limit, check_usd
 
 NAME_RULE = (
     "a client name is 1 to 64 characters: letters, digits, '.', '_', '@' and '-', "
@@ -40,7 +40,8 @@ UNSET: Final = Unset.UNSET
 
 _COLUMNS = (
     "id, name, created_at, expires_at, issued_by, note, models, rpm, concurrency, "
-    "tokens_per_day, revoked_at, revoked_by, revoke_reason, last_seen_at, requests, kid"
+    "tokens_per_day, revoked_at, revoked_by, revoke_reason, last_seen_at, requests, kid, "
+    "usd_per_month"
 )
 
 
@@ -87,6 +88,8 @@ class ClientRecord:
     requests: int = 0
     # The kid of the key that signed the secret; None if issued before it was recorded.
     kid: str | None = None
+    # Dollars per UTC calendar month; None: the configured default (limits.usd_per_month).
+    usd_per_month: float | None = None
 
     def status(self, now: int) -> str:
         if self.revoked_at is not None:
@@ -111,6 +114,10 @@ def _record(row: Sequence[Any]) -> ClientRecord:
 
 def _check_limit(label: str, value: object) -> int | None:
     return check_limit(value, label, InvalidRecord)
+
+
+def _check_usd(label: str, value: object) -> float | None:
+    return check_usd(value, label, InvalidRecord)
 
 
 def _check_models(models: object) -> tuple[str, ...] | None:

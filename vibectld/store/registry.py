@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vibectl.util.timefmt import readable
-from vibectld.store import audit, usage
+from vibectld.store import audit, spend, usage
 from vibectld.store.audit import AuditEntry
 from vibectld.store.migrations import MIGRATIONS, SCHEMA_VERSION, _prepare_file, migrate
 from vibectld.store.records import (
@@ -48,6 +48,7 @@ from vibectld.store.records import (
     _check_limit,
     _check_models,
     _check_note,
+    _check_usd,
     _db_row,
     _models_json,
     _now,
@@ -87,6 +88,7 @@ class Registry:
         path: Path,
         records: dict[str, ClientRecord],
         book: usage.UsageBook | None = None,
+        spent: spend.SpendBook | None = None,
     ):
         self._db: sqlite3.Connection | None = db
         self._path = path
@@ -96,6 +98,7 @@ class Registry:
         for record in records.values():
             self._ids_by_name.setdefault(record.name, []).append(record.id)
         self._usage = book if book is not None else usage.UsageBook()
+        self._spend = spent if spent is not None else spend.SpendBook()
         self._pending: set[str] = set()  # clients whose counters are not yet on disk
         # (valid from, valid until, counts): the heartbeat asks every few seconds, and a
         # scan of 100,000 records costs ~15 ms of the loop; a change of any status drops it.
@@ -120,6 +123,7 @@ class Registry:
         except (OSError, sqlite3.Error) as e:
             raise StorageFailure(f"cannot open the client registry {path}: {e}") from None
         book = usage.UsageBook()
+        spent = spend.SpendBook()
         try:
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
@@ -132,6 +136,12 @@ class Registry:
             migrate(db, path)
             rows = db.execute(f"SELECT {_COLUMNS} FROM clients").fetchall()  # noqa: S608
             book.load(db.execute(usage.LOAD_DAY_SQL, (usage.day_of(now),)).fetchall(), now)
+            # The month's dollars per client and the day's for the server: the budgets.
+            spent.load(
+                db.execute(spend.MONTH_SQL, spend.month_days(now)).fetchall(),
+                db.execute(spend.DAY_SQL, (usage.day_of(now),)).fetchone()[0],
+                now,
+            )
         except sqlite3.DatabaseError as e:
             db.close()
             raise StorageFailure(
@@ -141,7 +151,7 @@ class Registry:
             db.close()
             raise
         records = {row[0]: _record(row) for row in rows}
-        return cls(db, path, records, book)
+        return cls(db, path, records, book, spent)
 
     def close(self) -> None:
         """Write pending usage counts and close the database; later calls do nothing."""
@@ -166,6 +176,7 @@ class Registry:
         concurrency: int | None = None,
         tokens_per_day: int | None = None,
         kid: str | None = None,
+        usd_per_month: float | None = None,
         now: int | None = None,
     ) -> ClientRecord:
         """Record a new client; its id is the jti to put in the secret, signed by `kid`."""
@@ -186,6 +197,7 @@ class Registry:
             concurrency=_check_limit("concurrency", concurrency),
             tokens_per_day=_check_limit("tokens_per_day", tokens_per_day),
             kid=kid,
+            usd_per_month=_check_usd("usd_per_month", usd_per_month),
         )
         with self._db_lock:
             for other in self._named(name):
@@ -197,7 +209,7 @@ class Registry:
             self._transaction(
                 (
                     f"INSERT INTO clients ({_COLUMNS}) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [_db_row(record)],
                 )
             )
@@ -265,6 +277,7 @@ class Registry:
         rpm: int | object | None = UNSET,
         concurrency: int | object | None = UNSET,
         tokens_per_day: int | object | None = UNSET,
+        usd_per_month: float | object | None = UNSET,
         note: str | object | None = UNSET,
         now: int | None = None,
     ) -> ClientRecord:
@@ -285,6 +298,8 @@ class Registry:
         ):
             if value is not UNSET:
                 changes[label] = _check_limit(label, value)
+        if usd_per_month is not UNSET:
+            changes["usd_per_month"] = _check_usd("usd_per_month", usd_per_month)
         if note is not UNSET:
             changes["note"] = _check_note(note)
         with self._db_lock:
@@ -302,7 +317,8 @@ class Registry:
             self._transaction(
                 (
                     "UPDATE clients SET note = ?, models = ?, rpm = ?, concurrency = ?, "
-                    "tokens_per_day = ?, updated_at = ?, updated_by = ? WHERE id = ?",
+                    "tokens_per_day = ?, usd_per_month = ?, updated_at = ?, updated_by = ? "
+                    "WHERE id = ?",
                     [
                         (
                             new.note,
@@ -310,6 +326,7 @@ class Registry:
                             new.rpm,
                             new.concurrency,
                             new.tokens_per_day,
+                            new.usd_per_month,
                             now,
                             by,
                             record.id,
@@ -396,6 +413,17 @@ class Registry:
             )
             self._pending.add(client_id)
             self._usage.record(client_id, now, call)
+            self._spend.record(client_id, now, call.cost_usd)
+
+    def usd_spent_month(self, client_id: str, now: float) -> float:
+        """Dollars the client spent in the UTC calendar month of `now`, from memory."""
+        with self._lock:
+            return self._spend.month_spent(client_id, now)
+
+    def usd_spent_day(self, now: float) -> float:
+        """Dollars every client together spent on the UTC day of `now`, from memory."""
+        with self._lock:
+            return self._spend.day_spent(now)
 
     def tokens_used(self, client_id: str, now: int) -> int:
         """Input plus output tokens of the client's UTC day of `now`, from memory."""
