@@ -37,6 +37,7 @@ from vibectld.config_values import (
     _str,
     _str_list,
     _str_map,
+    _usd,
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/vibectld/config.yaml")
@@ -115,6 +116,10 @@ class LimitsConfig:
     tokens_per_day: int | None = None
     max_input_chars: int | None = 200_000
     request_timeout_seconds: int = 120
+    # Dollars per client per UTC calendar month (issue-client --usd-per-month overrides).
+    usd_per_month: float | None = None
+    # Dollars per UTC day, summed over every client.
+    server_usd_per_day: float | None = None
 
 
 @dataclass(frozen=True)
@@ -337,6 +342,8 @@ def _limits(lim: _Section, d: LimitsConfig) -> LimitsConfig:
         tokens_per_day=lim.get("tokens_per_day", _limit, None),
         max_input_chars=lim.get("max_input_chars", _opt_int, d.max_input_chars),
         request_timeout_seconds=lim.get("request_timeout_seconds", _int, d.request_timeout_seconds),
+        usd_per_month=lim.get("usd_per_month", _usd, None),
+        server_usd_per_day=lim.get("server_usd_per_day", _usd, None),
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vibectl.util.durations import parse_duration
-from vibectl.util.limits import check_limit
+from vibectl.util.limits import check_limit, check_usd
 
 
 class ConfigError(Exception):
@@ -56,6 +56,11 @@ def _opt_int(key: str, v: Any) -> int | None:
 def _limit(key: str, v: Any) -> int | None:
     """A default rate or budget limit: the same rule as a client's own (None: no limit)."""
     return check_limit(v, f"{key}:", ConfigError)
+
+
+def _usd(key: str, v: Any) -> float | None:
+    """A dollar budget: the same rule as a client's own (None: no budget)."""
+    return check_usd(v, f"{key}:", ConfigError)
 
 
 def _finite(v: Any) -> float | None:

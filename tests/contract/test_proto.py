@@ -74,6 +74,9 @@ CONTRACT = [
     ("ServerLimits", 2, "max_concurrent_requests", T.TYPE_INT32, False),
     ("ServerLimits", 3, "max_input_length", T.TYPE_INT32, False),
     ("ServerLimits", 4, "request_timeout_seconds", T.TYPE_INT32, False),
+    # Added by the second release (issue 13): the calling client's dollar budget.
+    ("ServerLimits", 5, "usd_per_month", T.TYPE_DOUBLE, False),
+    ("ServerLimits", 6, "usd_left_this_month", T.TYPE_DOUBLE, False),
 ]
 
 
@@ -89,6 +92,8 @@ def test_wire_contract_matches_vibectl_0_11() -> None:
         ("ExecuteRequest", "response_model_schema"),
         ("ExecuteError", "error_details"),
         ("ModelInfo", "max_context_length"),
+        ("ServerLimits", "usd_per_month"),
+        ("ServerLimits", "usd_left_this_month"),
     }
     for message, name in optional:
         assert file.message_types_by_name[message].fields_by_name[name].has_presence

@@ -132,13 +132,17 @@ class ModelInfo(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., display_name: _Optional[str] = ..., provider: _Optional[str] = ..., supports_streaming: _Optional[bool] = ..., max_context_length: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_requests_per_minute", "max_concurrent_requests", "max_input_length", "request_timeout_seconds")
+    __slots__ = ("max_requests_per_minute", "max_concurrent_requests", "max_input_length", "request_timeout_seconds", "usd_per_month", "usd_left_this_month")
     MAX_REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_MONTH_FIELD_NUMBER: _ClassVar[int]
+    USD_LEFT_THIS_MONTH_FIELD_NUMBER: _ClassVar[int]
     max_requests_per_minute: int
     max_concurrent_requests: int
     max_input_length: int
     request_timeout_seconds: int
-    def __init__(self, max_requests_per_minute: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_input_length: _Optional[int] = ..., request_timeout_seconds: _Optional[int] = ...) -> None: ...
+    usd_per_month: float
+    usd_left_this_month: float
+    def __init__(self, max_requests_per_minute: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_input_length: _Optional[int] = ..., request_timeout_seconds: _Optional[int] = ..., usd_per_month: _Optional[float] = ..., usd_left_this_month: _Optional[float] = ...) -> None: ...

@@ -48,3 +48,10 @@ def check_usd(
         got = f", not {value}" if number is not None else ""
         raise error(f"{label} must be a number of US dollars from {MIN_USD} to {MAX_USD:.0f}{got}")
     return number
+
+
+def format_usd(amount: float) -> str:
+    """'$3.20'; under a dollar, four decimals where cents would hide the amount ('$0.0080')."""
+    if abs(amount) < 1 and round(amount, 2) != round(amount, 4):
+        return f"${amount:.4f}"
+    return f"${amount:,.2f}"

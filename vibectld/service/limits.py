@@ -31,6 +31,7 @@ class EffectiveLimits:
     tokens_per_day: int | None
     max_input_chars: int | None
     request_timeout_seconds: int
+    usd_per_month: float | None = None
 
     @classmethod
     def of(cls, client: ClientRecord, defaults: LimitsConfig) -> EffectiveLimits:
@@ -48,6 +49,9 @@ class EffectiveLimits:
             ),
             max_input_chars=defaults.max_input_chars,
             request_timeout_seconds=defaults.request_timeout_seconds,
+            usd_per_month=(
+                client.usd_per_month if client.usd_per_month is not None else defaults.usd_per_month
+            ),
         )
 
 

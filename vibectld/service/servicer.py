@@ -2,10 +2,11 @@
 
 Order of checks on every call (the contract's): authenticate → request_id
 shape → the client's rate limit → validate the request → (redaction policy) →
-authorize the model → token budget → concurrency → run. Authentication happens
-first at the door (interceptor.py, before the message is read) and again here,
-under the generation the call runs with. Call failures are gRPC statuses
-(refusals.py); model failures are in-band ExecuteErrors (providers/execution.py).
+authorize the model → budgets (tokens, then dollars: budgets.py) → concurrency →
+run. Authentication happens first at the door (interceptor.py, before the
+message is read) and again here, under the generation the call runs with. Call
+failures are gRPC statuses (refusals.py); model failures are in-band
+ExecuteErrors (providers/execution.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from vibectld.generation import Generation
 from vibectld.providers.catalogue import CatalogueEntry, UnknownModel
 from vibectld.providers.execution import ErrorCode, ModelFailure, Outcome
 from vibectld.runtime import Runtime
+from vibectld.service.budgets import check_dollar_budgets, usd_left
 from vibectld.service.interceptor import FailedAuthLog
 from vibectld.service.limits import EffectiveLimits, check_token_budget
 from vibectld.service.refusals import (
@@ -130,6 +132,8 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         check_token_budget(
             rt.registry.tokens_used(call.client.id, int(now)), call.limits.tokens_per_day, now
         )
+        assert call.entry is not None
+        check_dollar_budgets(rt.registry, call.gen, call.client, call.limits, call.entry, now)
         with (
             rt.limiter.reserve(call.client.id, call.limits.concurrency),
             rt.inflight.track(call.client.id),
@@ -335,7 +339,10 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         return pb.GetServerInfoResponse(
             available_models=models,
             default_model=default,
-            limits=_server_limits(EffectiveLimits.of(client, gen.config.limits)),
+            limits=_server_limits(
+                EffectiveLimits.of(client, gen.config.limits),
+                self.rt.registry.usd_spent_month(client.id, time.time()),
+            ),
             server_version=__version__,
             model_aliases={a: t for a, t in catalogue.aliases().items() if t in offered},
             server_name=gen.config.server.name,
@@ -460,7 +467,7 @@ def _not_allowed(client: ClientRecord) -> PermissionDenied:
     )
 
 
-def _server_limits(limits: EffectiveLimits) -> pb.ServerLimits:
+def _server_limits(limits: EffectiveLimits, usd_spent_month: float) -> pb.ServerLimits:
     reply = pb.ServerLimits(request_timeout_seconds=limits.request_timeout_seconds)
     if limits.rpm is not None:
         reply.max_requests_per_minute = limits.rpm
@@ -468,6 +475,9 @@ def _server_limits(limits: EffectiveLimits) -> pb.ServerLimits:
         reply.max_concurrent_requests = limits.concurrency
     if limits.max_input_chars is not None:
         reply.max_input_length = limits.max_input_chars
+    if limits.usd_per_month is not None:
+        reply.usd_per_month = limits.usd_per_month
+        reply.usd_left_this_month = usd_left(limits.usd_per_month, usd_spent_month)
     return reply
 
 
