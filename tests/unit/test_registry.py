@@ -594,6 +594,6 @@ def test_clients_of_an_older_schema_have_an_unknown_kid(db_path: Path) -> None:
     reg.close()
     con = sqlite3.connect(db_path)
     try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     finally:
         con.close()

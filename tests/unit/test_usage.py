@@ -392,7 +392,7 @@ def test_v1_database_is_migrated_in_place(db_path: Path) -> None:
         reg.close()
     con = sqlite3.connect(db_path)
     try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert con.execute("SELECT requests, rpm, updated_by FROM clients").fetchone() == (
             8,
             9,
@@ -401,3 +401,69 @@ def test_v1_database_is_migrated_in_place(db_path: Path) -> None:
     finally:
         con.close()
     assert rows(db_path) == [("a1", TODAY, 1, 0, 10, 20, 0.0)]
+
+
+# -- secrets the redaction policy found, per client, day and kind ------------------------
+
+
+def redaction_rows(db_path: Path) -> list[tuple[str, str, str, int]]:
+    con = sqlite3.connect(db_path)
+    try:
+        return con.execute(
+            "SELECT client_id, day, kind, count FROM redactions ORDER BY client_id, day, kind"
+        ).fetchall()
+    finally:
+        con.close()
+
+
+def test_redactions_are_counted_per_kind_and_persist_on_flush(
+    db_path: Path, registry: Registry
+) -> None:
+    alice = issue(registry)
+    bob = issue(registry, "bob")
+    call(registry, alice)
+    registry.record_redactions(alice.id, now=NOW, found={"jwt": 1, "k8s_secret": 2})
+    registry.record_redactions(alice.id, now=NOW + 1, found={"jwt": 1})
+    registry.record_redactions(alice.id, now=MIDNIGHT, found={"password": 1})
+    # A client whose only call was refused for its secrets: listed, with no requests.
+    registry.record_redactions(bob.id, now=NOW, found={"private_key": 1})
+    registry.record_redactions("unknown", now=NOW, found={"jwt": 1})  # ignored
+    got = {r.name: r for r in registry.usage(since_day=TODAY)}
+    assert got["alice"].redactions == {"jwt": 2, "k8s_secret": 2, "password": 1}
+    assert got["alice"].requests == 1
+    assert (got["bob"].requests, got["bob"].redactions) == (0, {"private_key": 1})
+    assert registry.usage(since_day=TOMORROW, name_or_id="alice")[0].redactions == {"password": 1}
+    assert redaction_rows(db_path) == sorted(
+        [
+            (alice.id, TODAY, "jwt", 2),
+            (alice.id, TODAY, "k8s_secret", 2),
+            (alice.id, TOMORROW, "password", 1),
+            (bob.id, TODAY, "private_key", 1),
+        ]
+    )
+    # Increments: a second flush and more counts add, never double.
+    registry.record_redactions(alice.id, now=NOW, found={"jwt": 3})
+    registry.flush()
+    registry.flush()
+    assert (alice.id, TODAY, "jwt", 5) in redaction_rows(db_path)
+
+
+def test_a_failed_flush_keeps_the_redaction_counts(db_path: Path, registry: Registry) -> None:
+    alice = issue(registry)
+    registry.record_redactions(alice.id, now=NOW, found={"jwt": 1})
+    con = sqlite3.connect(db_path)
+    con.execute(
+        "CREATE TRIGGER fail BEFORE INSERT ON redactions "
+        "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+    )
+    con.commit()
+    with pytest.raises(RegistryError, match="disk on fire"):
+        registry.flush()
+    registry.record_redactions(alice.id, now=NOW, found={"jwt": 1, "token": 1})
+    con.execute("DROP TRIGGER fail")
+    con.commit()
+    con.close()
+    registry.flush()
+    assert redaction_rows(db_path) == sorted(
+        [(alice.id, TODAY, "jwt", 2), (alice.id, TODAY, "token", 1)]
+    )

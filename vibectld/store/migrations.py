@@ -60,12 +60,19 @@ def _migrate_v4(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE clients ADD COLUMN usd_per_month REAL")
 
 
+def _migrate_v5(db: sqlite3.Connection) -> None:
+    # Secrets the server's redaction policy found in each client's prompts, per day and kind.
+    for sql in usage.SCHEMA_V5:
+        db.execute(sql)
+
+
 # MIGRATIONS[i] takes the schema from version i to i + 1. Append; never edit a shipped one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_v1,
     _migrate_v2,
     _migrate_v3,
     _migrate_v4,
+    _migrate_v5,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -415,6 +415,16 @@ class Registry:
             self._usage.record(client_id, now, call)
             self._spend.record(client_id, now, call.cost_usd)
 
+    def record_redactions(self, client_id: str, *, now: int, found: dict[str, int]) -> None:
+        """Count the secrets the server found in a call's prompt, per kind; no SQL.
+
+        Counted whether the call was then served (redacted) or refused, so it is not a
+        request of its own; unknown ids are ignored.
+        """
+        with self._lock:
+            if client_id in self._records:
+                self._usage.record_redactions(client_id, now, found)
+
     def usd_spent_month(self, client_id: str, now: float) -> float:
         """Dollars the client spent in the UTC calendar month of `now`, from memory."""
         with self._lock:
@@ -462,14 +472,22 @@ class Registry:
             if chosen.id != name_or_id:  # a name: every client that had it
                 ids = sorted(r.id for r in self._named(name_or_id))
             ids = ids or [chosen.id]
+        n_ids = len(ids) if chosen is not None else None
         with self._db_lock:
             self._flush_locked()
-            sql = usage.select_totals_sql(len(ids) if chosen is not None else None)
-            found = self._query(sql, [since_day, *ids])
+            found = self._query(usage.select_totals_sql(n_ids), [since_day, *ids])
+            secrets = self._query(usage.select_redactions_sql(n_ids), [since_day, *ids])
         counts = {row[0]: usage.Counts(*row[1:]) for row in found}
+        kinds: dict[str, dict[str, int]] = {}
+        for client_id, kind, n in secrets:
+            kinds.setdefault(client_id, {})[kind] = n
+            # A client whose every call was refused for its secrets has no other usage.
+            counts.setdefault(client_id, usage.Counts())
         if chosen is not None:
             counts.setdefault(chosen.id, usage.Counts())
-        return usage.sort_rows(c.row(cid, self._name(cid)) for cid, c in counts.items())
+        return usage.sort_rows(
+            c.row(cid, self._name(cid), kinds.get(cid)) for cid, c in counts.items()
+        )
 
     def flush(self) -> None:
         """Write the usage and counters counted since the last flush, in one transaction.
@@ -491,15 +509,18 @@ class Registry:
                 for jti in pending
             ]
             deltas = self._usage.take_deltas()
+            redactions = self._usage.take_redactions()
         try:
             self._transaction(
                 ("UPDATE clients SET requests = ?, last_seen_at = ? WHERE id = ?", counters),
                 (usage.UPSERT_SQL, usage.delta_rows(deltas)),
+                (usage.REDACTIONS_UPSERT_SQL, usage.redaction_rows(redactions)),
             )
         except BaseException:
             with self._lock:
                 self._pending |= pending
                 self._usage.restore_deltas(deltas)
+                self._usage.restore_redactions(redactions)
             raise
         with self._lock:
             self._usage.prune()

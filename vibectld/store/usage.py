@@ -8,6 +8,10 @@ merged back (`restore_deltas`), so a failed flush loses nothing and a repeated f
 never counts twice. Writing increments rather than absolute totals keeps the database
 right even for a day whose earlier totals memory never loaded.
 
+The book also counts the secrets the server's redaction policy found in each client's
+prompts, per UTC day and detector kind (`record_redactions`), as increments only:
+nothing on the request path reads them, and `vibectl-admin usage` reads the table.
+
 The book is not thread-safe: the Registry calls it under its lock.
 """
 
@@ -15,8 +19,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import Any
 
@@ -44,6 +48,25 @@ SCHEMA_V2 = (
     ) WITHOUT ROWID
     """,
     "CREATE INDEX usage_day ON usage (day)",
+)
+
+# Schema version 5: secrets found in prompts (replaced, or the call refused) per kind.
+SCHEMA_V5 = (
+    """
+    CREATE TABLE redactions (
+        client_id TEXT NOT NULL,
+        day TEXT NOT NULL,  -- the UTC day, YYYY-MM-DD
+        kind TEXT NOT NULL,  -- a detector (vibectl.redaction.KINDS) or a custom rule's name
+        count INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (client_id, day, kind)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX redactions_day ON redactions (day)",
+)
+
+REDACTIONS_UPSERT_SQL = (
+    "INSERT INTO redactions (client_id, day, kind, count) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (client_id, day, kind) DO UPDATE SET count = count + excluded.count"
 )
 
 UPSERT_SQL = (
@@ -74,6 +97,17 @@ def select_totals_sql(n_ids: int | None) -> str:
     )
 
 
+def select_redactions_sql(n_ids: int | None) -> str:
+    """Per-client, per-kind sums of redactions over days >= ? (and `n_ids` ids if given)."""
+    where = "day >= ?"
+    if n_ids is not None:
+        where += f" AND client_id IN ({', '.join('?' * n_ids)})"
+    return (
+        "SELECT client_id, kind, SUM(count) FROM redactions "  # noqa: S608
+        f"WHERE {where} GROUP BY client_id, kind"
+    )
+
+
 @dataclass(frozen=True)
 class UsageRow:
     """One client's usage over a span of days (or today)."""
@@ -85,6 +119,8 @@ class UsageRow:
     input_tokens: int
     output_tokens: int
     cost_usd: float  # 0.0 where no price is configured
+    # Secrets the server found in the client's prompts, per kind (redacted or refused).
+    redactions: Mapping[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,7 +141,9 @@ class Counts:
         self.output_tokens += other.output_tokens
         self.cost_usd += other.cost_usd
 
-    def row(self, client_id: str, name: str) -> UsageRow:
+    def row(
+        self, client_id: str, name: str, redactions: Mapping[str, int] | None = None
+    ) -> UsageRow:
         return UsageRow(
             client_id=client_id,
             name=name,
@@ -114,6 +152,7 @@ class Counts:
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
             cost_usd=self.cost_usd,
+            redactions=dict(redactions or {}),
         )
 
 
@@ -146,6 +185,7 @@ class UsageBook:
     def __init__(self) -> None:
         self._totals: dict[Key, Counts] = {}
         self._deltas: dict[Key, Counts] = {}
+        self._redactions: dict[tuple[str, int, str], int] = {}  # increments, as _deltas
         self._latest_day = 0  # the newest day seen, for pruning
 
     def load(self, rows: Iterable[Sequence[Any]], now: int) -> None:
@@ -163,6 +203,22 @@ class UsageBook:
         self._totals.setdefault(key, Counts()).add(call)
         self._deltas.setdefault(key, Counts()).add(call)
 
+    def record_redactions(self, client_id: str, now: int, found: Mapping[str, int]) -> None:
+        """Add the secrets found in one call's prompt, per kind, to the client's UTC day."""
+        number = day_number(now)
+        for kind, n in found.items():
+            key = (client_id, number, kind)
+            self._redactions[key] = self._redactions.get(key, 0) + n
+
+    def take_redactions(self) -> dict[tuple[str, int, str], int]:
+        """Hand over the unwritten redaction counts, as `take_deltas`."""
+        taken, self._redactions = self._redactions, {}
+        return taken
+
+    def restore_redactions(self, taken: dict[tuple[str, int, str], int]) -> None:
+        for key, n in taken.items():
+            self._redactions[key] = self._redactions.get(key, 0) + n
+
     def tokens_used(self, client_id: str, now: int) -> int:
         counts = self._totals.get((client_id, day_number(now)))
         return 0 if counts is None else counts.input_tokens + counts.output_tokens
@@ -178,7 +234,7 @@ class UsageBook:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._deltas)
+        return bool(self._deltas or self._redactions)
 
     def take_deltas(self) -> dict[Key, Counts]:
         """Hand over the unwritten increments; memory forgets them until `restore_deltas`."""
@@ -211,6 +267,11 @@ def delta_rows(deltas: dict[Key, Counts]) -> list[tuple[Any, ...]]:
         )
         for (client_id, number), c in deltas.items()
     ]
+
+
+def redaction_rows(taken: dict[tuple[str, int, str], int]) -> list[tuple[Any, ...]]:
+    """REDACTIONS_UPSERT_SQL parameters for the counts `take_redactions` handed over."""
+    return [(cid, day_text(number), kind, n) for (cid, number, kind), n in taken.items()]
 
 
 def call_counts(
