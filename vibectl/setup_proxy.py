@@ -19,6 +19,7 @@ from vibectl.cli_common import State, command
 from vibectl.config import ClientConfigError, Profile, mask
 from vibectl.errors import ConfigurationError, UsageError
 from vibectl.proxy_url import ProxyURL, ProxyURLError, parse
+from vibectl.util.limits import format_usd
 
 
 def _profile_name(host: str) -> str:
@@ -79,6 +80,17 @@ def _show_info(info: Any) -> None:
     if limits.HasField("request_timeout_seconds"):
         shown.append(f"{limits.request_timeout_seconds} s timeout")
     click.echo(f"limits:        {', '.join(shown) or 'none'}")
+    budget = _budget(limits)
+    if budget:
+        click.echo(f"budget:        {budget}")
+
+
+def _budget(limits: Any) -> str | None:
+    """'$3.20 of $20.00 left this month', where the server gives this client a dollar budget."""
+    if not limits.HasField("usd_per_month"):
+        return None  # no budget, or a server older than dollar budgets
+    left = format_usd(limits.usd_left_this_month)
+    return f"{left} of {format_usd(limits.usd_per_month)} left this month"
 
 
 @click.group("setup-proxy")
@@ -235,6 +247,9 @@ def status(state: State) -> None:
     click.echo(f"trust:   {trust}")
     info = asyncio.run(_server_info(profile, secret, profile_ca(state.store, profile)))
     click.echo(f"status:  reachable, {info.server_name} (vibectld {info.server_version})")
+    budget = _budget(info.limits)
+    if budget:
+        click.echo(f"budget: {budget}")
 
 
 @command(setup_proxy, "list")

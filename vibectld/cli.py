@@ -8,7 +8,12 @@ import sys
 import click
 import structlog
 
-from vibectld.config import ConfigError, load_config, resolve_config_path
+from vibectld.config import (
+    ConfigError,
+    load_config,
+    resolve_config_path,
+    unpriced_budget_warnings,
+)
 from vibectld.ops import logs
 from vibectld.version import __version__
 
@@ -38,6 +43,9 @@ def main(config_file: str | None, check_config: bool) -> None:
         sys.exit(1)
     if check_config:
         click.echo(f"{path}: configuration is valid")
+        # Valid, but worth knowing before a budgeted client meets it.
+        for warning in unpriced_budget_warnings(config):
+            click.echo(f"vibectld: warning: {warning}", err=True)
         return
     logs.configure(config.logging.level, config.logging.format)
     # Imported here so --check-config and --version stay fast.

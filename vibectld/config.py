@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -394,6 +394,58 @@ def parse_config(raw: Any, config_path: Path | None = None) -> DaemonConfig:
     state_dir = top.get("state_dir", _path, defaults.state_dir)
     top.finish()
     return DaemonConfig(**parsed, state_dir=state_dir, config_path=config_path)
+
+
+def unpriced_budget_warnings(
+    config: DaemonConfig, offered: Iterable[str] | None = None
+) -> list[str]:
+    """Warnings about dollar budgets that models without a price would meet.
+
+    A model without a price in models.prices is refused where a dollar budget applies
+    (it could not be counted). `offered` is the catalogue's model ids when the daemon
+    knows them; without it (--check-config) the models the file names are checked.
+    Budgets set on clients (issue-client --usd-per-month) live in the registry, not
+    here: only the file's keys are considered.
+    """
+    limits = config.limits
+    keys = [
+        key
+        for key, value in (
+            ("limits.usd_per_month", limits.usd_per_month),
+            ("limits.server_usd_per_day", limits.server_usd_per_day),
+        )
+        if value is not None
+    ]
+    if not keys:
+        return []
+    models = config.models
+    who = (
+        "every client is refused them"
+        if limits.server_usd_per_day is not None
+        else "clients with a dollar budget are refused them"
+    )
+    warnings = []
+    if offered is None:
+        offered = [
+            models.default,
+            *models.allowed,
+            *models.aliases.values(),
+            *(m.model_id for m in models.openai_compatible),
+        ]
+        if not models.allowed:
+            warnings.append(
+                "models.allowed is empty, so every model with a provider key is offered; "
+                f"with {' and '.join(keys)} set, {who} unless models.prices has their price "
+                "— list the models in models.allowed, or price each one"
+            )
+    unpriced = sorted({m for m in offered if m not in models.prices})
+    if unpriced:
+        warnings.insert(
+            0,
+            f"models.prices: no price for {', '.join(unpriced)}; with {' and '.join(keys)} "
+            f"set, {who} (PERMISSION_DENIED) — add their prices (0 for a free model)",
+        )
+    return warnings
 
 
 def resolve_config_path(explicit: str | os.PathLike[str] | None) -> Path:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vibectld.config import ConfigError, DaemonConfig
+import structlog
+
+from vibectld.config import ConfigError, DaemonConfig, unpriced_budget_warnings
 from vibectld.pki.signing import SigningKeys
 from vibectld.pki.tls import ServerTLS, TLSError, default_hosts, load_server_tls
 from vibectld.providers.catalogue import ModelCatalogue
@@ -55,6 +57,8 @@ def build_generation(
         catalogue = ModelCatalogue.build(config.models, keys)
     except (ConfigError, TLSError, ProviderKeyError) as e:
         raise GenerationRejected(str(e)) from None
+    for warning in unpriced_budget_warnings(config, [e.model_id for e in catalogue.entries()]):
+        structlog.get_logger("vibectld.budgets").warning("budgets.unpriced_models", hint=warning)
     auth = Authenticator(
         signing, clients, issuer=config.clients.issuer, audience=config.clients.audience
     )

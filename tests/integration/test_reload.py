@@ -241,6 +241,8 @@ def _every_key_changed(tmp: Path, sock_dir: Path) -> dict[str, Any]:
             "tokens_per_day": 1000,
             "max_input_chars": 5000,
             "request_timeout_seconds": 30,
+            "usd_per_month": 20,
+            "server_usd_per_day": 50,
         },
         "clients": {
             "default_expiry": "10d",

@@ -34,6 +34,8 @@ from vibectld.pki.signing import (
     is_kid,
 )
 from vibectld.runtime import Runtime
+from vibectld.service.budgets import usd_left
+from vibectld.service.limits import EffectiveLimits
 from vibectld.store.registry import (
     ClientNotFound,
     ClientRecord,
@@ -191,6 +193,7 @@ def _client_json(record: ClientRecord, now: int) -> dict[str, Any]:
         "rpm": record.rpm,
         "concurrency": record.concurrency,
         "tokens_per_day": record.tokens_per_day,
+        "usd_per_month": record.usd_per_month,
         "kid": record.kid,
     }
 
@@ -259,6 +262,7 @@ async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
         rpm=args.get("rpm"),
         concurrency=args.get("concurrency"),
         tokens_per_day=args.get("tokens_per_day"),
+        usd_per_month=args.get("usd_per_month"),
         kid=kid,
         now=now,
     )
@@ -409,6 +413,9 @@ async def status(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dic
             {"name": r.name, "requests": r.requests, "tokens": r.input_tokens + r.output_tokens}
             for r in rt.registry.top_today(int(time.time()))
         ],
+        # The whole server's spend today (UTC) against its cap (null: none).
+        "usd_today": round(rt.registry.usd_spent_day(time.time()), 6),
+        "server_usd_per_day": gen.config.limits.server_usd_per_day,
     }
 
 
@@ -419,7 +426,7 @@ async def update_client(ctx: AdminContext, caller: Caller, args: dict[str, Any])
     changes: dict[str, Any] = {}
     if "models" in args:
         changes["models"] = _models(rt, args["models"])
-    for key in ("rpm", "concurrency", "tokens_per_day"):
+    for key in ("rpm", "concurrency", "tokens_per_day", "usd_per_month"):
         if key in args:
             changes[key] = args[key]  # checked by the registry before it writes
     if "note" in args:
@@ -447,7 +454,24 @@ async def usage(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict
                 "input_tokens": r.input_tokens,
                 "output_tokens": r.output_tokens,
                 "cost_usd": round(r.cost_usd, 6),
+                **_budget_json(ctx.rt, r.client_id),
             }
             for r in rows
         ],
+    }
+
+
+def _budget_json(rt: Runtime, client_id: str) -> dict[str, Any]:
+    """The client's dollar budget this UTC month and what is left, where it has one."""
+    record = rt.registry.get(client_id)
+    if record is None:
+        return {}
+    budget = EffectiveLimits.of(record, rt.config.limits).usd_per_month
+    if budget is None:
+        return {}
+    spent = rt.registry.usd_spent_month(client_id, time.time())
+    return {
+        "usd_budget": budget,
+        "usd_month": round(spent, 6),
+        "usd_left": round(usd_left(budget, spent), 6),
     }

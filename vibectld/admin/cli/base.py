@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import click
 
 from vibectl.util.durations import parse_duration
-from vibectl.util.limits import check_limit
+from vibectl.util.limits import check_limit, check_usd
 from vibectld.admin.client import AdminClient, AdminClientError, DaemonUnreachable, PermissionDenied
 from vibectld.admin.protocol import ErrorCode
 from vibectld.version import __version__
@@ -140,6 +140,31 @@ class Limit(click.ParamType[Any]):
 
 
 LIMIT_OR_DEFAULT = Limit(or_default=True)
+
+
+class Usd(click.ParamType[Any]):
+    """A dollar budget (see vibectl.util.limits.check_usd), or with `or_default` also
+    'default'."""
+
+    def __init__(self, *, or_default: bool = False) -> None:
+        self.or_default = or_default
+        self.name = "USD|default" if or_default else "USD"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if self.or_default and value == DEFAULT:
+            return DEFAULT
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            either = " or 'default'" if self.or_default else ""
+            self.fail(f"{value!r} is not a number of US dollars{either}", param, ctx)
+        try:
+            return check_usd(number)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+USD_OR_DEFAULT = Usd(or_default=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

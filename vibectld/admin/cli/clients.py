@@ -9,7 +9,9 @@ import click
 from vibectld.admin.cli.base import (
     DEFAULT,
     LIMIT_OR_DEFAULT,
+    USD_OR_DEFAULT,
     Limit,
+    Usd,
     call,
     cli,
     duration_option,
@@ -37,6 +39,9 @@ from vibectld.admin.cli.base import (
 @click.option("--rpm", type=Limit(), help="Requests per minute.")
 @click.option("--concurrency", type=Limit(), help="Concurrent requests.")
 @click.option("--tokens-per-day", type=Limit(), help="Token budget per day.")
+@click.option(
+    "--usd-per-month", type=Usd(), help="Dollar budget per UTC calendar month, e.g. 20 or 0.5."
+)
 @click.option("--note", help="Free text kept with the client (e.g. a ticket number).")
 @click.pass_context
 def issue_client(
@@ -47,6 +52,7 @@ def issue_client(
     rpm: int | None,
     concurrency: int | None,
     tokens_per_day: int | None,
+    usd_per_month: float | None,
     note: str | None,
 ) -> None:
     """Create a client secret for NAME and print its connection URL.
@@ -62,6 +68,7 @@ def issue_client(
         "rpm": rpm,
         "concurrency": concurrency,
         "tokens_per_day": tokens_per_day,
+        "usd_per_month": usd_per_month,
         "note": note,
     }
     result = for_human(ctx, "issue_client", args)
@@ -116,6 +123,11 @@ def list_clients(ctx: click.Context, show_all: bool) -> None:
 @click.option("--rpm", type=LIMIT_OR_DEFAULT, help="Requests per minute, or 'default'.")
 @click.option("--concurrency", type=LIMIT_OR_DEFAULT, help="Concurrent requests, or 'default'.")
 @click.option("--tokens-per-day", type=LIMIT_OR_DEFAULT, help="Token budget per day, or 'default'.")
+@click.option(
+    "--usd-per-month",
+    type=USD_OR_DEFAULT,
+    help="Dollar budget per UTC calendar month, or 'default'.",
+)
 @click.option("--note", help="Replace the client's note.")
 @click.pass_context
 def update_client(
@@ -125,6 +137,7 @@ def update_client(
     rpm: int | str | None,
     concurrency: int | str | None,
     tokens_per_day: int | str | None,
+    usd_per_month: float | str | None,
     note: str | None,
 ) -> None:
     """Change an active client's limits or models, effective on its next request.
@@ -138,6 +151,7 @@ def update_client(
         ("rpm", rpm),
         ("concurrency", concurrency),
         ("tokens_per_day", tokens_per_day),
+        ("usd_per_month", usd_per_month),
     ):
         if value is not None:
             args[key] = None if value == DEFAULT else value
@@ -145,12 +159,13 @@ def update_client(
         args["note"] = note
     if len(args) == 1:
         raise click.UsageError(
-            "nothing to change: give --models, --rpm, --concurrency, --tokens-per-day or --note"
+            "nothing to change: give --models, --rpm, --concurrency, --tokens-per-day, "
+            "--usd-per-month or --note"
         )
     result = for_human(ctx, "update_client", args)
     limits = ", ".join(
         f"{key}={result.get(key) if result.get(key) is not None else 'default'}"
-        for key in ("rpm", "concurrency", "tokens_per_day")
+        for key in ("rpm", "concurrency", "tokens_per_day", "usd_per_month")
     )
     models_text = ",".join(result.get("models") or []) or "all"
     click.echo(f"updated {result.get('name')}: models={models_text}, {limits}")

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from vibectl.util.limits import format_usd
 from vibectld.admin.cli.base import call, cli, duration_option, for_human, print_json, table, when
 
 
@@ -22,7 +23,9 @@ def usage(ctx: click.Context, name: str | None, since: str | None) -> None:
     """Requests, errors, tokens and cost per client (UTC days).
 
     With --json, a list of objects with name, id, requests, errors, input_tokens,
-    output_tokens and cost_usd.
+    output_tokens and cost_usd. A client with a dollar budget also has usd_budget,
+    usd_month (spent this UTC month) and usd_left, whatever --since says; the table
+    shows them as BUDGET USD and LEFT USD.
     """
     result = call(ctx, "usage", {"name": name, "since": since})
     rows = result.get("usage") or []
@@ -44,8 +47,17 @@ def usage(ctx: click.Context, name: str | None, since: str | None) -> None:
         ]
         for r in rows
     ]
+    if any("usd_budget" in r for r in rows):
+        # This month's budget and what is left of it, beside the span's cost.
+        header = [*header, "BUDGET USD", "LEFT USD"]
+        for r, cell in zip(rows, cells, strict=True):
+            cell += [_money(r.get("usd_budget")), _money(r.get("usd_left"))]
     click.echo(f"since {result.get('since')} (UTC)", err=True)
-    click.echo(table(header, cells, right={1, 2, 3, 4, 5}))
+    click.echo(table(header, cells, right=set(range(1, len(header)))))
+
+
+def _money(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
 
 @cli.command("audit")
@@ -118,10 +130,23 @@ def status(ctx: click.Context) -> None:
             f"{clients.get('revoked', 0)} revoked",
         ),
         ("in flight", result.get("in_flight")),
+        ("spend today", _spend_today(result)),
     ]
     width = max(len(key) for key, _ in lines) + 1
     for key, value in lines:
         click.echo(f"{key + ':':<{width}} {'-' if value is None else value}")
+
+
+def _spend_today(result: dict[str, Any]) -> str:
+    """The server's spend this UTC day against limits.server_usd_per_day, if it has one."""
+    spent = result.get("usd_today")
+    if not isinstance(spent, int | float):
+        return "-"
+    cap = result.get("server_usd_per_day")
+    if not isinstance(cap, int | float):
+        return f"{format_usd(spent)} (UTC day; no cap)"
+    left = format_usd(max(0.0, cap - spent))
+    return f"{format_usd(spent)} of {format_usd(cap)} (UTC day; {left} left)"
 
 
 @cli.command("reload")
