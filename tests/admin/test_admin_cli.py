@@ -109,6 +109,8 @@ class FakeDaemon:
             "models": ["gpt-4o-mini", "local-qwen"],
             "clients": {"active": 3, "expired": 1, "revoked": 2},
             "in_flight": 0,
+            "usd_today": 12.5,
+            "server_usd_per_day": 50.0,
         }
 
 
@@ -140,6 +142,7 @@ def test_issue_client_prints_exactly_the_url(daemon: tuple[FakeDaemon, Path]) ->
                 "rpm": None,
                 "concurrency": None,
                 "tokens_per_day": None,
+                "usd_per_month": None,
                 "note": None,
             },
         )
@@ -163,6 +166,8 @@ def test_issue_client_passes_every_option(daemon: tuple[FakeDaemon, Path]) -> No
         "2",
         "--tokens-per-day",
         "5000",
+        "--usd-per-month",
+        "20",
         "--note",
         "ticket 7",
     )
@@ -180,6 +185,7 @@ def test_issue_client_passes_every_option(daemon: tuple[FakeDaemon, Path]) -> No
         "rpm": 10,
         "concurrency": 2,
         "tokens_per_day": 5000,
+        "usd_per_month": 20.0,
         "note": "ticket 7",
     }
 
@@ -190,6 +196,8 @@ def test_issue_client_passes_every_option(daemon: tuple[FakeDaemon, Path]) -> No
         (["--expires", "10x"], "use a number and a unit, one of m (minutes), h, d, w, y"),
         (["--expires", "0d"], "must be longer than zero"),
         (["--rpm", "0"], "--rpm"),
+        (["--usd-per-month", "-5"], "--usd-per-month"),
+        (["--usd-per-month", "a lot"], "is not a number of US dollars"),
         (["--models", " , "], "give one or more model names"),
     ],
 )
@@ -281,6 +289,7 @@ def test_status(daemon: tuple[FakeDaemon, Path]) -> None:
         "models:        gpt-4o-mini, local-qwen",
         "clients:       3 active, 1 expired, 2 revoked",
         "in flight:     0",
+        "spend today:   $12.50 of $50.00 (UTC day; $37.50 left)",
     ]
     assert json.loads(run(path, "--json", "status").stdout)["listeners"]["grpc"] == (
         "0.0.0.0:50051"

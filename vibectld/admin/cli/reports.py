@@ -130,8 +130,9 @@ def status(ctx: click.Context) -> None:
             f"{clients.get('revoked', 0)} revoked",
         ),
         ("in flight", result.get("in_flight")),
-        ("spend today", _spend_today(result)),
     ]
+    if "usd_today" in result:  # a daemon that counts dollars
+        lines.append(("spend today", _spend_today(result)))
     width = max(len(key) for key, _ in lines) + 1
     for key, value in lines:
         click.echo(f"{key + ':':<{width}} {'-' if value is None else value}")
