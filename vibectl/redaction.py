@@ -479,8 +479,8 @@ class CustomRuleError(ValueError):
     """A custom rule that cannot be used; the message names the rule and the problem."""
 
 
-def validate_custom(name: str, regex: str) -> re.Pattern[str]:
-    """The compiled rule, or CustomRuleError saying what is wrong with it."""
+def validate_name(name: str) -> None:
+    """CustomRuleError unless `name` can name a custom rule (and its placeholder)."""
     if not isinstance(name, str) or not _KIND_NAME.fullmatch(name):
         raise CustomRuleError(
             f"custom rule name {name!r}: 1 to 40 lower-case letters, digits, '_' or '-', "
@@ -488,6 +488,11 @@ def validate_custom(name: str, regex: str) -> re.Pattern[str]:
         )
     if name in KINDS:
         raise CustomRuleError(f"custom rule {name!r}: that is a built-in detector's name")
+
+
+def validate_custom(name: str, regex: str) -> re.Pattern[str]:
+    """The compiled rule, or CustomRuleError saying what is wrong with it."""
+    validate_name(name)
     if not isinstance(regex, str) or not regex:
         raise CustomRuleError(f"custom rule {name!r}: the regex is empty")
     try:

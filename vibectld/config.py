@@ -22,6 +22,8 @@ from vibectld.config_values import (  # the value readers, one per kind of value
 )
 from vibectld.config_values import (
     _choice,
+    _custom_rules,
+    _detectors,
     _duration,
     _int,
     _limit,
@@ -123,6 +125,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class RedactionConfig:
+    """Secrets out of every prompt, enforced here whatever client sent it (service/redaction.py)."""
+
+    # redact: replace them before the provider; refuse: INVALID_ARGUMENT naming the kinds; off.
+    mode: str = "redact"
+    # "all", or the built-in detectors to use (vibectl.redaction.KINDS).
+    detectors: str | tuple[str, ...] = "all"
+    # (name, regex) rules, already checked by vibectl.redaction.validate_custom.
+    custom: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class ClientsConfig:
     default_expiry_seconds: int = 90 * 86400
     max_expiry_seconds: int = 2 * 365 * 86400
@@ -150,6 +164,7 @@ class DaemonConfig:
     state_dir: Path = Path("/var/lib/vibectld")
     models: ModelsConfig = field(default_factory=ModelsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    redaction: RedactionConfig = field(default_factory=RedactionConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -347,6 +362,14 @@ def _limits(lim: _Section, d: LimitsConfig) -> LimitsConfig:
     )
 
 
+def _redaction(red: _Section, d: RedactionConfig) -> RedactionConfig:
+    return RedactionConfig(
+        mode=red.get("mode", _choice("redact", "refuse", "off"), d.mode),
+        detectors=red.get("detectors", _detectors, d.detectors),
+        custom=red.get("custom", _custom_rules, d.custom),
+    )
+
+
 def _clients(cli: _Section, d: ClientsConfig) -> ClientsConfig:
     clients = ClientsConfig(
         default_expiry_seconds=cli.get("default_expiry", _duration, d.default_expiry_seconds),
@@ -376,6 +399,7 @@ _SECTIONS: tuple[tuple[str, Callable[[_Section, Any], Any]], ...] = (
     ("admin", _admin),
     ("models", _models),
     ("limits", _limits),
+    ("redaction", _redaction),
     ("clients", _clients),
     ("logging", _logging),
     ("metrics", _metrics),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from vibectl.redaction import KINDS, CustomRuleError, validate_custom, validate_name
 from vibectl.util.durations import parse_duration
 from vibectl.util.limits import check_limit, check_usd
 
@@ -151,3 +152,51 @@ def _price(key: str, v: Any) -> float:
 
 def _opt_listen(key: str, v: Any) -> str | None:
     return None if v is None else _listen(key, v)
+
+
+def _detectors(key: str, v: Any) -> str | tuple[str, ...]:
+    """`all`, or a list of built-in detector names (vibectl.redaction.KINDS)."""
+    if v == "all":
+        return "all"
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: must be 'all' or a list of detector names, got {v!r}")
+    for i, name in enumerate(v):
+        if name not in KINDS:
+            raise ConfigError(f"{key}[{i}]: unknown detector {name!r}; known: {', '.join(KINDS)}")
+    return tuple(dict.fromkeys(v))
+
+
+def _custom_rules(key: str, v: Any) -> tuple[tuple[str, str], ...]:
+    """Custom redaction rules, `[{name, regex}]`, each checked by vibectl.redaction.
+
+    A regex that does not compile, matches the empty string or most of ordinary kubectl
+    output, or backtracks catastrophically is refused here, at load and at reload.
+    """
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: must be a list of {{name: NAME, regex: REGEX}} entries")
+    rules: dict[str, str] = {}
+    for i, item in enumerate(v):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: must be a mapping {{name: NAME, regex: REGEX}}")
+        unknown = sorted(set(map(str, item)) - {"name", "regex"})
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key; a rule has a name and a regex")
+        for required in ("name", "regex"):
+            if required not in item:
+                raise ConfigError(f"{where}.{required}: is required")
+        name, regex = item["name"], item["regex"]
+        try:
+            validate_name(name)
+        except CustomRuleError as e:
+            raise ConfigError(f"{where}.name: {e}") from None
+        if name in rules:
+            raise ConfigError(f"{where}.name: {name!r} names an earlier rule too; rename one")
+        try:
+            validate_custom(name, regex)
+        except CustomRuleError as e:
+            raise ConfigError(f"{where}.regex: {e}") from None
+        rules[name] = regex
+    return tuple(rules.items())

@@ -1,11 +1,12 @@
 """Everything a reload replaces, built by one function and swapped as one reference.
 
 A `Generation` is frozen: the configuration, the TLS material, the provider
-keys, the model catalogue and the authenticator (whose issuer, audience and
-cache of verified secrets belong to one configuration) were all built from the
-same file. Start-up and reload both call `build_generation`; a reload swaps
-`Runtime.generation` in one assignment, so a call that reads it once sees
-either the old generation or the new one, never a mix.
+keys, the model catalogue, the authenticator (whose issuer, audience and
+cache of verified secrets belong to one configuration) and the redaction
+policy (its compiled detectors) were all built from the same file. Start-up
+and reload both call `build_generation`; a reload swaps `Runtime.generation`
+in one assignment, so a call that reads it once sees either the old
+generation or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from vibectld.pki.tls import ServerTLS, TLSError, default_hosts, load_server_tls
 from vibectld.providers.catalogue import ModelCatalogue
 from vibectld.providers.keys import ProviderKeyError, ProviderKeys
 from vibectld.service.auth import Authenticator, ClientLookup
+from vibectld.service.redaction import RedactionPolicy
 
 
 class GenerationRejected(Exception):
@@ -34,6 +36,7 @@ class Generation:
     provider_keys: ProviderKeys
     catalogue: ModelCatalogue
     auth: Authenticator
+    redaction: RedactionPolicy
 
     def cost_usd(
         self, model_id: str, input_tokens: int | None, output_tokens: int | None
@@ -62,4 +65,6 @@ def build_generation(
     auth = Authenticator(
         signing, clients, issuer=config.clients.issuer, audience=config.clients.audience
     )
-    return Generation(number, config, tls, keys, catalogue, auth)
+    # Compiled here, once per load: a call only runs the patterns.
+    redaction = RedactionPolicy.build(config.redaction)
+    return Generation(number, config, tls, keys, catalogue, auth, redaction)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -49,8 +50,18 @@ class Metrics:
             ["client", "model", "direction"],
             registry=r,
         )
+        # No client label: per client and kind, `vibectl-admin usage` has them. `kind` is
+        # bounded by the detector table and the configured custom rules.
+        self.redactions = Counter(
+            "vibectld_redactions",
+            "Secrets the server's redaction policy found in prompts, by kind and action "
+            "(redacted: replaced before the model; refused: the call was refused).",
+            ["kind", "action"],
+            registry=r,
+        )
         # Labelled children, looked up once: .labels() costs more than the increment.
         self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        self._redaction_children: dict[tuple[str, str], Any] = {}
         self._server: Any = None
         # The bound port of the HTTP endpoint, once serving.
         self.port: int | None = None
@@ -82,6 +93,15 @@ class Metrics:
             tokens_in.inc(input_tokens)
         if output_tokens:
             tokens_out.inc(output_tokens)
+
+    def observe_redactions(self, found: Mapping[str, int], action: str) -> None:
+        for kind, n in found.items():
+            child = self._redaction_children.get((kind, action))
+            if child is None:
+                child = self._redaction_children[kind, action] = self.redactions.labels(
+                    kind, action
+                )
+            child.inc(n)
 
     def serve(self, listen: str) -> int:
         """Start the HTTP endpoint; returns the bound port."""

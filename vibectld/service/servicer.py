@@ -1,7 +1,7 @@
 """The VibectlLLMProxy servicer: Execute, StreamExecute and GetServerInfo.
 
 Order of checks on every call (the contract's): authenticate → request_id
-shape → the client's rate limit → validate the request → (redaction policy) →
+shape → the client's rate limit → validate the request → redaction policy →
 authorize the model → budgets (tokens, then dollars: budgets.py) → concurrency →
 run. Authentication happens first at the door (interceptor.py, before the
 message is read) and again here, under the generation the call runs with. Call
@@ -16,6 +16,7 @@ import json
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -31,6 +32,7 @@ from vibectld.runtime import Runtime
 from vibectld.service.budgets import check_dollar_budgets, usd_left
 from vibectld.service.interceptor import FailedAuthLog
 from vibectld.service.limits import EffectiveLimits, check_token_budget
+from vibectld.service.redaction import Screened, SecretsRefused, kinds_text
 from vibectld.service.refusals import (
     CallRefused,
     InvalidRequest,
@@ -85,6 +87,7 @@ class _Call:
         entry: CatalogueEntry | None,
         failure: ModelFailure | None,
         schema: dict[str, Any] | None,
+        screened: Screened,
     ) -> None:
         self.gen = gen
         self.client = client
@@ -93,6 +96,8 @@ class _Call:
         self.entry = entry
         self.failure = failure
         self.schema = schema
+        # The fragments as the model may see them (redacted), and what was found.
+        self.screened = screened
         self.timeout = float(limits.request_timeout_seconds)
         self.started = time.monotonic()
 
@@ -119,10 +124,17 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         # Every authenticated call counts, whatever the checks below make of it.
         rt.limiter.count_request(client.id, limits.rpm)
         schema = _validate(request, gen.config.server.max_request_bytes, limits.max_input_chars)
-        # The redaction policy (a later release) applies here: to validated input,
-        # before the model is chosen.
+        try:
+            # Before the model is chosen and any budget is looked at: a refused prompt
+            # costs nothing, and no model ever receives a secret that was found.
+            screened = gen.redaction.screen(request.system_fragments, request.user_fragments)
+        except SecretsRefused as refusal:
+            asyncio.get_running_loop().call_soon(
+                self._record_refused, client, request_id, refusal.found
+            )
+            raise
         entry, failure = _authorize(request, client, gen)
-        return _Call(gen, client, limits, request_id, entry, failure, schema)
+        return _Call(gen, client, limits, request_id, entry, failure, schema, screened)
 
     @contextmanager
     def _admitted(self, call: _Call) -> Iterator[None]:
@@ -191,6 +203,11 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         )
         rt.metrics.observe_call(call.client.name, model, status, seconds, tokens_in, tokens_out)
         fields: dict[str, Any] = {}
+        found = call.screened.found
+        if found:
+            rt.registry.record_redactions(call.client.id, now=int(time.time()), found=found)
+            rt.metrics.observe_redactions(found, "redacted")
+            fields.update(redactions=found.total(), kinds=kinds_text(found))
         if failure is not None and failure.logged:
             # What the provider said: for the operator, never sent to the client.
             fields["provider_error"] = failure.logged
@@ -206,6 +223,19 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             **fields,
         )
 
+    def _record_refused(self, client: ClientRecord, request_id: str, found: Counter[str]) -> None:
+        """Count and log a call refused for the secrets in its prompt (never the prompt)."""
+        self.rt.registry.record_redactions(client.id, now=int(time.time()), found=found)
+        self.rt.metrics.observe_redactions(found, "refused")
+        log.info(
+            "request",
+            client=client.name,
+            request_id=request_id,
+            status="secrets_refused",
+            redactions=found.total(),
+            kinds=kinds_text(found),
+        )
+
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
         try:
             call = self._prepare(request, context)
@@ -218,10 +248,7 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
                 try:
                     async with asyncio.timeout(call.timeout):
                         outcome = await self.rt.executor.run(
-                            call.entry,
-                            list(request.system_fragments),
-                            list(request.user_fragments),
-                            call.schema,
+                            call.entry, call.screened.system, call.screened.user, call.schema
                         )
                 except ModelFailure as failure:
                     self._done(call, failure.code, failure=failure)
@@ -275,8 +302,8 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
                     async with asyncio.timeout(call.timeout):
                         chunks = self.rt.executor.stream(
                             call.entry,
-                            list(request.system_fragments),
-                            list(request.user_fragments),
+                            call.screened.system,
+                            call.screened.user,
                             call.schema,
                             outcome,
                         )
