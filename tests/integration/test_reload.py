@@ -244,6 +244,11 @@ def _every_key_changed(tmp: Path, sock_dir: Path) -> dict[str, Any]:
             "usd_per_month": 20,
             "server_usd_per_day": 50,
         },
+        "redaction": {
+            "mode": "refuse",
+            "detectors": ["jwt", "k8s_secret"],
+            "custom": [{"name": "ticket-id", "regex": "TKT-[0-9]{6}"}],
+        },
         "clients": {
             "default_expiry": "10d",
             "max_expiry": "30d",

@@ -454,6 +454,9 @@ async def usage(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict
                 "input_tokens": r.input_tokens,
                 "output_tokens": r.output_tokens,
                 "cost_usd": round(r.cost_usd, 6),
+                # Secrets the server found in the client's prompts: the total, and per kind.
+                "redactions": sum(r.redactions.values()),
+                "redaction_kinds": dict(sorted(r.redactions.items())),
                 **_budget_json(ctx.rt, r.client_id),
             }
             for r in rows

@@ -23,9 +23,11 @@ def usage(ctx: click.Context, name: str | None, since: str | None) -> None:
     """Requests, errors, tokens and cost per client (UTC days).
 
     With --json, a list of objects with name, id, requests, errors, input_tokens,
-    output_tokens and cost_usd. A client with a dollar budget also has usd_budget,
-    usd_month (spent this UTC month) and usd_left, whatever --since says; the table
-    shows them as BUDGET USD and LEFT USD.
+    output_tokens, cost_usd, redactions (secrets the server's redaction policy found in
+    the client's prompts: replaced, or the call refused) and redaction_kinds (the same
+    per detector kind, e.g. {"jwt": 1, "k8s_secret": 2}). A client with a dollar
+    budget also has usd_budget, usd_month (spent this UTC month) and usd_left,
+    whatever --since says; the table shows them as BUDGET USD and LEFT USD.
     """
     result = call(ctx, "usage", {"name": name, "since": since})
     rows = result.get("usage") or []
@@ -35,7 +37,15 @@ def usage(ctx: click.Context, name: str | None, since: str | None) -> None:
     if not rows:
         click.echo(f"no usage since {result.get('since')}", err=True)
         return
-    header = ["NAME", "REQUESTS", "ERRORS", "INPUT TOKENS", "OUTPUT TOKENS", "COST USD"]
+    header = [
+        "NAME",
+        "REQUESTS",
+        "ERRORS",
+        "INPUT TOKENS",
+        "OUTPUT TOKENS",
+        "COST USD",
+        "REDACTIONS",
+    ]
     cells = [
         [
             str(r["name"]),
@@ -44,6 +54,7 @@ def usage(ctx: click.Context, name: str | None, since: str | None) -> None:
             str(r["input_tokens"]),
             str(r["output_tokens"]),
             f"{r['cost_usd']:.4f}",
+            str(r.get("redactions", 0)),
         ]
         for r in rows
     ]
