@@ -1,13 +1,15 @@
 """Redaction: what replacing secrets costs a prompt, on the client and on the server.
 
 Both sides run the one engine (vibectl/redaction.py). The client path is ModelAdapter's
-hook that every request goes through (both modes); the server path is the engine on the
-fragments of an ExecuteRequest as the daemon receives it (parsed from the wire), in
-`redact` mode (replace) and in `refuse` mode (only count).
+hook that every request goes through (both modes); the server path is the daemon's own
+policy (vibectld/service/redaction.py, `RedactionPolicy.screen`, as the servicer calls
+it) on the fragments of an ExecuteRequest as the daemon receives it (parsed from the
+wire), in `redact` mode (replace) and in `refuse` mode (only count, then refuse).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -22,6 +24,8 @@ from bench.servers import REPO
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl.adapters.base import ModelAdapter, Prompt, Reply
 from vibectl.redaction import Redactor
+from vibectld.config import RedactionConfig
+from vibectld.service.redaction import RedactionPolicy, SecretsRefused
 
 CORPUS = REPO / "tests" / "redaction_corpus" / "docs"
 SIZES = {"10 kB": (10_000, 0.2), "200 kB": (200_000, 4.0)}  # prompt size, p50 target in ms
@@ -37,8 +41,9 @@ secrets, with one secret-bearing document (a Secret, a leaky pod spec, a kubecon
 every 10 kB; *dense* (info): every document, about one secret per 500 bytes, the worst
 case the corpus holds. *client*:
 `ModelAdapter`'s hook that builds every outgoing request (redaction on, the shared
-Redactor); *server redact* / *server refuse*: `Redactor.redact_all` / `Redactor.find` on
-the fragments of an `ExecuteRequest` parsed from its wire bytes. Each is called in a loop
+Redactor); *server redact* / *server refuse*: the daemon's `RedactionPolicy.screen` with
+`redaction.mode: redact` / `refuse` (its default detectors, built as a reload builds it)
+on the fragments of an `ExecuteRequest` parsed from its wire bytes. Each is called in a loop
 for {seconds:g} s on one core; the table shows the per-call p50 and p99."""
 
 
@@ -112,6 +117,8 @@ def run(ctx: Context) -> Section:
     adapter = _Outgoing()
     adapter.on_redacted = lambda counts: None
     redactor = Redactor()
+    redact = RedactionPolicy.build(RedactionConfig(mode="redact"))
+    refuse = RedactionPolicy.build(RedactionConfig(mode="refuse"))
     system = ["You are a Kubernetes expert. Answer briefly."]
     rows = []
     for (label, (size, target_ms)), dense in itertools.product(SIZES.items(), (False, True)):
@@ -126,11 +133,11 @@ def run(ctx: Context) -> Section:
             adapter.outgoing(system, [text])
 
         def server_redact(request: Any = request) -> None:
-            redactor.redact_all([*request.system_fragments, *request.user_fragments])
+            redact.screen(request.system_fragments, request.user_fragments)
 
         def server_refuse(request: Any = request) -> None:
-            for fragment in (*request.system_fragments, *request.user_fragments):
-                redactor.find(fragment)
+            with contextlib.suppress(SecretsRefused):
+                refuse.screen(request.system_fragments, request.user_fragments)
 
         paths: dict[str, Callable[[], object]] = {
             "client": client,
