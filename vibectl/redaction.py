@@ -531,15 +531,17 @@ def _slow_input(pattern: re.Pattern[str], regex: str) -> str | None:
 
     Inputs grow step by step, so a runaway is caught within about twice the budget
     instead of running for hours: doubling input length at most doubles a linear
-    pattern's time, while a backtracking one's time multiplies.
+    pattern's time, while a backtracking one's time multiplies. The time is this
+    thread's CPU time, not the clock's: a daemon reloading on a busy host may wait
+    for a CPU in the middle of a probe, and that wait must not refuse a good rule.
     """
     for unit in _alphabets(regex):
         for size in PROBE_SIZES:
             for subject in (unit * size + "\x00", "\x00" + unit * size):
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 for _ in pattern.finditer(subject):
                     pass
-                elapsed = time.perf_counter() - t0
+                elapsed = time.thread_time() - t0
                 if elapsed > PROBE_BUDGET_SECONDS:
                     return (
                         f"{elapsed * 1000:.0f} ms on {size} repetitions of {unit!r} "
