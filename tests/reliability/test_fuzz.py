@@ -130,6 +130,7 @@ ADMIN_ARG_NAMES = [
     "rpm",
     "concurrency",
     "tokens_per_day",
+    "usd_per_month",
     "note",
     "reason",
     "since",
@@ -176,6 +177,8 @@ CONFIG_KEYS: dict[str, list[str]] = {
         "tokens_per_day",
         "max_input_chars",
         "request_timeout_seconds",
+        "usd_per_month",
+        "server_usd_per_day",
     ],
     "clients": ["default_expiry", "max_expiry", "issuer", "audience"],
     "logging": ["level", "format"],
@@ -534,8 +537,9 @@ def test_a_public_url_with_a_broken_ipv6_host_is_a_config_error() -> None:
     [
         {"server": {"shutdown_grace_seconds": 10**400}},
         {"models": {"prices": {"m": {"input": 10**400}}}},
+        {"limits": {"usd_per_month": 10**400}},
     ],
-    ids=["shutdown_grace_seconds", "price"],
+    ids=["shutdown_grace_seconds", "price", "usd_per_month"],
 )
 def test_huge_numbers_are_config_errors(raw: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
