@@ -190,12 +190,12 @@ def collect(
         check_errors(section, f"{name} {tag}", r)
 
 
-def median_of(results: Sequence[Result], key: str) -> float:
-    """The median of one field over results (NaN when none has it)."""
+def median_of(results: Sequence[object], key: str) -> float:
+    """The median of one field over results (NaN when none has it); any type with the field."""
     return median(getattr(r, key) for r in results)
 
 
-def total(results: Sequence[Result], key: str) -> int:
+def total(results: Sequence[object], key: str) -> int:
     return sum(int(getattr(r, key) or 0) for r in results)
 
 
@@ -248,13 +248,13 @@ def warm_up(ctx: Context, port: int, ca: Path, secret: str, model: str = "echo")
         raise BenchError(f"the warm-up failed: {r.errors} errors, e.g. {r.error_samples}")
 
 
-def paired_ratio(base: Sequence[Result], other: Sequence[Result], key: str) -> float:
+def paired_ratio(base: Sequence[object], other: Sequence[object], key: str) -> float:
     """The median over repeats of other[i].key / base[i].key (results of the same run)."""
     pairs = zip(base, other, strict=True)
     return median(getattr(o, key) / getattr(b, key) for b, o in pairs if getattr(b, key))
 
 
-def paired_delta(base: Sequence[Result], other: Sequence[Result], key: str) -> float:
+def paired_delta(base: Sequence[object], other: Sequence[object], key: str) -> float:
     """The median over repeats of other[i].key - base[i].key (results of the same run)."""
     pairs = [(getattr(b, key), getattr(o, key)) for b, o in zip(base, other, strict=True)]
     return median(o - b for b, o in pairs if b is not None and o is not None)

@@ -262,12 +262,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
     parser.add_argument("--reply", default=Behaviour.reply)
+    parser.add_argument(
+        "--stream-chunk", default=None, help="stream this text as every chunk (not the reply)"
+    )
+    parser.add_argument("--stream-count", type=int, default=50, help="chunks of --stream-chunk")
     parser.add_argument("--fault", choices=[f.value for f in Fault], default=None)
     args = parser.parse_args(argv)
     behaviour = Behaviour(
         reply=args.reply,
         latency_ms=args.latency_ms,
         chunk_delay_ms=args.chunk_delay_ms,
+        stream_chunks=(args.stream_chunk,) * args.stream_count if args.stream_chunk else None,
         fault=Fault(args.fault) if args.fault else None,
     )
     stop = threading.Event()

@@ -9,6 +9,10 @@ rights over the daemon (root, or kernel.yama.ptrace_scope=0).
 
     python -m bench.profile --model echo --callers 16 --seconds 10
     python -m bench.profile --model fake-gpt --callers 1 --mode stream
+    python -m bench.profile --paced 400 --seconds 10   # the streaming section's load
+
+With `--paced N` the provider is the streaming section's paced one (50 tokens, one per
+20 ms, bench/fake_paced.py) and the load is N concurrent streams (bench/streams.py).
 
 A frame's "self" share in `_run (events.py)` is time in C code called from an asyncio
 callback: for a grpc.aio server that is mostly grpc's Cython layer.
@@ -22,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +67,46 @@ def summarise(raw: Path, top: int) -> str:
     return "\n".join(lines)
 
 
+def _spy(args: argparse.Namespace, pid: int, raw: Path) -> list[str]:
+    return [
+        args.py_spy, "record", "--pid", str(pid), "--duration", str(args.seconds),
+        "--rate", str(args.rate), "--format", "raw", "--output", str(raw), "--nonblocking",
+    ]  # fmt: skip
+
+
+def _profile_paced(args: argparse.Namespace, daemon: Vibectld, raw: Path) -> None:
+    """py-spy on the daemon while bench.streams keeps `args.paced` streams open."""
+    from bench import streams
+
+    target = {"port": daemon.port, "ca": daemon.ca_path, "model": PROVIDER_MODEL}
+    env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
+    spy: list[subprocess.Popen[str]] = []
+    timer = threading.Timer(
+        3.0,
+        lambda: spy.append(
+            subprocess.Popen(_spy(args, daemon.pid, raw), text=True, stderr=subprocess.PIPE)
+        ),
+    )
+    timer.start()
+    r = streams.measure(
+        "grpc", target, args.paced, env, pid=daemon.pid, warmup=2.5, duration=args.seconds + 1
+    )
+    timer.join()
+    _, err = spy[0].communicate(timeout=60)
+    print(
+        f"load: {args.paced} streams, {r.tokens_per_s:.0f} chunks/s, TTFT p50 {r.ttft_p50_ms:.1f}"
+        f" ms, {c_fmt(r.daemon_cpu_us_per_token)} us of vibectld CPU per chunk, "
+        f"{r.tokens_per_message:.2f} chunks per message, {r.errors} errors"
+    )
+    if spy[0].returncode != 0 or not raw.exists():
+        raise BenchError(f"py-spy failed: {err.strip()[-1000:]}")
+    print(summarise(raw, args.top))
+
+
+def c_fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.profile",
@@ -76,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=40, help="how many frames to print")
     parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="the py-spy binary")
     parser.add_argument("--out", type=Path, default=None, help="keep the raw stacks here")
+    parser.add_argument(
+        "--paced", type=int, default=0, metavar="N", help="N streams from the paced provider"
+    )
     args = parser.parse_args(argv)
     if not args.py_spy:
         parser.error("py-spy is not on PATH: pip install py-spy, or pass --py-spy")
@@ -88,7 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     raw = args.out or workdir / "stacks.txt"
     try:
         models: dict[str, object] = {"default": "echo"}
-        if args.model == PROVIDER_MODEL:
+        if args.paced:
+            args.model = PROVIDER_MODEL
+            fake = FakeProvider(procs, 20.0, chunk_delay_ms=20, module="bench.fake_paced")
+            fake.start()
+            models["openai_compatible"] = [
+                {"model_id": PROVIDER_MODEL, "model_name": "fake", "api_base": fake.api_base}
+            ]
+        elif args.model == PROVIDER_MODEL:
             fake = FakeProvider(procs, 20.0)
             fake.start()
             models["openai_compatible"] = [
@@ -96,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
             ]
         daemon = Vibectld(procs, workdir, sockdir, name="profiled", models=models)
         daemon.start()
+        if args.paced:
+            _profile_paced(args, daemon, raw)
+            return
         load = subprocess.Popen(
             [
                 sys.executable, "-m", "bench.load", "--target",

@@ -14,6 +14,9 @@ Sections (all by default; `--only a,b` picks some):
   isolation  a client at 10x its rpm limit next to a normal one: the normal one's p99
   redaction  replacing secrets in a 10 kB and a 200 kB kubectl prompt: the client's
              request hook and the server's engine on an ExecuteRequest (redact, refuse)
+  streaming  100 / 400 / 1,000 concurrent streams from a paced provider (50 tokens, one
+             per 20 ms) through vibectld beside a raw SSE client: chunks/s, time to first
+             token, gaps, vibectld CPU per chunk, RSS per stream; 100 clients never reading
 
 Every load generator runs in its own process; each figure is the median of the
 repeats, and every ratio compares measurements of the same run. Each section prints
@@ -43,7 +46,15 @@ from types import FrameType
 
 from bench.common import Context, Section, Settings
 from bench.report import machine_info, markdown, summary_markdown, summary_table
-from bench.sections import footprint, isolation, overhead, provider, redaction, registry
+from bench.sections import (
+    footprint,
+    isolation,
+    overhead,
+    provider,
+    redaction,
+    registry,
+    streaming,
+)
 from bench.servers import REPO, BenchError, Processes
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -54,6 +65,7 @@ SECTIONS: dict[str, Callable[[Context], Section]] = {
     "footprint": footprint.run,
     "isolation": isolation.run,
     "redaction": redaction.run,
+    "streaming": streaming.run,
 }
 TITLES = {
     "overhead": "Overhead vs the floor",
@@ -62,6 +74,7 @@ TITLES = {
     "footprint": "Footprint",
     "isolation": "Isolation",
     "redaction": "Redaction",
+    "streaming": "Streaming at scale",
 }
 
 

@@ -349,15 +349,31 @@ class Floor:
 class FakeProvider:
     """The bench.fake_openai subprocess: an OpenAI-compatible endpoint with fixed latency."""
 
-    def __init__(self, procs: Processes, latency_ms: float) -> None:
+    def __init__(
+        self,
+        procs: Processes,
+        latency_ms: float,
+        *,
+        chunk_delay_ms: float = 0.0,
+        stream: tuple[str, int] | None = None,
+        module: str = "bench.fake_openai",
+    ) -> None:
         self.procs = procs
+        # bench.fake_openai, or bench.fake_paced for thousands of paced streams.
+        self.module = module
         self.latency_ms = latency_ms
+        self.chunk_delay_ms = chunk_delay_ms
+        # (text, count): every streamed reply is `count` chunks of `text`.
+        self.stream = stream
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
     def start(self, timeout: float = 30.0) -> None:
-        argv = [sys.executable, "-m", "bench.fake_openai", "--port", "0"]
+        argv = [sys.executable, "-m", self.module, "--port", "0"]
         argv += ["--latency-ms", f"{self.latency_ms:g}"]
+        argv += ["--chunk-delay-ms", f"{self.chunk_delay_ms:g}"]
+        if self.stream is not None:
+            argv += ["--stream-chunk", self.stream[0], "--stream-count", str(self.stream[1])]
         self.proc, self.port = _start_printing_port(self.procs, "fake provider", argv, timeout)
 
     @property

@@ -2,7 +2,8 @@
 
 `python -m bench.run --quick --no-write` goes through every section (vibectld, the
 floor, the fake provider, a populated registry, READY=1, `vibectl ask` in both modes,
-an abusive client) in about a minute, and must finish without a measurement error.
+an abusive client, concurrent paced streams and readers that never read) in about a
+minute, and must finish without a measurement error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ SECTIONS = (
     "Footprint",
     "Isolation",
     "Redaction",
+    "Streaming at scale",
 )
 
 
@@ -60,6 +62,11 @@ def test_quick_bench_runs_every_section_and_prints_the_tables() -> None:
     assert "| `vibectl ask` proxy mode |" in out.stdout
     assert "isolation (abuser at 10x its rpm)" in out.stdout
     assert "redaction client, 10 kB typical prompt" in out.stdout
+    # Streaming: vibectld beside the raw SSE client on the paced provider, and slow readers.
+    for path in ("raw", "vibectld"):
+        assert re.search(rf"^\| 50 \| {path} \| [1-9]", out.stdout, re.M), path
+    assert "vibectld CPU per relayed chunk" in out.stdout
+    assert "clients that never read" in out.stdout
     # Every target shows a verdict, and the summary closes the run.
     assert "=== Summary ===" in out.stdout
     assert re.search(r"^\d+ of \d+ targets met", out.stdout, re.M)

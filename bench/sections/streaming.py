@@ -1,0 +1,160 @@
+"""Token streams at a provider's pace: many concurrent StreamExecute callers against a raw
+SSE client on the same paced provider, the daemon's CPU per relayed chunk and memory per
+open stream, and the memory held for clients that never read."""
+
+from __future__ import annotations
+
+import functools
+
+from bench import common as c
+from bench import streams
+from bench.common import Context, Section
+from bench.servers import FakeProvider, Vibectld, clean_env, rss_kib
+from bench.streams import Run
+
+LEVELS = (100, 400, 1000)
+QUICK_LEVELS = (50,)
+MODEL_ID, BULK_ID = "fake-gpt", "bulk"
+# Slow readers: each asks for 2,000 chunks of 16 KiB (32 MiB) and reads none of it.
+READERS, QUICK_READERS, HOLD_S, QUICK_HOLD_S = 100, 10, 10.0, 2.0
+BULK = ("x" * 16384, 2000)
+MAX_CPU_US, MIN_RATIO_400, MAX_TTFT_OVER_MS, MIN_RATIO_1000, MAX_RSS_KB = 35, 0.95, 50, 0.80, 50
+AREA = "Streaming (paced)"
+
+INTRO = f"""\
+A paced fake provider (`bench/fake_paced.py`: one event loop, {streams.TOKENS} tokens per
+reply, the first after 20 ms and then one every 20 ms, SSE with chunked encoding) is
+streamed from by N concurrent closed-loop callers: through vibectld (`StreamExecute`,
+grpc.aio, one TLS connection per {streams.PER_CHANNEL} streams) and, in the same run,
+alternating with it, by a raw aiohttp SSE client straight from the provider. Each side
+runs in load-generator processes of at most {streams.STREAMS_PER_PROCESS} streams
+(`bench/streams.py`; "busiest load gen" is the share of a core the busiest one used).
+"chunks" are the provider's chunks (tokens); vibectld may carry several in one message
+when more than one is waiting ("chunks/msg"). "gap" is the time between two messages of
+a stream. vibectld's CPU per chunk is its utime+stime over the window / chunks relayed;
+RSS per stream is (RSS during the run - RSS idle) / N. Slow readers: {READERS} clients,
+one connection each, open a stream of a 32 MiB reply and never read it."""
+
+
+def run(ctx: Context) -> Section:
+    s = ctx.settings
+    section = Section("streaming", "Streaming at scale", INTRO)
+    paced = FakeProvider(ctx.procs, 20, chunk_delay_ms=20, module="bench.fake_paced",
+                         stream=(streams.TOKEN, streams.TOKENS))  # fmt: skip
+    bulk = FakeProvider(ctx.procs, 0, stream=BULK)
+    paced.start()
+    bulk.start()
+    endpoints = [{"model_id": m, "model_name": "fake", "api_base": f.api_base}
+                 for m, f in ((MODEL_ID, paced), (BULK_ID, bulk))]  # fmt: skip
+    models = {"default": "echo", "openai_compatible": endpoints}
+    daemon = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="streaming", models=models)
+    daemon.start()
+    env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
+    grpc_t = {"port": daemon.port, "ca": daemon.ca_path, "model": MODEL_ID}
+    raw_t = {"api_base": paced.api_base}
+    warmup, duration = (1.2, 1.5) if s.quick else (max(s.warmup, 2.0), s.duration)
+    levels = QUICK_LEVELS if s.quick else LEVELS
+    streams.measure("grpc", grpc_t, levels[0], env, pid=None, warmup=1.0, duration=0.5)
+    idle = rss_kib(daemon.pid)
+    got: dict[tuple[int, str], list[Run]] = {}
+    for n in levels:
+        for rep in range(s.repeats):
+            for client in ("raw", "grpc") if rep % 2 == 0 else ("grpc", "raw"):
+                r = streams.measure(client, raw_t if client == "raw" else grpc_t, n, env,
+                                    pid=daemon.pid if client == "grpc" else None,
+                                    warmup=warmup, duration=duration)  # fmt: skip
+                got.setdefault((n, client), []).append(r)
+                ctx.log(f"  {n:5} streams rep {rep + 1} {_name(client):8} {_line(r)}")
+                if r.errors:
+                    section.failures.append(f"{n} streams {client}: {r.errors} errors, "
+                                            f"e.g. {r.error_samples}")  # fmt: skip
+    readers, hold = (QUICK_READERS, QUICK_HOLD_S) if s.quick else (READERS, HOLD_S)
+    held = streams.never_read({**grpc_t, "model": BULK_ID}, readers, env, daemon.pid, hold)
+    ctx.log(f"  slow readers: RSS KiB over time {held}")
+    report(section, got, idle, held, readers)
+    return section
+
+
+def _name(client: str) -> str:
+    return "raw" if client == "raw" else "vibectld"
+
+
+def _line(r: Run) -> str:
+    cpu = c.fmt(r.daemon_cpu_us_per_token, ".1f")
+    return (f"{r.tokens_per_s:8.0f} chunks/s  TTFT p50 {r.ttft_p50_ms:.1f} p99 {r.ttft_p99_ms:.1f}"
+            f" ms  gap p99 {r.gap_p99_ms:.1f} ms  errors {r.errors}  CPU/chunk {cpu} us  "
+            f"load gen {r.worker_cpu_max:.0%}")  # fmt: skip
+
+
+def report(
+    section: Section,
+    got: dict[tuple[int, str], list[Run]],
+    idle: int,
+    held: list[tuple[float, int]],
+    readers: int,
+) -> None:
+    header = ["streams", "path", "chunks/s", "vs raw", "TTFT p50 ms", "TTFT p99 ms",
+              "gap p99 ms", "chunks/msg", "errors", "vibectld CPU us/chunk",
+              "RSS/stream kB", "busiest load gen"]  # fmt: skip
+    rows: list[list[str]] = []
+    per: dict[int, float] = {}
+    for (n, client), rs in got.items():
+        m = functools.partial(c.median_of, rs)
+        ratio = c.paired_ratio(got[(n, "raw")], rs, "tokens_per_s")
+        if client == "grpc":
+            per[n] = (c.median_of(rs, "daemon_rss_kib") - idle) * 1.024 / n
+        rows.append([str(n), _name(client), f"{m('tokens_per_s'):.0f}", c.pct(ratio),
+                     f"{m('ttft_p50_ms'):.1f}", f"{m('ttft_p99_ms'):.1f}",
+                     f"{m('gap_p99_ms'):.1f}", f"{m('tokens_per_message'):.2f}",
+                     str(c.total(rs, "errors")), c.fmt(m("daemon_cpu_us_per_token"), ".1f"),
+                     c.fmt(per.get(n), ".1f") if client == "grpc" else "-",
+                     f"{max(r.worker_cpu_max for r in rs):.0%}"])  # fmt: skip
+    section.tables.append(c.md_table(header, rows))
+    levels = sorted({n for n, _ in got})
+    mid, top = (400, 1000) if 1000 in levels else (levels[-1], levels[-1])
+    _grade(section, got, mid, top, per[top])
+    growth = (held[-1][1] - held[0][1]) / 1024
+    late = (held[-1][1] - held[len(held) // 2][1]) / 1024
+    section.check(
+        f"memory with {readers} clients that never read (32 MiB replies)", None,
+        f"RSS {held[0][1] / 1024:.0f} -> {held[-1][1] / 1024:.0f} MiB over {held[-1][0]:g} s "
+        f"({growth:+.1f} MiB, {growth * 1024 / readers:.0f} KiB per reader; "
+        f"{late:+.1f} MiB in the second half)",
+    )  # fmt: skip
+    section.row(AREA, f"RSS with {readers} streams never read (32 MiB replies)",
+                f"{growth:+.1f} MiB ({growth * 1024 / readers:.0f} KiB/reader), "
+                f"{late:+.1f} MiB in the last {held[-1][0] / 2:g} s")  # fmt: skip
+
+
+def _grade(
+    section: Section, got: dict[tuple[int, str], list[Run]], mid: int, top: int, rss: float
+) -> None:
+    def m(n: int, client: str, key: str) -> float:
+        return c.median_of(got[(n, client)], key)
+
+    def vs(n: int, key: str, spec: str) -> str:
+        return f"({m(n, 'grpc', key):{spec}} vs {m(n, 'raw', key):{spec}})"
+
+    cpu = m(mid, "grpc", "daemon_cpu_us_per_token")
+    ratio = c.paired_ratio(got[(mid, "raw")], got[(mid, "grpc")], "tokens_per_s")
+    over = c.paired_delta(got[(mid, "raw")], got[(mid, "grpc")], "ttft_p99_ms")
+    top_ratio = c.paired_ratio(got[(top, "raw")], got[(top, "grpc")], "tokens_per_s")
+    errors = c.total(got[(top, "grpc")], "errors")
+    checks = [
+        (f"vibectld CPU per relayed chunk at {mid} streams", cpu <= MAX_CPU_US,
+         f"{cpu:.1f} us", f"<= {MAX_CPU_US} us"),
+        (f"chunks/s at {mid} streams, vs raw", ratio >= MIN_RATIO_400,
+         f"{ratio:.0%} {vs(mid, 'tokens_per_s', '.0f')}",
+         f">= {MIN_RATIO_400:.0%}"),
+        (f"TTFT p99 at {mid} streams, over raw", over <= MAX_TTFT_OVER_MS,
+         f"{over:+.1f} ms {vs(mid, 'ttft_p99_ms', '.1f')}",
+         f"<= +{MAX_TTFT_OVER_MS} ms"),
+        (f"errors at {top} streams", errors == 0, str(errors), "0"),
+        (f"chunks/s at {top} streams, vs raw", top_ratio >= MIN_RATIO_1000,
+         f"{top_ratio:.0%} {vs(top, 'tokens_per_s', '.0f')}",
+         f">= {MIN_RATIO_1000:.0%}"),
+        (f"RSS per open stream at {top} streams", rss <= MAX_RSS_KB, f"{rss:.1f} kB",
+         f"<= {MAX_RSS_KB} kB"),
+    ]  # fmt: skip
+    for name, ok, result, goal in checks:
+        section.graded(name, ok, f"{result} (target {goal})", (AREA, name, result, goal))
