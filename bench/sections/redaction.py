@@ -43,8 +43,9 @@ case the corpus holds. *client*:
 `ModelAdapter`'s hook that builds every outgoing request (redaction on, the shared
 Redactor); *server redact* / *server refuse*: the daemon's `RedactionPolicy.screen` with
 `redaction.mode: redact` / `refuse` (its default detectors, built as a reload builds it)
-on the fragments of an `ExecuteRequest` parsed from its wire bytes. Each is called in a loop
-for {seconds:g} s on one core; the table shows the per-call p50 and p99."""
+on the fragments of an `ExecuteRequest` parsed from its wire bytes. The three take turns, one
+call each per round, for {seconds:g} s each on one core; the table shows the per-call p50
+and p99."""
 
 
 class _Outgoing(ModelAdapter):
@@ -100,14 +101,21 @@ def prompt_of(size: int, dense: bool, corpus: Path = CORPUS) -> str:
     return "".join(parts)[:size]
 
 
-def timed(call: Callable[[], object], seconds: float) -> list[float]:
-    """Milliseconds per call, for `seconds` of calls (at least 20)."""
-    out: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(out) < 20:
-        t0 = time.perf_counter()
-        call()
-        out.append((time.perf_counter() - t0) * 1000)
+def timed(calls: dict[str, Callable[[], object]], seconds: float) -> dict[str, list[float]]:
+    """Milliseconds per call of each, for `seconds` per call (at least 20 calls each).
+
+    The calls take turns, one call each per round, so that the machine's drift (another
+    process, the CPU's clock) weighs on each path alike and the rows compare.
+    """
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    deadline = time.perf_counter() + seconds * len(calls)
+    rounds = 0
+    while time.perf_counter() < deadline or rounds < 20:
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            out[name].append((time.perf_counter() - t0) * 1000)
+        rounds += 1
     return out
 
 
@@ -146,9 +154,9 @@ def run(ctx: Context) -> Section:
         }
         found = sum(redactor.find(text).values())
         ctx.log(f"  {label} {mix}: {found} secrets in the prompt")
-        for path, call in paths.items():
+        for call in paths.values():
             call()  # compiled patterns and caches warm
-            ms = timed(call, seconds)
+        for path, ms in timed(paths, seconds).items():
             p50, p99 = median(ms), percentile(ms, 99)
             rows.append(
                 [label, mix, path, str(found), f"{p50:.3f}", f"{p99:.3f}", f"{target_ms:g}"]
