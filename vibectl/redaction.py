@@ -499,6 +499,10 @@ def validate_custom(name: str, regex: str) -> re.Pattern[str]:
         pattern = re.compile(regex)
     except re.error as e:
         raise CustomRuleError(f"custom rule {name!r}: not a valid regex: {e}") from None
+    except (OverflowError, RecursionError) as e:
+        # re.compile's other refusals: a{1,4294967295}, or groups nested thousands deep.
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CustomRuleError(f"custom rule {name!r}: not a valid regex: {what}") from None
     if pattern.search("") is not None:
         raise CustomRuleError(
             f"custom rule {name!r}: {regex!r} matches the empty string, so it would match "

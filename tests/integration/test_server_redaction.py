@@ -281,6 +281,9 @@ BAD_RULES = [
     (".*", "matches the empty string"),
     ("(a+)+$", "catastrophically slow"),
     ("TKT-(", "not a valid regex"),
+    # re.compile raises OverflowError and RecursionError too, not only re.error.
+    ("a{1,4294967295}", "not a valid regex: the repetition number is too large"),
+    ("(" * 1000 + "a" + ")" * 1000, "not a valid regex: nested too deeply"),
     ("[^\\n]+", "of ordinary kubectl output"),
 ]
 

@@ -180,6 +180,7 @@ CONFIG_KEYS: dict[str, list[str]] = {
         "usd_per_month",
         "server_usd_per_day",
     ],
+    "redaction": ["mode", "detectors", "custom"],
     "clients": ["default_expiry", "max_expiry", "issuer", "audience"],
     "logging": ["level", "format"],
     "metrics": ["listen"],
@@ -206,6 +207,19 @@ plausible = st.one_of(
     st.dictionaries(
         st.text(max_size=6),
         st.fixed_dictionaries({}, optional={"input": yaml_like, "output": yaml_like}) | yaml_like,
+        max_size=2,
+    ),
+    # redaction.custom: rules with random names and regexes (compiled and timed at load).
+    st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "name": st.sampled_from(["ticket-id", "jwt", "X", ""]) | st.text(max_size=6),
+                "regex": st.sampled_from(["TKT-[0-9]{6}", ".*", "(a+)+$", "a{1,4294967295}"])
+                | st.text(max_size=12)
+                | json_scalars,
+            },
+        ),
         max_size=2,
     ),
     yaml_like,
@@ -467,6 +481,9 @@ def test_parse_config_raises_only_config_errors() -> None:
     @example({"server": {"public_url": "vibectl-server://[::1:50051"}})  # found: ValueError
     @example({"server": {"shutdown_grace_seconds": 10**400}})  # found: OverflowError
     @example({"models": {"prices": {"m": {"input": 10**400}}}})
+    @example({"redaction": {"custom": [{"name": "n", "regex": "a{1,4294967295}"}]}})  # found
+    @example({"redaction": {"custom": [{"name": "n", "regex": "(" * 1000 + ")" * 1000}]}})
+    @example({"redaction": {"detectors": [{}]}})
     def check(raw: Any) -> None:
         RAN["parse_config: arbitrary YAML-like structures"] += 1
         try:
