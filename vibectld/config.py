@@ -132,7 +132,7 @@ class RedactionConfig:
     mode: str = "redact"
     # "all", or the built-in detectors to use (vibectl.redaction.KINDS).
     detectors: str | tuple[str, ...] = "all"
-    # (name, regex) rules, already checked by vibectl.redaction.validate_custom.
+    # (name, regex) rules, already checked by vibectl.redaction_rules.validate_custom.
     custom: tuple[tuple[str, str], ...] = ()
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from vibectl.redaction import KINDS, CustomRuleError, validate_custom, validate_name
+from vibectl.redaction import KINDS
+from vibectl.redaction_rules import CustomRuleError, validate_custom, validate_name
 from vibectl.util.durations import parse_duration
 from vibectl.util.limits import check_limit, check_usd
 

@@ -11,13 +11,8 @@ from typing import Any
 import pytest
 
 from vibectl.adapters.base import ModelAdapter, Prompt, Reply
-from vibectl.redaction import (
-    KINDS,
-    CustomRuleError,
-    Redactor,
-    summary,
-    validate_custom,
-)
+from vibectl.redaction import KINDS, Redactor, summary
+from vibectl.redaction_rules import CustomRuleError, validate_custom
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVlLWhlcmU"
 AWS = "AKIAIOSFODNN7EXAMPLE"
