@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any
 
 from bench.fake_openai_http import _Server
@@ -71,9 +71,10 @@ from bench.fake_openai_spec import (
 from bench.fake_openai_spec import (
     ResponseEnd as ResponseEnd,
 )
+from bench.lifetime import ClosedOnExit
 
 
-class FakeOpenAI:
+class FakeOpenAI(ClosedOnExit):
     """The fake server, listening on 127.0.0.1 in a background thread while started."""
 
     def __init__(
@@ -135,14 +136,6 @@ class FakeOpenAI:
 
     def __enter__(self) -> FakeOpenAI:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def port(self) -> int:

@@ -26,10 +26,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import psycopg
+
+from bench.lifetime import ClosedOnExit
 
 PG_BIN = Path(os.environ.get("VIBECTLD_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SUPERUSER = "postgres"
@@ -87,7 +88,7 @@ def quote_dsn_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-class PostgresCluster:
+class PostgresCluster(ClosedOnExit):
     """One PostgreSQL server in its own directory. Use start_temporary() to get one.
 
     durable=False (the tests) turns fsync, synchronous commit and full-page writes off:
@@ -134,7 +135,7 @@ class PostgresCluster:
                     if attempt == 2 or "could not bind" not in cluster.log_tail():
                         raise
         except BaseException:
-            cluster.remove()
+            cluster.close()
             raise
         return cluster
 
@@ -186,7 +187,7 @@ class PostgresCluster:
     def running(self) -> bool:
         return self._postmaster_pid() is not None
 
-    def remove(self) -> None:
+    def close(self) -> None:
         """Stop the server if it runs and delete its directory; safe to call twice."""
         try:
             if self.running():
@@ -222,17 +223,6 @@ class PostgresCluster:
         except PermissionError:
             return True
         return True
-
-    def __enter__(self) -> PostgresCluster:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.remove()
 
     # -- connection strings ----------------------------------------------------------
 

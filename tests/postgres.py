@@ -103,7 +103,7 @@ def postgres_server() -> Iterator[PostgresCluster]:
     try:
         yield cluster
     finally:
-        cluster.remove()
+        cluster.close()
 
 
 @pytest.fixture
