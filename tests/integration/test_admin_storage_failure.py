@@ -6,9 +6,9 @@ root, and root writes a 0400 file in a 0500 directory regardless. So:
 
 - read-only: the registry's connection is reopened on the same file with SQLite's
   ``mode=ro`` URI parameter, which opens the file O_RDONLY; SQLite then refuses every
-  write with SQLITE_READONLY whoever the process runs as. This swaps the connection
-  (a private attribute) because that is the only uid-independent way to get a
-  read-only database under a running daemon.
+  write with SQLITE_READONLY whoever the process runs as. This swaps the SQLite
+  database's connection (a private attribute) because that is the only uid-independent
+  way to get a read-only database under a running daemon.
 - locked: a second connection, as a backup job or an operator's sqlite3 shell would,
   holds the database's write lock; the daemon waits out its busy timeout (5 s) and
   gets SQLITE_BUSY. Nothing of the daemon is touched.
@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tests.conftest import RunningDaemon
 from tests.conftest import admin_cli as admin
+from vibectld.store.registry import Registry
+from vibectld.store.sqlite import SQLiteDatabase
 
 
 def _registry_path(daemon: RunningDaemon) -> Path:
@@ -33,15 +35,18 @@ def _registry_path(daemon: RunningDaemon) -> Path:
 @contextmanager
 def _read_only_registry(daemon: RunningDaemon) -> Iterator[None]:
     registry = daemon.runtime.registry
+    assert isinstance(registry, Registry)
+    db = registry._db
+    assert isinstance(db, SQLiteDatabase)
     uri = f"file:{_registry_path(daemon)}?mode=ro"
     read_only = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     with registry._db_lock:
-        writable, registry._db = registry._db, read_only
+        writable, db._conn = db._conn, read_only
     try:
         yield
     finally:
         with registry._db_lock:
-            registry._db = writable
+            db._conn = writable
         read_only.close()
 
 

@@ -78,23 +78,30 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema up to SCHEMA_VERSION, one transaction per step."""
-    (version,) = db.execute("PRAGMA user_version").fetchone()
-    if version > SCHEMA_VERSION:
-        raise RegistryError(
-            f"{path} has schema version {version}, newer than this vibectld knows "
-            f"({SCHEMA_VERSION}); run the newer vibectld, or restore a backup of the file"
-        )
-    for step in range(version, SCHEMA_VERSION):
+    """Bring the schema up to SCHEMA_VERSION, one transaction per step.
+
+    Each step reads the version inside its own write transaction, so two processes
+    opening the file at once take turns and the second finds the first's work done.
+    """
+    while True:
         db.execute("BEGIN IMMEDIATE")
         try:
-            MIGRATIONS[step](db)
-            # user_version is part of the database header, so it commits with the step.
-            db.execute(f"PRAGMA user_version = {step + 1}")
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{path} has schema version {version}, newer than this vibectld knows "
+                    f"({SCHEMA_VERSION}); run the newer vibectld, or restore a backup of the file"
+                )
+            if version < SCHEMA_VERSION:
+                MIGRATIONS[version](db)
+                # user_version is part of the database header, so it commits with the step.
+                db.execute(f"PRAGMA user_version = {version + 1}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        if version >= SCHEMA_VERSION - 1:
+            return
 
 
 def _prepare_file(path: Path) -> None:

@@ -1,17 +1,24 @@
-"""The client registry: one row per issued secret, kept in SQLite and mirrored in memory.
+"""The client registry: the Store (base.py) as a memory mirror over a SQL Database.
 
 The database is the record and memory is a cache of it: a change (issue, revoke, update,
-an audit row) is committed (WAL, synchronous=FULL) before memory changes and before the
-caller hears of it, so an acknowledged change survives a crash. Reads on the request path
-never touch the disk. Usage (`record_call`: the client's request count and last-seen time,
-and the per-day usage table) is the one exception to write-first: it changes memory at
-once and reaches the disk in batches (`flush`, and `close`), since losing a few seconds of
-counts in a crash is cheap and a write per request is not. A failed flush keeps its counts
-for the next one.
+an audit row) is committed durably before memory changes and before the caller hears of
+it, so an acknowledged change survives a crash. Reads on the request path never wait on
+the database. Usage (`record_call`: the client's request count and last-seen time, and
+the per-day usage table) is the one exception to write-first: it changes memory at once
+and reaches the database in batches (`flush`, and `close`), as increments, since losing
+a few seconds of counts in a crash is cheap and a write per request is not. A failed
+flush keeps its counts for the next one.
+
+Writes decide on the database's state, not memory's: issue checks the name's rows under
+a lock, revoke and update are conditional UPDATEs. With several nodes on one database
+(PostgreSQL), memory can be behind another node's change; a write that meets such a
+change takes the fresh row into memory and tells the `on_change` callbacks. (The change
+feed that brings every such change without a write is the next step; `freshness` says
+how old the view is meanwhile.)
 
 Two locks: `_lock` guards memory and is only ever held briefly (the request path takes
-it); `_db_lock` serialises everything that uses the connection, so a flush's disk write
-never blocks the request path. When both are needed, `_db_lock` is taken first.
+it); `_db_lock` serialises everything that uses the database, so a flush's write never
+blocks the request path. When both are needed, `_db_lock` is taken first.
 
 The registry holds a secret's metadata only, never the secret.
 """
@@ -19,17 +26,24 @@ The registry holds a secret's metadata only, never the secret.
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import threading
-from collections.abc import Sequence
-from dataclasses import replace
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vibectl.util.timefmt import readable
 from vibectld.store import audit, spend, usage
 from vibectld.store.audit import AuditEntry
-from vibectld.store.migrations import MIGRATIONS, SCHEMA_VERSION, _prepare_file, migrate
+from vibectld.store.base import (
+    Database,
+    NodeInfo,
+    StoreHealth,
+    Transaction,
+)
+from vibectld.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
+from vibectld.store.mirror import Mirror
 from vibectld.store.records import (
     _COLUMNS,
     _LIST_HINT,
@@ -55,6 +69,7 @@ from vibectld.store.records import (
     _quote,
     _record,
 )
+from vibectld.store.sqlite import SQLiteDatabase
 from vibectld.store.usage import UsageRow
 
 __all__ = [
@@ -69,89 +84,88 @@ __all__ = [
     "ClientRecord",
     "DuplicateClient",
     "InvalidRecord",
+    "NodeInfo",
     "Registry",
     "RegistryError",
     "StorageFailure",
+    "StoreHealth",
     "Unset",
     "UsageRow",
     "migrate",
 ]
 
+T = TypeVar("T")
 
-_NEVER = 2**63
+_SELECT = f"SELECT {_COLUMNS} FROM clients"  # noqa: S608
+_INSERT = f"INSERT INTO clients ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
+# This node's counted calls, as increments (other nodes add theirs), and the latest call.
+_COUNTERS_SQL = (
+    "UPDATE clients SET requests = requests + ?, last_seen_at = CASE WHEN last_seen_at "
+    "IS NULL OR last_seen_at < ? THEN ? ELSE last_seen_at END WHERE id = ?"
+)
+_NODE_UPSERT_SQL = (
+    "INSERT INTO nodes (name, address, version, in_flight, started_at, heartbeat_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET address = excluded.address, "
+    "version = excluded.version, in_flight = excluded.in_flight, "
+    "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at"
+)
+_NODES_SQL = (
+    "SELECT name, address, version, in_flight, started_at, heartbeat_at FROM nodes ORDER BY name"
+)
+# The fields `update` may change, in the order of its keyword arguments.
+_UPDATABLE = ("models", "rpm", "concurrency", "tokens_per_day", "usd_per_month", "note")
 
 
-class Registry:
+class Registry(Mirror):
+    """The Store (base.py): the memory mirror, written through a Database."""
+
     def __init__(
         self,
-        db: sqlite3.Connection,
-        path: Path,
+        db: Database,
         records: dict[str, ClientRecord],
         book: usage.UsageBook | None = None,
         spent: spend.SpendBook | None = None,
     ):
-        self._db: sqlite3.Connection | None = db
-        self._path = path
-        self._records = records
-        # Names never change and records are never deleted, so this index only grows.
-        self._ids_by_name: dict[str, list[str]] = {}
-        for record in records.values():
-            self._ids_by_name.setdefault(record.name, []).append(record.id)
-        self._usage = book if book is not None else usage.UsageBook()
-        self._spend = spent if spent is not None else spend.SpendBook()
-        self._pending: set[str] = set()  # clients whose counters are not yet on disk
-        # (valid from, valid until, counts): the heartbeat asks every few seconds, and a
-        # scan of 100,000 records costs ~15 ms of the loop; a change of any status drops it.
-        self._counts: tuple[int, int, dict[str, int]] | None = None
-        self._lock = threading.Lock()  # memory; held briefly
-        self._db_lock = threading.Lock()  # the connection; taken before _lock
+        super().__init__(records, book, spent)
+        self._db: Database | None = db
+        self._backend = db.backend
+        self._shared = db.shared
+        self._fresh_at = time.time()  # when memory last read every client from the database
+        self._nodes: list[NodeInfo] = []
+        self._health = StoreHealth(degraded=False)
+        self._db_lock = threading.Lock()  # the database; taken before _lock
 
     def __repr__(self) -> str:
-        return f"Registry(path={str(self._path)!r}, clients={len(self._records)})"
+        return f"Registry(db={self._db!r}, clients={len(self._records)})"
 
     @classmethod
     def open(cls, path: Path, *, now: int | None = None) -> Registry:
-        """Open (creating and migrating if needed) the database and load every record.
+        """The SQLite registry at `path` (created and migrated if needed), loaded."""
+        return cls.load(SQLiteDatabase.open(path), now=now)
 
-        Today's usage (the UTC day of `now`) is loaded too, so `tokens_used` counts what
-        was spent before a restart.
-        """
+    @classmethod
+    def load(cls, db: Database, *, now: int | None = None) -> Registry:
+        """Load every record, and the usage and spend of the day and month of `now`, so
+        that `tokens_used` and the budgets count what was spent before a restart.
+        `db` belongs to the registry from here on (closed with it, or on failure)."""
         now = _now(now)
+        today = (usage.day_of(now),)
         try:
-            _prepare_file(path)
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as e:
-            raise StorageFailure(f"cannot open the client registry {path}: {e}") from None
-        book = usage.UsageBook()
-        spent = spend.SpendBook()
-        try:
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise StorageFailure(
-                    f"{path}: SQLite refused WAL mode (got {mode!r}); keep the state "
-                    "directory on a local filesystem"
-                )
-            db.execute("PRAGMA synchronous = FULL")
-            db.execute("PRAGMA busy_timeout = 5000")
-            migrate(db, path)
-            rows = db.execute(f"SELECT {_COLUMNS} FROM clients").fetchall()  # noqa: S608
-            book.load(db.execute(usage.LOAD_DAY_SQL, (usage.day_of(now),)).fetchall(), now)
+            rows = db.query(_SELECT)
+            book = usage.UsageBook()
+            book.load(db.query(usage.LOAD_DAY_SQL, today), now)
+            spent = spend.SpendBook()
             # The month's dollars per client and the day's for the server: the budgets.
-            spent.load(
-                db.execute(spend.MONTH_SQL, spend.month_days(now)).fetchall(),
-                db.execute(spend.DAY_SQL, (usage.day_of(now),)).fetchone()[0],
-                now,
-            )
-        except sqlite3.DatabaseError as e:
-            db.close()
-            raise StorageFailure(
-                f"the client registry {path} is unreadable ({e}); restore it from a backup"
-            ) from None
+            day_total = db.query(spend.DAY_SQL, today)[0][0]
+            spent.load(db.query(spend.MONTH_SQL, spend.month_days(now)), day_total, now)
         except BaseException:
             db.close()
             raise
-        records = {row[0]: _record(row) for row in rows}
-        return cls(db, path, records, book, spent)
+        return cls(db, {row[0]: _record(row) for row in rows}, book, spent)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
 
     def close(self) -> None:
         """Write pending usage counts and close the database; later calls do nothing."""
@@ -163,6 +177,8 @@ class Registry:
             finally:
                 self._db.close()
                 self._db = None
+
+    # -- clients --------------------------------------------------------------------------
 
     def issue(
         self,
@@ -199,43 +215,27 @@ class Registry:
             kid=kid,
             usd_per_month=_check_usd("usd_per_month", usd_per_month),
         )
+
+        def insert_unless_active(tx: Transaction) -> list[ClientRecord]:
+            # Every node issuing this name takes turns here, and decides on the rows.
+            tx.lock(f"client name {name}")
+            named = [_record(row) for row in tx.select(f"{_SELECT} WHERE name = ?", (name,))]
+            if not any(r.status(now) == "active" for r in named):
+                tx.execute(_INSERT, _db_row(record))
+            return named
+
         with self._db_lock:
-            for other in self._named(name):
+            named = self._transaction(insert_unless_active)
+            self._notify(self._learn(named))
+            for other in named:
                 if other.status(now) == "active":
                     raise DuplicateClient(
                         f"an active client named {name!r} exists (id {other.id}); revoke it "
                         "first or choose another name"
                     )
-            self._transaction(
-                (
-                    f"INSERT INTO clients ({_COLUMNS}) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_db_row(record)],
-                )
-            )
             with self._lock:
-                self._records[record.id] = record
-                self._ids_by_name.setdefault(record.name, []).append(record.id)
-                self._counts = None
+                self._keep(record)
         return record
-
-    def _named(self, name: str) -> list[ClientRecord]:
-        return [self._records[i] for i in self._ids_by_name.get(name, ())]
-
-    def get(self, jti: str) -> ClientRecord | None:
-        """The record for a secret's jti; memory only, for the request path."""
-        return self._records.get(jti)
-
-    def find(self, name_or_id: str, now: int | None = None) -> ClientRecord:
-        """By exact id; else by name, preferring the active client, else the newest."""
-        now = _now(now)
-        record = self._records.get(name_or_id)
-        if record is not None:
-            return record
-        named = self._named(name_or_id)
-        if not named:
-            raise ClientNotFound(f"no client named or with id {_quote(name_or_id)}; {_LIST_HINT}")
-        return max(named, key=lambda r: (r.status(now) == "active", r.created_at, r.id))
 
     def revoke(
         self,
@@ -247,26 +247,19 @@ class Registry:
     ) -> ClientRecord:
         now = _now(now)
         with self._db_lock:
-            record = self.find(name_or_id, now)
-            if record.revoked_at is not None:
-                raise AlreadyRevoked(
-                    f"client {record.name!r} (id {record.id}) was already revoked by "
-                    f"{record.revoked_by} at {readable(record.revoked_at)}; {_LIST_HINT}"
-                )
-            self._transaction(
-                (
+            record = self._find_for_write(name_or_id, now)
+            if record.revoked_at is None:
+                sql = (
                     "UPDATE clients SET revoked_at = ?, revoked_by = ?, revoke_reason = ? "
-                    "WHERE id = ?",
-                    [(now, by, reason, record.id)],
+                    "WHERE id = ? AND revoked_at IS NULL"
                 )
+                record, written = self._write_row(record.id, sql, (now, by, reason, record.id))
+                if written:
+                    return record
+            raise AlreadyRevoked(
+                f"client {record.name!r} (id {record.id}) was already revoked by "
+                f"{record.revoked_by} at {readable(record.revoked_at or 0)}; {_LIST_HINT}"
             )
-            with self._lock:
-                # Re-read under the lock: a counted call may have replaced the record.
-                current = self._records[record.id]
-                revoked = replace(current, revoked_at=now, revoked_by=by, revoke_reason=reason)
-                self._records[record.id] = revoked
-                self._counts = None
-        return revoked
 
     def update(
         self,
@@ -288,22 +281,24 @@ class Registry:
         `issue`. A revoked or expired client is refused with AlreadyRevoked.
         """
         now = _now(now)
-        changes: dict[str, Any] = {}
-        if models is not UNSET:
-            changes["models"] = _check_models(models)
-        for label, value in (
-            ("rpm", rpm),
-            ("concurrency", concurrency),
-            ("tokens_per_day", tokens_per_day),
-        ):
-            if value is not UNSET:
-                changes[label] = _check_limit(label, value)
-        if usd_per_month is not UNSET:
-            changes["usd_per_month"] = _check_usd("usd_per_month", usd_per_month)
-        if note is not UNSET:
-            changes["note"] = _check_note(note)
+        given = (models, rpm, concurrency, tokens_per_day, usd_per_month, note)
+        changes = _checked_changes(dict(zip(_UPDATABLE, given, strict=True)))
         with self._db_lock:
-            record = self.find(name_or_id, now)
+            record = self._find_for_write(name_or_id, now)
+            if record.revoked_at is None and record.expires_at > now and changes:
+                columns = [*changes, "updated_at", "updated_by"]
+                values = [
+                    *(_models_json(v) if k == "models" else v for k, v in changes.items()),
+                    now,
+                    by,
+                ]
+                sql = (
+                    f"UPDATE clients SET {', '.join(f'{c} = ?' for c in columns)} "  # noqa: S608
+                    "WHERE id = ? AND revoked_at IS NULL"
+                )
+                record, written = self._write_row(record.id, sql, (*values, record.id))
+                if written:
+                    return record
             if record.revoked_at is not None:
                 raise AlreadyRevoked(f"client {record.name!r} is revoked; issue a new one")
             if record.expires_at <= now:
@@ -311,141 +306,35 @@ class Registry:
                     f"client {record.name!r} expired at {readable(record.expires_at)}; "
                     "issue a new one"
                 )
-            if not changes:
-                return record
-            new = replace(record, **changes)
-            self._transaction(
-                (
-                    "UPDATE clients SET note = ?, models = ?, rpm = ?, concurrency = ?, "
-                    "tokens_per_day = ?, usd_per_month = ?, updated_at = ?, updated_by = ? "
-                    "WHERE id = ?",
-                    [
-                        (
-                            new.note,
-                            _models_json(new.models),
-                            new.rpm,
-                            new.concurrency,
-                            new.tokens_per_day,
-                            new.usd_per_month,
-                            now,
-                            by,
-                            record.id,
-                        )
-                    ],
-                )
-            )
+        return record  # nothing to change
+
+    def _find_for_write(self, name_or_id: str, now: int) -> ClientRecord:
+        """`find`, after taking the database's rows of that id or name into memory when
+        other nodes write it too (one of them may have issued or revoked it)."""
+        if self._shared:
+            rows = self._query(f"{_SELECT} WHERE id = ? OR name = ?", (name_or_id, name_or_id))
+            self._notify(self._learn(_record(row) for row in rows))
+        return self.find(name_or_id, now)
+
+    def _write_row(self, jti: str, sql: str, params: Sequence[Any]) -> tuple[ClientRecord, bool]:
+        """Run one conditional UPDATE of a client's row and take the row it left into
+        memory; whether it changed the row. If not, another node changed the row first
+        (the callbacks hear of it)."""
+
+        def write(tx: Transaction) -> tuple[int, list[tuple[Any, ...]]]:
+            return tx.execute(sql, params), tx.select(f"{_SELECT} WHERE id = ?", (jti,))
+
+        changed, rows = self._transaction(write)
+        if not rows:
+            raise ClientNotFound(f"no client with id {_quote(jti)}; {_LIST_HINT}")
+        fresh = _record(rows[0])
+        if changed:
             with self._lock:
-                updated = replace(self._records[record.id], **changes)
-                self._records[record.id] = updated
-                self._counts = None
-        return updated
-
-    def clients(
-        self, *, include_inactive: bool = False, now: int | None = None
-    ) -> list[ClientRecord]:
-        now = _now(now)
-        records = sorted(self._records.values(), key=lambda r: (r.created_at, r.id))
-        if include_inactive:
-            return records
-        return [r for r in records if r.status(now) == "active"]
-
-    def counts(self, now: int | None = None) -> dict[str, int]:
-        now = _now(now)
-        cached = self._counts
-        if cached is not None and cached[0] <= now < cached[1]:
-            return dict(cached[2])
-        counts = {"active": 0, "expired": 0, "revoked": 0}
-        next_expiry = _NEVER
-        with self._lock:
-            for record in self._records.values():
-                status = record.status(now)
-                counts[status] += 1
-                if status == "active":
-                    next_expiry = min(next_expiry, record.expires_at)
-            # Unchanged until the next active client expires, or a write drops it.
-            self._counts = (now, next_expiry, counts)
-        return dict(counts)
-
-    def active_by_kid(self, now: int | None = None) -> dict[str | None, int]:
-        """How many active clients each signing key signed; None counts the unknown ones."""
-        now = _now(now)
-        counts: dict[str | None, int] = {}
-        with self._lock:
-            for record in self._records.values():
-                if record.status(now) == "active":
-                    counts[record.kid] = counts.get(record.kid, 0) + 1
-        return counts
-
-    def active_signed_by(self, kid: str, now: int | None = None) -> list[ClientRecord]:
-        """The active clients whose secrets `kid` signed."""
-        now = _now(now)
-        with self._lock:
-            records = list(self._records.values())
-        return [r for r in records if r.kid == kid and r.status(now) == "active"]
+                return self._keep(self._merge(fresh)), True
+        self._notify(self._learn([fresh]))
+        return self._records[jti], False
 
     # -- usage: memory at once, the database at the next flush ------------------------
-
-    def record_call(
-        self,
-        client_id: str,
-        *,
-        now: int,
-        error: bool,
-        input_tokens: int | None,
-        output_tokens: int | None,
-        cost_usd: float | None,
-    ) -> None:
-        """Count a served call (failed or not) for its client and UTC day; no SQL.
-
-        Adds one to the client's `requests` and moves `last_seen_at`, and adds the call to
-        the day's usage. Unknown ids are ignored; missing, negative or non-finite token
-        counts and costs count as 0.
-        """
-        call = usage.call_counts(error, input_tokens, output_tokens, cost_usd)
-        with self._lock:
-            record = self._records.get(client_id)
-            if record is None:
-                return
-            self._records[client_id] = replace(
-                record,
-                requests=record.requests + 1,
-                last_seen_at=max(now, record.last_seen_at or 0),
-            )
-            self._pending.add(client_id)
-            self._usage.record(client_id, now, call)
-            self._spend.record(client_id, now, call.cost_usd)
-
-    def record_redactions(self, client_id: str, *, now: int, found: dict[str, int]) -> None:
-        """Count the secrets the server found in a call's prompt, per kind; no SQL.
-
-        Counted whether the call was then served (redacted) or refused, so it is not a
-        request of its own; unknown ids are ignored.
-        """
-        with self._lock:
-            if client_id in self._records:
-                self._usage.record_redactions(client_id, now, found)
-
-    def usd_spent_month(self, client_id: str, now: float) -> float:
-        """Dollars the client spent in the UTC calendar month of `now`, from memory."""
-        with self._lock:
-            return self._spend.month_spent(client_id, now)
-
-    def usd_spent_day(self, now: float) -> float:
-        """Dollars every client together spent on the UTC day of `now`, from memory."""
-        with self._lock:
-            return self._spend.day_spent(now)
-
-    def tokens_used(self, client_id: str, now: int) -> int:
-        """Input plus output tokens of the client's UTC day of `now`, from memory."""
-        with self._lock:
-            return self._usage.tokens_used(client_id, now)
-
-    def top_today(self, now: int, limit: int = 5) -> list[UsageRow]:
-        """The `limit` clients with the most usage on the UTC day of `now`, from memory."""
-        with self._lock:
-            totals = self._usage.day_totals(now)
-            rows = [counts.row(cid, self._name(cid)) for cid, counts in totals]
-        return usage.sort_rows(rows)[: max(limit, 0)]
 
     def usage(
         self, *, since_day: str, name_or_id: str | None = None, now: int | None = None
@@ -470,24 +359,15 @@ class Registry:
         if name_or_id is not None:
             chosen = self.find(name_or_id, now)
             if chosen.id != name_or_id:  # a name: every client that had it
-                ids = sorted(r.id for r in self._named(name_or_id))
+                ids = sorted(self._ids_by_name.get(name_or_id, ()))
             ids = ids or [chosen.id]
         n_ids = len(ids) if chosen is not None else None
         with self._db_lock:
             self._flush_locked()
             found = self._query(usage.select_totals_sql(n_ids), [since_day, *ids])
-            secrets = self._query(usage.select_redactions_sql(n_ids), [since_day, *ids])
-        counts = {row[0]: usage.Counts(*row[1:]) for row in found}
-        kinds: dict[str, dict[str, int]] = {}
-        for client_id, kind, n in secrets:
-            kinds.setdefault(client_id, {})[kind] = n
-            # A client whose every call was refused for its secrets has no other usage.
-            counts.setdefault(client_id, usage.Counts())
-        if chosen is not None:
-            counts.setdefault(chosen.id, usage.Counts())
-        return usage.sort_rows(
-            c.row(cid, self._name(cid), kinds.get(cid)) for cid, c in counts.items()
-        )
+            kinds = self._query(usage.select_redactions_sql(n_ids), [since_day, *ids])
+        rows = usage.rows_of(found, kinds, [chosen.id] if chosen is not None else [])
+        return usage.sort_rows(replace(row, name=self._name(row.client_id)) for row in rows)
 
     def flush(self) -> None:
         """Write the usage and counters counted since the last flush, in one transaction.
@@ -501,24 +381,27 @@ class Registry:
         with self._lock:
             if not self._pending and not self._usage.dirty:
                 return
-            pending, self._pending = self._pending, set()
-            # Memory holds the clients' totals, so writing them is idempotent; usage is
-            # written as increments, which are handed over here and put back on failure.
-            counters = [
-                (self._records[jti].requests, self._records[jti].last_seen_at, jti)
-                for jti in pending
-            ]
+            # Everything is written as increments (nodes sharing a database add up); what
+            # is handed over here is put back if the write fails.
+            pending, self._pending = self._pending, {}
+            counters = []
+            for jti, calls in pending.items():
+                seen = self._records[jti].last_seen_at
+                counters.append((calls, seen, seen, jti))
             deltas = self._usage.take_deltas()
             redactions = self._usage.take_redactions()
         try:
             self._transaction(
-                ("UPDATE clients SET requests = ?, last_seen_at = ? WHERE id = ?", counters),
-                (usage.UPSERT_SQL, usage.delta_rows(deltas)),
-                (usage.REDACTIONS_UPSERT_SQL, usage.redaction_rows(redactions)),
+                _steps(
+                    (_COUNTERS_SQL, counters),
+                    (usage.UPSERT_SQL, usage.delta_rows(deltas)),
+                    (usage.REDACTIONS_UPSERT_SQL, usage.redaction_rows(redactions)),
+                )
             )
         except BaseException:
             with self._lock:
-                self._pending |= pending
+                for jti, calls in pending.items():
+                    self._pending[jti] = self._pending.get(jti, 0) + calls
                 self._usage.restore_deltas(deltas)
                 self._usage.restore_redactions(redactions)
             raise
@@ -544,7 +427,7 @@ class Registry:
         """
         row = audit.insert_row((at, caller_uid, caller_user, op, target, outcome, detail))
         with self._db_lock:
-            self._transaction((audit.INSERT_SQL, [row]))
+            self._transaction(_steps((audit.INSERT_SQL, [row])))
 
     def audit(self, *, since: int, limit: int = 1000) -> list[AuditEntry]:
         """The newest `limit` audit rows at or after `since` (unix time), oldest first."""
@@ -554,37 +437,81 @@ class Registry:
             rows = self._query(audit.SELECT_SQL, (since, limit))
         return [audit.entry(row) for row in reversed(rows)]
 
-    # -- the connection -----------------------------------------------------------------
+    # -- several nodes --------------------------------------------------------------------
 
-    def _name(self, client_id: str) -> str:
-        record = self._records.get(client_id)
-        return record.name if record is not None else client_id
+    def freshness(self, now: float | None = None) -> float | None:
+        if not self._shared:
+            return None  # nothing but this process writes the database
+        return max(0.0, (time.time() if now is None else now) - self._fresh_at)
 
-    def _transaction(self, *steps: tuple[str, Sequence[Sequence[Any]]]) -> None:
-        """Run each (sql, rows) in one committed transaction, or raise RegistryError."""
+    def heartbeat(self, node: NodeInfo) -> None:
+        if not self._shared:
+            with self._lock:
+                self._nodes = [node]
+            return
+
+        def beat(tx: Transaction) -> list[tuple[Any, ...]]:
+            tx.execute(_NODE_UPSERT_SQL, astuple(node))
+            return tx.select(_NODES_SQL)
+
+        with self._db_lock:
+            rows = self._transaction(beat)
+        with self._lock:
+            self._nodes = [NodeInfo(*row) for row in rows]
+
+    def nodes(self) -> list[NodeInfo]:
+        with self._lock:
+            return list(self._nodes)
+
+    def health(self) -> StoreHealth:
+        return self._health
+
+    # -- the database: the only two ways in ---------------------------------------------
+
+    def _transaction(self, work: Callable[[Transaction], T]) -> T:
+        """Run `work` in one committed transaction (under _db_lock), or raise."""
+        return self._use(lambda db: db.transaction(work))
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return self._use(lambda db: db.query(sql, params))
+
+    def _use(self, op: Callable[[Database], T]) -> T:
         if self._db is None:
             raise StorageFailure("the client registry is closed")
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, rows in steps:
-                    if rows:
-                        self._db.executemany(sql, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            raise StorageFailure(
-                f"cannot write the client registry {self._path}: {e}; check the disk "
-                "space and the state directory's permissions"
-            ) from None
+            result = op(self._db)
+        except StorageFailure as e:
+            since = self._health.since if self._health.degraded else time.time()
+            self._health = StoreHealth(degraded=True, reason=str(e), since=since)
+            raise
+        if self._health.degraded:
+            self._health = StoreHealth(degraded=False)
+        return result
 
-    def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        if self._db is None:
-            raise StorageFailure("the client registry is closed")
-        try:
-            return self._db.execute(sql, params).fetchall()
-        except sqlite3.Error as e:
-            raise StorageFailure(f"cannot read the client registry {self._path}: {e}") from None
+
+def _steps(*steps: tuple[str, Sequence[Sequence[Any]]]) -> Callable[[Transaction], None]:
+    """A transaction of (sql, rows) steps, each run once per row; empty ones skipped."""
+
+    def run(tx: Transaction) -> None:
+        for sql, rows in steps:
+            if rows:
+                tx.executemany(sql, rows)
+
+    return run
+
+
+def _checked_changes(given: dict[str, object]) -> dict[str, Any]:
+    """The fields `update` was given (not UNSET), each checked as `issue` checks it."""
+    changes: dict[str, Any] = {}
+    for label, value in given.items():
+        if value is UNSET:
+            continue
+        if label == "models":
+            changes[label] = _check_models(value)
+        elif label == "usd_per_month":
+            changes[label] = _check_usd(label, value)
+        elif label == "note":
+            changes[label] = _check_note(value)
+        else:
+            changes[label] = _check_limit(label, value)
+    return changes

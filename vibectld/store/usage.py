@@ -64,20 +64,23 @@ SCHEMA_V5 = (
     "CREATE INDEX redactions_day ON redactions (day)",
 )
 
+# Increments, which add up whichever node (or flush) writes them. The old values are
+# qualified with the table's name: PostgreSQL calls a bare column ambiguous there.
 REDACTIONS_UPSERT_SQL = (
     "INSERT INTO redactions (client_id, day, kind, count) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (client_id, day, kind) DO UPDATE SET count = count + excluded.count"
+    "ON CONFLICT (client_id, day, kind) DO UPDATE SET "
+    "count = redactions.count + excluded.count"
 )
 
 UPSERT_SQL = (
     "INSERT INTO usage (client_id, day, requests, errors, input_tokens, output_tokens, "
     "cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (client_id, day) DO UPDATE SET "
-    "requests = requests + excluded.requests, "
-    "errors = errors + excluded.errors, "
-    "input_tokens = input_tokens + excluded.input_tokens, "
-    "output_tokens = output_tokens + excluded.output_tokens, "
-    "cost_usd = cost_usd + excluded.cost_usd"
+    "requests = usage.requests + excluded.requests, "
+    "errors = usage.errors + excluded.errors, "
+    "input_tokens = usage.input_tokens + excluded.input_tokens, "
+    "output_tokens = usage.output_tokens + excluded.output_tokens, "
+    "cost_usd = usage.cost_usd + excluded.cost_usd"
 )
 
 LOAD_DAY_SQL = (
@@ -154,6 +157,27 @@ class Counts:
             cost_usd=self.cost_usd,
             redactions=dict(redactions or {}),
         )
+
+
+def rows_of(
+    totals: Iterable[Sequence[Any]],
+    redactions: Iterable[Sequence[Any]],
+    always: Iterable[str] = (),
+) -> list[UsageRow]:
+    """Rows (named by client id) from select_totals_sql's and select_redactions_sql's
+    results, plus a row of zeros for each id in `always` that has none."""
+    counts = {
+        cid: Counts(int(req), int(err), int(tin), int(tout), float(cost))
+        for cid, req, err, tin, tout, cost in totals
+    }
+    kinds: dict[str, dict[str, int]] = {}
+    for client_id, kind, n in redactions:
+        kinds.setdefault(client_id, {})[kind] = int(n)
+        # A client whose every call was refused for its secrets has no other usage.
+        counts.setdefault(client_id, Counts())
+    for client_id in always:
+        counts.setdefault(client_id, Counts())
+    return [c.row(cid, cid, kinds.get(cid)) for cid, c in counts.items()]
 
 
 def day_number(now: int) -> int:

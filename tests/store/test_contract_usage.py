@@ -1,18 +1,18 @@
-"""Usage accounting and the schema migration, on a real SQLite file."""
+"""The store contract, part two: usage, spend and redaction counts, and their flush.
+
+Every test runs on both backends (tests/store/backends.py). Counts go to memory at once
+and to the database in batches, as increments; a failed batch loses nothing.
+"""
 
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from vibectld.store.migrations import _migrate_v1
+from tests.store.backends import Backend
 from vibectld.store.registry import (
-    SCHEMA_VERSION,
     ClientNotFound,
     ClientRecord,
     Registry,
@@ -30,15 +30,8 @@ TOMORROW = "2027-01-16"
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "registry.db"
-
-
-@pytest.fixture
-def registry(db_path: Path) -> Iterator[Registry]:
-    reg = Registry.open(db_path, now=NOW)
-    yield reg
-    reg.close()
+def registry(backend: Backend) -> Registry:
+    return backend.open(now=NOW)
 
 
 def issue(reg: Registry, name: str = "alice", now: int = NOW) -> ClientRecord:
@@ -64,25 +57,17 @@ def call(
     )
 
 
-def rows(db_path: Path) -> list[tuple[str, str, int, int, int, int, float]]:
-    con = sqlite3.connect(db_path)
-    try:
-        return con.execute(
-            "SELECT client_id, day, requests, errors, input_tokens, output_tokens, cost_usd "
-            "FROM usage ORDER BY client_id, day"
-        ).fetchall()
-    finally:
-        con.close()
+def rows(backend: Backend) -> list[tuple[str, str, int, int, int, int, float]]:
+    return backend.sql(
+        "SELECT client_id, day, requests, errors, input_tokens, output_tokens, cost_usd "
+        "FROM usage ORDER BY client_id, day"
+    )
 
 
-def counters(db_path: Path, client_id: str) -> tuple[int, int | None]:
-    con = sqlite3.connect(db_path)
-    try:
-        requests, last_seen = con.execute(
-            "SELECT requests, last_seen_at FROM clients WHERE id = ?", (client_id,)
-        ).fetchone()
-    finally:
-        con.close()
+def counters(backend: Backend, client_id: str) -> tuple[int, int | None]:
+    [(requests, last_seen)] = backend.sql(
+        "SELECT requests, last_seen_at FROM clients WHERE id = ?", (client_id,)
+    )
     return requests, last_seen
 
 
@@ -92,7 +77,7 @@ def test_day_of() -> None:
     assert day_of(0) == "1970-01-01"
 
 
-def test_calls_count_in_memory_then_persist_on_flush(db_path: Path, registry: Registry) -> None:
+def test_calls_count_in_memory_then_persist_on_flush(backend: Backend, registry: Registry) -> None:
     alice = issue(registry)
     call(registry, alice, NOW + 1, cost=0.25)
     call(registry, alice, NOW + 2, error=True, tokens=(None, None))
@@ -103,52 +88,52 @@ def test_calls_count_in_memory_then_persist_on_flush(db_path: Path, registry: Re
     assert registry.tokens_used(alice.id, NOW + 4) == 10 + 20 + 5
     assert registry.tokens_used("unknown", NOW) == 0
     # Nothing on disk before the flush.
-    assert rows(db_path) == []
-    assert counters(db_path, alice.id) == (0, None)
+    assert rows(backend) == []
+    assert counters(backend, alice.id) == (0, None)
 
     registry.flush()
-    assert rows(db_path) == [(alice.id, TODAY, 3, 1, 15, 20, 0.75)]
-    assert counters(db_path, alice.id) == (3, NOW + 3)
+    assert rows(backend) == [(alice.id, TODAY, 3, 1, 15, 20, 0.75)]
+    assert counters(backend, alice.id) == (3, NOW + 3)
     # Repeated flushes add nothing; a new call is added exactly once.
     registry.flush()
     registry.flush()
-    assert rows(db_path) == [(alice.id, TODAY, 3, 1, 15, 20, 0.75)]
+    assert rows(backend) == [(alice.id, TODAY, 3, 1, 15, 20, 0.75)]
     call(registry, alice, NOW + 10)
     registry.flush()
     registry.flush()
-    assert rows(db_path) == [(alice.id, TODAY, 4, 1, 25, 40, 0.75)]
-    assert counters(db_path, alice.id) == (4, NOW + 10)
+    assert rows(backend) == [(alice.id, TODAY, 4, 1, 25, 40, 0.75)]
+    assert counters(backend, alice.id) == (4, NOW + 10)
 
 
-def test_a_call_without_usage_counts_no_tokens(db_path: Path, registry: Registry) -> None:
+def test_a_call_without_usage_counts_no_tokens(backend: Backend, registry: Registry) -> None:
     alice = issue(registry)
     call(registry, alice, NOW + 1, tokens=(None, None))
     registry.flush()
-    assert rows(db_path) == [(alice.id, TODAY, 1, 0, 0, 0, 0.0)]
+    assert rows(backend) == [(alice.id, TODAY, 1, 0, 0, 0, 0.0)]
 
 
-def test_unknown_client_and_odd_values(db_path: Path, registry: Registry) -> None:
+def test_unknown_client_and_odd_values(backend: Backend, registry: Registry) -> None:
     alice = issue(registry)
     call(registry, ClientRecord("nope", "nope", NOW, NOW + DAY, ADMIN))  # ignored
     call(registry, alice, tokens=(-5, -1), cost=-1.0)
     call(registry, alice, tokens=(3, 4), cost=math.nan)
     call(registry, alice, cost=math.inf)
     registry.flush()
-    assert rows(db_path) == [(alice.id, TODAY, 3, 0, 13, 24, 0.0)]
+    assert rows(backend) == [(alice.id, TODAY, 3, 0, 13, 24, 0.0)]
 
 
-def test_close_flushes_and_reopen_restores_todays_tokens(db_path: Path) -> None:
-    reg = Registry.open(db_path, now=NOW)
+def test_close_flushes_and_reopen_restores_todays_tokens(backend: Backend) -> None:
+    reg = backend.open(now=NOW)
     alice = issue(reg)
     bob = issue(reg, "bob")
     call(reg, alice, NOW + 1, tokens=(100, 50))
     call(reg, bob, NOW + 2, tokens=(1, 1))
     reg.close()
-    assert rows(db_path) == sorted(
+    assert rows(backend) == sorted(
         [(alice.id, TODAY, 1, 0, 100, 50, 0.0), (bob.id, TODAY, 1, 0, 1, 1, 0.0)]
     )
 
-    again = Registry.open(db_path, now=NOW + 3600)
+    again = backend.open(now=NOW + 3600)
     try:
         assert again.tokens_used(alice.id, NOW + 3600) == 150
         assert again.tokens_used(bob.id, NOW + 3600) == 2
@@ -158,26 +143,26 @@ def test_close_flushes_and_reopen_restores_todays_tokens(db_path: Path) -> None:
         # Tomorrow starts from zero.
         assert again.tokens_used(alice.id, MIDNIGHT) == 0
         again.flush()
-        assert (alice.id, TODAY, 2, 0, 101, 52, 0.0) in rows(db_path)
+        assert (alice.id, TODAY, 2, 0, 101, 52, 0.0) in rows(backend)
     finally:
         again.close()
 
     # Opened on a later day, the old day's totals are not today's.
-    later = Registry.open(db_path, now=MIDNIGHT + 60)
+    later = backend.open(now=MIDNIGHT + 60)
     try:
         assert later.tokens_used(alice.id, MIDNIGHT + 60) == 0
     finally:
         later.close()
 
 
-def test_day_boundary_gives_two_rows(db_path: Path, registry: Registry) -> None:
+def test_day_boundary_gives_two_rows(backend: Backend, registry: Registry) -> None:
     alice = issue(registry)
     call(registry, alice, MIDNIGHT - 1, tokens=(1, 1))
     call(registry, alice, MIDNIGHT, tokens=(2, 2))
     assert registry.tokens_used(alice.id, MIDNIGHT - 1) == 2
     assert registry.tokens_used(alice.id, MIDNIGHT) == 4
     registry.flush()
-    assert rows(db_path) == [
+    assert rows(backend) == [
         (alice.id, TODAY, 1, 0, 1, 1, 0.0),
         (alice.id, TOMORROW, 1, 0, 2, 2, 0.0),
     ]
@@ -273,38 +258,28 @@ def test_top_today(registry: Registry) -> None:
     assert registry.top_today(MIDNIGHT) == []
 
 
-def test_failed_flush_keeps_counts_for_the_next(db_path: Path, registry: Registry) -> None:
+def test_failed_flush_keeps_counts_for_the_next(backend: Backend, registry: Registry) -> None:
     alice = issue(registry)
     call(registry, alice, NOW + 1, cost=0.5)
     registry.flush()
     call(registry, alice, NOW + 2, cost=0.5)
     call(registry, alice, NOW + 3, error=True)
     # Make every usage write fail, as a full or broken disk would.
-    con = sqlite3.connect(db_path)
-    for event in ("INSERT", "UPDATE"):
-        con.execute(
-            f"CREATE TRIGGER fail_{event} BEFORE {event} ON usage "
-            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-        )
-    con.commit()
-    with pytest.raises(RegistryError, match="disk on fire"):
-        registry.flush()
-    # The transaction rolled back as a whole: the client counters did not move either.
-    assert rows(db_path) == [(alice.id, TODAY, 1, 0, 10, 20, 0.5)]
-    assert counters(db_path, alice.id) == (1, NOW + 1)
-    assert registry.tokens_used(alice.id, NOW + 4) == 90
-    with pytest.raises(RegistryError):
-        registry.flush()
-    call(registry, alice, NOW + 5)  # counted while the disk is failing
+    with backend.failing("usage"):
+        with pytest.raises(RegistryError, match="disk on fire"):
+            registry.flush()
+        # The transaction rolled back as a whole: the client counters did not move either.
+        assert rows(backend) == [(alice.id, TODAY, 1, 0, 10, 20, 0.5)]
+        assert counters(backend, alice.id) == (1, NOW + 1)
+        assert registry.tokens_used(alice.id, NOW + 4) == 90
+        with pytest.raises(RegistryError):
+            registry.flush()
+        call(registry, alice, NOW + 5)  # counted while the disk is failing
 
-    con.execute("DROP TRIGGER fail_INSERT")
-    con.execute("DROP TRIGGER fail_UPDATE")
-    con.commit()
-    con.close()
     registry.flush()
     registry.flush()
-    assert rows(db_path) == [(alice.id, TODAY, 4, 1, 40, 80, 1.0)]
-    assert counters(db_path, alice.id) == (4, NOW + 5)
+    assert rows(backend) == [(alice.id, TODAY, 4, 1, 40, 80, 1.0)]
+    assert counters(backend, alice.id) == (4, NOW + 5)
     assert registry.usage(since_day=TODAY)[0].requests == 4
 
 
@@ -319,7 +294,7 @@ def test_closed_registry(registry: Registry) -> None:
         registry.flush()
 
 
-def test_concurrent_calls_and_flushes_count_exactly(db_path: Path, registry: Registry) -> None:
+def test_concurrent_calls_and_flushes_count_exactly(backend: Backend, registry: Registry) -> None:
     clients = [issue(registry, f"c{i}") for i in range(4)]
     per_thread = 300
     stop = threading.Event()
@@ -342,82 +317,23 @@ def test_concurrent_calls_and_flushes_count_exactly(db_path: Path, registry: Reg
     stop.set()
     background.join()
     registry.flush()
-    got = rows(db_path)
+    got = rows(backend)
     assert [r[2:] for r in got] == [(2 * per_thread, 0, 600, 1200, 300.0)] * 4
     for c in clients:
-        assert counters(db_path, c.id) == (2 * per_thread, NOW + per_thread - 1)
-
-
-def test_v1_database_is_migrated_in_place(db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
-    con = sqlite3.connect(db_path, isolation_level=None)
-    con.execute("PRAGMA journal_mode = WAL")
-    con.execute("BEGIN IMMEDIATE")
-    _migrate_v1(con)
-    con.execute("PRAGMA user_version = 1")
-    con.execute(
-        "INSERT INTO clients (id, name, created_at, expires_at, issued_by, note, models, rpm, "
-        "concurrency, tokens_per_day, revoked_at, revoked_by, revoke_reason, last_seen_at, "
-        "requests) VALUES ('a1', 'alice', ?, ?, 'root(0)', 'old', '[\"m1\"]', 5, NULL, NULL, "
-        "NULL, NULL, NULL, ?, 7)",
-        (NOW - DAY, NOW + DAY, NOW - 60),
-    )
-    con.execute("COMMIT")
-    con.close()
-
-    reg = Registry.open(db_path, now=NOW)
-    try:
-        alice = reg.get("a1")
-        assert alice == ClientRecord(
-            id="a1",
-            name="alice",
-            created_at=NOW - DAY,
-            expires_at=NOW + DAY,
-            issued_by=ADMIN,
-            note="old",
-            models=("m1",),
-            rpm=5,
-            last_seen_at=NOW - 60,
-            requests=7,
-        )
-        assert reg.tokens_used("a1", NOW) == 0
-        call(reg, alice, NOW)
-        reg.flush()
-        assert reg.update("alice", by=ADMIN, rpm=9, now=NOW).rpm == 9
-        reg.add_audit(
-            at=NOW, caller_uid=0, caller_user="root", op="update", target="alice", outcome="ok"
-        )
-        assert [e.op for e in reg.audit(since=0)] == ["update"]
-    finally:
-        reg.close()
-    con = sqlite3.connect(db_path)
-    try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
-        assert con.execute("SELECT requests, rpm, updated_by FROM clients").fetchone() == (
-            8,
-            9,
-            ADMIN,
-        )
-    finally:
-        con.close()
-    assert rows(db_path) == [("a1", TODAY, 1, 0, 10, 20, 0.0)]
+        assert counters(backend, c.id) == (2 * per_thread, NOW + per_thread - 1)
 
 
 # -- secrets the redaction policy found, per client, day and kind ------------------------
 
 
-def redaction_rows(db_path: Path) -> list[tuple[str, str, str, int]]:
-    con = sqlite3.connect(db_path)
-    try:
-        return con.execute(
-            "SELECT client_id, day, kind, count FROM redactions ORDER BY client_id, day, kind"
-        ).fetchall()
-    finally:
-        con.close()
+def redaction_rows(backend: Backend) -> list[tuple[str, str, str, int]]:
+    return backend.sql(
+        "SELECT client_id, day, kind, count FROM redactions ORDER BY client_id, day, kind"
+    )
 
 
 def test_redactions_are_counted_per_kind_and_persist_on_flush(
-    db_path: Path, registry: Registry
+    backend: Backend, registry: Registry
 ) -> None:
     alice = issue(registry)
     bob = issue(registry, "bob")
@@ -433,7 +349,7 @@ def test_redactions_are_counted_per_kind_and_persist_on_flush(
     assert got["alice"].requests == 1
     assert (got["bob"].requests, got["bob"].redactions) == (0, {"private_key": 1})
     assert registry.usage(since_day=TOMORROW, name_or_id="alice")[0].redactions == {"password": 1}
-    assert redaction_rows(db_path) == sorted(
+    assert redaction_rows(backend) == sorted(
         [
             (alice.id, TODAY, "jwt", 2),
             (alice.id, TODAY, "k8s_secret", 2),
@@ -445,25 +361,36 @@ def test_redactions_are_counted_per_kind_and_persist_on_flush(
     registry.record_redactions(alice.id, now=NOW, found={"jwt": 3})
     registry.flush()
     registry.flush()
-    assert (alice.id, TODAY, "jwt", 5) in redaction_rows(db_path)
+    assert (alice.id, TODAY, "jwt", 5) in redaction_rows(backend)
 
 
-def test_a_failed_flush_keeps_the_redaction_counts(db_path: Path, registry: Registry) -> None:
+def test_a_failed_flush_keeps_the_redaction_counts(backend: Backend, registry: Registry) -> None:
     alice = issue(registry)
     registry.record_redactions(alice.id, now=NOW, found={"jwt": 1})
-    con = sqlite3.connect(db_path)
-    con.execute(
-        "CREATE TRIGGER fail BEFORE INSERT ON redactions "
-        "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-    )
-    con.commit()
-    with pytest.raises(RegistryError, match="disk on fire"):
-        registry.flush()
-    registry.record_redactions(alice.id, now=NOW, found={"jwt": 1, "token": 1})
-    con.execute("DROP TRIGGER fail")
-    con.commit()
-    con.close()
+    with backend.failing("redactions", ["INSERT"]):
+        with pytest.raises(RegistryError, match="disk on fire"):
+            registry.flush()
+        registry.record_redactions(alice.id, now=NOW, found={"jwt": 1, "token": 1})
     registry.flush()
-    assert redaction_rows(db_path) == sorted(
+    assert redaction_rows(backend) == sorted(
         [(alice.id, TODAY, "jwt", 2), (alice.id, TODAY, "token", 1)]
     )
+
+
+def test_spend_counts_in_memory_and_a_restart_restores_it(backend: Backend) -> None:
+    registry = backend.open(now=NOW)
+    alice = issue(registry)
+    bob = issue(registry, "bob")
+    call(registry, alice, NOW, cost=1.25)
+    call(registry, bob, NOW, cost=0.5)
+    call(registry, alice, NOW - 10 * DAY, cost=2.0)  # earlier this month
+    call(registry, alice, NOW - 20 * DAY, cost=4.0)  # last month
+    assert registry.usd_spent_month(alice.id, NOW) == 3.25
+    assert registry.usd_spent_day(NOW) == 1.75
+    registry.close()
+    again = backend.open(now=NOW)
+    assert again.usd_spent_month(alice.id, NOW) == 3.25
+    assert again.usd_spent_month(bob.id, NOW) == 0.5
+    assert again.usd_spent_month("unknown", NOW) == 0.0
+    assert again.usd_spent_day(NOW) == 1.75
+    assert again.usd_spent_day(NOW + DAY) == 0.0

@@ -1,18 +1,23 @@
-"""The client registry on a real SQLite file."""
+"""The store contract, part one: clients, persistence, audit, failures and several nodes.
+
+Every test runs on both backends (tests/store/backends.py): what one engine does, the
+other must do too. SQLite's own behaviour (file modes, WAL, user_version upgrades) is in
+test_sqlite.py, PostgreSQL's (its schema lock, its connection string) in
+test_postgresql.py; usage, spend and redaction counts are part two (test_contract_usage.py).
+"""
 
 from __future__ import annotations
 
-import sqlite3
-import stat
-from collections.abc import Iterator
-from pathlib import Path
+import threading
+import time
+from dataclasses import replace
 
 import pytest
 
+from tests.store.backends import Backend
+from vibectld.store.base import NodeInfo, Store, StoreHealth
 from vibectld.store.registry import (
     MAX_LIMIT,
-    MIGRATIONS,
-    SCHEMA_VERSION,
     UNSET,
     AlreadyRevoked,
     AuditEntry,
@@ -21,6 +26,7 @@ from vibectld.store.registry import (
     DuplicateClient,
     Registry,
     RegistryError,
+    StorageFailure,
 )
 
 NOW = 1_800_000_000
@@ -29,15 +35,13 @@ ADMIN = "root(0)"
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "registry.db"
+def registry(backend: Backend) -> Registry:
+    return backend.open()
 
 
-@pytest.fixture
-def registry(db_path: Path) -> Iterator[Registry]:
-    reg = Registry.open(db_path)
-    yield reg
-    reg.close()
+def test_the_registry_is_a_store(registry: Registry) -> None:
+    store: Store = registry  # mypy checks the Protocol; this runs it on each backend
+    assert store.backend in ("sqlite", "postgresql")
 
 
 def issue(reg: Registry, name: str = "alice", now: int = NOW, days: int = 90) -> ClientRecord:
@@ -202,8 +206,8 @@ def test_list_and_counts(registry: Registry) -> None:
     assert b.status(later) == "expired" and c.status(later) == "active"  # c's old snapshot
 
 
-def test_reopen_sees_everything(db_path: Path) -> None:
-    reg = Registry.open(db_path)
+def test_reopen_sees_everything(backend: Backend) -> None:
+    reg = backend.open()
     alice = reg.issue(
         name="alice",
         expires_at=NOW + DAY,
@@ -218,7 +222,7 @@ def test_reopen_sees_everything(db_path: Path) -> None:
     carol = issue(reg, "carol")
     reg.close()
 
-    again = Registry.open(db_path)
+    again = backend.open()
     try:
         assert again.get(alice.id) == alice
         assert again.get(carol.id) == carol
@@ -234,12 +238,12 @@ def test_reopen_sees_everything(db_path: Path) -> None:
         again.close()
 
 
-def test_issue_and_revoke_are_durable_without_close(db_path: Path) -> None:
-    reg = Registry.open(db_path)
+def test_issue_and_revoke_are_durable_without_close(backend: Backend) -> None:
+    reg = backend.open()
     rec = issue(reg)
     reg.revoke("alice", by=ADMIN, now=NOW + 1)
     # Another connection (as after a crash) sees the committed rows, before any close.
-    other = Registry.open(db_path)
+    other = backend.open()
     try:
         assert other.get(rec.id) is not None
         assert other.get(rec.id).revoked_at == NOW + 1  # type: ignore[union-attr]
@@ -255,8 +259,8 @@ def served(reg: Registry, client_id: str, now: int) -> None:
     )
 
 
-def test_record_call_and_flush(db_path: Path) -> None:
-    reg = Registry.open(db_path)
+def test_record_call_and_flush(backend: Backend) -> None:
+    reg = backend.open()
     rec = issue(reg)
     served(reg, rec.id, NOW + 100)
     served(reg, rec.id, NOW + 200)
@@ -265,92 +269,46 @@ def test_record_call_and_flush(db_path: Path) -> None:
     assert reg.get(rec.id).requests == 2  # type: ignore[union-attr]
     assert reg.get(rec.id).last_seen_at == NOW + 200  # type: ignore[union-attr]
     # Not on disk until flushed.
-    assert _row(db_path, rec.id) == (0, None)
+    assert _row(backend, rec.id) == (0, None)
     reg.flush()
-    assert _row(db_path, rec.id) == (2, NOW + 200)
+    assert _row(backend, rec.id) == (2, NOW + 200)
     served(reg, rec.id, NOW + 300)
     reg.flush()
     reg.flush()  # nothing pending: no change
-    assert _row(db_path, rec.id) == (3, NOW + 300)
+    assert _row(backend, rec.id) == (3, NOW + 300)
     reg.close()
 
 
-def test_close_flushes(db_path: Path) -> None:
-    reg = Registry.open(db_path)
+def test_close_flushes(backend: Backend) -> None:
+    reg = backend.open()
     rec = issue(reg)
     served(reg, rec.id, NOW + 5)
     reg.close()
     reg.close()  # idempotent
-    assert _row(db_path, rec.id) == (1, NOW + 5)
-    again = Registry.open(db_path)
+    assert _row(backend, rec.id) == (1, NOW + 5)
+    again = backend.open()
     assert again.get(rec.id).requests == 1  # type: ignore[union-attr]
     again.close()
 
 
-def test_counted_call_then_revoke_keeps_both(db_path: Path) -> None:
-    reg = Registry.open(db_path)
+def test_counted_call_then_revoke_keeps_both(backend: Backend) -> None:
+    reg = backend.open()
     rec = issue(reg)
     served(reg, rec.id, NOW + 5)
     revoked = reg.revoke(rec.id, by=ADMIN, now=NOW + 6)
     assert revoked.requests == 1 and revoked.revoked_at == NOW + 6
     reg.close()
-    again = Registry.open(db_path)
+    again = backend.open()
     got = again.get(rec.id)
     assert got is not None and got.requests == 1 and got.revoked_at == NOW + 6
     again.close()
 
 
-def test_closed_registry_refuses_writes(db_path: Path) -> None:
-    reg = Registry.open(db_path)
+def test_closed_registry_refuses_writes(backend: Backend) -> None:
+    reg = backend.open()
     reg.close()
     with pytest.raises(RegistryError, match="closed"):
         issue(reg)
-
-
-def test_wal_mode_schema_and_file_mode(db_path: Path, registry: Registry) -> None:
-    issue(registry)
-    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
-    wal = db_path.with_name("registry.db-wal")
-    assert wal.exists() and stat.S_IMODE(wal.stat().st_mode) == 0o600
-    con = sqlite3.connect(db_path)
-    try:
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        indexes = {r[1] for r in con.execute("PRAGMA index_list(clients)")}
-        assert "clients_name" in indexes
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"clients", "usage", "audit"} <= tables
-        # Metadata only: no column could hold a secret.
-        for table in ("clients", "usage", "audit"):
-            columns = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
-            assert not columns & {"token", "secret", "jwt"}
-    finally:
-        con.close()
-
-
-def test_loose_file_mode_is_tightened(db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
-    db_path.touch(mode=0o644)
-    db_path.chmod(0o644)
-    Registry.open(db_path).close()
-    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
-
-
-def test_newer_schema_is_refused(db_path: Path) -> None:
-    Registry.open(db_path).close()
-    con = sqlite3.connect(db_path)
-    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    con.close()
-    with pytest.raises(RegistryError, match="newer than this vibectld"):
-        Registry.open(db_path)
-
-
-def test_garbage_database_is_refused(db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
-    db_path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(RegistryError, match="restore it from a backup"):
-        Registry.open(db_path)
 
 
 @pytest.mark.parametrize(
@@ -404,8 +362,8 @@ def test_largest_limits_accepted(registry: Registry) -> None:
     assert rec.models == ("m1", "m2")
 
 
-def test_update_each_field_and_clear(db_path: Path) -> None:
-    reg = Registry.open(db_path)
+def test_update_each_field_and_clear(backend: Backend) -> None:
+    reg = backend.open()
     rec = issue(reg)
     reg.record_call(
         rec.id, now=NOW + 1, error=False, input_tokens=1, output_tokens=1, cost_usd=None
@@ -437,17 +395,12 @@ def test_update_each_field_and_clear(db_path: Path) -> None:
     reg.close()
 
     # Written first: another connection sees it (and who changed it).
-    again = Registry.open(db_path)
+    again = backend.open()
     try:
         assert again.get(rec.id) == got
     finally:
         again.close()
-    con = sqlite3.connect(db_path)
-    try:
-        row = con.execute("SELECT updated_at, updated_by FROM clients").fetchone()
-    finally:
-        con.close()
-    assert row == (NOW + 8, ADMIN)
+    assert backend.sql("SELECT updated_at, updated_by FROM clients") == [(NOW + 8, ADMIN)]
 
 
 def test_update_picks_the_active_client_by_name(registry: Registry) -> None:
@@ -475,8 +428,8 @@ def test_update_refuses_revoked_expired_and_unknown(registry: Registry) -> None:
         registry.update("carol", by=ADMIN, rpm=5, now=NOW)
 
 
-def test_audit_add_and_list(db_path: Path) -> None:
-    reg = Registry.open(db_path)
+def test_audit_add_and_list(backend: Backend) -> None:
+    reg = backend.open()
     reg.add_audit(
         at=NOW, caller_uid=0, caller_user="root", op="issue", target="alice", outcome="ok"
     )
@@ -493,7 +446,7 @@ def test_audit_add_and_list(db_path: Path) -> None:
         at=NOW + 20, caller_uid=None, caller_user="?", op="reload", target=None, outcome="failed"
     )
     # Durable at once: another connection sees it without a flush or close.
-    other = Registry.open(db_path)
+    other = backend.open()
     try:
         entries = other.audit(since=0)
     finally:
@@ -540,22 +493,18 @@ def test_audit_never_stores_secrets(registry: Registry) -> None:
     assert registry.audit(since=0)[-1].target == "(a value too long to be a name or id)"
 
 
-def _row(db_path: Path, jti: str) -> tuple[int, int | None]:
-    con = sqlite3.connect(db_path)
-    try:
-        row = con.execute(
-            "SELECT requests, last_seen_at FROM clients WHERE id = ?", (jti,)
-        ).fetchone()
-    finally:
-        con.close()
-    return (row[0], row[1])
+def _row(backend: Backend, jti: str) -> tuple[int, int | None]:
+    [(requests, last_seen)] = backend.sql(
+        "SELECT requests, last_seen_at FROM clients WHERE id = ?", (jti,)
+    )
+    return (requests, last_seen)
 
 
 KID_A, KID_B = "20260101T000000Z-aaaaaa", "20260301T000000Z-bbbbbb"
 
 
-def test_the_signing_kid_is_recorded_and_counted(db_path: Path) -> None:
-    reg = Registry.open(db_path)
+def test_the_signing_kid_is_recorded_and_counted(backend: Backend) -> None:
+    reg = backend.open()
     a1 = reg.issue(name="a1", expires_at=NOW + DAY, issued_by=ADMIN, kid=KID_A, now=NOW)
     reg.issue(name="a2", expires_at=NOW + DAY, issued_by=ADMIN, kid=KID_A, now=NOW)
     b1 = reg.issue(name="b1", expires_at=NOW + DAY, issued_by=ADMIN, kid=KID_B, now=NOW)
@@ -566,34 +515,107 @@ def test_the_signing_kid_is_recorded_and_counted(db_path: Path) -> None:
     assert reg.active_by_kid(NOW + 20) == {KID_A: 1, KID_B: 1}
     assert [r.id for r in reg.active_signed_by(KID_B, NOW + 20)] == [b1.id]
     reg.close()
-    again = Registry.open(db_path)
+    again = backend.open()
     got = again.get(a1.id)
     assert got is not None and got.kid == KID_A
     again.close()
 
 
-def test_clients_of_an_older_schema_have_an_unknown_kid(db_path: Path) -> None:
-    # A registry as the release before the kid column left it (schema version 2).
-    db_path.parent.mkdir(parents=True)
-    con = sqlite3.connect(db_path, isolation_level=None)
-    for step in MIGRATIONS[:2]:
-        step(con)
-    con.execute(
-        "INSERT INTO clients (id, name, created_at, expires_at, issued_by, requests) "
-        "VALUES ('old0', 'legacy', ?, ?, ?, 3)",
-        (NOW, NOW + DAY, ADMIN),
-    )
-    con.execute("PRAGMA user_version = 2")
-    con.close()
+# -- a fresh database, several openers, and a database that goes away ---------------------
 
-    reg = Registry.open(db_path)
-    legacy = reg.get("old0")
-    assert legacy is not None and legacy.kid is None and legacy.requests == 3
-    reg.issue(name="fresh", expires_at=NOW + DAY, issued_by=ADMIN, kid=KID_A, now=NOW)
-    assert reg.active_by_kid(NOW) == {None: 1, KID_A: 1}
-    reg.close()
-    con = sqlite3.connect(db_path)
-    try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
-    finally:
-        con.close()
+
+def test_an_empty_database_gets_the_whole_schema(backend: Backend) -> None:
+    backend.open().close()
+    for table in ("clients", "usage", "redactions", "audit"):
+        assert backend.sql(f"SELECT count(*) FROM {table}") == [(0,)]  # noqa: S608
+
+
+def test_stores_opened_at_once_on_an_empty_database_agree(backend: Backend) -> None:
+    opened: list[Registry] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def open_one() -> None:
+        start.wait()
+        try:
+            opened.append(backend.open())
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(opened) == 4
+    rec = issue(opened[0])
+    for store in opened[1:]:
+        store.close()
+    assert backend.open().get(rec.id) == rec
+
+
+def test_a_database_that_goes_away_fails_writes_clearly_and_comes_back(backend: Backend) -> None:
+    registry = backend.open(now=NOW)
+    alice = issue(registry)
+    assert registry.health() == StoreHealth(degraded=False)
+    with backend.gone(registry):
+        with pytest.raises(StorageFailure, match="client registry") as failed:
+            issue(registry, "bob")
+        assert registry.health().degraded
+        assert registry.health().reason == str(failed.value)
+        with pytest.raises(StorageFailure):
+            registry.revoke("alice", by=ADMIN, now=NOW + 1)
+        with pytest.raises(StorageFailure):
+            registry.add_audit(
+                at=NOW, caller_uid=0, caller_user="root", op="x", target=None, outcome="ok"
+            )
+        # Memory is unchanged and still serves the request path.
+        assert registry.get(alice.id) == alice and registry.counts(NOW)["active"] == 1
+        with pytest.raises(ClientNotFound):
+            registry.find("bob", NOW)
+        registry.record_call(
+            alice.id, now=NOW + 2, error=False, input_tokens=1, output_tokens=2, cost_usd=None
+        )
+        with pytest.raises(StorageFailure):
+            registry.flush()
+        assert registry.tokens_used(alice.id, NOW + 2) == 3
+    # Back: the next operation succeeds without a restart, and nothing counted was lost.
+    bob = issue(registry, "bob")
+    assert registry.health() == StoreHealth(degraded=False)
+    registry.flush()
+    assert _row(backend, alice.id) == (1, NOW + 2)
+    assert registry.revoke("alice", by=ADMIN, now=NOW + 3).revoked_at == NOW + 3
+    assert backend.open().get(bob.id) == bob
+
+
+# -- what several nodes need ------------------------------------------------------------------
+
+
+def test_heartbeats_list_the_node_and_freshness_says_how_old_the_view_is(
+    backend: Backend,
+) -> None:
+    registry = backend.open()
+    assert registry.nodes() == []
+    node = NodeInfo("node-a", "127.0.0.1:50051", "1.2.3", 2, NOW, NOW + 5)
+    registry.heartbeat(node)
+    assert registry.nodes() == [node]
+    later = replace(node, in_flight=0, heartbeat_at=NOW + 10)
+    registry.heartbeat(later)
+    assert registry.nodes() == [later]
+    assert later.to_dict()["address"] == "127.0.0.1:50051"
+    age = registry.freshness(time.time() + 60)
+    if backend.name == "sqlite":
+        assert age is None  # only this process writes the file: always fresh
+    else:
+        assert age is not None and 60 <= age < 120
+
+
+def test_own_writes_do_not_call_the_change_callbacks(registry: Registry) -> None:
+    heard: list[ClientRecord] = []
+    registry.on_change(heard.append)
+    issue(registry)
+    registry.update("alice", by=ADMIN, rpm=3, now=NOW + 1)
+    registry.revoke("alice", by=ADMIN, now=NOW + 2)
+    with pytest.raises(AlreadyRevoked):
+        registry.revoke("alice", by=ADMIN, now=NOW + 3)
+    assert heard == []

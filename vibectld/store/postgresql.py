@@ -1,0 +1,295 @@
+"""The PostgreSQL engine under the registry, for several nodes sharing one database.
+
+The connection string is the operator's libpq string (the `postgresql-dsn` credential),
+handed to libpq as it is; it is never logged and never part of an error message (the
+target is named by host, port and database only). One connection, used by one thread at
+a time (the Registry serialises it), in autocommit mode with explicit transactions; a
+connection that breaks is dropped and the next operation connects again.
+
+Durability as with SQLite: a transaction returns only once the server has committed it,
+and a session whose database says `synchronous_commit = off` turns it back on.
+
+The schema has its own version table, `vibectld_schema` (one row per version applied),
+and is created and migrated in one transaction under a transaction-level advisory lock,
+so nodes starting together on an empty database take turns: the first creates the
+schema, the others find it. SQL is shared with SQLite (`?` placeholders, translated
+here); the tables differ only in types: BIGINT for counts and times, DOUBLE PRECISION for
+dollars (REAL is 4 bytes here), an identity column for the audit id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from vibectld.store.base import Transaction
+from vibectld.store.records import RegistryError, StorageFailure
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_SECONDS = 5  # unless the connection string says otherwise
+# A connection unused for longer is checked with a round trip before a write uses it.
+IDLE_CHECK_SECONDS = 1.0
+# pg_advisory_xact_lock's key for schema changes: "vibectld" in ASCII, as a bigint.
+SCHEMA_LOCK = int.from_bytes(b"vibectld", "big")
+
+# MIGRATIONS[i] takes the schema from version i to i + 1, in the transaction that records
+# it in vibectld_schema. Append; never edit a shipped one. Version 1 holds what SQLite's
+# versions 1 to 5 built, plus the nodes' heartbeats.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE clients (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            issued_by TEXT NOT NULL,
+            note TEXT,
+            models TEXT,  -- a JSON list of model names, or NULL for the server's list
+            rpm BIGINT,
+            concurrency BIGINT,
+            tokens_per_day BIGINT,
+            revoked_at BIGINT,
+            revoked_by TEXT,
+            revoke_reason TEXT,
+            last_seen_at BIGINT,
+            requests BIGINT NOT NULL DEFAULT 0,
+            updated_at BIGINT,
+            updated_by TEXT,
+            kid TEXT,
+            usd_per_month DOUBLE PRECISION
+        )
+        """,
+        "CREATE INDEX clients_name ON clients (name)",
+        """
+        CREATE TABLE usage (
+            client_id TEXT NOT NULL,
+            day TEXT NOT NULL,  -- the UTC day, YYYY-MM-DD, as in SQLite
+            requests BIGINT NOT NULL DEFAULT 0,
+            errors BIGINT NOT NULL DEFAULT 0,
+            input_tokens BIGINT NOT NULL DEFAULT 0,
+            output_tokens BIGINT NOT NULL DEFAULT 0,
+            cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+            PRIMARY KEY (client_id, day)
+        )
+        """,
+        "CREATE INDEX usage_day ON usage (day)",
+        """
+        CREATE TABLE redactions (
+            client_id TEXT NOT NULL,
+            day TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            count BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (client_id, day, kind)
+        )
+        """,
+        "CREATE INDEX redactions_day ON redactions (day)",
+        """
+        CREATE TABLE audit (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at BIGINT NOT NULL,
+            caller_uid BIGINT,
+            caller_user TEXT NOT NULL,
+            op TEXT NOT NULL,
+            target TEXT,
+            outcome TEXT NOT NULL,
+            detail TEXT
+        )
+        """,
+        "CREATE INDEX audit_at ON audit (at)",
+        """
+        CREATE TABLE nodes (
+            name TEXT PRIMARY KEY,  -- server.name
+            address TEXT NOT NULL,
+            version TEXT NOT NULL,
+            in_flight BIGINT NOT NULL,
+            started_at BIGINT NOT NULL,
+            heartbeat_at BIGINT NOT NULL
+        )
+        """,
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@functools.lru_cache(maxsize=256)
+def translate(sql: str) -> str:
+    """The statement with `?` placeholders as psycopg's `%s` (and a literal % doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+
+class _PostgreSQLTransaction:
+    def __init__(self, cursor: psycopg.Cursor[tuple[Any, ...]]) -> None:
+        self._cursor = cursor
+
+    def select(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._cursor.execute(translate(sql), params).fetchall()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._cursor.execute(translate(sql), params).rowcount
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._cursor.executemany(translate(sql), rows)
+
+    def lock(self, key: str) -> None:
+        self._cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+
+
+class PostgreSQLDatabase:
+    backend = "postgresql"
+    shared = True  # every node writes it
+
+    def __init__(self, conninfo: str, where: str, password: str | None) -> None:
+        self._conninfo = conninfo
+        self.where = where  # "the PostgreSQL database NAME on HOST:PORT", no secrets
+        self._password = password
+        self._conn: Connection | None = None
+        self._closed = False
+        self._used_at = 0.0  # time.monotonic() of the connection's last successful use
+
+    def __repr__(self) -> str:
+        return f"PostgreSQLDatabase({self.where!r})"
+
+    @classmethod
+    def open(cls, dsn: str) -> PostgreSQLDatabase:
+        """Connect with the libpq string `dsn` and create or migrate the schema."""
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.Error:
+            # libpq's message may quote part of the string, which may hold a password.
+            raise StorageFailure(
+                "the postgresql-dsn credential is not a libpq connection string "
+                "(host=... dbname=... user=... or postgresql://...); fix the file"
+            ) from None
+        extra: dict[str, str | int] = {
+            "application_name": "vibectld",
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        }
+        conninfo = make_conninfo(dsn, **{k: v for k, v in extra.items() if k not in params})
+        password = params.get("password")
+        db = cls(conninfo, _describe(params), str(password) if password else None)
+        try:
+            db._run(db._migrate, "create the schema in")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def transaction(self, work: Callable[[Transaction], T]) -> T:
+        def run(conn: Connection) -> T:
+            with conn.transaction(), conn.cursor() as cursor:
+                return work(_PostgreSQLTransaction(cursor))
+
+        return self._run(run, "write")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._run(lambda conn: conn.execute(translate(sql), params).fetchall(), "read")
+
+    def close(self) -> None:
+        self._closed = True
+        self._drop()
+
+    # -- the connection -----------------------------------------------------------------
+
+    def _run(self, work: Callable[[Connection], T], verb: str) -> T:
+        if self._closed:
+            raise StorageFailure("the client registry is closed")
+        conn = self._connection()
+        try:
+            return work(conn)
+        except psycopg.Error as e:
+            if conn.broken or isinstance(e, psycopg.OperationalError):
+                self._drop()  # the next operation connects again
+            raise StorageFailure(
+                f"cannot {verb} the client registry, {self.where}: {self._clean(e)}"
+            ) from None
+
+    def _connection(self) -> Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            if time.monotonic() - self._used_at < IDLE_CHECK_SECONDS:
+                self._used_at = time.monotonic()
+                return conn
+            # Idle for a while: the server may have restarted since. A failed write cannot
+            # be retried safely (was it committed?), but a failed ping can.
+            try:
+                conn.execute("SELECT 1")
+                self._used_at = time.monotonic()
+                return conn
+            except psycopg.Error:
+                pass
+        self._drop()
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as e:
+            raise StorageFailure(
+                f"cannot connect to {self.where}: {self._clean(e)}; check that PostgreSQL "
+                "is running and reachable and the postgresql-dsn credential"
+            ) from None
+        try:
+            # Durable before acknowledged, whatever the database's default says.
+            if conn.execute("SHOW synchronous_commit").fetchone() == ("off",):
+                conn.execute("SET synchronous_commit = on")
+        except psycopg.Error as e:
+            conn.close()
+            raise StorageFailure(f"cannot use {self.where}: {self._clean(e)}") from None
+        self._conn = conn
+        self._used_at = time.monotonic()
+        return conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):  # already gone
+                conn.close()
+
+    def _clean(self, error: psycopg.Error) -> str:
+        """The driver's message on one line, with the password (if any) taken out."""
+        text = " ".join(str(error).split()) or type(error).__name__
+        if self._password:
+            text = text.replace(self._password, "[redacted]")
+        return text
+
+    def _migrate(self, conn: Connection) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS vibectld_schema ("
+                "version INTEGER PRIMARY KEY, migrated_at BIGINT NOT NULL)"
+            )
+            row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM vibectld_schema").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{self.where} has schema version {version}, newer than this vibectld "
+                    f"knows ({SCHEMA_VERSION}); run the newer vibectld on every node"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                for sql in MIGRATIONS[step]:
+                    conn.execute(sql)
+                conn.execute(
+                    "INSERT INTO vibectld_schema (version, migrated_at) VALUES (%s, %s)",
+                    (step + 1, int(time.time())),
+                )
+
+
+def _describe(params: dict[str, Any]) -> str:
+    """The target of a connection string, for messages: never its password."""
+    if params.get("service"):
+        return f"the PostgreSQL service {params['service']!r}"
+    dbname = params.get("dbname") or params.get("user") or "(the default database)"
+    host = str(params.get("host") or params.get("hostaddr") or "the local socket")
+    port = params.get("port")
+    where = f"{host}:{port}" if port and not re.search(r"[,/]", host) else host
+    return f"the PostgreSQL database {dbname!r} on {where}"
