@@ -158,6 +158,12 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    # sqlite: state_dir/registry.db; postgresql: the postgresql-dsn credential's database.
+    backend: str = "sqlite"
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -168,6 +174,7 @@ class DaemonConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     # Where the file was read from; keys/ beside it is a provider-key source.
     config_path: Path | None = None
 
@@ -178,7 +185,7 @@ class DaemonConfig:
 
 # Keys a reload cannot apply, each bound to something made once at start: the listening
 # socket, the admin socket, the state directory, the model thread pool, the log pipeline,
-# the metrics endpoint, the shutdown grace read by the signal handler. Declared once: a
+# the metrics endpoint, the shutdown grace read by the signal handler, the store. Declared once: a
 # reload keeps their old values and names each one that changed, and the test of
 # vibectld.yaml(5) checks the page marks exactly these "Reload: needs a restart".
 RESTART_ONLY: tuple[str, ...] = (
@@ -191,6 +198,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "logging.level",
     "logging.format",
     "metrics.listen",
+    "storage.backend",
 )
 
 
@@ -393,6 +401,10 @@ def _metrics(met: _Section, d: MetricsConfig) -> MetricsConfig:
     return MetricsConfig(listen=met.get("listen", _opt_listen, d.listen))
 
 
+def _storage(sto: _Section, d: StorageConfig) -> StorageConfig:
+    return StorageConfig(backend=sto.get("backend", _choice("sqlite", "postgresql"), d.backend))
+
+
 # Each section of the file and the function that reads it, in the order of the file.
 _SECTIONS: tuple[tuple[str, Callable[[_Section, Any], Any]], ...] = (
     ("server", _server),
@@ -403,6 +415,7 @@ _SECTIONS: tuple[tuple[str, Callable[[_Section, Any], Any]], ...] = (
     ("clients", _clients),
     ("logging", _logging),
     ("metrics", _metrics),
+    ("storage", _storage),
 )
 
 

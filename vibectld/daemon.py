@@ -35,10 +35,13 @@ from vibectld.pki.signing import SigningKeys
 from vibectld.pki.tls import ServerTLS
 from vibectld.providers.catalogue import ModelCatalogue, point_llm_at
 from vibectld.providers.execution import Executor
+from vibectld.providers.keys import ProviderKeys
 from vibectld.runtime import Runtime
 from vibectld.service.interceptor import CallGate, FailedAuthLog
 from vibectld.service.servicer import ProxyService
-from vibectld.store.registry import Registry, RegistryError
+from vibectld.store.base import NodeInfo
+from vibectld.store.registry import ClientRecord, Registry, RegistryError
+from vibectld.version import __version__
 
 log = structlog.get_logger("vibectld")
 
@@ -53,6 +56,8 @@ DRAIN_MAX_SECONDS = 1.0
 # refuse it with its own message; gRPC refuses anything larger itself.
 RECEIVE_MARGIN_BYTES = 64 * 1024
 HANDSHAKE_TIMEOUT_MS = 10_000
+# The credential holding storage.backend: postgresql's libpq connection string.
+DSN_CREDENTIAL = "postgresql-dsn"
 
 
 class StartupError(Exception):
@@ -114,6 +119,13 @@ class Daemon:
 
     async def start(self) -> None:
         self.runtime = rt = self._open_state()
+        loop = asyncio.get_running_loop()
+
+        def changed_elsewhere(record: ClientRecord) -> None:
+            # Called from the thread that learned of another node's change: act on the loop.
+            loop.call_soon_threadsafe(self._changed, record)
+
+        rt.registry.on_change(changed_elsewhere)
         await self._start_grpc(rt)
         routes = build_routes(rt, self.reload, self.request_reload)
         self._admin = AdminServer(
@@ -150,7 +162,7 @@ class Daemon:
             ) from None
         point_llm_at(state_dir)
         signing = SigningKeys.load_or_create(state_dir / "signing-keys")
-        registry = Registry.open(state_dir / "registry.db")
+        registry = _open_registry(config)
         try:
             generation = build_generation(config, signing, registry)
         except GenerationRejected as e:
@@ -355,13 +367,41 @@ class Daemon:
 
     async def _flush_usage(self) -> None:
         assert self.runtime is not None
+        rt = self.runtime
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
             try:
                 # A commit with synchronous=FULL waits for the disk: not on the event loop.
-                await asyncio.to_thread(self.runtime.registry.flush)
+                await asyncio.to_thread(rt.registry.flush)
             except Exception:
                 log.exception("registry.flush_failed")
+            degraded = rt.registry.health().degraded
+            try:
+                await asyncio.to_thread(rt.registry.heartbeat, self._node(rt))
+            except RegistryError as e:
+                if not degraded:  # once when the database stops answering, not every beat
+                    log.error("storage.degraded", error=str(e), hint="admin writes fail")
+                continue
+            if degraded:
+                log.info("storage.recovered", backend=rt.registry.backend)
+
+    def _node(self, rt: Runtime) -> NodeInfo:
+        """This node, as its heartbeat describes it to the others."""
+        return NodeInfo(
+            name=rt.config.server.name,
+            address=rt.grpc_address,
+            version=__version__,
+            in_flight=rt.inflight.total(),
+            started_at=int(rt.started_at),
+            heartbeat_at=int(time.time()),
+        )
+
+    def _changed(self, record: ClientRecord) -> None:
+        """Another node changed a client: if it is no longer active, end its calls here."""
+        assert self.runtime is not None
+        if record.status(int(time.time())) != "active":
+            cancelled = self.runtime.inflight.cancel_client(record.id)
+            log.info("client.changed_elsewhere", client=record.name, cancelled_calls=cancelled)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -425,3 +465,20 @@ class Daemon:
             await self.serve_until_stopped()
         finally:
             await self.stop()
+
+
+def _open_registry(config: DaemonConfig) -> Registry:
+    """The configured store, opened and loaded (StartupError, StorageFailure, ...)."""
+    if config.storage.backend == "sqlite":
+        return Registry.open(config.state_dir / "registry.db")
+    credentials = ProviderKeys.for_credentials(config.config_dir)
+    dsn = credentials.get(DSN_CREDENTIAL)
+    if dsn is None:
+        places = " or ".join(str(p) for p in credentials.places(DSN_CREDENTIAL))
+        if credentials.credentials_dir is None:
+            places += " (or $CREDENTIALS_DIRECTORY/postgresql-dsn through LoadCredential=)"
+        raise StartupError(
+            "storage.backend is postgresql, but the postgresql-dsn credential is missing: "
+            f"put a libpq connection string in {places}"
+        )
+    return Registry.open_postgresql(dsn)

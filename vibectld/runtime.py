@@ -25,14 +25,14 @@ from vibectld.providers.execution import Executor
 from vibectld.providers.keys import ProviderKeys
 from vibectld.service.inflight import InFlight
 from vibectld.service.limits import Limiter
-from vibectld.store.registry import Registry
+from vibectld.store.base import Store
 
 
 @dataclass
 class Runtime:
     generation: Generation
     signing: SigningKeys
-    registry: Registry
+    registry: Store
     executor: Executor
     inflight: InFlight = field(default_factory=InFlight)
     limiter: Limiter = field(default_factory=Limiter)

@@ -257,6 +257,8 @@ def _every_key_changed(tmp: Path, sock_dir: Path) -> dict[str, Any]:
         },
         "logging": {"level": "error", "format": "json"},
         "metrics": {"listen": "127.0.0.1:1"},
+        # Parses; a reload keeps sqlite (no postgresql-dsn is needed to reject it).
+        "storage": {"backend": "postgresql"},
     }
 
 

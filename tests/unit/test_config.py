@@ -81,6 +81,8 @@ logging: {level: info, format: auto}
         ({"models": {"allowed": "echo"}}, "models.allowed"),
         ({"models": {"openai_compatible": [{"model_id": "x"}]}}, "models.openai_compatible[0]"),
         ({"state_dir": "relative/dir"}, "state_dir"),
+        ({"storage": {"backend": "mysql"}}, "storage.backend"),
+        ({"storage": {"dsn": "host=db"}}, "storage.dsn"),  # never in the file
         (["a", "list"], "the file"),
     ],
 )
@@ -101,3 +103,11 @@ def test_invalid_yaml_names_the_file_and_line(tmp_path: Path) -> None:
 def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_the_storage_backend_is_read_and_needs_a_restart() -> None:
+    from vibectld.config import RESTART_ONLY
+
+    assert parse_config(None).storage.backend == "sqlite"
+    assert parse_config({"storage": {"backend": "postgresql"}}).storage.backend == "postgresql"
+    assert "storage.backend" in RESTART_ONLY

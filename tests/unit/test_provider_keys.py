@@ -202,3 +202,30 @@ def test_redact_leaves_very_short_values_alone(layout: Layout) -> None:
     keys = layout.keys()
     assert keys.get("tiny") == "abc"
     assert keys.redact("abc abcdef") == "abc abcdef"
+
+
+def test_the_daemons_own_credentials_come_from_systemd_or_beside_the_config(
+    layout: Layout,
+) -> None:
+    """postgresql-dsn is read like a provider key, but never from the state dir or the
+    environment, and a message calls its file a credential."""
+    env = {"CREDENTIALS_DIRECTORY": str(layout.credentials), "POSTGRESQL_DSN": "env"}
+    credentials = ProviderKeys.for_credentials(layout.config_dir, env)
+    assert credentials.places("postgresql-dsn") == [
+        layout.credentials / "postgresql-dsn",
+        layout.credentials / "keys_postgresql-dsn",
+        layout.config_dir / "keys" / "postgresql-dsn",
+    ]
+    write_key(layout.state_dir / "keys", "postgresql-dsn", "host=state")
+    assert credentials.get("postgresql-dsn") is None
+    write_key(layout.config_dir / "keys", "postgresql-dsn", "host=beside-the-config\n")
+    assert ProviderKeys.for_credentials(layout.config_dir, env).get("postgresql-dsn") == (
+        "host=beside-the-config"
+    )
+    write_key(layout.credentials, "keys_postgresql-dsn", "host=credential")
+    assert ProviderKeys.for_credentials(layout.config_dir, env).get("postgresql-dsn") == (
+        "host=credential"
+    )
+    (layout.credentials / "postgresql-dsn").mkdir()  # unreadable as a file
+    with pytest.raises(ProviderKeyError, match=r"cannot read credential file .*postgresql-dsn"):
+        ProviderKeys.for_credentials(layout.config_dir, env).get("postgresql-dsn")

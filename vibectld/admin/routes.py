@@ -416,7 +416,27 @@ async def status(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dic
         # The whole server's spend today (UTC) against its cap (null: none).
         "usd_today": round(rt.registry.usd_spent_day(time.time()), 6),
         "server_usd_per_day": gen.config.limits.server_usd_per_day,
+        **_storage(rt),
     }
+
+
+def _storage(rt: Runtime) -> dict[str, Any]:
+    """The store's part of `status`: its backend and health, and (when shared) the nodes."""
+    store = rt.registry
+    health = store.health()
+    age = store.freshness()
+    part: dict[str, Any] = {
+        "storage": {
+            "backend": store.backend,
+            "degraded": health.degraded,
+            "reason": health.reason,
+            # How old this node's view of other nodes' changes is; null: always fresh.
+            "view_age_seconds": None if age is None else round(age, 1),
+        }
+    }
+    if store.backend == "postgresql":
+        part["nodes"] = [node.to_dict() for node in store.nodes()]
+    return part
 
 
 @route("update_client", write=True)

@@ -35,10 +35,28 @@ class ProviderKeys:
         # Under systemd, keys are meant to arrive through LoadCredential= (read as root, at
         # start), so an unreadable key file is fixed by a restart, not by a reload.
         self.under_systemd = False
+        self.kind = "provider key"  # what a message calls the files read
 
     @classmethod
     def for_daemon(
         cls, config_dir: Path | None, state_dir: Path, environ: Mapping[str, str] | None = None
+    ) -> ProviderKeys:
+        return cls._credentials_then(config_dir, [state_dir / "keys"], environ)
+
+    @classmethod
+    def for_credentials(
+        cls, config_dir: Path | None, environ: Mapping[str, str] | None = None
+    ) -> ProviderKeys:
+        """The daemon's own credentials (e.g. `postgresql-dsn`): systemd's credentials,
+        then keys/ beside the config file; never the state directory or the environment
+        (`get` without an env_var)."""
+        keys = cls._credentials_then(config_dir, [], environ)
+        keys.kind = "credential"
+        return keys
+
+    @classmethod
+    def _credentials_then(
+        cls, config_dir: Path | None, more: list[Path], environ: Mapping[str, str] | None
     ) -> ProviderKeys:
         env = os.environ if environ is None else environ
         dirs: list[Path | tuple[Path, str]] = []
@@ -49,13 +67,17 @@ class ProviderKeys:
             dirs += [credentials, (credentials, "keys_")]
         if config_dir is not None:
             dirs.append(config_dir / "keys")
-        dirs.append(state_dir / "keys")
+        dirs += more
         keys = cls(dirs, env)
         if env.get("CREDENTIALS_DIRECTORY"):
             keys.credentials_dir = Path(env["CREDENTIALS_DIRECTORY"])
         # systemd sets INVOCATION_ID for every service it runs.
         keys.under_systemd = bool(env.get("INVOCATION_ID") or env.get("CREDENTIALS_DIRECTORY"))
         return keys
+
+    def places(self, name: str) -> list[Path]:
+        """Every file `get(name)` reads, in order: for a message about a missing key."""
+        return [directory / f"{prefix}{name}" for directory, prefix in self._sources]
 
     def get(self, name: str, env_var: str | None = None) -> str | None:
         """The key called `name`, or None when no source has it."""
@@ -75,8 +97,7 @@ class ProviderKeys:
                 except OSError as e:
                     # An unreadable key file is an operator mistake worth failing loudly on.
                     raise ProviderKeyError(
-                        f"cannot read provider key file {path}: {e.strerror}; "
-                        f"{self._fix(directory)}"
+                        f"cannot read {self.kind} file {path}: {e.strerror}; {self._fix(directory)}"
                     ) from None
                 if value:
                     return value

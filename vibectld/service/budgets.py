@@ -26,7 +26,8 @@ from vibectld.providers.catalogue import CatalogueEntry
 from vibectld.service.limits import EffectiveLimits
 from vibectld.service.refusals import LimitExceeded, PermissionDenied
 from vibectld.store import spend
-from vibectld.store.registry import ClientRecord, Registry
+from vibectld.store.base import Store
+from vibectld.store.registry import ClientRecord
 
 # Spend is a sum of floats; a nano-dollar is far below any call's price, and keeps a
 # sum that should equal the budget exactly from reading a hair under it.
@@ -34,7 +35,7 @@ _EPSILON = 1e-9
 
 
 def check_dollar_budgets(
-    registry: Registry,
+    registry: Store,
     gen: Generation,
     client: ClientRecord,
     limits: EffectiveLimits,

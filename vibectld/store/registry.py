@@ -144,6 +144,14 @@ class Registry(Mirror):
         return cls.load(SQLiteDatabase.open(path), now=now)
 
     @classmethod
+    def open_postgresql(cls, dsn: str, *, now: int | None = None) -> Registry:
+        """The PostgreSQL registry of the libpq string `dsn` (schema created if needed)."""
+        # psycopg takes ~0.3 s to import: only a daemon that uses it pays for it.
+        from vibectld.store.postgresql import PostgreSQLDatabase
+
+        return cls.load(PostgreSQLDatabase.open(dsn), now=now)
+
+    @classmethod
     def load(cls, db: Database, *, now: int | None = None) -> Registry:
         """Load every record, and the usage and spend of the day and month of `now`, so
         that `tokens_used` and the budgets count what was spent before a restart.

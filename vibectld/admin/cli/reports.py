@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import click
@@ -144,9 +145,34 @@ def status(ctx: click.Context) -> None:
     ]
     if "usd_today" in result:  # a daemon that counts dollars
         lines.append(("spend today", _spend_today(result)))
+    if isinstance(result.get("storage"), dict):  # a daemon with a choice of store
+        lines.append(("storage", _storage(result["storage"])))
+    for node in result.get("nodes") or []:
+        lines.append((f"node {node.get('name')}", _node(node)))
     width = max(len(key) for key, _ in lines) + 1
     for key, value in lines:
         click.echo(f"{key + ':':<{width}} {'-' if value is None else value}")
+
+
+def _storage(storage: dict[str, Any]) -> str:
+    """The backend, and whether its database answers."""
+    text = str(storage.get("backend"))
+    if storage.get("degraded"):
+        return f"{text}, DEGRADED: {storage.get('reason')} (admin changes fail until it is back)"
+    age = storage.get("view_age_seconds")
+    if isinstance(age, int | float):
+        text += f", other nodes' changes read {_uptime(int(age))} ago"
+    return text
+
+
+def _node(node: dict[str, Any]) -> str:
+    """One node of a shared store, as its last heartbeat described it."""
+    beat = node.get("heartbeat_at")
+    ago = f"{_uptime(max(0, int(time.time() - beat)))} ago" if isinstance(beat, int) else "-"
+    return (
+        f"{node.get('address')}, version {node.get('version')}, "
+        f"{node.get('in_flight')} in flight, last heartbeat {ago}"
+    )
 
 
 def _spend_today(result: dict[str, Any]) -> str:
