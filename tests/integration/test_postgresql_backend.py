@@ -205,3 +205,37 @@ def test_a_missing_connection_string_stops_the_start_naming_where_to_put_it(
     assert str(node.etc.resolve() / "keys" / "postgresql-dsn") in message
     assert "CREDENTIALS_DIRECTORY" in message
     shutil.rmtree(node.socks, ignore_errors=True)
+
+
+def test_a_database_that_goes_away_fails_admin_writes_not_calls(
+    postgres: Postgres,
+    start_node: Callable[[Node], RunningDaemon],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    node = Node(tmp_path, "node-a")
+    node.install_dsn(postgres.dsn)
+    daemon = start_node(node)
+    alice = _issue(daemon, "alice")
+    postgres.stop()
+    try:
+        failed = admin(daemon, "issue-client", "bob")
+        assert failed.returncode == 1 and failed.stdout == ""
+        assert "cannot reach the client registry, the PostgreSQL database" in failed.stderr
+        assert "check that PostgreSQL is running" in failed.stderr
+        assert postgres.cluster.password not in failed.stderr
+        # Known clients are served from memory meanwhile; status says the store is down.
+        assert _call(daemon, alice) == "OK"
+        storage = _json(daemon, "status")["storage"]
+        assert storage["degraded"] is True and "PostgreSQL" in storage["reason"]
+        human = admin(daemon, "status")
+        assert "postgresql, DEGRADED" in human.stdout
+    finally:
+        postgres.start()
+    # Back without a restart: the next write reconnects.
+    assert admin(daemon, "issue-client", "bob").returncode == 0
+    assert _json(daemon, "status")["storage"]["degraded"] is False
+    usage = {row["name"]: row["requests"] for row in _json(daemon, "usage")}
+    assert usage == {"alice": 1}
+    out, err = capfd.readouterr()
+    assert postgres.cluster.password not in out + err

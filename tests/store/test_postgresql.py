@@ -86,7 +86,9 @@ def test_the_connection_string_never_appears_in_a_message(postgres: Postgres) ->
     with pytest.raises(StorageFailure) as refused:
         PostgreSQLDatabase.open(dead)
     message = str(refused.value)
-    assert message.startswith(f"cannot connect to the PostgreSQL database {postgres.dbname!r}")
+    assert message.startswith(
+        f"cannot reach the client registry, the PostgreSQL database {postgres.dbname!r}"
+    )
     assert "127.0.0.1:1" in message and "is running" in message
     assert password not in message
 
@@ -113,11 +115,20 @@ def test_a_restarted_server_is_reconnected_without_a_failed_operation(
     try:
         registry.issue(name="alice", expires_at=NOW + DAY, issued_by=ADMIN, now=NOW)
         postgres.restart()
-        # An idle connection is checked before it is used; a broken one is replaced.
-        time.sleep(postgresql.IDLE_CHECK_SECONDS + 0.1)
+        # At once: the write meets the broken connection before anything is committed,
+        # so it runs again on a new one.
         registry.issue(name="bob", expires_at=NOW + DAY, issued_by=ADMIN, now=NOW)
+        postgres.restart()
+        assert registry.usage(since_day=TODAY) == []  # a read, likewise
+        postgres.restart()
+        # After a pause: an idle connection is checked before it is used.
+        time.sleep(postgresql.IDLE_CHECK_SECONDS + 0.1)
+        registry.issue(name="carol", expires_at=NOW + DAY, issued_by=ADMIN, now=NOW)
         assert registry.health().degraded is False
-        assert len(registry.clients(now=NOW)) == 2
+        assert len(registry.clients(now=NOW)) == 3
+        other = Registry.load(PostgreSQLDatabase.open(postgres.dsn))
+        assert len(other.clients(now=NOW)) == 3
+        other.close()
     finally:
         registry.close()
 

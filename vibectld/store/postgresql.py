@@ -23,7 +23,7 @@ import contextlib
 import functools
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -188,13 +188,28 @@ class PostgreSQLDatabase:
 
     def transaction(self, work: Callable[[Transaction], T]) -> T:
         def run(conn: Connection) -> T:
-            with conn.transaction(), conn.cursor() as cursor:
-                return work(_PostgreSQLTransaction(cursor))
+            # Explicit statements rather than conn.transaction(), so that a break before
+            # COMMIT (safe to run again) is told apart from one during it (not safe).
+            with _before_commit(conn):
+                conn.execute("BEGIN")
+                try:
+                    with conn.cursor() as cursor:
+                        result = work(_PostgreSQLTransaction(cursor))
+                except BaseException:
+                    if not conn.broken:
+                        conn.execute("ROLLBACK")
+                    raise
+            conn.execute("COMMIT")
+            return result
 
         return self._run(run, "write")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self._run(lambda conn: conn.execute(translate(sql), params).fetchall(), "read")
+        def run(conn: Connection) -> list[tuple[Any, ...]]:
+            with _before_commit(conn):  # a read has nothing to commit
+                return conn.execute(translate(sql), params).fetchall()
+
+        return self._run(run, "read")
 
     def close(self) -> None:
         self._closed = True
@@ -203,17 +218,27 @@ class PostgreSQLDatabase:
     # -- the connection -----------------------------------------------------------------
 
     def _run(self, work: Callable[[Connection], T], verb: str) -> T:
-        if self._closed:
-            raise StorageFailure("the client registry is closed")
-        conn = self._connection()
-        try:
-            return work(conn)
-        except psycopg.Error as e:
-            if conn.broken or isinstance(e, psycopg.OperationalError):
-                self._drop()  # the next operation connects again
-            raise StorageFailure(
-                f"cannot {verb} the client registry, {self.where}: {self._clean(e)}"
-            ) from None
+        """`work` on the connection; once more on a new one if the first broke before
+        anything was committed (a restarted server), else StorageFailure."""
+        for attempt in (1, 2):
+            if self._closed:
+                raise StorageFailure("the client registry is closed")
+            conn = self._connection()
+            try:
+                return work(conn)
+            except _NotCommitted as e:
+                self._drop()
+                error: psycopg.Error = e.error
+                if attempt == 1:
+                    continue
+            except psycopg.Error as e:
+                if conn.broken or isinstance(e, psycopg.OperationalError):
+                    self._drop()  # the next operation connects again
+                error = e
+            break
+        raise StorageFailure(
+            f"cannot {verb} the client registry, {self.where}: {self._clean(error)}"
+        ) from None
 
     def _connection(self) -> Connection:
         conn = self._conn
@@ -234,8 +259,8 @@ class PostgreSQLDatabase:
             conn = psycopg.connect(self._conninfo, autocommit=True)
         except psycopg.Error as e:
             raise StorageFailure(
-                f"cannot connect to {self.where}: {self._clean(e)}; check that PostgreSQL "
-                "is running and reachable and the postgresql-dsn credential"
+                f"cannot reach the client registry, {self.where}: {self._clean(e)}; check "
+                "that PostgreSQL is running and reachable, and the postgresql-dsn credential"
             ) from None
         try:
             # Durable before acknowledged, whatever the database's default says.
@@ -282,6 +307,26 @@ class PostgreSQLDatabase:
                     "INSERT INTO vibectld_schema (version, migrated_at) VALUES (%s, %s)",
                     (step + 1, int(time.time())),
                 )
+
+
+class _NotCommitted(Exception):
+    """The connection broke before COMMIT was sent: nothing was written, so the work may
+    run again on a new connection. (A break during COMMIT is not this: it may have
+    committed, and running it again could count usage twice.)"""
+
+    def __init__(self, error: psycopg.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@contextlib.contextmanager
+def _before_commit(conn: Connection) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.OperationalError as e:
+        if conn.broken:
+            raise _NotCommitted(e) from None
+        raise
 
 
 def _describe(params: dict[str, Any]) -> str:
