@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -21,8 +21,9 @@ from vibectld.providers.aiohttp_chat import (
     env_proxy,
 )
 
-# The bytes to send, or pieces sent apart (a short pause between them).
-Answer = Callable[[dict[str, Any]], bytes | list[bytes]]
+# The bytes to send, or pieces sent apart (a short pause between them; a number in the
+# list is a longer pause, in seconds).
+Answer = Callable[[dict[str, Any]], bytes | Sequence[bytes | float]]
 
 
 def http(status: str, body: bytes, content_type: str = "application/json") -> bytes:
@@ -61,6 +62,9 @@ class Canned:
                 self.requests.append((headers, body))
                 answer = self.answer(body)
                 for piece in [answer] if isinstance(answer, bytes) else answer:
+                    if isinstance(piece, float):
+                        await asyncio.sleep(piece)
+                        continue
                     writer.write(piece)
                     await writer.drain()
                     await asyncio.sleep(0.005)
@@ -238,6 +242,84 @@ def test_events_split_anywhere_across_reads_are_put_back_together(
             return await ask(model_for(base), True)
 
     assert run(go())[0] == "alpha beta"
+
+
+def _streamed(*pieces: bytes | float) -> list[bytes | float]:
+    """An SSE reply's head, then `pieces` of its body as given (a float is a pause)."""
+    return [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n", *pieces]
+
+
+def body(*events: str) -> bytes:
+    return "".join(f"data: {e}\n\n" for e in events).encode()
+
+
+async def lean(model: AiohttpAsyncChat) -> tuple[list[tuple[float, str]], Any]:
+    """What the daemon's streaming path reads: (seconds from the start, text) per item."""
+    response = model.prompt("hi", stream=True)
+    started = loop_time()
+    items = [(loop_time() - started, text) async for text in model.stream_text(response)]
+    await model.pool.aclose()
+    return items, response
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def test_the_lean_path_gives_events_that_arrive_together_as_one_item(
+    model_for: Callable[[str], AiohttpAsyncChat],
+) -> None:
+    usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 5}})
+    pieces = _streamed(
+        body(chunk(""), chunk("a ")),
+        0.05,
+        body(chunk("b "), chunk("c "), chunk("d ")),
+        0.05,
+        body(chunk("e"), chunk(None, "stop"), usage, "[DONE]"),
+    )
+
+    async def go() -> tuple[list[tuple[float, str]], Any]:
+        async with Canned(lambda body: pieces) as base:
+            return await lean(model_for(base))
+
+    items, response = run(go())
+    # Three reads, three items; the text and the usage exactly as llm's path gives them.
+    assert [text for _, text in items] == ["a ", "b c d ", "e"]
+    assert (response.input_tokens, response.output_tokens) == (4, 5)
+
+
+def test_the_lean_path_gives_the_first_text_at_once(
+    model_for: Callable[[str], AiohttpAsyncChat],
+) -> None:
+    pieces = _streamed(body(chunk(""), chunk("first ")), 0.4, body(chunk("next", "stop"), "[DONE]"))
+
+    async def go() -> list[tuple[float, str]]:
+        async with Canned(lambda body: pieces) as base:
+            return (await lean(model_for(base)))[0]
+
+    (t_first, first), (t_next, _) = run(go())
+    assert first == "first "
+    assert t_next - t_first >= 0.3  # it did not wait for what came next
+
+
+def test_the_lean_path_gives_the_text_before_a_bad_event_then_fails(
+    model_for: Callable[[str], AiohttpAsyncChat],
+) -> None:
+    pieces = _streamed(body(chunk("a "), chunk("b "), "{broken"))
+    got: list[str] = []
+
+    async def go() -> None:
+        async with Canned(lambda body: pieces) as base:
+            model = model_for(base)
+            try:
+                async for text in model.stream_text(model.prompt("hi", stream=True)):
+                    got.append(text)
+            finally:
+                await model.pool.aclose()
+
+    with pytest.raises(ProviderProtocolError, match="not JSON"):
+        run(go())
+    assert got == ["a b "]
 
 
 def test_an_endless_line_is_refused_not_buffered_forever(

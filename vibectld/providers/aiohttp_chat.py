@@ -28,9 +28,6 @@ from llm.default_plugins.openai_models import AsyncChat
 # openai's own defaults, so moving off that package changes no limit an operator relied on.
 MAX_CONNECTIONS = 1000
 CONNECT_TIMEOUT_S = 10.0
-# The request deadline is the daemon's (limits.request_timeout_seconds); this only
-# bounds a connection that stops sending altogether.
-READ_TIMEOUT_S = 600.0
 ERROR_BODY_LIMIT = 64 * 1024
 # One event of a stream; a provider sending more without a newline is broken, not slow.
 MAX_EVENT_BYTES = 16 * 2**20
@@ -62,9 +59,10 @@ class SessionPool:
             # ended cannot be closed from here and is left to be collected.
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
-                ),
+                # No read timeout: every call runs under the daemon's own deadline
+                # (limits.request_timeout_seconds), and aiohttp re-arms a read timeout's
+                # timer on every packet received, which is once per token of every stream.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
                 # Not per request: aiohttp would re-read the proxy variables and ~/.netrc
                 # in a worker thread on every call. env_proxy reads them once.
                 trust_env=False,
@@ -90,7 +88,34 @@ class AiohttpAsyncChat(AsyncChat):
         self._url = f"{str(self.api_base).rstrip('/')}/chat/completions"
         self._proxy = env_proxy(self._url)
 
-    async def execute(
+    def execute(
+        self,
+        prompt: Any,
+        stream: bool,
+        response: Any,
+        conversation: Any = None,
+        key: str | None = None,
+    ) -> AsyncGenerator[str, None]:
+        """llm's entry point (Execute, and llm's own API): llm wraps what this yields."""
+        return self._exchange(prompt, stream, response, conversation, key)
+
+    def stream_text(self, response: Any) -> AsyncGenerator[str, None]:
+        """The daemon's streaming path: the reply's text as it arrives, llm's per-chunk
+        machinery (stream events, part indices, the chunk list) left out.
+
+        `response` is what `prompt(..., stream=True)` returned: llm has built the
+        prompt and validated its options, and the request is built from it exactly as
+        for execute(). Usage is recorded on `response` (set_usage) as execute() does;
+        nothing else of it is filled in, so read `response.input_tokens` and
+        `response.output_tokens` afterwards, not `await response.usage()`, which
+        would run the prompt again. Each item is the text of every event one read from
+        the connection brought: one event when the provider is paced, several when
+        more than one was waiting, and the first as soon as it arrives.
+        """
+        key = self.get_key(getattr(response, "_key", None))
+        return self._exchange(response.prompt, True, response, response.conversation, key)
+
+    async def _exchange(
         self,
         prompt: Any,
         stream: bool,
@@ -115,13 +140,24 @@ class AiohttpAsyncChat(AsyncChat):
             try:
                 if reply.status >= 400:
                     raise ProviderHTTPError(reply.status, await _error_text(reply))
-                if stream:
-                    async for text in _stream_texts(reply, response):
-                        yield text
-                else:
+                if not stream:
                     whole = _completion_text(await _json(reply), response)
                     if whole:
                         yield whole
+                    return
+                # The event stream, read here rather than through one more generator: this
+                # loop runs once per read of every open stream. Each item is the text of
+                # every event that read completed.
+                events = _EventStream(response)
+                async for received in reply.content.iter_any():
+                    if text := events.feed(received):
+                        yield text
+                    if events.failure is not None or events.done:
+                        break
+                else:
+                    if text := events.end():
+                        yield text
+                events.check()
             except BaseException:
                 # Not back into the pool: the rest of this answer is still on the wire.
                 reply.close()
@@ -172,37 +208,83 @@ def _completion_text(data: Any, response: Any) -> str | None:
     return text
 
 
-async def _sse_data(reply: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
-    """The `data:` payloads of a server-sent event stream, one per line, in order."""
-    # The unfinished line, kept in pieces so a long one is not copied once per piece.
-    pieces: list[bytes] = []
-    size = 0
-    async for received in reply.content.iter_any():
-        if b"\n" not in received:
-            pieces.append(received)
-            size += len(received)
-            if size > MAX_EVENT_BYTES:
+class _EventStream:
+    """A chat.completion.chunk event stream, parsed as it is received.
+
+    Lines are split on bytes (a newline never occurs inside a UTF-8 sequence), the
+    complete ones decoded once per read, and only `data:` lines parsed as JSON.
+    """
+
+    __slots__ = ("done", "failure", "finished", "pieces", "response", "size")
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+        # The unfinished line, kept in pieces so a long one is not copied once per piece.
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.finished = False  # a choice carried finish_reason
+        self.done = False  # [DONE] arrived: nothing after it is read
+        self.failure: ProviderProtocolError | None = None
+
+    def feed(self, received: bytes) -> str:
+        """The text of every event completed by `received`, joined (may be empty).
+
+        A malformed event stops the stream: the text of the events before it is
+        returned, and `failure` says what was wrong.
+        """
+        lines, newline, rest = received.rpartition(b"\n")
+        if not newline:
+            self.pieces.append(received)
+            self.size += len(received)
+            if self.size > MAX_EVENT_BYTES:
                 raise ProviderProtocolError(
                     f"the endpoint's stream has a line over {MAX_EVENT_BYTES // 2**20} MiB"
                 )
-            continue
-        first, *lines, rest = received.split(b"\n")
-        pieces.append(first)
-        for line in (b"".join(pieces), *lines):
-            # Blank separators, comments and event names carry no data.
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
-        pieces, size = [rest], len(rest)
-    last = b"".join(pieces)
-    if last.startswith(b"data:"):
-        yield last[5:].strip()
+            return ""
+        if self.pieces:
+            self.pieces.append(lines)
+            lines = b"".join(self.pieces)
+        self.pieces, self.size = ([rest], len(rest)) if rest else ([], 0)
+        return self._lines(lines)
 
+    def end(self) -> str:
+        """The text of a last event not followed by a newline (the body ended)."""
+        last = b"".join(self.pieces)
+        self.pieces, self.size = [], 0
+        return self._lines(last) if last else ""
 
-async def _stream_texts(reply: aiohttp.ClientResponse, response: Any) -> AsyncGenerator[str, None]:
-    """The text deltas of a chat.completion.chunk event stream, in order."""
-    finished = False
-    async for payload in _sse_data(reply):
-        if payload == b"[DONE]":
+    def check(self) -> None:
+        """Raise what was wrong with the stream: a bad event, or an end before the reply's."""
+        if self.failure is not None:
+            raise self.failure
+        if not self.finished and not self.done:
+            raise ProviderProtocolError(
+                "the endpoint's stream ended before the reply was complete; try again"
+            )
+
+    def _lines(self, block: bytes) -> str:
+        try:
+            lines = block.decode().split("\n")
+        except UnicodeDecodeError:
+            self.failure = ProviderProtocolError(
+                f"the endpoint's stream is not UTF-8 text: {block[:200]!r}"
+            )
+            return ""
+        texts: list[str] = []
+        try:
+            for line in lines:
+                # Blank separators, comments and event names carry no data.
+                if line.startswith("data:"):
+                    self._event(line[5:].strip(), texts)
+                    if self.done:
+                        break
+        except ProviderProtocolError as e:
+            self.failure = e
+        return texts[0] if len(texts) == 1 else "".join(texts)
+
+    def _event(self, payload: str, texts: list[str]) -> None:
+        if payload == "[DONE]":
+            self.done = True
             return
         try:
             event = json.loads(payload)
@@ -217,21 +299,20 @@ async def _stream_texts(reply: aiohttp.ClientResponse, response: Any) -> AsyncGe
         if "error" in event:
             detail = str(event["error"])[:300]
             raise ProviderProtocolError(f"the endpoint failed mid-stream: {detail}")
-        _usage(event, response)
+        if "usage" in event:
+            _usage(event, self.response)
         for choice in event.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
             text = delta.get("content") if isinstance(delta, dict) else None
-            if text is not None and not isinstance(text, str):
-                raise ProviderProtocolError("the endpoint's stream has non-text content")
-            if text:
-                yield text
-            finished = finished or bool(choice.get("finish_reason"))
-    if not finished:
-        raise ProviderProtocolError(
-            "the endpoint's stream ended before the reply was complete; try again"
-        )
+            if text is not None:
+                if not isinstance(text, str):
+                    raise ProviderProtocolError("the endpoint's stream has non-text content")
+                if text:
+                    texts.append(text)
+            if choice.get("finish_reason"):
+                self.finished = True
 
 
 async def _error_text(reply: aiohttp.ClientResponse) -> str:

@@ -18,7 +18,12 @@ from typing import Any
 from vibectl import model_errors
 from vibectl.model_errors import SERVER_KEY
 from vibectl.model_errors import ErrorCode as ErrorCode  # re-exported: the service uses it
+from vibectld.providers.aiohttp_chat import AiohttpAsyncChat
 from vibectld.providers.catalogue import CatalogueEntry
+
+# Chunks already waiting are sent as one message up to about this size, far below
+# gRPC's message limit: a model that queued megabytes still streams in pieces.
+COALESCE_CHARS = 64 * 1024
 
 
 class ModelFailure(Exception):
@@ -143,6 +148,11 @@ class Executor:
     ) -> AsyncGenerator[str, None]:
         """Yield text as it arrives; fill `outcome` with usage when the reply is complete.
 
+        Where the model can tell, text that was already waiting comes as one item
+        (the OpenAI-compatible endpoints: all that one read from the connection
+        brought; sync models: all their pool thread had queued), so the caller sends
+        one message for it; the first text is never held back.
+
         The caller owns the deadline: a timeout around the consumer cancels the
         provider call through this generator's close.
         """
@@ -154,14 +164,25 @@ class Executor:
             "stream": entry.supports_streaming,
         }
         started = time.monotonic()
-        source = (
-            self._stream_async(entry, kwargs, outcome)
-            if entry.async_model is not None
-            else self._stream_sync(entry, kwargs, outcome)
-        )
+        model = entry.async_model
+        lean = None
+        try:
+            if isinstance(model, AiohttpAsyncChat) and entry.supports_streaming:
+                # The lean path: llm builds the prompt, the model streams text to us directly.
+                lean = model.prompt(None, **kwargs)
+                source = model.stream_text(lean)
+            elif model is not None:
+                source = self._stream_async(entry, kwargs, outcome)
+            else:
+                source = self._stream_sync(entry, kwargs, outcome)
+        except Exception as e:
+            outcome.duration_ms = int((time.monotonic() - started) * 1000)
+            raise classify(e, entry.model_id, entry.redact) from e
         try:
             async for chunk in source:
                 yield chunk
+            if lean is not None:
+                outcome.input_tokens, outcome.output_tokens = lean.input_tokens, lean.output_tokens
         except ModelFailure:
             raise
         except Exception as e:
@@ -210,11 +231,22 @@ class Executor:
                 post("error", e)
 
         future = loop.run_in_executor(self._pool, work)
+        held: tuple[str, Any] | None = None
         try:
             while True:
-                kind, value = await queue.get()
+                kind, value = held if held is not None else await queue.get()
+                held = None
                 if kind == "chunk":
-                    yield value
+                    # Chunks that are already waiting go out as one.
+                    texts, size = [value], len(value)
+                    while size < COALESCE_CHARS and not queue.empty():
+                        item = queue.get_nowait()
+                        if item[0] != "chunk":
+                            held = item
+                            break
+                        texts.append(item[1])
+                        size += len(item[1])
+                    yield texts[0] if len(texts) == 1 else "".join(texts)
                 elif kind == "done":
                     outcome.input_tokens, outcome.output_tokens = value.input, value.output
                     return
