@@ -359,12 +359,15 @@ def _merge(
 def never_read(
     target: dict[str, Any], readers: int, env: dict[str, str], pid: int, seconds: float
 ) -> list[tuple[float, int]]:
-    """Open `readers` streams that are never read; the daemon's RSS (KiB) over `seconds`."""
+    """The daemon's RSS (KiB) before, then over `seconds` after `readers` streams opened
+    that are never read: [(-1, before), (0, once open), (0.5, ...), ...]."""
     argv = [*_argv("grpc", target, readers, {}), "--never-read"]
+    samples = [(-1.0, rss_kib(pid))]
     (proc,) = _spawn([argv], env)
     try:
         _wait_ready([proc], 60)
-        started, samples = time.monotonic(), [(0.0, rss_kib(pid))]
+        started = time.monotonic()
+        samples.append((0.0, rss_kib(pid)))
         while (t := time.monotonic() - started) < seconds:
             time.sleep(0.5)
             samples.append((round(t + 0.5, 1), rss_kib(pid)))
