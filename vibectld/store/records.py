@@ -139,6 +139,23 @@ def _check_note(note: object) -> str | None:
     return note
 
 
+def check_changes(given: dict[str, object]) -> dict[str, Any]:
+    """The fields `Registry.update` was given (not UNSET), each checked as `issue` checks it."""
+    changes: dict[str, Any] = {}
+    for label, value in given.items():
+        if value is UNSET:
+            continue
+        if label == "models":
+            changes[label] = _check_models(value)
+        elif label == "usd_per_month":
+            changes[label] = _check_usd(label, value)
+        elif label == "note":
+            changes[label] = _check_note(value)
+        else:
+            changes[label] = _check_limit(label, value)
+    return changes
+
+
 def _db_row(record: ClientRecord) -> tuple[Any, ...]:
     """The record's values in _COLUMNS order (the dataclass's field order)."""
     values = [getattr(record, f.name) for f in fields(ClientRecord)]

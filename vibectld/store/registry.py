@@ -68,6 +68,7 @@ from vibectld.store.records import (
     _now,
     _quote,
     _record,
+    check_changes,
 )
 from vibectld.store.sqlite import SQLiteDatabase
 from vibectld.store.usage import UsageRow
@@ -290,7 +291,7 @@ class Registry(Mirror):
         """
         now = _now(now)
         given = (models, rpm, concurrency, tokens_per_day, usd_per_month, note)
-        changes = _checked_changes(dict(zip(_UPDATABLE, given, strict=True)))
+        changes = check_changes(dict(zip(_UPDATABLE, given, strict=True)))
         with self._db_lock:
             record = self._find_for_write(name_or_id, now)
             if record.revoked_at is None and record.expires_at > now and changes:
@@ -506,20 +507,3 @@ def _steps(*steps: tuple[str, Sequence[Sequence[Any]]]) -> Callable[[Transaction
                 tx.executemany(sql, rows)
 
     return run
-
-
-def _checked_changes(given: dict[str, object]) -> dict[str, Any]:
-    """The fields `update` was given (not UNSET), each checked as `issue` checks it."""
-    changes: dict[str, Any] = {}
-    for label, value in given.items():
-        if value is UNSET:
-            continue
-        if label == "models":
-            changes[label] = _check_models(value)
-        elif label == "usd_per_month":
-            changes[label] = _check_usd(label, value)
-        elif label == "note":
-            changes[label] = _check_note(value)
-        else:
-            changes[label] = _check_limit(label, value)
-    return changes
