@@ -368,6 +368,7 @@ class Daemon:
     async def _flush_usage(self) -> None:
         assert self.runtime is not None
         rt = self.runtime
+        degraded = False
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
             try:
@@ -375,15 +376,20 @@ class Daemon:
                 await asyncio.to_thread(rt.registry.flush)
             except Exception:
                 log.exception("registry.flush_failed")
-            degraded = rt.registry.health().degraded
-            try:
+            with contextlib.suppress(RegistryError):  # a failure shows in health()
                 await asyncio.to_thread(rt.registry.heartbeat, self._node(rt))
-            except RegistryError as e:
-                if not degraded:  # once when the database stops answering, not every beat
-                    log.error("storage.degraded", error=str(e), hint="admin writes fail")
-                continue
-            if degraded:
+            # Logged when the database stops answering and when it is back, not every beat.
+            health = rt.registry.health()
+            if health.degraded and not degraded:
+                log.error(
+                    "storage.degraded",
+                    error=health.reason,
+                    hint="admin changes fail until the database answers; known clients "
+                    "are still served",
+                )
+            elif degraded and not health.degraded:
                 log.info("storage.recovered", backend=rt.registry.backend)
+            degraded = health.degraded
 
     def _node(self, rt: Runtime) -> NodeInfo:
         """This node, as its heartbeat describes it to the others."""

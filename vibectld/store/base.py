@@ -72,7 +72,7 @@ class Store(Protocol):
 
     @property
     def backend(self) -> str:
-        """ "sqlite" or "postgresql"; memory."""
+        """The engine, "sqlite" or "postgresql"; memory."""
         ...
 
     # -- clients --------------------------------------------------------------------------
