@@ -442,3 +442,32 @@ def test_one_uid_at_its_limit_does_not_lock_out_another(
     finally:
         for raw in held:
             raw.close()
+
+
+def test_the_client_reads_a_refusal_sent_before_its_request_was_read(sock_path: Path) -> None:
+    """A daemon that refuses a connection answers and closes without reading the request;
+    the client's write then fails (EPIPE), but the answer is there to read and to show."""
+    import threading
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    closed = threading.Event()
+
+    def refuse() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(protocol.encode_error(None, "failed", "too many admin connections"))
+        conn.close()
+        closed.set()
+
+    server = threading.Thread(target=refuse)
+    server.start()
+    try:
+        with AdminClient(sock_path) as client:
+            client._connect()  # connected; the request goes out only after the refusal
+            assert closed.wait(10)
+            with pytest.raises(AdminClientError, match="too many admin connections"):
+                client.call("echo")
+    finally:
+        server.join(10)
+        listener.close()

@@ -6,6 +6,7 @@ internals. Wire errors become typed exceptions whose messages say what to do.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from pathlib import Path
@@ -65,7 +66,10 @@ class AdminClient:
             )
         sock = self._connect()
         try:
-            sock.sendall(line)
+            # The daemon may refuse the connection itself (too many from this user) and close
+            # it before reading the request: its answer is still ours to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(line)
             reply = self._read_line(sock)
         except TimeoutError:
             self.close()
