@@ -38,8 +38,8 @@ The prompts are kubectl output from the redaction corpus (`tests/redaction_corpu
 pods, secrets, logs, kubeconfigs, ... in file order), cut to 10 kB and 200 kB, sent as one
 user fragment with a short system prompt. *typical* (graded): the documents without
 secrets, with one secret-bearing document (a Secret, a leaky pod spec, a kubeconfig, ...)
-every 10 kB; *dense* (info): every document, about one secret per 500 bytes, the worst
-case the corpus holds. *client*:
+every 10 kB; *dense* (graded too): every document, about one secret per 500 bytes, the
+worst case the corpus holds. *client*:
 `ModelAdapter`'s hook that builds every outgoing request (redaction on, the shared
 Redactor); *server redact* / *server refuse*: the daemon's `RedactionPolicy.screen` with
 `redaction.mode: redact` / `refuse` (its default detectors, built as a reload builds it)
@@ -166,10 +166,7 @@ def run(ctx: Context) -> Section:
                 f"p50 {p50:.3f} ms, p99 {p99:.3f} ms over {len(ms)} calls "
                 f"({found} secrets; target p50 <= {target_ms:g} ms)"
             )
-            if dense:
-                section.check(name, None, detail)
-                continue
-            measure = f"{path}: {label} prompt, p50"
+            measure = f"{path}: {label} {'dense ' if dense else ''}prompt, p50"
             row = ("Redaction", measure, f"{p50:.3f} ms", f"<= {target_ms:g} ms")
             section.graded(name, p50 <= target_ms, detail, row)
     header = ["prompt", "mix", "path", "secrets", "p50 ms", "p99 ms", "target p50 ms"]
