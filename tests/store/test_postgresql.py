@@ -9,7 +9,9 @@ a change only when one of its own writes meets it.
 
 from __future__ import annotations
 
-import multiprocessing
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -46,9 +48,14 @@ def nodes(postgres: Postgres) -> Iterator[tuple[Registry, Registry]]:
     b.close()
 
 
-def _open_and_close(dsn: str) -> int:
-    Registry.load(PostgreSQLDatabase.open(dsn)).close()
-    return 1
+# One node's start, in a process of its own: the connection string comes through the
+# environment (never a command line, which `ps` shows).
+_OPEN_AND_CLOSE = """
+import os
+from vibectld.store.postgresql import PostgreSQLDatabase
+from vibectld.store.registry import Registry
+Registry.load(PostgreSQLDatabase.open(os.environ["VIBECTLD_TEST_DSN"])).close()
+"""
 
 
 def test_nodes_starting_together_on_an_empty_database_create_one_schema(
@@ -56,8 +63,16 @@ def test_nodes_starting_together_on_an_empty_database_create_one_schema(
 ) -> None:
     # Processes, as nodes are: each has its own connection and races the others for the
     # schema; the advisory lock makes them take turns.
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        assert pool.map(_open_and_close, [postgres.dsn] * 4) == [1] * 4
+    env = {**os.environ, "VIBECTLD_TEST_DSN": postgres.dsn}
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_AND_CLOSE], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    for start in starts:
+        _, err = start.communicate(timeout=60)
+        assert start.returncode == 0, err
     assert postgres.sql("SELECT version FROM vibectld_schema") == str(postgresql.SCHEMA_VERSION)
     tables = postgres.sql(
         "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables "
