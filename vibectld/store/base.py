@@ -11,7 +11,8 @@ Two layers, after Teleport's lib/backend:
   one read. `sqlite.SQLiteDatabase` and `postgresql.PostgreSQLDatabase` implement it; SQL
   is written once, with `?` placeholders, in the dialect both engines accept.
 
-Every backend passes the same contract suite (tests/store/test_contract.py).
+Every backend passes the same contract suite (tests/store/test_contract.py). The method
+signatures below are restated by Registry on purpose: a Protocol is checked against them.
 
 Calling conventions, for every method below:
 

@@ -42,7 +42,8 @@ SCHEMA_LOCK = int.from_bytes(b"vibectld", "big")
 
 # MIGRATIONS[i] takes the schema from version i to i + 1, in the transaction that records
 # it in vibectld_schema. Append; never edit a shipped one. Version 1 holds what SQLite's
-# versions 1 to 5 built, plus the nodes' heartbeats.
+# versions 1 to 5 built, plus the nodes' heartbeats, restated in PostgreSQL's types (the
+# shipped SQLite migrations, which it mirrors line for line, are never edited either).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """
