@@ -335,18 +335,23 @@ def test_migration_backup_is_private_and_holds_no_secret(daemon: RunningDaemon, 
 
 def test_configure_reads_the_url_from_stdin(daemon: RunningDaemon, user: User) -> None:
     url = issue_url(daemon, "alice")
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [str(BIN / "vibectl"), "setup-proxy", "configure", "-", "--name", "corp"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=user.env,
-    )
-    # What `ps` shows while it runs: no secret.
-    argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-    assert b"configure" in argv and not any(secret_of(url).encode() in a for a in argv)
-    stdout, stderr = proc.communicate(f"{url}\n", timeout=120)
+    ) as proc:
+        # What `ps` shows while it runs: no secret. Until the child has exec'd, its
+        # command line is empty (or the parent's): wait for vibectl's own.
+        deadline = time.monotonic() + 30
+        argv: list[bytes] = []
+        while b"configure" not in argv and time.monotonic() < deadline:
+            argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+            time.sleep(0.01)
+        assert b"configure" in argv and not any(secret_of(url).encode() in a for a in argv)
+        stdout, stderr = proc.communicate(f"{url}\n", timeout=120)
     assert proc.returncode == 0, stderr
     assert "profile 'corp' saved and active" in stdout
     assert secret_of(url) not in stdout + stderr
