@@ -88,17 +88,6 @@ class AiohttpAsyncChat(AsyncChat):
         self._url = f"{str(self.api_base).rstrip('/')}/chat/completions"
         self._proxy = env_proxy(self._url)
 
-    def execute(
-        self,
-        prompt: Any,
-        stream: bool,
-        response: Any,
-        conversation: Any = None,
-        key: str | None = None,
-    ) -> AsyncGenerator[str, None]:
-        """llm's entry point (Execute, and llm's own API): llm wraps what this yields."""
-        return self._exchange(prompt, stream, response, conversation, key)
-
     def stream_text(self, response: Any) -> AsyncGenerator[str, None]:
         """The daemon's streaming path: the reply's text as it arrives, llm's per-chunk
         machinery (stream events, part indices, the chunk list) left out.
@@ -113,9 +102,9 @@ class AiohttpAsyncChat(AsyncChat):
         more than one was waiting, and the first as soon as it arrives.
         """
         key = self.get_key(getattr(response, "_key", None))
-        return self._exchange(response.prompt, True, response, response.conversation, key)
+        return self.execute(response.prompt, True, response, response.conversation, key)
 
-    async def _exchange(
+    async def execute(
         self,
         prompt: Any,
         stream: bool,
@@ -123,6 +112,7 @@ class AiohttpAsyncChat(AsyncChat):
         conversation: Any = None,
         key: str | None = None,
     ) -> AsyncGenerator[str, None]:
+        """llm's entry point (Execute, and llm's own API): llm wraps what this yields."""
         if prompt.system and not self.allows_system_prompt:
             raise NotImplementedError("Model does not support system prompts")
         body = {

@@ -23,7 +23,7 @@ from __future__ import annotations
 from vibectl.util.limits import format_usd
 from vibectld.generation import Generation
 from vibectld.providers.catalogue import CatalogueEntry
-from vibectld.service.limits import EffectiveLimits
+from vibectld.service.limits import EffectiveLimits, retry_after_ms
 from vibectld.service.refusals import LimitExceeded, PermissionDenied
 from vibectld.store import spend
 from vibectld.store.base import Store
@@ -61,7 +61,7 @@ def check_dollar_budgets(
                 "budget for this month (UTC); it renews on the first of next month, "
                 "00:00 UTC — ask your vibectld admin to raise it (update-client --usd-per-month)",
                 "usd_per_month",
-                _retry_ms(spend.next_month_start(now), now),
+                retry_after_ms(spend.next_month_start(now), now),
             )
     if cap is not None:
         spent = registry.usd_spent_day(now)
@@ -71,17 +71,13 @@ def check_dollar_budgets(
                 "daily budget (limits.server_usd_per_day) for every client together; "
                 "it renews at midnight UTC",
                 "server_usd_per_day",
-                _retry_ms(spend.next_day_start(now), now),
+                retry_after_ms(spend.next_day_start(now), now),
             )
 
 
 def usd_left(budget: float, spent: float) -> float:
     """What is left of a budget; 0 once it is spent (an overrun leaves nothing, not less)."""
     return max(0.0, budget - spent)
-
-
-def _retry_ms(at: int, now: float) -> int:
-    return max(1, int((at - now) * 1000))
 
 
 def _unpriced(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from vibectld.config import LimitsConfig
 from vibectld.service.refusals import LimitExceeded
+from vibectld.store import spend
 from vibectld.store.registry import ClientRecord
 
 WINDOW_SECONDS = 60.0
@@ -64,14 +65,17 @@ def check_token_budget(used: int, budget: int | None, now: float) -> None:
     """
     if budget is None or used < budget:
         return
-    midnight = (int(now) // 86400 + 1) * 86400
-    retry_ms = max(1, int((midnight - now) * 1000))
     raise LimitExceeded(
         f"this client has used {used} of its {budget} tokens for today (UTC); "
         "the budget renews at midnight UTC",
         "tokens",
-        retry_ms,
+        retry_after_ms(spend.next_day_start(now), now),
     )
+
+
+def retry_after_ms(at: float, now: float) -> int:
+    """Milliseconds from `now` until a budget period ends at `at` (at least 1)."""
+    return max(1, int((at - now) * 1000))
 
 
 class Limiter:
