@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +17,11 @@ import pytest
 
 from tests.conftest import RunningDaemon, short_tmpdir
 from tests.conftest import admin_cli as admin
+from tests.integration.conftest import write
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl.tls_pin import fetch_chain
-from vibectld.config import load_config
 
 BIN = Path(sys.executable).parent
-
-
-def write(path: Path, raw: dict[str, Any]) -> None:
-    path.write_text(json.dumps(raw))
 
 
 def base_config(tmp: Path, sock_dir: Path, **extra: Any) -> dict[str, Any]:
@@ -37,24 +33,6 @@ def base_config(tmp: Path, sock_dir: Path, **extra: Any) -> dict[str, Any]:
         "logging": {"level": "warning", "format": "console"},
         **extra,
     }
-
-
-@pytest.fixture
-def from_file(
-    tmp_path: Path, sock_dir: Path, start_daemon: Callable[..., RunningDaemon]
-) -> Iterator[Callable[[dict[str, Any]], tuple[RunningDaemon, Path]]]:
-    started: list[RunningDaemon] = []
-
-    def start(raw: dict[str, Any]) -> tuple[RunningDaemon, Path]:
-        path = tmp_path / "config.yaml"
-        write(path, raw)
-        running = RunningDaemon(load_config(path)).start()
-        started.append(running)
-        return running, path
-
-    yield start
-    for running in started:
-        running.stop()
 
 
 def info(daemon: RunningDaemon, secret: str) -> pb.GetServerInfoResponse:

@@ -19,7 +19,8 @@ import pytest
 import structlog
 
 from tests.conftest import RunningDaemon, admin_cli
-from tests.integration.test_reload import base_config, write
+from tests.integration.conftest import write
+from tests.integration.test_reload import base_config
 from tests.unit.test_logs import parse_entry
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl.redaction import KINDS
@@ -311,24 +312,6 @@ def test_bad_detector_names_and_modes_are_config_errors(tmp_path: Path) -> None:
         write(path, {"redaction": section})
         with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
             load_config(path)
-
-
-@pytest.fixture
-def from_file(
-    tmp_path: Path, sock_dir: Path
-) -> Iterator[Callable[[dict[str, Any]], tuple[RunningDaemon, Path]]]:
-    started: list[RunningDaemon] = []
-
-    def start(raw: dict[str, Any]) -> tuple[RunningDaemon, Path]:
-        path = tmp_path / "config.yaml"
-        write(path, raw)
-        running = RunningDaemon(load_config(path)).start()
-        started.append(running)
-        return running, path
-
-    yield start
-    for running in started:
-        running.stop()
 
 
 def test_a_bad_custom_rule_is_refused_at_reload_and_the_old_policy_keeps_serving(
