@@ -164,8 +164,7 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler: grpc.RpcMethodHandler,
         on_refused: Callable[[Any], None],
     ) -> grpc.RpcMethodHandler:
-        reason = getattr(refusal, "limit_type", None) or refusal.code.name.lower()
-        self.rt.metrics.refusals.labels(reason).inc()
+        self.rt.metrics.refusals.labels(refusal.reason).inc()
         return _refusing_handler(refusal, handler.response_streaming, on_refused)
 
 

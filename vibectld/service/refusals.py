@@ -22,6 +22,11 @@ class CallRefused(Exception):
         self.message = message
         self.trailers = tuple(trailers)
 
+    @property
+    def reason(self) -> str:
+        """The refusal's label in the metrics: the status, or which limit."""
+        return str(self.code.name).lower()
+
 
 class Unauthenticated(CallRefused):
     code = grpc.StatusCode.UNAUTHENTICATED
@@ -44,6 +49,10 @@ class LimitExceeded(CallRefused):
         )
         self.limit_type = limit_type
         self.retry_after_ms = retry_after_ms
+
+    @property
+    def reason(self) -> str:
+        return self.limit_type
 
 
 class Unavailable(CallRefused):

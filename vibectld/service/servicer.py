@@ -272,8 +272,7 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             await self._refuse(context, refusal)
 
     async def _refuse(self, context: Any, refusal: CallRefused) -> NoReturn:
-        reason = getattr(refusal, "limit_type", None) or refusal.code.name.lower()
-        self.rt.metrics.refusals.labels(reason).inc()
+        self.rt.metrics.refusals.labels(refusal.reason).inc()
         await abort(context, refusal)
 
     def _authenticate(self, gen: Generation, context: Any) -> ClientRecord:
