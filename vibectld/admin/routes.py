@@ -25,7 +25,7 @@ from vibectl.util.timefmt import iso, utc_day
 from vibectld.admin.protocol import ErrorCode
 from vibectld.admin.server import AdminError, Caller, Handler, Route, RouteTable
 from vibectld.config import ClientsConfig
-from vibectld.generation import GenerationRejected
+from vibectld.generation import Generation, GenerationRejected
 from vibectld.pki.signing import (
     KID_RULE,
     SigningKeyError,
@@ -159,13 +159,13 @@ def _lifetime(clients: ClientsConfig, expires: object) -> int:
     return lifetime
 
 
-def _models(rt: Runtime, value: Any) -> tuple[str, ...] | None:
+def _models(gen: Generation, value: Any) -> tuple[str, ...] | None:
     """A client's model allow-list, checked against the catalogue and resolved to model ids."""
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
         raise _bad("models must be a list of model names")
-    catalogue = rt.catalogue
+    catalogue = gen.catalogue
     unknown = [m for m in value if not catalogue.has(m)]
     if unknown:
         offered = ", ".join(e.model_id for e in catalogue.entries()) or "none"
@@ -211,9 +211,9 @@ def _named(rt: Runtime, per_client: Mapping[str, int]) -> dict[str, int]:
     return named
 
 
-def public_endpoint(rt: Runtime) -> tuple[str, int]:
+def public_endpoint(rt: Runtime, gen: Generation) -> tuple[str, int]:
     """The host and port clients should dial, as written into issued URLs."""
-    server = rt.config.server
+    server = gen.config.server
     # A wildcard bind address is no address a client can dial: use the machine's name.
     host = server.public_host or rt.dialable_host() or socket.getfqdn()
     return host, server.public_port or rt.grpc_port
@@ -257,7 +257,7 @@ async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
         expires_at=now + lifetime,
         issued_by=_who(caller),
         note=_opt_text(args, "note"),
-        models=_models(rt, args.get("models")),
+        models=_models(gen, args.get("models")),
         # The registry checks the limits (InvalidRecord: bad_request) before it writes.
         rpm=args.get("rpm"),
         concurrency=args.get("concurrency"),
@@ -284,7 +284,7 @@ async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
             f"{e}; revoke the client just recorded (vibectl-admin revoke-client {record.id}) "
             "and issue it again",
         ) from None
-    host, port = public_endpoint(rt)
+    host, port = public_endpoint(rt, gen)
     url = ProxyURL(host, port, secret=secret, ca_sha256=gen.tls.ca_sha256).format()
     return {"url": url, "id": record.id, "name": record.name, "expires_at": iso(record.expires_at)}
 
@@ -445,7 +445,7 @@ async def update_client(ctx: AdminContext, caller: Caller, args: dict[str, Any])
     target = _required_text(args, "target")
     changes: dict[str, Any] = {}
     if "models" in args:
-        changes["models"] = _models(rt, args["models"])
+        changes["models"] = _models(rt.generation, args["models"])
     for key in ("rpm", "concurrency", "tokens_per_day", "usd_per_month"):
         if key in args:
             changes[key] = args[key]  # checked by the registry before it writes
