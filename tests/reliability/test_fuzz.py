@@ -21,6 +21,7 @@ the module prints the counts at the end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import ipaddress
 import json
@@ -788,6 +789,12 @@ def raw_exchange(port: int, payload: bytes, *, half_close: bool = True) -> tuple
             if half_close:
                 sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
+            return b"", "reset"
+        except OSError as exc:
+            # The daemon may refuse the bytes and reset before our half-close: with the
+            # connection already gone, shutdown() reports ENOTCONN. That is a reset too.
+            if exc.errno != errno.ENOTCONN:
+                raise
             return b"", "reset"
         return _read_to_close(sock)
 
