@@ -117,6 +117,55 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # Version 2: what several nodes share beyond the registry. The change feed (the
+    # ids are taken under the "vibectld changes" advisory lock, held to commit, so id
+    # order is commit order and a catch-up read by id never skips a late commit); the
+    # cluster's CA and signing keys, their private halves sealed with the cluster key
+    # (pki/sealed.py), never stored in plaintext; and the cluster-wide limits: the rpm
+    # window's events and the concurrency leases, each lease owned by a node so that a
+    # dead node's leases stop counting once its heartbeat is old.
+    (
+        """
+        CREATE TABLE changes (
+            id BIGSERIAL PRIMARY KEY,
+            at BIGINT NOT NULL,
+            kind TEXT NOT NULL,  -- 'client' (key: its id) | 'signing_key' (key: the kid)
+            key TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE cluster_secrets (
+            name TEXT PRIMARY KEY,  -- 'ca', 'check'
+            public_pem TEXT,  -- the certificate, for 'ca'
+            sealed BYTEA NOT NULL,  -- the private part, sealed with the cluster key
+            created_at BIGINT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE signing_keys (
+            kid TEXT PRIMARY KEY,
+            sealed BYTEA NOT NULL,  -- the Ed25519 private key (PKCS#8 DER), sealed
+            created_at BIGINT NOT NULL,
+            retired_at BIGINT
+        )
+        """,
+        """
+        CREATE TABLE rate_events (
+            client_id TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL  -- the database's clock, unix seconds
+        )
+        """,
+        "CREATE INDEX rate_events_client ON rate_events (client_id, at)",
+        """
+        CREATE TABLE leases (
+            id TEXT PRIMARY KEY,
+            client_id TEXT NOT NULL,
+            node TEXT NOT NULL,  -- server.name of the node running the call
+            started_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+        "CREATE INDEX leases_client ON leases (client_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -161,6 +210,16 @@ class PostgreSQLDatabase:
 
     def __repr__(self) -> str:
         return f"PostgreSQLDatabase({self.where!r})"
+
+    @property
+    def conninfo(self) -> str:
+        """The libpq string (a secret: it may hold a password), for the other
+        connections a node opens to the same database (notifications, limits)."""
+        return self._conninfo
+
+    def clean(self, error: psycopg.Error) -> str:
+        """A driver error as one line for a message, with the password taken out."""
+        return self._clean(error)
 
     @classmethod
     def open(cls, dsn: str) -> PostgreSQLDatabase:

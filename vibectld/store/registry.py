@@ -475,6 +475,20 @@ class Registry(Mirror):
     def health(self) -> StoreHealth:
         return self._health
 
+    def transact(self, work: Callable[[Transaction], T]) -> T:
+        """Run `work` in one committed transaction of this store's database; database.
+
+        For state kept beside the clients (the cluster's CA and signing keys): the same
+        connection, the same health accounting.
+        """
+        with self._db_lock:
+            return self._transaction(work)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other nodes write this store's database (PostgreSQL); memory."""
+        return self._shared
+
     # -- the database: the only two ways in ---------------------------------------------
 
     def _transaction(self, work: Callable[[Transaction], T]) -> T:
