@@ -73,12 +73,17 @@ def test_nodes_starting_together_on_an_empty_database_create_one_schema(
     for start in starts:
         _, err = start.communicate(timeout=60)
         assert start.returncode == 0, err
-    assert postgres.sql("SELECT version FROM vibectld_schema") == str(postgresql.SCHEMA_VERSION)
+    assert postgres.sql("SELECT MAX(version), COUNT(*) FROM vibectld_schema") == (
+        f"{postgresql.SCHEMA_VERSION}|{postgresql.SCHEMA_VERSION}"
+    )
     tables = postgres.sql(
         "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables "
         "WHERE schemaname = 'public'"
     )
-    assert tables == "audit,clients,nodes,redactions,usage,vibectld_schema"
+    assert tables == (
+        "audit,changes,clients,cluster_secrets,leases,nodes,rate_events,redactions,"
+        "signing_keys,usage,vibectld_schema"
+    )
 
 
 def test_a_newer_schema_is_refused(postgres: Postgres) -> None:
