@@ -165,6 +165,87 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
         "CREATE INDEX leases_client ON leases (client_id)",
+        # Which nodes' leases count: each node's limiter marks itself alive every 2 s by
+        # the database's clock (not the node's, and not the registry's heartbeat, which a
+        # slow usage write can delay); leases of a node silent for longer than the
+        # caller's timeout do not count, so a killed node's slots come back.
+        """
+        CREATE TABLE lease_holders (
+            node TEXT PRIMARY KEY,
+            alive_at DOUBLE PRECISION NOT NULL  -- the database's clock, unix seconds
+        )
+        """,
+        # One call's rpm step, in one round trip (service/cluster_limits.py): under the
+        # client's advisory lock, so two nodes counting the same client take turns and the
+        # 60 s window (the database's clock) is exact. 0 when counted, else how many ms
+        # until the window has room; a refused call is not counted.
+        """
+        CREATE FUNCTION vibectld_count_request(p_client TEXT, p_rpm INTEGER)
+        RETURNS INTEGER LANGUAGE plpgsql AS $$
+        DECLARE
+            t DOUBLE PRECISION;
+            nth DOUBLE PRECISION;
+        BEGIN
+            PERFORM pg_advisory_xact_lock(hashtextextended('vibectld rpm ' || p_client, 0));
+            t := extract(epoch FROM clock_timestamp());
+            DELETE FROM rate_events WHERE client_id = p_client AND at <= t - 60;
+            SELECT at INTO nth FROM rate_events WHERE client_id = p_client
+                ORDER BY at DESC OFFSET greatest(p_rpm, 1) - 1 LIMIT 1;
+            IF FOUND THEN
+                RETURN greatest(1, floor((nth + 60 - t) * 1000))::INTEGER;
+            END IF;
+            INSERT INTO rate_events (client_id, at) VALUES (p_client, t);
+            RETURN 0;
+        END
+        $$
+        """,
+        # One call's concurrency step: under the client's lease lock, count the leases of
+        # live nodes and take one if there is room. -1 when taken, else how many run.
+        """
+        CREATE FUNCTION vibectld_take_lease(
+            p_id TEXT, p_client TEXT, p_node TEXT, p_limit INTEGER, p_timeout DOUBLE PRECISION
+        ) RETURNS INTEGER LANGUAGE plpgsql AS $$
+        DECLARE
+            t DOUBLE PRECISION;
+            running INTEGER;
+        BEGIN
+            PERFORM pg_advisory_xact_lock(hashtextextended('vibectld lease ' || p_client, 0));
+            t := extract(epoch FROM clock_timestamp());
+            SELECT count(*) INTO running FROM leases l JOIN lease_holders h ON h.node = l.node
+                WHERE l.client_id = p_client AND h.alive_at > t - p_timeout;
+            IF running >= p_limit THEN
+                RETURN running;
+            END IF;
+            INSERT INTO leases (id, client_id, node, started_at) VALUES (p_id, p_client, p_node, t);
+            RETURN -1;
+        END
+        $$
+        """,
+        # A node's limiter, every 2 s: mark itself alive, and drop its leases that are no
+        # longer held (a release that never arrived), except ones taken in the last
+        # seconds, which a call may hold that `p_held` was read before. With `p_sweep`,
+        # also what nobody will delete: rate events past every window, and the leases of
+        # nodes silent for an hour.
+        """
+        CREATE FUNCTION vibectld_limits_tick(
+            p_node TEXT, p_held TEXT[], p_grace DOUBLE PRECISION, p_sweep BOOLEAN
+        ) RETURNS VOID LANGUAGE plpgsql AS $$
+        DECLARE
+            t DOUBLE PRECISION := extract(epoch FROM clock_timestamp());
+        BEGIN
+            INSERT INTO lease_holders (node, alive_at) VALUES (p_node, t)
+                ON CONFLICT (node) DO UPDATE SET alive_at = excluded.alive_at;
+            DELETE FROM leases WHERE node = p_node AND started_at < t - p_grace
+                AND NOT (id = ANY (p_held));
+            IF p_sweep THEN
+                DELETE FROM rate_events WHERE at <= t - 60;
+                DELETE FROM leases WHERE node IN
+                    (SELECT node FROM lease_holders WHERE alive_at < t - 3600);
+                DELETE FROM lease_holders WHERE alive_at < t - 3600;
+            END IF;
+        END
+        $$
+        """,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
