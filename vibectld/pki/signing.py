@@ -1,47 +1,59 @@
 """Client secrets: EdDSA (Ed25519) JWTs signed with rotating keys.
 
-Keys live in ``<state_dir>/signing-keys/<kid>.pem``. A kid starts with its UTC
-creation time, so sorting the names sorts the keys by age: the newest signs, and
-every key still present verifies. `rotate` adds a key that signs from then on;
-`retire` moves a key's file to ``signing-keys/retired/``, which is never loaded, so
-every secret it signed is refused from then on, after a restart too. The file's
-place is the one record of retirement: there is no second copy (in the registry,
-say) that a restored backup could contradict. Deleting a retired file is safe.
+The newest key signs; every key not retired verifies. `rotate` adds a key that signs
+from then on; `retire` stops a key verifying, so every secret it signed is refused from
+then on, after a restart too. Where the keys are kept is a backing (kids.py): files on
+one node (key_files.py), or sealed rows of the cluster's database when several nodes
+share one (cluster.py).
 
 Verification runs on every request, so the keys are loaded once and held in memory,
-and a token is checked without touching the disk.
+and a token is checked without touching the disk or the database.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import re
-import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from vibectl.util.files import atomic_write, ensure_private_dir
+from vibectld.pki.key_files import RETIRED_DIR, KeyDirectory
+from vibectld.pki.kids import (
+    KID_RULE,
+    KeyBacking,
+    LoadedKeys,
+    RetiredNotSynced,
+    SigningKeyError,
+    SigningKeyInUse,
+    UnknownSigningKey,
+    already_retired,
+    current_key,
+    is_kid,
+    kid_created_at,
+    unknown,
+)
+
+__all__ = [
+    "ALGORITHM",
+    "KID_RULE",
+    "RETIRED_DIR",
+    "Claims",
+    "SigningKeyError",
+    "SigningKeyInUse",
+    "SigningKeys",
+    "TokenError",
+    "UnknownSigningKey",
+    "is_kid",
+]
 
 ALGORITHM = "EdDSA"
 REQUIRED_CLAIMS = ("sub", "jti", "iat", "exp", "iss", "aud")
 # Far above any secret we issue (about 400 bytes); refuses absurd input before parsing it.
 MAX_TOKEN_LENGTH = 4096
-
-_KID = re.compile(r"^(\d{8}T\d{6}Z)-[0-9a-f]{6}$")
-_KID_TIME = "%Y%m%dT%H%M%SZ"
-RETIRED_DIR = "retired"
-KID_RULE = (
-    "a kid looks like 20260131T120000Z-0a1b2c; list them with: vibectl-admin list-signing-keys"
-)
 
 
 class TokenError(Exception):
@@ -61,18 +73,6 @@ class TokenError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class SigningKeyError(Exception):
-    """The signing-key directory or a key in it is unusable; the message names the file."""
-
-
-class UnknownSigningKey(SigningKeyError):
-    """No signing key, present or retired, has that kid."""
-
-
-class SigningKeyInUse(SigningKeyError):
-    """The key cannot be retired: it is the one that signs, or already retired."""
 
 
 @dataclass(frozen=True)
@@ -109,22 +109,37 @@ def _fail(reason: str) -> TokenError:
     return TokenError(reason, _MESSAGES[reason])
 
 
-class SigningKeys:
-    """The Ed25519 keys that sign and verify client secrets."""
+@dataclass(frozen=True)
+class _KeySet:
+    """One consistent view of the keys, replaced whole: a verify or sign that reads
+    `SigningKeys._set` once never sees a kid without its key, or a retired key verifying."""
 
-    def __init__(
-        self,
-        directory: Path,
-        keys: dict[str, Ed25519PrivateKey],
-        retired: frozenset[str] = frozenset(),
-    ) -> None:
-        self._dir = directory
-        self._private = keys
-        self._public = {kid: key.public_key() for kid, key in keys.items()}
-        self._retired = retired
-        self._active = max(keys)
-        # Rotations and retirements run in worker threads (they write and fsync files):
-        # one at a time, so two rotations cannot pick their kids from the same `_active`.
+    private: dict[str, Ed25519PrivateKey] = field(repr=False)
+    public: dict[str, Ed25519PublicKey] = field(repr=False)
+    retired: frozenset[str]
+    active: str
+
+    @classmethod
+    def of(cls, loaded: LoadedKeys) -> _KeySet:
+        keys = loaded.keys
+        public = {kid: key.public_key() for kid, key in keys.items()}
+        return cls(dict(keys), public, loaded.retired, max(keys))
+
+    def without(self, kid: str) -> _KeySet:
+        private = {k: v for k, v in self.private.items() if k != kid}
+        public = {k: v for k, v in self.public.items() if k != kid}
+        return _KeySet(private, public, self.retired | {kid}, self.active)
+
+
+class SigningKeys:
+    """The Ed25519 keys that sign and verify client secrets, held in memory."""
+
+    def __init__(self, backing: KeyBacking) -> None:
+        self._backing = backing
+        self._set = _KeySet.of(backing.load())
+        # Rotations, retirements and refreshes run in worker threads (they write to the
+        # disk or the database): one at a time, so two rotations cannot pick their kids
+        # from the same `active`.
         self._changing = threading.Lock()
         # Time checks are ours (they take `now`); PyJWT checks signature, iss, aud, presence.
         self._jwt = jwt.PyJWT(
@@ -138,58 +153,49 @@ class SigningKeys:
         )
 
     def __repr__(self) -> str:
-        return f"SigningKeys(directory={str(self._dir)!r}, kids={sorted(self._public)!r})"
+        return f"SigningKeys({self._backing!r}, kids={sorted(self._set.public)!r})"
 
     @classmethod
     def load_or_create(cls, directory: Path) -> SigningKeys:
-        """Load every key in `directory`, creating the directory and a first key if needed.
-
-        Keys in ``directory/retired/`` are not loaded, only named; a kid found in both
-        places counts as retired (a copy put back by hand must not revive it).
-        """
-        try:
-            ensure_private_dir(directory)
-            paths = sorted(p for p in directory.glob("*.pem") if _KID.fullmatch(p.stem))
-            retired = frozenset(
-                p.stem for p in (directory / RETIRED_DIR).glob("*.pem") if _KID.fullmatch(p.stem)
-            )
-        except OSError as e:
-            raise SigningKeyError(
-                f"cannot use the signing-key directory {directory}: {e.strerror or e}; check "
-                "that it belongs to the vibectld user"
-            ) from None
-        keys = {path.stem: _load_key(path) for path in paths if path.stem not in retired}
-        if not keys:
-            kid, key = _new_key(directory, latest=max(retired, default=None))
-            keys[kid] = key
-        return cls(directory, keys, retired)
+        """A single node's keys, in `directory`, created with a first key if needed."""
+        return cls(KeyDirectory(directory))
 
     @property
     def active_kid(self) -> str:
-        return self._active
+        return self._set.active
 
     @property
     def kids(self) -> tuple[str, ...]:
         """The kids that verify, oldest first (the last one signs)."""
-        return tuple(sorted(self._public))
+        return tuple(sorted(self._set.public))
 
     @property
     def retired_kids(self) -> tuple[str, ...]:
-        return tuple(sorted(self._retired))
+        return tuple(sorted(self._set.retired))
 
     def verifies(self, kid: str) -> bool:
         """Whether secrets signed by `kid` are accepted now (a dict lookup; per request)."""
-        return kid in self._public
+        return kid in self._set.public
+
+    def refresh(self) -> None:
+        """Load the keys again from the backing: another node rotated or retired one."""
+        with self._changing:
+            self._set = _KeySet.of(self._backing.load())
 
     def rotate(self) -> str:
         """Create a new signing key; it signs from now on, and older keys still verify."""
         with self._changing:
-            kid, key = _new_key(self._dir, latest=max((self._active, *self._retired)))
-            # Replaced rather than mutated, so a concurrent verify sees either set whole;
-            # `_active` last, so a concurrent sign never picks a kid without its key.
-            self._private = {**self._private, kid: key}
-            self._public = {**self._public, kid: key.public_key()}
-            self._active = kid
+            if self._backing.shared:
+                # Another node may have made a newer key: the new one must sort after it.
+                self._set = _KeySet.of(self._backing.load())
+            current = self._set
+            kid, key = self._backing.add(max((current.active, *current.retired)))
+            self._set = _KeySet(
+                {**current.private, kid: key},
+                {**current.public, kid: key.public_key()},
+                current.retired,
+                kid,
+            )
             return kid
 
     def retire(self, kid: str) -> None:
@@ -199,31 +205,29 @@ class SigningKeys:
         is the only key; UnknownSigningKey if no key has that kid.
         """
         with self._changing:
-            if kid in self._retired:
-                raise SigningKeyInUse(f"the signing key {kid} is already retired")
-            if kid not in self._public:
-                raise UnknownSigningKey(f"no signing key has the kid {kid!r}; {KID_RULE}")
-            if kid == self._active:
-                only = " and only" if len(self._public) == 1 else ""
-                raise SigningKeyInUse(
-                    f"the signing key {kid} is the current{only} one, which signs new "
-                    "secrets; make a new one first with: vibectl-admin rotate-signing-key"
-                )
-            # The file moves before memory changes: once the daemon refuses the key, a
-            # restart refuses it too. A failed move leaves both as they were.
-            _move_to_retired(self._dir, kid)
-            self._public = {k: v for k, v in self._public.items() if k != kid}
-            self._private = {k: v for k, v in self._private.items() if k != kid}
-            self._retired = self._retired | {kid}
-            _sync_dirs(self._dir, self._dir / RETIRED_DIR)
+            if self._backing.shared:
+                # Decided on the cluster's keys, not on what this node last heard of them.
+                self._set = _KeySet.of(self._backing.load())
+            current = self._set
+            if kid in current.retired:
+                raise already_retired(kid)
+            if kid not in current.public:
+                raise unknown(kid)
+            if kid == current.active:
+                raise current_key(kid, only=len(current.public) == 1)
+            # The backing records it before memory changes: once the daemon refuses the
+            # key, a restart refuses it too. A failure leaves both as they were.
+            try:
+                self._backing.retire(kid)
+            except RetiredNotSynced:
+                self._set = current.without(kid)
+                raise
+            self._set = current.without(kid)
 
     @staticmethod
     def created_at(kid: str) -> int | None:
         """The creation time (unix seconds) a kid carries, or None if it carries none."""
-        match = _KID.fullmatch(kid)
-        if match is None:
-            return None
-        return int(_kid_time(match.group(1)).timestamp())
+        return kid_created_at(kid)
 
     def sign(
         self,
@@ -244,8 +248,9 @@ class SigningKeys:
         if exp <= iat:
             raise ValueError("a secret's expiry must come after its issue time")
         payload = {"sub": sub, "jti": jti, "iat": iat, "exp": exp, "iss": iss, "aud": aud}
-        kid = self._active if kid is None else kid
-        key = self._private.get(kid)
+        keys = self._set
+        kid = keys.active if kid is None else kid
+        key = keys.private.get(kid)
         if key is None:
             raise SigningKeyError(
                 f"the signing key {kid} was retired before this secret was signed"
@@ -272,9 +277,10 @@ class SigningKeys:
         if header.get("alg") != ALGORITHM:
             raise _fail(TokenError.ALGORITHM)
         kid = header.get("kid")
-        key = self._public.get(kid) if isinstance(kid, str) else None
+        keys = self._set
+        key = keys.public.get(kid) if isinstance(kid, str) else None
         if key is None or not isinstance(kid, str):
-            retired = isinstance(kid, str) and kid in self._retired
+            retired = isinstance(kid, str) and kid in keys.retired
             raise _fail(TokenError.RETIRED_KEY if retired else TokenError.UNKNOWN_KEY)
         payload = self._decode(token, key, iss=iss, aud=aud)
         return _claims(payload, kid, now=int(time.time()) if now is None else now, leeway=leeway)
@@ -317,81 +323,3 @@ def _claims(payload: dict[str, Any], kid: str, *, now: int, leeway: int) -> Clai
     if iat > now + leeway or (nbf is not None and nbf > now + leeway):
         raise _fail(TokenError.NOT_YET_VALID)
     return Claims(iat=iat, exp=exp, kid=kid, **texts)
-
-
-def _new_key(directory: Path, *, latest: str | None) -> tuple[str, Ed25519PrivateKey]:
-    """Create and store a key whose kid sorts after `latest`, even if the clock went back."""
-    when = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    latest_match = _KID.fullmatch(latest) if latest else None
-    if latest_match:
-        when = max(when, _kid_time(latest_match.group(1)) + dt.timedelta(seconds=1))
-    kid = f"{when:{_KID_TIME}}-{secrets.token_hex(3)}"
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    path = directory / f"{kid}.pem"
-    try:
-        atomic_write(path, pem, 0o600)
-    except OSError as e:
-        raise SigningKeyError(f"cannot write the signing key {path}: {e.strerror or e}") from None
-    return kid, key
-
-
-def is_kid(text: object) -> bool:
-    """Whether `text` has the shape of a kid (not whether such a key exists)."""
-    return isinstance(text, str) and _KID.fullmatch(text) is not None
-
-
-def _kid_time(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, _KID_TIME).replace(tzinfo=dt.UTC)
-
-
-def _move_to_retired(directory: Path, kid: str) -> None:
-    """Move the key's file into ``retired/``; SigningKeyError if it did not move."""
-    retired = directory / RETIRED_DIR
-    source, target = directory / f"{kid}.pem", retired / f"{kid}.pem"
-    try:
-        ensure_private_dir(retired)
-        os.replace(source, target)
-    except OSError as e:
-        raise SigningKeyError(
-            f"cannot move the signing key {source} to {retired}: {e.strerror or e}; the key "
-            "still verifies — check that the directory belongs to the vibectld user"
-        ) from None
-
-
-def _sync_dirs(*paths: Path) -> None:
-    """Make a rename between these directories durable (it is done either way)."""
-    try:
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except OSError as e:
-        raise SigningKeyError(
-            f"the signing key was retired, but {path} could not be synced to disk "
-            f"({e.strerror or e}); check the disk before the next restart"
-        ) from None
-
-
-def _load_key(path: Path) -> Ed25519PrivateKey:
-    what_to_do = "restore it from a backup, or delete it (secrets it signed stop working)"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SigningKeyError(f"cannot read the signing key {path}: {e.strerror or e}") from None
-    # The loader's own errors are not shown: they could quote parts of the key.
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise SigningKeyError(
-            f"the signing key {path} is not an unencrypted PEM private key; {what_to_do}"
-        ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningKeyError(f"the signing key {path} is not an Ed25519 key; {what_to_do}")
-    return key
