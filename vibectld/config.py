@@ -26,6 +26,7 @@ from vibectld.config_values import (
     _detectors,
     _duration,
     _int,
+    _interval,
     _limit,
     _listen,
     _opt_int,
@@ -157,10 +158,20 @@ class LoggingConfig:
     format: str = "auto"
 
 
+# The least storage.max_staleness may be: a node's view is brought up to date every 0.5 s
+# (the change feed's catch-up read), so anything shorter would call a healthy node stale.
+MIN_STALENESS_SECONDS = 1.0
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     # sqlite: state_dir/registry.db; postgresql: the postgresql-dsn credential's database.
     backend: str = "sqlite"
+    # postgresql: how old this node's view of the shared store may be before it is stale.
+    max_staleness_seconds: float = 5.0
+    # What a stale node does with calls: serve the clients it knows, or refuse them all
+    # with UNAVAILABLE (after Teleport's best_effort and strict locking modes).
+    on_stale: str = "serve"
 
 
 @dataclass(frozen=True)
@@ -199,6 +210,9 @@ RESTART_ONLY: tuple[str, ...] = (
     "logging.format",
     "metrics.listen",
     "storage.backend",
+    # Not storage.max_staleness nor storage.on_stale: the call gate, the health service
+    # and the admin routes read them from the current generation, so a reload applies
+    # them (an operator may switch on_stale during an outage).
 )
 
 
@@ -402,7 +416,17 @@ def _metrics(met: _Section, d: MetricsConfig) -> MetricsConfig:
 
 
 def _storage(sto: _Section, d: StorageConfig) -> StorageConfig:
-    return StorageConfig(backend=sto.get("backend", _choice("sqlite", "postgresql"), d.backend))
+    storage = StorageConfig(
+        backend=sto.get("backend", _choice("sqlite", "postgresql"), d.backend),
+        max_staleness_seconds=sto.get("max_staleness", _interval, d.max_staleness_seconds),
+        on_stale=sto.get("on_stale", _choice("serve", "refuse"), d.on_stale),
+    )
+    if storage.max_staleness_seconds < MIN_STALENESS_SECONDS:
+        raise ConfigError(
+            f"storage.max_staleness: must be at least {MIN_STALENESS_SECONDS:g}s (a node's "
+            "view is brought up to date every 0.5 s); raise it"
+        )
+    return storage
 
 
 # Each section of the file and the function that reads it, in the order of the file.

@@ -90,6 +90,29 @@ def _duration(key: str, v: Any) -> int:
         raise ConfigError(f"{key}: {e}") from None
 
 
+# A short interval: a number (a decimal point allowed) and ms, s, m or h.
+_INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_INTERVAL_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _interval(key: str, v: Any) -> float:
+    """A short duration such as 5s, 500ms or 2m, in seconds (more than zero).
+
+    `_duration` reads lifetimes (30m to years), which have no seconds unit; this one
+    reads how long something may wait or lag.
+    """
+    match = _INTERVAL.match(v) if isinstance(v, str) else None
+    if match is None:
+        raise ConfigError(
+            f"{key}: must be a duration: a number and a unit, one of ms, s, m, h "
+            f"(e.g. 5s, 1500ms, 1m), got {v!r}"
+        )
+    seconds = float(match.group(1)) * _INTERVAL_SECONDS[match.group(2)]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{key}: must be longer than zero, got {v!r}")
+    return seconds
+
+
 def _str_list(key: str, v: Any) -> tuple[str, ...]:
     if v is None:
         return ()

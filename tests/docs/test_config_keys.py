@@ -102,6 +102,9 @@ def _same(documented: str, key: Key) -> bool:
     if key.conv is config_values._duration:
         # Written as a duration (90d), held in seconds.
         return isinstance(value, int) and parse_duration(documented) == value
+    if key.conv is config_values._interval:
+        # Written as an interval (5s), held in seconds.
+        return key.conv("", documented) == value
     if value is None:
         return documented == "null"
     if isinstance(value, bool):

@@ -83,6 +83,12 @@ logging: {level: info, format: auto}
         ({"state_dir": "relative/dir"}, "state_dir"),
         ({"storage": {"backend": "mysql"}}, "storage.backend"),
         ({"storage": {"dsn": "host=db"}}, "storage.dsn"),  # never in the file
+        ({"storage": {"max_staleness": 5}}, "storage.max_staleness"),  # no unit
+        ({"storage": {"max_staleness": "5 seconds"}}, "storage.max_staleness"),
+        ({"storage": {"max_staleness": "0s"}}, "storage.max_staleness"),
+        ({"storage": {"max_staleness": "500ms"}}, "storage.max_staleness"),  # under 1 s
+        ({"storage": {"max_staleness": "9" * 400 + "s"}}, "storage.max_staleness"),
+        ({"storage": {"on_stale": "strict"}}, "storage.on_stale"),
         (["a", "list"], "the file"),
     ],
 )
@@ -111,3 +117,18 @@ def test_the_storage_backend_is_read_and_needs_a_restart() -> None:
     assert parse_config(None).storage.backend == "sqlite"
     assert parse_config({"storage": {"backend": "postgresql"}}).storage.backend == "postgresql"
     assert "storage.backend" in RESTART_ONLY
+
+
+def test_staleness_keys_are_read_and_a_reload_applies_them() -> None:
+    from vibectld.config import RESTART_ONLY, keep_restart_only
+
+    default = parse_config(None).storage
+    assert (default.max_staleness_seconds, default.on_stale) == (5.0, "serve")
+    raw = {"storage": {"max_staleness": "1500ms", "on_stale": "refuse"}}
+    read = parse_config(raw).storage
+    assert (read.max_staleness_seconds, read.on_stale) == (1.5, "refuse")
+    assert parse_config({"storage": {"max_staleness": "2m"}}).storage.max_staleness_seconds == 120
+    assert not {"storage.max_staleness", "storage.on_stale"} & set(RESTART_ONLY)
+    # A reload keeps only restart-only keys: the new values are the ones in force.
+    kept = keep_restart_only(parse_config(None), parse_config(raw))
+    assert kept.storage == read
