@@ -59,6 +59,22 @@ class Metrics:
             ["kind", "action"],
             registry=r,
         )
+        # The cluster limiter (service/cluster_limits.py), on storage.backend: postgresql.
+        self.limit_round_trips = Counter(
+            "vibectld_limit_round_trips",
+            "Round trips to PostgreSQL for cluster-wide limits, by step "
+            "(rpm, lease, release, tick) and result (ok, failed, timeout).",
+            ["step", "result"],
+            registry=r,
+        )
+        self.limit_fallbacks = Counter(
+            "vibectld_limit_fallbacks",
+            "Limit checks decided on this node alone (each node enforcing its share of a "
+            "client's limit), by step and why (stale: the store is degraded; unavailable: "
+            "the limiter's database did not answer in time).",
+            ["step", "reason"],
+            registry=r,
+        )
         # Labelled children, looked up once: .labels() costs more than the increment.
         self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
         self._redaction_children: dict[tuple[str, str], Any] = {}
