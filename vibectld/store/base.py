@@ -205,6 +205,12 @@ class Store(Protocol):
         """
         ...
 
+    def pending_calls(self) -> int:
+        """Calls counted but not yet written to the database (while it is away, the
+        buffered usage); memory. The counts are per client and UTC day, so memory
+        grows with the clients that call, not with the calls."""
+        ...
+
     def flush(self) -> None:
         """Write the counts taken since the last flush in one transaction; database.
 

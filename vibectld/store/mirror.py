@@ -182,6 +182,15 @@ class Mirror:
             if client_id in self._records:
                 self._usage.record_redactions(client_id, now, found)
 
+    def pending_calls(self) -> int:
+        """Calls counted in memory and not yet written to the database; memory.
+
+        A flush in progress holds its calls aside until it commits (or puts them back if
+        it fails), so they are not counted while it runs.
+        """
+        with self._lock:
+            return sum(self._pending.values())
+
     def usd_spent_month(self, client_id: str, now: float) -> float:
         """Dollars the client spent in the UTC calendar month of `now`, from memory."""
         with self._lock:
