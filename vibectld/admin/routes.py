@@ -498,3 +498,7 @@ def _budget_json(rt: Runtime, client_id: str) -> dict[str, Any]:
         "usd_month": round(spent, 6),
         "usd_left": round(usd_left(budget, spent), 6),
     }
+
+
+# Modules of more operations, registered in ROUTES above when imported (they import it).
+from vibectld.admin import routes_storage  # noqa: E402, F401

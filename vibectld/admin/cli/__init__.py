@@ -7,7 +7,7 @@ prove it). Each module of this package adds its commands to the one group.
 
 from __future__ import annotations
 
-from vibectld.admin.cli import clients, keys, reports  # noqa: F401 - they register commands
+from vibectld.admin.cli import clients, keys, reports, storage  # noqa: F401 - they register commands
 from vibectld.admin.cli.base import (
     DEFAULT_SOCKET as DEFAULT_SOCKET,
 )

@@ -1,0 +1,261 @@
+"""`vibectl-admin storage migrate --to postgresql`: a single SQLite node's store, copied
+into an empty PostgreSQL database (a real PostgreSQL 15, tests/postgres.py) through the
+real vibectl-admin and the real daemon.
+
+The database is then read directly, table by table, against the SQLite file and the key
+files: every client, usage and redaction row and audit row; the signing keys and the CA
+sealed with the cluster key (opened here with the same key and compared with the files),
+and no private key in plaintext anywhere in the database.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.conftest import RunningDaemon, admin_cli
+from tests.postgres import Postgres
+from vibectl._proto import llm_proxy_pb2 as pb
+from vibectld.pki.sealed import CHECK_PLAINTEXT, ClusterKey
+from vibectld.pki.tls import ca_fingerprint
+
+Start = Callable[[dict[str, Any]], tuple[RunningDaemon, Path]]
+# A JWT in a prompt: the server's redaction policy (redact, the default) counts it.
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+CLIENT_COLUMNS = (
+    "id, name, created_at, expires_at, issued_by, note, models, rpm, concurrency, "
+    "tokens_per_day, revoked_at, revoked_by, revoke_reason, last_seen_at, requests, "
+    "updated_at, updated_by, kid, usd_per_month"
+)
+TABLES = {
+    "clients": CLIENT_COLUMNS,
+    "usage": "client_id, day, requests, errors, input_tokens, output_tokens, cost_usd",
+    "redactions": "client_id, day, kind, count",
+    "audit": "id, at, caller_uid, caller_user, op, target, outcome, detail",
+}
+
+
+def single_node(tmp_path: Path, sock_dir: Path) -> dict[str, Any]:
+    """One node on SQLite, configured from a file so that keys/ beside it holds the
+    credentials, as an operator installs them."""
+    return {
+        "server": {"listen": "127.0.0.1:0", "name": "bastion"},
+        "admin": {
+            "socket": str(sock_dir / "admin.sock"),
+            "group": grp.getgrgid(os.getgid()).gr_name,
+        },
+        "state_dir": str(tmp_path / "state"),
+        "models": {"default": "echo"},
+        "limits": {"requests_per_minute": None, "concurrent_requests": None},
+        "logging": {"level": "warning", "format": "console"},
+    }
+
+
+def install(config_dir: Path, name: str, value: str) -> None:
+    keys = config_dir / "keys"
+    keys.mkdir(exist_ok=True)
+    (keys / name).write_text(value + "\n", encoding="utf-8")
+    os.chmod(keys / name, 0o600)
+
+
+def migrate(daemon: RunningDaemon, *extra: str) -> Any:
+    return admin_cli(daemon, *extra, "storage", "migrate", "--to", "postgresql")
+
+
+def call(daemon: RunningDaemon, secret: str, prompt: str = "hi") -> str:
+    stub = daemon.stub()
+    try:
+        stub.Execute(
+            pb.ExecuteRequest(user_fragments=[prompt]),
+            metadata=[("authorization", f"Bearer {secret}")],
+            timeout=30,
+        )
+    except Exception as e:  # a grpc.RpcError: its status code's name
+        return str(e.code().name)  # type: ignore[attr-defined]
+    return "OK"
+
+
+def sqlite_rows(state: Path, table: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(f"file:{state / 'registry.db'}?mode=ro", uri=True) as db:
+        return db.execute(f"SELECT {TABLES[table]} FROM {table} ORDER BY 1, 2").fetchall()  # noqa: S608
+
+
+def pg_rows(conn: psycopg.Connection[Any], sql: str) -> list[tuple[Any, ...]]:
+    return list(conn.execute(sql).fetchall())
+
+
+def der(path: Path) -> bytes:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def test_a_single_node_store_is_copied_whole_and_only_once(
+    postgres: Postgres,
+    from_file: Start,
+    tmp_path: Path,
+    sock_dir: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    daemon, config_path = from_file(single_node(tmp_path, sock_dir))
+    state = daemon.config.state_dir
+    # Three keys: the first signs "early" and is then retired, the second (rotated
+    # away from, still verifying) signs alice and bob, the third (current) signs carol.
+    early = daemon.issue("early")
+    first = daemon.admin("list_signing_keys")["keys"][0]["kid"]
+    second = daemon.admin("rotate_signing_key")["kid"]
+    alice, bob = daemon.issue("alice", rpm=30), daemon.issue("bob")
+    third = daemon.admin("rotate_signing_key")["kid"]
+    carol = daemon.issue("carol", note="on call")
+    assert call(daemon, alice) == "OK" and call(daemon, alice, f"token {JWT}") == "OK"
+    assert call(daemon, bob) == "OK" and call(daemon, carol) == "OK"
+    daemon.admin("revoke_client", {"target": "bob", "reason": "left"})
+    daemon.admin("retire_signing_key", {"target": first})
+    assert call(daemon, early) == "UNAUTHENTICATED" and call(daemon, bob) == "UNAUTHENTICATED"
+    ca_pem = (state / "tls" / "ca.pem").read_text()
+
+    # Without the credentials: exit 1, naming both files and how to make the key.
+    failed = migrate(daemon)
+    assert failed.returncode == 1 and failed.stdout == ""
+    keys = config_path.parent.resolve() / "keys"
+    assert "the postgresql-dsn credential is missing: put a libpq connection string" in (
+        failed.stderr
+    )
+    assert str(keys / "postgresql-dsn") in failed.stderr
+    assert str(keys / "cluster-key") in failed.stderr
+    assert "vibectld --generate-cluster-key" in failed.stderr
+    install(config_path.parent, "postgresql-dsn", postgres.dsn)
+    only_key_missing = migrate(daemon)
+    assert only_key_missing.returncode == 1
+    assert "postgresql-dsn" not in only_key_missing.stderr.split("; put")[0]
+    assert "the cluster-key credential is missing" in only_key_missing.stderr
+    cluster_key, key_text = ClusterKey.generate()
+    install(config_path.parent, "cluster-key", key_text)
+
+    done = migrate(daemon)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"copied this node's store into the PostgreSQL database {postgres.dbname!r} on "
+        f"127.0.0.1:{postgres.port}:",
+        "  4 clients",
+        f"  {len(sqlite_rows(state, 'usage'))} usage rows",
+        "  1 redaction row",
+        f"  {len(sqlite_rows(state, 'audit')) - 1} audit rows",
+        "  2 signing keys (and 1 retired)",
+        f"  the CA (ca-sha256 {ca_fingerprint(ca_pem.encode())}): the URLs already issued "
+        "keep their pin",
+    ]
+    assert "set storage.backend: postgresql and server.public_url" in done.stderr
+    assert 'vibectld(8), "Running several nodes"' in done.stderr
+
+    with psycopg.connect(postgres.dsn) as conn:
+        # The registry's tables, row for row.
+        for table in ("clients", "usage", "redactions"):
+            copied = pg_rows(conn, f"SELECT {TABLES[table]} FROM {table} ORDER BY 1, 2")  # noqa: S608
+            assert copied == sqlite_rows(state, table), table
+        # The audit trail, ids kept; the SQLite trail gained the migration's own row after
+        # the copy, and the cluster's its own (with what was copied).
+        audit = pg_rows(conn, f"SELECT {TABLES['audit']} FROM audit ORDER BY id")  # noqa: S608
+        local = sqlite_rows(state, "audit")
+        assert audit[:-1] == local[:-1]
+        assert local[-1][4:7] == ("storage_migrate", "postgresql", "ok")
+        assert audit[-1][0] == local[-1][0] and audit[-1][4:7] == local[-1][4:7]
+        assert audit[-1][7].startswith("4 clients, ")
+        # The next row the cluster writes follows the copied ones.
+        conn.execute(
+            "INSERT INTO audit (at, caller_user, op, outcome) VALUES (0, 'test', 'probe', 'ok')"
+        )
+        assert pg_rows(conn, "SELECT MAX(id) FROM audit") == [(audit[-1][0] + 1,)]
+        conn.rollback()
+
+        # The signing keys, sealed: each opens with the cluster key to the file's key.
+        rows = pg_rows(
+            conn, "SELECT kid, sealed, created_at, retired_at FROM signing_keys ORDER BY kid"
+        )
+        assert [r[0] for r in rows] == [first, second, third]
+        files = {
+            first: state / "signing-keys" / "retired" / f"{first}.pem",
+            second: state / "signing-keys" / f"{second}.pem",
+            third: state / "signing-keys" / f"{third}.pem",
+        }
+        for kid, sealed, created_at, retired_at in rows:
+            opened = cluster_key.open(sealed, f"signing_key {kid}")
+            assert opened == der(files[kid])
+            assert isinstance(serialization.load_der_private_key(opened, None), Ed25519PrivateKey)
+            assert created_at <= int(files[kid].stat().st_mtime) + 1
+            assert (retired_at is not None) == (kid == first)
+        # The CA: the same certificate (so the same pin), its key sealed; the check row.
+        secrets = {
+            r[0]: r[1:]
+            for r in pg_rows(conn, "SELECT name, public_pem, sealed FROM cluster_secrets")
+        }
+        assert set(secrets) == {"ca", "check"}
+        assert secrets["ca"][0] == ca_pem
+        assert cluster_key.open(secrets["ca"][1], "ca") == der(state / "tls" / "ca.key")
+        assert secrets["check"][0] is None
+        assert cluster_key.open(secrets["check"][1], "check") == CHECK_PLAINTEXT
+
+        # No private key in plaintext anywhere: every row of every table, as text.
+        tables = [
+            r[0]
+            for r in pg_rows(conn, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        ]
+        dump = "\n".join(
+            str(row)
+            for t in tables
+            for row in pg_rows(conn, f"SELECT t::text FROM {t} t")  # noqa: S608
+        )
+        assert "PRIVATE KEY" not in dump
+        for path in [*files.values(), state / "tls" / "ca.key"]:
+            assert der(path).hex() not in dump
+            assert der(path)[-32:].hex() not in dump  # the raw private scalar
+
+    # A second run finds the database in use and changes nothing.
+    again = migrate(daemon)
+    assert again.returncode == 1 and again.stdout == ""
+    assert f"the PostgreSQL database {postgres.dbname!r}" in again.stderr
+    assert "is not empty (it holds clients, usage, audit, signing_keys, cluster_secrets)" in (
+        again.stderr
+    )
+    assert postgres.sql("SELECT COUNT(*) FROM clients") == "4"
+
+    # The node still serves from SQLite, and its secrets work as before.
+    assert call(daemon, alice) == "OK" and call(daemon, carol) == "OK"
+    out, err = capfd.readouterr()
+    assert postgres.cluster.password not in out + err
+    assert key_text.split(":", 1)[1] not in out + err
+
+
+def test_json_result(postgres: Postgres, from_file: Start, tmp_path: Path, sock_dir: Path) -> None:
+    daemon, config_path = from_file(single_node(tmp_path, sock_dir))
+    daemon.issue("alice")
+    install(config_path.parent, "postgresql-dsn", postgres.dsn)
+    install(config_path.parent, "cluster-key", ClusterKey.generate()[1])
+    done = migrate(daemon, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["target"] == "postgresql"
+    assert (
+        result["where"]
+        == f"the PostgreSQL database {postgres.dbname!r} on 127.0.0.1:{postgres.port}"
+    )
+    assert result["copied"] == {
+        "clients": 1,
+        "usage": 0,
+        "redactions": 0,
+        "audit": 1,
+        "signing_keys": 1,
+        "retired_signing_keys": 0,
+        "ca_sha256": daemon.runtime.tls.ca_sha256,
+    }
