@@ -8,11 +8,13 @@ registry is loaded.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import os
 import signal
 import time
+from typing import Any
 
 import grpc
 import structlog
@@ -39,6 +41,7 @@ from vibectld.providers.keys import ProviderKeys
 from vibectld.runtime import Runtime
 from vibectld.service.interceptor import CallGate, FailedAuthLog
 from vibectld.service.servicer import ProxyService
+from vibectld.service.staleness import StorageState, shares_store, status_note, storage_state
 from vibectld.store.base import NodeInfo
 from vibectld.store.registry import ClientRecord, Registry, RegistryError
 from vibectld.version import __version__
@@ -46,7 +49,20 @@ from vibectld.version import __version__
 log = structlog.get_logger("vibectld")
 
 SERVICE_NAME = "vibectl.llm_proxy.VibectlLLMProxy"
+# The health service's name for the store alone: NOT_SERVING while its database does not
+# answer or this node's view is stale, whatever storage.on_stale says. The overall ""
+# and SERVICE_NAME are NOT_SERVING only while this node refuses calls (stale, refuse).
+STORAGE_HEALTH_NAME = "vibectld.storage"
 FLUSH_INTERVAL_SECONDS = 2.0
+# While the database does not answer, how often the flush loop tries it again: a node
+# notices it is back within this (plus one connection attempt), with no restart.
+RECOVERY_PROBE_SECONDS = 0.5
+# How often the health service, the logs and the STATUS line follow the store's state
+# (the call gate does not wait for it: it asks the store on every call).
+STORAGE_WATCH_SECONDS = 0.25
+# Audit rows of admin operations kept while the database is away, written when it
+# answers; past this the oldest are dropped (the journal has every one).
+MAX_HELD_AUDIT_ROWS = 1000
 # How often the served certificate's expiry is looked at (renewal starts 30 days ahead).
 CERTIFICATE_CHECK_SECONDS = 6 * 3600.0
 # How long arrivals must pause before the server stops, and the most a drain may take.
@@ -111,6 +127,10 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._last_reload_error: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Audit rows waiting for the database (appended from the admin server's threads).
+        self._held_audit: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=MAX_HELD_AUDIT_ROWS
+        )
 
     @property
     def grpc_port(self) -> int:
@@ -138,10 +158,10 @@ class Daemon:
         # 100,000 client records while calls wait behind it.
         gc.collect()
         gc.freeze()
-        assert self._health is not None
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        rt.metrics.watch_storage(lambda: self._storage_state(rt))
+        await self._set_health(self._storage_state(rt))
         self._tasks.append(asyncio.create_task(self._flush_usage(), name="flush-usage"))
+        self._tasks.append(asyncio.create_task(self._watch_storage(), name="storage"))
         self._tasks.append(asyncio.create_task(self._reload_on_request(), name="reload"))
         self._tasks.append(asyncio.create_task(self._watch_certificate(), name="certificate"))
         heartbeat = Heartbeat(rt, self.notifier, self._status_line)
@@ -252,9 +272,56 @@ class Daemon:
             f"serving on {rt.grpc_address}; {rt.registry.counts()['active']} active clients; "
             f"{rt.inflight.total()} in flight"
         )
+        note = status_note(self._storage_state(rt))
+        if note:
+            line += f"; {note}"
         if self._last_reload_error:
             line += f"; last reload rejected: {self._last_reload_error}"
         return line
+
+    def _storage_state(self, rt: Runtime) -> StorageState:
+        return storage_state(rt.registry, rt.generation.config.storage)
+
+    async def _set_health(self, state: StorageState) -> None:
+        assert self._health is not None
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        calls = not_serving if state.refusing else serving
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, calls)
+        await self._health.set(STORAGE_HEALTH_NAME, serving if state.healthy else not_serving)
+
+    async def _watch_storage(self) -> None:
+        """Follow the store's state: the health service, a log record and the STATUS line,
+        each when the state changes."""
+        assert self.runtime is not None
+        rt = self.runtime
+        shown = self._storage_state(rt)
+        while True:
+            await asyncio.sleep(STORAGE_WATCH_SECONDS)
+            state = self._storage_state(rt)
+            if (state.degraded, state.stale, state.refusing) == (
+                shown.degraded,
+                shown.stale,
+                shown.refusing,
+            ):
+                continue
+            await self._set_health(state)
+            if state.stale and not shown.stale:
+                log.error(
+                    "storage.stale",
+                    view_age_seconds=None if state.view_age is None else round(state.view_age, 1),
+                    max_staleness_seconds=state.max_staleness,
+                    on_stale=state.on_stale,
+                    hint="this node refuses calls until its database answers"
+                    if state.refusing
+                    else "known clients are served; a secret revoked on another node meanwhile "
+                    "may still work here",
+                )
+            elif shown.stale and not state.stale:
+                log.info("storage.fresh", on_stale=state.on_stale)
+            self.notifier.status(self._status_line())
+            shown = state
 
     async def reload(self) -> list[str]:
         """Build a new generation from the config file and swap it in; raise if it is invalid.
@@ -296,15 +363,46 @@ class Daemon:
         return notes
 
     def _audit(self, caller: Caller, op: str, target: str | None, outcome: str) -> None:
+        row = {
+            "at": int(time.time()),
+            "caller_uid": caller.uid,
+            "caller_user": caller.user,
+            "op": op,
+            "target": target,
+            "outcome": outcome,
+        }
+        self._store_audit(row)
+
+    def _store_audit(self, row: dict[str, Any]) -> None:
+        """Commit an audit row; with a shared database that is away, keep it for later.
+
+        Waiting on a database that does not answer would hold the admin caller's answer
+        up to a connection timeout; the journal already has the record.
+        """
         assert self.runtime is not None
-        self.runtime.registry.add_audit(
-            at=int(time.time()),
-            caller_uid=caller.uid,
-            caller_user=caller.user,
-            op=op,
-            target=target,
-            outcome=outcome,
-        )
+        registry = self.runtime.registry
+        if not shares_store(registry):
+            registry.add_audit(**row)  # SQLite: a failure is the caller's to log
+            return
+        if not registry.health().degraded and not self._held_audit:
+            with contextlib.suppress(RegistryError):
+                registry.add_audit(**row)
+                return
+        if len(self._held_audit) == self._held_audit.maxlen:
+            log.warning(
+                "audit.held_dropped",
+                hint=f"more than {MAX_HELD_AUDIT_ROWS} audit rows waited for the database; "
+                "the oldest is in the journal only",
+            )
+        self._held_audit.append(row)
+
+    def _write_held_audit(self) -> None:
+        """Write the audit rows kept while the database was away, oldest first; stop at the
+        first failure (the rest wait for the next try). From a thread."""
+        assert self.runtime is not None
+        while self._held_audit:
+            self.runtime.registry.add_audit(**self._held_audit[0])
+            self._held_audit.popleft()
 
     def _on_sighup(self) -> None:
         log.info("reload.requested", audit=True, op="reload", caller_user="SIGHUP")
@@ -317,16 +415,16 @@ class Daemon:
         if self.runtime is None:
             return
         for _ in range(count):
+            row = {
+                "at": int(time.time()),
+                "caller_uid": None,
+                "caller_user": "SIGHUP",
+                "op": "reload",
+                "target": None,
+                "outcome": "requested",
+            }
             try:
-                await asyncio.to_thread(
-                    self.runtime.registry.add_audit,
-                    at=int(time.time()),
-                    caller_uid=None,
-                    caller_user="SIGHUP",
-                    op="reload",
-                    target=None,
-                    outcome="requested",
-                )
+                await asyncio.to_thread(self._store_audit, row)
             except Exception:
                 # The journal record stands; a broken audit table must not stop the reload.
                 log.exception("audit.store_failed")
@@ -370,25 +468,42 @@ class Daemon:
         rt = self.runtime
         degraded = False
         while True:
-            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
+            # While the database is away, counts stay in memory (per client and UTC day,
+            # so bounded by the clients, not the calls) and each try may write them.
+            await asyncio.sleep(RECOVERY_PROBE_SECONDS if degraded else FLUSH_INTERVAL_SECONDS)
             try:
                 # A commit with synchronous=FULL waits for the disk: not on the event loop.
                 await asyncio.to_thread(rt.registry.flush)
+            except RegistryError:
+                pass  # the counts are kept; health() says why, logged once below
             except Exception:
                 log.exception("registry.flush_failed")
             with contextlib.suppress(RegistryError):  # a failure shows in health()
                 await asyncio.to_thread(rt.registry.heartbeat, self._node(rt))
+            if self._held_audit and not rt.registry.health().degraded:
+                with contextlib.suppress(RegistryError):
+                    await asyncio.to_thread(self._write_held_audit)
             # Logged when the database stops answering and when it is back, not every beat.
             health = rt.registry.health()
             if health.degraded and not degraded:
                 log.error(
                     "storage.degraded",
                     error=health.reason,
-                    hint="admin changes fail until the database answers; known clients "
-                    "are still served",
+                    hint="admin changes fail until the database answers; "
+                    + (
+                        "calls are refused once this node's view is older than "
+                        "storage.max_staleness (storage.on_stale: refuse)"
+                        if rt.config.storage.on_stale == "refuse"
+                        else "known clients are still served"
+                    ),
                 )
             elif degraded and not health.degraded:
-                log.info("storage.recovered", backend=rt.registry.backend)
+                log.info(
+                    "storage.recovered",
+                    backend=rt.registry.backend,
+                    # 0 once the calls counted during the outage are written.
+                    unwritten_calls=rt.registry.pending_calls(),
+                )
             degraded = health.degraded
 
     def _node(self, rt: Runtime) -> NodeInfo:

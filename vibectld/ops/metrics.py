@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from vibectld.service.staleness import StorageState
 
 log = structlog.get_logger("vibectld")
 
@@ -75,6 +77,30 @@ class Metrics:
             ["step", "reason"],
             registry=r,
         )
+        # The store, read when scraped (storage.on_stale in vibectld.yaml(5)); until
+        # `watch_storage` binds them they read 0.
+        self.storage_degraded = Gauge(
+            "vibectld_storage_degraded",
+            "1 while the store's database does not answer (admin changes are refused).",
+            registry=r,
+        )
+        self.storage_stale = Gauge(
+            "vibectld_storage_stale",
+            "1 while this node's view of the shared store is older than "
+            "storage.max_staleness (it follows storage.on_stale).",
+            registry=r,
+        )
+        self.storage_view_age = Gauge(
+            "vibectld_storage_view_age_seconds",
+            "Seconds since this node's view of other nodes' changes was brought up to "
+            "date (0 for sqlite, which no other node writes).",
+            registry=r,
+        )
+        self.usage_buffered_calls = Gauge(
+            "vibectld_usage_buffered_calls",
+            "Calls served and counted in memory, not yet written to the database.",
+            registry=r,
+        )
         # Labelled children, looked up once: .labels() costs more than the increment.
         self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
         self._redaction_children: dict[tuple[str, str], Any] = {}
@@ -118,6 +144,13 @@ class Metrics:
                     kind, action
                 )
             child.inc(n)
+
+    def watch_storage(self, state: Callable[[], StorageState]) -> None:
+        """Read the storage gauges from `state` (memory only) at each scrape."""
+        self.storage_degraded.set_function(lambda: float(state().degraded))
+        self.storage_stale.set_function(lambda: float(state().stale))
+        self.storage_view_age.set_function(lambda: state().view_age or 0.0)
+        self.usage_buffered_calls.set_function(lambda: float(state().buffered_calls))
 
     def serve(self, listen: str) -> int:
         """Start the HTTP endpoint; returns the bound port."""

@@ -1,9 +1,12 @@
 """The heartbeat: systemd's watchdog and STATUS= line, sent only while we really serve.
 
 WATCHDOG=1 goes out only after a real gRPC health check against our own TLS
-port answered SERVING, from a task on the event loop. A wedged loop sends
-nothing, and neither does a gRPC server that stopped answering; either way
-systemd restarts the service when WatchdogSec= passes.
+port answered, from a task on the event loop. A wedged loop sends nothing, and
+neither does a gRPC server that stopped answering; either way systemd restarts the
+service when WatchdogSec= passes. An answer of NOT_SERVING counts as alive: the
+daemon says that itself while its database is away and it refuses calls
+(storage.on_stale: refuse), and a restart would not bring the database back — it
+would only stop the node at start, unable to load its store.
 """
 
 from __future__ import annotations
@@ -61,7 +64,10 @@ class Heartbeat:
             except grpc.aio.AioRpcError as e:
                 log.warning("watchdog.health_check_failed", code=e.code().name)
                 return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        return bool(
+            reply.status
+            in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
 
     async def run(self) -> None:
         interval = min(self.watchdog_interval or STATUS_INTERVAL_SECONDS, STATUS_INTERVAL_SECONDS)

@@ -12,6 +12,11 @@ The servicer authenticates again, against the generation it runs under (a
 verified signature is cached, so that is a dict hit and a registry read): the
 gate is an early refusal, the servicer's check is the one that decides.
 
+A node whose view of the shared store is stale, with `storage.on_stale: refuse`,
+refuses every call of the service here with UNAVAILABLE, before authenticating: it
+cannot vouch for a secret (revoked on another node, or issued there since), and the
+status tells the client to retry, where another node may answer (service/staleness.py).
+
 The standard health service stays open: the watchdog and load balancers call
 it without a secret, and its `Check` is not counted against the cap, so a
 daemon at its cap still reports itself serving.
@@ -30,6 +35,7 @@ import structlog
 
 from vibectld.runtime import Runtime
 from vibectld.service.refusals import CallRefused, LimitExceeded, abort
+from vibectld.service.staleness import is_stale, stale_refusal
 
 log = structlog.get_logger("vibectld.auth")
 
@@ -129,6 +135,11 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         rt = self.rt
         if method.startswith(PROXY_METHOD_PREFIX):
+            storage = rt.generation.config.storage
+            if storage.on_stale == "refuse" and is_stale(
+                rt.registry, storage.max_staleness_seconds, time.time()
+            ):
+                return self._refuse(stale_refusal(rt.registry), handler, _nothing)
             try:
                 rt.generation.auth.authenticate(details.invocation_metadata)
             except CallRefused as refusal:
