@@ -77,7 +77,11 @@ class RunningDaemon:
 
     @property
     def ca_pem(self) -> bytes:
-        return (self.config.state_dir / "tls" / "ca.pem").read_bytes()
+        # What the daemon serves: state_dir/tls/ca.pem on one node, the cluster's CA
+        # (from its database, never written to the state directory) with PostgreSQL.
+        ca = self.runtime.tls.ca_pem
+        assert ca is not None, "the daemon serves a certificate of a public CA"
+        return ca
 
     def admin(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         with AdminClient(self.config.admin.socket) as client:
