@@ -26,15 +26,23 @@ from vibectld.version import __version__
     help="Configuration file [env VIBECTLD_CONFIG; default /etc/vibectld/config.yaml].",
 )
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit 0 or 1.")
+@click.option(
+    "--generate-cluster-key",
+    is_flag=True,
+    help="Print a new cluster key (for storage.backend: postgresql) and exit.",
+)
 @click.version_option(
     __version__, "--version", prog_name="vibectld", message="%(prog)s %(version)s"
 )
-def main(config_file: str | None, check_config: bool) -> None:
+def main(config_file: str | None, check_config: bool, generate_cluster_key: bool) -> None:
     """Run the vibectl LLM proxy daemon in the foreground.
 
     It serves gRPC over TLS to vibectl clients and a local admin socket for
     vibectl-admin. See vibectld(8) and vibectld.yaml(5).
     """
+    if generate_cluster_key:
+        _print_cluster_key()
+        return
     path = resolve_config_path(config_file)
     try:
         config = load_config(path)
@@ -59,6 +67,21 @@ def main(config_file: str | None, check_config: bool) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+def _print_cluster_key() -> None:
+    # Made once per cluster; every node needs the same file. Only the key goes to stdout,
+    # so `vibectld --generate-cluster-key > file` makes the file. Imported here, as the
+    # daemon is below, so that --version and --check-config stay fast.
+    from vibectld.pki.sealed import ClusterKey
+
+    _, text = ClusterKey.generate()
+    click.echo(text)
+    click.echo(
+        "vibectld: save it, mode 0600, as /etc/vibectld/keys/cluster-key on every node, "
+        "the same file on each (or pass it with LoadCredential=cluster-key:FILE)",
+        err=True,
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ from vibectld.config import (
 from vibectld.generation import GenerationRejected, build_generation
 from vibectld.ops.notify import Notifier
 from vibectld.ops.watchdog import Heartbeat
+from vibectld.pki import cluster
+from vibectld.pki.sealed import ClusterKey, ClusterKeyError
 from vibectld.pki.signing import SigningKeys
-from vibectld.pki.tls import ServerTLS
+from vibectld.pki.tls import CertificateAuthority, ServerTLS, default_hosts
 from vibectld.providers.catalogue import ModelCatalogue, point_llm_at
 from vibectld.providers.execution import Executor
 from vibectld.providers.keys import ProviderKeys
@@ -181,10 +183,20 @@ class Daemon:
                 "vibectld user or set state_dir"
             ) from None
         point_llm_at(state_dir)
-        signing = SigningKeys.load_or_create(state_dir / "signing-keys")
-        registry = _open_registry(config)
+        ca: CertificateAuthority | None = None
+        if config.storage.backend == "sqlite":
+            signing = SigningKeys.load_or_create(state_dir / "signing-keys")
+            registry = _open_registry(config)
+        else:
+            # Several nodes: the signing keys and the CA are the cluster's, in its database.
+            registry = _open_registry(config)
+            try:
+                signing, ca = _join_cluster(config, registry)
+            except BaseException:
+                registry.close()
+                raise
         try:
-            generation = build_generation(config, signing, registry)
+            generation = build_generation(config, signing, registry, ca=ca)
         except GenerationRejected as e:
             registry.close()
             raise StartupError(str(e)) from None
@@ -355,7 +367,7 @@ class Daemon:
             raise GenerationRejected(str(e)) from None
         changed = restart_only_changes(old.config, fresh)
         config = keep_restart_only(old.config, fresh)
-        rt.generation = build_generation(config, rt.signing, rt.registry, old.number + 1)
+        rt.generation = build_generation(config, rt.signing, rt.registry, old.number + 1, ca=old.ca)
         rt.background(_close_later(old.catalogue, config.limits.request_timeout_seconds + 5))
         notes = [f"{key} changed: restart vibectld to apply" for key in changed]
         for note in notes:
@@ -603,3 +615,33 @@ def _open_registry(config: DaemonConfig) -> Registry:
             f"put a libpq connection string in {places}"
         )
     return Registry.open_postgresql(dsn)
+
+
+# The credential holding the key that seals the cluster's private keys in its database.
+CLUSTER_KEY_CREDENTIAL = "cluster-key"
+
+
+def _join_cluster(
+    config: DaemonConfig, registry: Registry
+) -> tuple[SigningKeys, CertificateAuthority]:
+    """This node's cluster key, checked against the database; the cluster's signing keys
+    and CA, created there if this node is the first (StartupError naming the fix)."""
+    credentials = ProviderKeys.for_credentials(config.config_dir)
+    text = credentials.get(CLUSTER_KEY_CREDENTIAL)
+    if text is None:
+        places = " or ".join(str(p) for p in credentials.places(CLUSTER_KEY_CREDENTIAL))
+        if credentials.credentials_dir is None:
+            places += " (or $CREDENTIALS_DIRECTORY/cluster-key through LoadCredential=)"
+        raise StartupError(
+            "storage.backend is postgresql, but the cluster-key credential is missing: make "
+            "one once with `vibectld --generate-cluster-key` and put the same file on every "
+            f"node, in {places}"
+        )
+    first_host = default_hosts(config.server.public_host)[0]
+    try:
+        key = ClusterKey.parse(text)
+        ca = cluster.join(registry, key, first_host)
+        signing = SigningKeys(cluster.DatabaseKeys(registry, key))
+    except ClusterKeyError as e:
+        raise StartupError(str(e)) from None
+    return signing, ca

@@ -17,7 +17,13 @@ import structlog
 
 from vibectld.config import ConfigError, DaemonConfig, unpriced_budget_warnings
 from vibectld.pki.signing import SigningKeys
-from vibectld.pki.tls import ServerTLS, TLSError, default_hosts, load_server_tls
+from vibectld.pki.tls import (
+    CertificateAuthority,
+    ServerTLS,
+    TLSError,
+    default_hosts,
+    load_server_tls,
+)
 from vibectld.providers.catalogue import ModelCatalogue
 from vibectld.providers.keys import ProviderKeyError, ProviderKeys
 from vibectld.service.auth import Authenticator, ClientLookup
@@ -37,6 +43,10 @@ class Generation:
     catalogue: ModelCatalogue
     auth: Authenticator
     redaction: RedactionPolicy
+    # The cluster's CA (PostgreSQL backend), which issues this node's self-managed
+    # certificate; None for the CA in state_dir/tls/. Not reloadable: each generation
+    # hands it to the next.
+    ca: CertificateAuthority | None = None
 
     def cost_usd(
         self, model_id: str, input_tokens: int | None, output_tokens: int | None
@@ -49,12 +59,20 @@ class Generation:
 
 
 def build_generation(
-    config: DaemonConfig, signing: SigningKeys, clients: ClientLookup, number: int = 1
+    config: DaemonConfig,
+    signing: SigningKeys,
+    clients: ClientLookup,
+    number: int = 1,
+    *,
+    ca: CertificateAuthority | None = None,
 ) -> Generation:
-    """Build every reloadable part from `config`, or raise GenerationRejected naming the part."""
+    """Build every reloadable part from `config`, or raise GenerationRejected naming the part.
+
+    `ca` issues the self-managed server certificate instead of the CA in state_dir/tls/.
+    """
     try:
         tls = load_server_tls(
-            config.server.tls, config.state_dir, default_hosts(config.server.public_host)
+            config.server.tls, config.state_dir, default_hosts(config.server.public_host), ca=ca
         )
         keys = ProviderKeys.for_daemon(config.config_dir, config.state_dir)
         catalogue = ModelCatalogue.build(config.models, keys)
@@ -67,4 +85,4 @@ def build_generation(
     )
     # Compiled here, once per load: a call only runs the patterns.
     redaction = RedactionPolicy.build(config.redaction)
-    return Generation(number, config, tls, keys, catalogue, auth, redaction)
+    return Generation(number, config, tls, keys, catalogue, auth, redaction, ca)

@@ -1,9 +1,12 @@
 """The server's TLS material: a private CA and server certificate, or the operator's files.
 
 When ``server.tls.cert_file``/``key_file`` are unset, vibectld keeps its own CA in
-``<state_dir>/tls/``. Clients pin that CA by the SHA-256 of its DER encoding (the
-``ca-sha256`` URL parameter), so the CA is created once and never replaced
-automatically; only the server certificate is re-issued when it no longer fits.
+``<state_dir>/tls/``, or, when several nodes share a PostgreSQL database, uses the
+cluster's one CA (kept sealed in the database, held in memory: cluster.py). Clients pin
+that CA by the SHA-256 of its DER encoding (the ``ca-sha256`` URL parameter), so the CA
+is created once and never replaced automatically; only the server certificate (always
+in ``<state_dir>/tls/server.pem``, its key 0600 beside it) is re-issued when it no
+longer fits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Self
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -41,6 +45,26 @@ _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 class TLSError(Exception):
     """TLS material is missing or unusable; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    """A CA that issues this node's server certificate, given to `load_server_tls` when
+    it does not live in ``<state_dir>/tls/`` (a cluster's, from its database)."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+    # Where it is kept, for messages: "the cluster's database".
+    where: str
+
+    @classmethod
+    def create(cls, first_host: str, where: str, now: dt.datetime | None = None) -> Self:
+        key = ec.generate_private_key(ec.SECP256R1())
+        return cls(_make_ca(key, first_host, now or dt.datetime.now(dt.UTC)), key, where)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return _pem(self.cert)
 
 
 @dataclass(frozen=True)
@@ -96,13 +120,18 @@ def load_server_tls(
     hosts: Sequence[str],
     *,
     now: dt.datetime | None = None,
+    ca: CertificateAuthority | None = None,
 ) -> ServerTLS:
-    """Load (or, when self-managed, create) everything the TLS listener needs."""
+    """Load (or, when self-managed, create) everything the TLS listener needs.
+
+    A self-managed certificate is issued by `ca` when given, else by the CA in
+    ``state_dir/tls/``; operator-provided files ignore `ca`.
+    """
     now = now or dt.datetime.now(dt.UTC)
     if tls.cert_file is None and tls.key_file is None:
         directory = state_dir / "tls"
         try:
-            server = _self_managed(directory, hosts, now)
+            server = _self_managed(directory, hosts, now, ca)
         except OSError as e:
             raise TLSError(
                 f"cannot set up the private CA in {directory}: {e.filename or directory}: "
@@ -194,14 +223,44 @@ def _read_key(path: Path, key: str) -> PrivateKeyTypes:
 # Self-managed CA and server certificate.
 
 
-def _self_managed(directory: Path, hosts: Sequence[str], now: dt.datetime) -> ServerTLS:
+def _self_managed(
+    directory: Path, hosts: Sequence[str], now: dt.datetime, ca: CertificateAuthority | None
+) -> ServerTLS:
     names = _parse_hosts(hosts)
     if not names:
         raise TLSError("no host names for the server certificate; set server.public_url")
     ensure_private_dir(directory)
-    ca_cert_path, ca_key_path = directory / "ca.pem", directory / "ca.key"
     cert_path, key_path = directory / "server.pem", directory / "server.key"
+    if ca is None:
+        ca_cert = _local_ca_cert(directory, hosts, now)
+    else:
+        ca_cert = ca.cert
+        if ca_cert.not_valid_after_utc <= now + RENEW_BEFORE:
+            raise TLSError(
+                f"the private CA in {ca.where} expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}; "
+                "see Replacing the CA in vibectld(8): every client then needs a new URL"
+            )
 
+    if not _server_cert_fits(cert_path, key_path, ca_cert, names, now):
+        ca_key = (
+            ca.key if ca is not None else _read_ca_key(directory / "ca.key", ca_cert, directory)
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _make_server_cert(key, ca_key, ca_cert, names, now)
+        # Key first: a crash between the writes leaves a mismatch that the next start repairs.
+        atomic_write(key_path, _key_pem(key), 0o600)
+        atomic_write(cert_path, _pem(cert), 0o644)
+
+    return ServerTLS(
+        cert_chain_pem=cert_path.read_bytes() + _pem(ca_cert),
+        key_pem=key_path.read_bytes(),
+        ca_pem=_pem(ca_cert),
+    )
+
+
+def _local_ca_cert(directory: Path, hosts: Sequence[str], now: dt.datetime) -> x509.Certificate:
+    """The certificate of the CA in `directory`, created with its key if there is none."""
+    ca_cert_path, ca_key_path = directory / "ca.pem", directory / "ca.key"
     if not ca_cert_path.exists():
         # No certificate means no client can have pinned this CA yet, so a stray
         # ca.key (from a start interrupted between the two writes) is replaced.
@@ -216,20 +275,7 @@ def _self_managed(directory: Path, hosts: Sequence[str], now: dt.datetime) -> Se
             f"move {directory} aside and restart to create a new CA, then issue every "
             "client a new URL (the CA fingerprint changes)"
         )
-
-    if not _server_cert_fits(cert_path, key_path, ca_cert, names, now):
-        ca_key = _read_ca_key(ca_key_path, ca_cert, directory)
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _make_server_cert(key, ca_key, ca_cert, names, now)
-        # Key first: a crash between the writes leaves a mismatch that the next start repairs.
-        atomic_write(key_path, _key_pem(key), 0o600)
-        atomic_write(cert_path, _pem(cert), 0o644)
-
-    return ServerTLS(
-        cert_chain_pem=cert_path.read_bytes() + _pem(ca_cert),
-        key_pem=key_path.read_bytes(),
-        ca_pem=_pem(ca_cert),
-    )
+    return ca_cert
 
 
 def _read_ca_key(
