@@ -36,6 +36,9 @@ from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.config import load_config
 from vibectld.daemon import Daemon, StartupError
+from vibectld.pki.sealed import ClusterKey
+
+_CLUSTER_KEY = ClusterKey.generate()[1]
 
 
 class Node:
@@ -70,6 +73,10 @@ class Node:
         keys.mkdir(parents=True, exist_ok=True)
         path = keys / "postgresql-dsn"
         path.write_text(dsn + "\n", encoding="utf-8")
+        os.chmod(path, 0o600)
+        # Every node of one test shares the cluster key, as every node of a cluster must.
+        path = keys / "cluster-key"
+        path.write_text(_CLUSTER_KEY + "\n", encoding="utf-8")
         os.chmod(path, 0o600)
 
 
