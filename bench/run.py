@@ -17,6 +17,9 @@ Sections (all by default; `--only a,b` picks some):
   streaming  100 / 400 / 1,000 concurrent streams from a paced provider (50 tokens, one
              per 20 ms) through vibectld beside a raw SSE client: chunks/s, time to first
              token, gaps, vibectld CPU per chunk, RSS per stream; 100 clients never reading
+  cluster    storage.backend: postgresql: the provider path vs raw HTTP, echo vs the
+             same node on SQLite, database statements per call, revocation on one of
+             three nodes until the others refuse it, under load
 
 Every load generator runs in its own process; each figure is the median of the
 repeats, and every ratio compares measurements of the same run. Each section prints
@@ -47,6 +50,7 @@ from types import FrameType
 from bench.common import Context, Section, Settings
 from bench.report import machine_info, markdown, summary_markdown, summary_table
 from bench.sections import (
+    cluster,
     footprint,
     isolation,
     overhead,
@@ -66,6 +70,7 @@ SECTIONS: dict[str, Callable[[Context], Section]] = {
     "isolation": isolation.run,
     "redaction": redaction.run,
     "streaming": streaming.run,
+    "cluster": cluster.run,
 }
 TITLES = {
     "overhead": "Overhead vs the floor",
@@ -75,6 +80,7 @@ TITLES = {
     "isolation": "Isolation",
     "redaction": "Redaction",
     "streaming": "Streaming at scale",
+    "cluster": cluster.TITLE,
 }
 
 

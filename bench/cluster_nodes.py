@@ -1,0 +1,193 @@
+"""Several vibectld nodes on one PostgreSQL database, for the cluster section.
+
+`BenchDatabase` is a temporary PostgreSQL 15 (bench/postgres.py, durable as in
+production) with pg_stat_statements loaded, so the section can count the statements the
+nodes send: each statement psycopg sends outside pipeline mode is one round trip.
+`PgNode` is a `Vibectld` on `storage.backend: postgresql`, its connection string and
+the cluster key installed as credentials in `keys/` beside its configuration, as an
+operator would. Both are secrets (the connection string carries a password): they are
+written to 0600 files only, never to the configuration, argv or a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.clients import HOST
+from bench.lifetime import ClosedOnExit
+from bench.postgres import PostgresCluster, PostgresUnavailable
+from bench.servers import BenchError, Processes, Vibectld, clean_env, tool
+from vibectl.proxy_url import parse as parse_url
+from vibectl.tls_pin import PinMismatch, pinned_ca
+
+DATABASE = "vibectld_bench"
+
+
+class BenchDatabase(ClosedOnExit):
+    """A temporary PostgreSQL with one database for the nodes and statement counting."""
+
+    def __init__(self) -> None:
+        self.cluster: PostgresCluster | None = None
+        self.dsn = ""
+
+    def start(self) -> None:
+        try:
+            self.cluster = PostgresCluster.start_temporary(durable=True)
+        except PostgresUnavailable as e:
+            raise BenchError(str(e)) from None
+        except subprocess.CalledProcessError as e:
+            raise BenchError(f"PostgreSQL did not start: {e.stderr[-500:]}") from None
+        cluster = self.cluster
+        # pg_stat_statements is in Debian's postgresql-15 but must be preloaded: the
+        # setting takes a restart. Its defaults count what we want: top-level statements
+        # only (a PL/pgSQL function's body is one call), BEGIN and COMMIT included.
+        cluster.sql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        cluster.restart()
+        cluster.sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        self.dsn = cluster.create_database(DATABASE)
+
+    def statements(self) -> Counter[str]:
+        """Executions so far of each statement (normalised text) in the nodes' database.
+
+        The counting queries run in the `postgres` database, so they are not counted.
+        """
+        assert self.cluster is not None
+        rows = self.cluster.sql(  # a constant database name, not input
+            "SELECT s.calls, regexp_replace(s.query, '\\s+', ' ', 'g') "  # noqa: S608
+            "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+            f"WHERE d.datname = '{DATABASE}'"
+        )
+        counts: Counter[str] = Counter()
+        for line in rows.splitlines():
+            calls, _, query = line.partition("|")
+            if calls.isdigit():
+                counts[query.strip()] += int(calls)
+        return counts
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text.strip() + "\n")
+
+
+class PgNode(Vibectld):
+    """A vibectld on `storage.backend: postgresql` whose server.name is its node name.
+
+    A node of a cluster serves a certificate from the cluster's CA, which it keeps in
+    memory, not in its state directory: the benchmark gets the CA as a client does, from
+    the chain the node presents, picked by the issued URL's `ca-sha256` pin (`trust`).
+    """
+
+    def __init__(
+        self,
+        procs: Processes,
+        workdir: Path,
+        sockdir: Path,
+        *,
+        name: str,
+        dsn: str,
+        cluster_key: str,
+        models: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(procs, workdir, sockdir, name=name, models=models)
+        self._dsn = dsn
+        self._cluster_key = cluster_key
+
+    def __repr__(self) -> str:
+        return f"PgNode({self.name!r})"
+
+    def start_first(self) -> str:
+        """Start, issue the bench client, trust the CA its URL pins; that pin."""
+        self.start(issue=False)
+        url = parse_url(self.issue_url("bench"))
+        if not url.secret or not url.ca_sha256:
+            raise BenchError("the issued URL carries no secret or no ca-sha256 pin")
+        self.secret = url.secret
+        self.trust(url.ca_sha256)
+        return url.ca_sha256
+
+    def trust(self, pin: str) -> None:
+        """Save the CA of the chain this node serves whose SHA-256 is `pin` (a node of
+        another CA fails here: it would not serve the cluster's clients)."""
+        try:
+            pem = pinned_ca(HOST, self.port, pin)
+        except (OSError, PinMismatch) as e:
+            raise BenchError(
+                f"{self.name}: no certificate matching the cluster's pin: {e}"
+            ) from None
+        self.ca_path.write_bytes(pem)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.workdir / "cluster-ca.pem"
+
+    def write_config(self) -> None:
+        super().write_config()
+        config = yaml.safe_load(self.config_path.read_text())
+        # Each node's heartbeat row is keyed by server.name.
+        config["server"]["name"] = self.name
+        config["storage"] = {"backend": "postgresql"}
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        # Credentials beside the configuration (<config dir>/keys/<name>).
+        _write_secret(self.workdir / "keys" / "postgresql-dsn", self._dsn)
+        _write_secret(self.workdir / "keys" / "cluster-key", self._cluster_key)
+
+
+def generate_cluster_key() -> str:
+    """A new cluster key (`vibectld --generate-cluster-key`), the same file for every node."""
+    out = subprocess.run(
+        [tool("vibectld"), "--generate-cluster-key"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        check=False,
+    )
+    key = out.stdout.strip()
+    if out.returncode != 0 or not key:
+        raise BenchError(f"vibectld --generate-cluster-key failed: {out.stderr.strip()[-300:]}")
+    return key
+
+
+# What each statement the nodes send is for, by a pattern of its normalised text; the
+# first match names it. Unmatched ones are shown by their text.
+PURPOSES: tuple[tuple[str, str], ...] = (
+    (r"^(BEGIN|COMMIT|ROLLBACK)\b", "transaction boundary (explicit BEGIN/COMMIT)"),
+    (r"vibectld_count_request|rate_events", "cluster-wide rpm: count the call in the window"),
+    (r"vibectld_take_lease", "cluster-wide concurrency: take a lease for the call"),
+    (r"vibectld_limits_tick|lease_holders", "limiter heartbeat: alive, stale leases dropped"),
+    (r"\bleases\b", "cluster-wide concurrency: release the call's lease"),
+    (r"pg_notify|LISTEN|UNLISTEN", "change feed: notify or listen"),
+    (r"\bchanges\b", "change feed: catch-up read or a change's row"),
+    (r"pg_advisory", "an advisory lock (feed order, schema, limits)"),
+    (r"\bnodes\b", "node heartbeat (status: nodes)"),
+    (r"INSERT INTO usage|UPDATE usage", "usage counters: batched flush, per client-day"),
+    (r"SUM\(cost_usd\)", "dollars this month: re-read on a new day or periodically"),
+    (r"FROM usage WHERE day", "today's cluster-wide usage, re-read after each flush"),
+    (r"INSERT INTO redactions", "redaction counters: batched flush"),
+    (r"UPDATE clients SET .*(requests|last_seen)", "request count / last seen: batched"),
+    (r"FROM clients", "client rows: a reload of the mirror"),
+    (r"synchronous_commit", "connection setup"),
+    (r"^SELECT \$?1$|^SELECT 1$", "liveness check of an idle connection"),
+)
+
+
+def purpose(statement: str) -> str:
+    for pattern, why in PURPOSES:
+        if re.search(pattern, statement, re.IGNORECASE):
+            return why
+    return "-"
