@@ -42,6 +42,9 @@ T = TypeVar("T")
 # revocation, update or issue), from whichever thread learned it: hand the work to the
 # event loop (loop.call_soon_threadsafe) rather than touching loop state in the callback.
 ChangeCallback = Callable[[ClientRecord], None]
+# Called with the kid of a signing key made, retired or otherwise changed (on any node,
+# this one included), from the thread that learned it; the same care as ChangeCallback.
+KeyChangeCallback = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -248,9 +251,22 @@ class Store(Protocol):
         """
         ...
 
+    def on_key_change(self, callback: KeyChangeCallback) -> None:
+        """Call `callback` with the kid of each signing key change the feed brings.
+
+        A shared database only (the change is recorded with feed.record_change(tx,
+        SIGNING_KEY, kid, now) in the transaction that makes it). Unlike on_change, this
+        node's own key changes are delivered too: the callback reloads the key, which is
+        idempotent. After a gap in the feed (the node was away longer than the feed is
+        kept), it is called for every kid in the database. Memory.
+        """
+        ...
+
     def freshness(self, now: float | None = None) -> float | None:
         """Seconds since this node's view of other nodes' changes was last brought up to
-        date; None when no other node can write the database (SQLite). Memory."""
+        date (the start of the change feed's last successful read, at least every half
+        second while the database answers); None when no other node can write the
+        database (SQLite). Memory."""
         ...
 
     def heartbeat(self, node: NodeInfo) -> None:

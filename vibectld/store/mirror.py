@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from vibectld.store import spend, usage
-from vibectld.store.base import ChangeCallback
+from vibectld.store.base import ChangeCallback, KeyChangeCallback
 from vibectld.store.records import _LIST_HINT, ClientNotFound, ClientRecord, _now, _quote
 from vibectld.store.usage import UsageRow
 
@@ -40,6 +40,7 @@ class Mirror:
         # scan of 100,000 records costs ~15 ms of the loop; a change of any status drops it.
         self._counts: tuple[int, int, dict[str, int]] | None = None
         self._callbacks: list[ChangeCallback] = []
+        self._key_callbacks: list[KeyChangeCallback] = []
         self._lock = threading.Lock()  # memory; held briefly
 
     def get(self, jti: str) -> ClientRecord | None:
@@ -62,11 +63,21 @@ class Mirror:
         mine = self._records.get(fresh.id)
         times = (fresh.last_seen_at, mine.last_seen_at if mine is not None else None)
         seen = [t for t in times if t is not None]
-        return replace(
+        merged = replace(
             fresh,
             requests=fresh.requests + self._pending.get(fresh.id, 0),
             last_seen_at=max(seen) if seen else None,
         )
+        if mine is not None and mine.revoked_at is not None and fresh.revoked_at is None:
+            # A revocation is final, but a row read before it committed can arrive after
+            # it (the feed's read racing this node's own revoke): never take it back.
+            merged = replace(
+                merged,
+                revoked_at=mine.revoked_at,
+                revoked_by=mine.revoked_by,
+                revoke_reason=mine.revoke_reason,
+            )
+        return merged
 
     def _keep(self, record: ClientRecord) -> ClientRecord:
         """Put `record` in memory (under _lock)."""
@@ -96,6 +107,14 @@ class Mirror:
                 # The change is committed; a callback's failure must not undo the reply.
                 try:
                     callback(record)
+                except Exception:  # noqa: S112
+                    continue
+
+    def _notify_keys(self, kids: Iterable[str]) -> None:
+        for kid in kids:
+            for callback in list(self._key_callbacks):
+                try:  # as _notify: one callback's failure must not stop the others
+                    callback(kid)
                 except Exception:  # noqa: S112
                     continue
 
@@ -215,6 +234,9 @@ class Mirror:
 
     def on_change(self, callback: ChangeCallback) -> None:
         self._callbacks.append(callback)
+
+    def on_key_change(self, callback: KeyChangeCallback) -> None:
+        self._key_callbacks.append(callback)
 
     def _name(self, client_id: str) -> str:
         record = self._records.get(client_id)

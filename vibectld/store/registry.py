@@ -31,10 +31,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import astuple, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vibectl.util.timefmt import readable
-from vibectld.store import audit, spend, usage
+from vibectld.store import audit, feed, spend, usage
 from vibectld.store.audit import AuditEntry
 from vibectld.store.base import (
     Database,
@@ -72,6 +72,9 @@ from vibectld.store.records import (
 )
 from vibectld.store.sqlite import SQLiteDatabase
 from vibectld.store.usage import UsageRow
+
+if TYPE_CHECKING:  # psycopg is imported only by a daemon on PostgreSQL
+    from vibectld.store.listener import FeedListener
 
 __all__ = [
     "MAX_LIMIT",
@@ -113,6 +116,13 @@ _NODE_UPSERT_SQL = (
 _NODES_SQL = (
     "SELECT name, address, version, in_flight, started_at, heartbeat_at FROM nodes ORDER BY name"
 )
+# A node silent for a day is gone (or renamed): `status` stops listing it.
+_NODES_PRUNE_SQL = "DELETE FROM nodes WHERE heartbeat_at < ?"
+NODE_RETENTION_SECONDS = 86400
+PRUNE_FEED_EVERY_SECONDS = 600  # the change feed's old rows, from the heartbeat
+# The month's dollars before today change only by other nodes' late flushes around
+# midnight: read again on a new day and this often, not at every flush.
+MONTH_BASE_SECONDS = 300.0
 # The fields `update` may change, in the order of its keyword arguments.
 _UPDATABLE = ("models", "rpm", "concurrency", "tokens_per_day", "usd_per_month", "note")
 
@@ -135,6 +145,15 @@ class Registry(Mirror):
         self._nodes: list[NodeInfo] = []
         self._health = StoreHealth(degraded=False)
         self._db_lock = threading.Lock()  # the database; taken before _lock
+        # The shared database's change feed (load starts it), and the ids of the changes
+        # this node wrote, which the feed brings back: taken in, but not announced to the
+        # on_change callbacks (the writer's caller acts on its own change).
+        self._listener: FeedListener | None = None
+        self._own_changes: set[int] = set()
+        self._tx_changes: list[int] = []  # recorded by the transaction running (_db_lock)
+        self._feed_pruned_at: float | None = None  # time.monotonic()
+        # (day number, time.monotonic() read, dollars per client in the month before it)
+        self._month_base: tuple[int, float, dict[str, float]] | None = None
 
     def __repr__(self) -> str:
         return f"Registry(db={self._db!r}, clients={len(self._records)})"
@@ -160,6 +179,9 @@ class Registry(Mirror):
         now = _now(now)
         today = (usage.day_of(now),)
         try:
+            # The feed's position first: a change committed while the clients are read is
+            # then delivered again (harmless), never missed.
+            last = int(db.query(feed.LAST_ID_SQL)[0][0]) if db.shared else 0
             rows = db.query(_SELECT)
             book = usage.UsageBook()
             book.load(db.query(usage.LOAD_DAY_SQL, today), now)
@@ -170,7 +192,21 @@ class Registry(Mirror):
         except BaseException:
             db.close()
             raise
-        return cls(db, {row[0]: _record(row) for row in rows}, book, spent)
+        registry = cls(db, {row[0]: _record(row) for row in rows}, book, spent)
+        if db.shared:
+            registry._follow_feed(last)
+        return registry
+
+    def _follow_feed(self, last: int) -> None:
+        """Start the listener of a shared database's change feed after change `last`."""
+        from vibectld.store.listener import FeedSink, follow
+        from vibectld.store.postgresql import PostgreSQLDatabase
+
+        db = self._db
+        if not isinstance(db, PostgreSQLDatabase):
+            raise TypeError(f"no change feed to follow on {db!r}")
+        sink = FeedSink(self._feed_clients, self._notify_keys, self._feed_reloaded)
+        self._listener = follow(db, sink, last=last, clients_sql=_SELECT)
 
     @property
     def backend(self) -> str:
@@ -178,6 +214,9 @@ class Registry(Mirror):
 
     def close(self) -> None:
         """Write pending usage counts and close the database; later calls do nothing."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
         with self._db_lock:
             if self._db is None:
                 return
@@ -231,6 +270,7 @@ class Registry(Mirror):
             named = [_record(row) for row in tx.select(f"{_SELECT} WHERE name = ?", (name,))]
             if not any(r.status(now) == "active" for r in named):
                 tx.execute(_INSERT, _db_row(record))
+                self._record_change(tx, record.id, now)
             return named
 
         with self._db_lock:
@@ -262,7 +302,7 @@ class Registry(Mirror):
                     "UPDATE clients SET revoked_at = ?, revoked_by = ?, revoke_reason = ? "
                     "WHERE id = ? AND revoked_at IS NULL"
                 )
-                record, written = self._write_row(record.id, sql, (now, by, reason, record.id))
+                record, written = self._write_row(record.id, sql, (now, by, reason, record.id), now)
                 if written:
                     return record
             raise AlreadyRevoked(
@@ -305,7 +345,7 @@ class Registry(Mirror):
                     f"UPDATE clients SET {', '.join(f'{c} = ?' for c in columns)} "  # noqa: S608
                     "WHERE id = ? AND revoked_at IS NULL"
                 )
-                record, written = self._write_row(record.id, sql, (*values, record.id))
+                record, written = self._write_row(record.id, sql, (*values, record.id), now)
                 if written:
                     return record
             if record.revoked_at is not None:
@@ -325,13 +365,18 @@ class Registry(Mirror):
             self._notify(self._learn(_record(row) for row in rows))
         return self.find(name_or_id, now)
 
-    def _write_row(self, jti: str, sql: str, params: Sequence[Any]) -> tuple[ClientRecord, bool]:
+    def _write_row(
+        self, jti: str, sql: str, params: Sequence[Any], now: int
+    ) -> tuple[ClientRecord, bool]:
         """Run one conditional UPDATE of a client's row and take the row it left into
         memory; whether it changed the row. If not, another node changed the row first
         (the callbacks hear of it)."""
 
         def write(tx: Transaction) -> tuple[int, list[tuple[Any, ...]]]:
-            return tx.execute(sql, params), tx.select(f"{_SELECT} WHERE id = ?", (jti,))
+            changed = tx.execute(sql, params)
+            if changed:
+                self._record_change(tx, jti, now)
+            return changed, tx.select(f"{_SELECT} WHERE id = ?", (jti,))
 
         changed, rows = self._transaction(write)
         if not rows:
@@ -382,9 +427,37 @@ class Registry(Mirror):
         """Write the usage and counters counted since the last flush, in one transaction.
 
         On failure (RegistryError) nothing is lost: the counts stay for the next flush.
+        On a shared database, then read back the day's and the month's totals, which
+        other nodes' flushes add to (`_take_totals`).
         """
         with self._db_lock:
             self._flush_locked()
+            if self._shared:
+                self._take_totals()
+
+    def _take_totals(self) -> None:
+        """Make the budgets' counts cluster-wide: memory = the database's totals (every
+        node's flushed counts) + this node's counts not yet flushed. Under _db_lock.
+
+        Two reads: the day's usage rows, by the day's index; the month's dollars before
+        today only on a new day or every MONTH_BASE_SECONDS. So another node's calls
+        count here at most one flush interval of theirs plus one of ours after they were
+        served (2 s + 2 s with the daemon's flush loop).
+        """
+        now = time.time()
+        with self._lock:
+            # The newest day counted (a test's clock may run ahead of the wall's).
+            day = max(self._usage.latest_day, usage.day_number(int(now)))
+        rows = self._query(usage.LOAD_DAY_SQL, (usage.day_text(day),))
+        base = self._month_base
+        if base is None or base[0] != day or time.monotonic() - base[1] > MONTH_BASE_SECONDS:
+            first, _ = spend.month_days(day * usage.DAY_SECONDS)
+            found = self._query(spend.MONTH_SQL, (first, usage.day_text(day)))
+            base = (day, time.monotonic(), {cid: float(total or 0.0) for cid, total in found})
+            self._month_base = base
+        with self._lock:
+            self._usage.replace_day(rows, day)
+            self._spend.replace(day, base[2], rows, self._usage.unwritten_costs())
 
     def _flush_locked(self) -> None:
         with self._lock:
@@ -451,20 +524,31 @@ class Registry(Mirror):
     def freshness(self, now: float | None = None) -> float | None:
         if not self._shared:
             return None  # nothing but this process writes the database
-        return max(0.0, (time.time() if now is None else now) - self._fresh_at)
+        listener = self._listener
+        fresh_at = listener.fresh_at if listener is not None else self._fresh_at
+        return max(0.0, (time.time() if now is None else now) - fresh_at)
 
     def heartbeat(self, node: NodeInfo) -> None:
+        """Also, on a shared database, forget nodes silent for NODE_RETENTION_SECONDS and
+        (every PRUNE_FEED_EVERY_SECONDS) the change feed's rows older than its retention."""
         if not self._shared:
             with self._lock:
                 self._nodes = [node]
             return
+        pruned_at = self._feed_pruned_at
+        prune_feed = pruned_at is None or time.monotonic() - pruned_at > PRUNE_FEED_EVERY_SECONDS
 
         def beat(tx: Transaction) -> list[tuple[Any, ...]]:
             tx.execute(_NODE_UPSERT_SQL, astuple(node))
+            tx.execute(_NODES_PRUNE_SQL, (node.heartbeat_at - NODE_RETENTION_SECONDS,))
+            if prune_feed:
+                feed.prune(tx, node.heartbeat_at)
             return tx.select(_NODES_SQL)
 
         with self._db_lock:
             rows = self._transaction(beat)
+            if prune_feed:
+                self._feed_pruned_at = time.monotonic()
         with self._lock:
             self._nodes = [NodeInfo(*row) for row in rows]
 
@@ -489,11 +573,52 @@ class Registry(Mirror):
         """Whether other nodes write this store's database (PostgreSQL); memory."""
         return self._shared
 
+    # -- the change feed ----------------------------------------------------------------
+
+    def _record_change(self, tx: Transaction, client_id: str, now: int) -> None:
+        """In a client write's transaction on a shared database: the row other nodes'
+        feed listeners follow (feed.py). Its id is this node's own (see _feed_clients)."""
+        if self._shared:
+            change = feed.record_change(tx, feed.CLIENT, client_id, now)
+            self._tx_changes.append(change)
+            with self._lock:
+                self._own_changes.add(change)
+
+    def _feed_clients(
+        self, changes: Sequence[tuple[int, str]], rows: list[tuple[Any, ...]]
+    ) -> None:
+        """The listener's delivery: take the rows in; tell the callbacks of the clients
+        another node changed. This node's own changes are taken in silently (normally
+        memory has them already; if the commit's reply was lost, it has them now)."""
+        theirs = set()
+        with self._lock:
+            for change, client_id in changes:
+                if change in self._own_changes:
+                    self._own_changes.discard(change)
+                else:
+                    theirs.add(client_id)
+        learned = self._learn(_record(row) for row in rows)
+        self._notify([record for record in learned if record.id in theirs])
+
+    def _feed_reloaded(self, rows: list[tuple[Any, ...]]) -> None:
+        """Every client again, after a gap in the feed: each one memory had otherwise
+        (another node's change, or one of ours whose reply was lost) is announced."""
+        self._notify(self._learn(_record(row) for row in rows))
+
     # -- the database: the only two ways in ---------------------------------------------
 
     def _transaction(self, work: Callable[[Transaction], T]) -> T:
         """Run `work` in one committed transaction (under _db_lock), or raise."""
-        return self._use(lambda db: db.transaction(work))
+        self._tx_changes = []
+        try:
+            return self._use(lambda db: db.transaction(work))
+        except BaseException:
+            # Perhaps committed all the same (a reply lost with the connection): then the
+            # feed brings these changes back, and the callbacks must hear of them, since
+            # the writer's caller heard only of a failure.
+            with self._lock:
+                self._own_changes.difference_update(self._tx_changes)
+            raise
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return self._use(lambda db: db.query(sql, params))

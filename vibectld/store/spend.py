@@ -72,6 +72,39 @@ class SpendBook:
             self._months[(client_id, month)] = float(total or 0.0)
         self._days[int(now) // DAY_SECONDS] = float(day_total or 0.0)
 
+    def replace(
+        self,
+        day: int,
+        month_before: dict[str, float],
+        day_rows: Iterable[Sequence[Any]],
+        unwritten: Iterable[tuple[str, int, float]],
+    ) -> None:
+        """Make the month and the day of day number `day` the database's sums plus what
+        is not yet written: `month_before` is MONTH_SQL's sums over the month's days
+        before `day`, `day_rows` usage.LOAD_DAY_SQL's rows of `day` (cost last), and
+        `unwritten` (client id, day number, dollars) this node's counts not yet flushed.
+        """
+        start = day * DAY_SECONDS
+        month = month_number(start)
+        if month > self._latest_month:
+            self._start_month(month)
+        months = dict(month_before)
+        day_total = 0.0
+        for row in day_rows:
+            client_id, cost = row[0], float(row[-1] or 0.0)
+            months[client_id] = months.get(client_id, 0.0) + cost
+            day_total += cost
+        for client_id, number, cost in unwritten:
+            if month_number(number * DAY_SECONDS) == month:
+                months[client_id] = months.get(client_id, 0.0) + cost
+            if number == day:
+                day_total += cost
+        for key in [k for k in self._months if k[1] == month]:
+            del self._months[key]
+        for client_id, total in months.items():
+            self._months[(client_id, month)] = total
+        self._days[day] = day_total
+
     def record(self, client_id: str, now: float, cost_usd: float) -> None:
         """Add a counted call's cost (finite, 0 or more: usage.call_counts made it so)."""
         if cost_usd <= 0:

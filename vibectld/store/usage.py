@@ -219,6 +219,33 @@ class UsageBook:
             key = (client_id, parse_day(day))
             self._totals[key] = Counts(requests, errors, tokens_in, tokens_out, cost)
 
+    @property
+    def latest_day(self) -> int:
+        """The newest day number loaded or counted."""
+        return self._latest_day
+
+    def replace_day(self, rows: Iterable[Sequence[Any]], day: int) -> None:
+        """Take the database's totals of day number `day` (LOAD_DAY_SQL's rows: every
+        node's flushed counts), plus this book's increments not yet written, as memory's.
+
+        Right only while no flush runs (the Registry holds its _db_lock): the increments
+        a flush has taken are then either written (in `rows`) or put back (in _deltas).
+        """
+        self._latest_day = max(self._latest_day, day)
+        for key in [k for k in self._totals if k[1] == day]:
+            del self._totals[key]
+        for client_id, _, requests, errors, tokens_in, tokens_out, cost in rows:
+            self._totals[(client_id, day)] = Counts(
+                int(requests), int(errors), int(tokens_in), int(tokens_out), float(cost)
+            )
+        for key, counts in self._deltas.items():
+            if key[1] == day:
+                self._totals.setdefault(key, Counts()).add(counts)
+
+    def unwritten_costs(self) -> list[tuple[str, int, float]]:
+        """(client id, day number, dollars) of the increments not yet written."""
+        return [(cid, day, c.cost_usd) for (cid, day), c in self._deltas.items() if c.cost_usd]
+
     def record(self, client_id: str, now: int, call: Counts) -> None:
         """Add a call's counts (see `call_counts`) to the client's UTC day of `now`."""
         number = day_number(now)
