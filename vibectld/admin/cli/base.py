@@ -40,10 +40,12 @@ def fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def call(ctx: click.Context, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+def call(
+    ctx: click.Context, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0
+) -> dict[str, Any]:
     opts: Options = ctx.obj
     try:
-        with AdminClient(opts.socket) as client:
+        with AdminClient(opts.socket, timeout) as client:
             return client.call(op, args)
     except DaemonUnreachable as e:
         fail(e.message, EX_UNAVAILABLE)
@@ -57,9 +59,13 @@ def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2))
 
 
-def for_human(ctx: click.Context, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Call `op`; with --json print its result and stop here, else return it to format."""
-    result = call(ctx, op, args)
+def for_human(
+    ctx: click.Context, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0
+) -> dict[str, Any]:
+    """Call `op`; with --json print its result and stop here, else return it to format.
+
+    `timeout`: how long the daemon may take to answer (see AdminClient)."""
+    result = call(ctx, op, args, timeout=timeout)
     if ctx.obj.json:
         print_json(result)
         ctx.exit(EX_OK)
