@@ -21,6 +21,7 @@ PostgreSQL node has already started on, is refused.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -83,6 +84,8 @@ _TABLES: dict[str, tuple[str, ...]] = {
     # The ids are kept, so the trail keeps its order and `audit` lists the same rows.
     "audit": ("id", "at", "caller_uid", "caller_user", "op", "target", "outcome", "detail"),
 }
+# Rows per INSERT statement: a few megabytes of JSON each, whatever the store's size.
+ROWS_PER_INSERT = 10_000
 # Any row in one of these means the database is in use: copying over it would mix two
 # installations' clients or, worse, two CAs.
 _MUST_BE_EMPTY = ("clients", "usage", "audit", "signing_keys", "cluster_secrets")
@@ -319,16 +322,8 @@ def _copy(
     _refuse_unless_empty(tx.select, where)
     counts: dict[str, int] = {}
     for table, columns in _TABLES.items():
-        names = ", ".join(columns)
-        rows = source.select(f"SELECT {names} FROM {table} ORDER BY 1")  # noqa: S608
-        # The audit id is an identity column: the old ids are kept (OVERRIDING).
-        overriding = " OVERRIDING SYSTEM VALUE" if table == "audit" else ""
-        marks = ", ".join("?" * len(columns))
-        if rows:
-            tx.executemany(
-                f"INSERT INTO {table} ({names}){overriding} VALUES ({marks})",  # noqa: S608
-                rows,
-            )
+        rows = source.select(f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1")  # noqa: S608
+        _insert_many(tx, table, columns, rows)
         counts[table] = len(rows)
     # New audit rows continue after the copied ids (an identity does not look at them).
     tx.select(
@@ -361,6 +356,25 @@ def _copy(
     row = (now, caller.uid, caller.user, "storage_migrate", "postgresql", "ok", detail)
     tx.execute(audit.INSERT_SQL, audit.insert_row(row))
     return copied
+
+
+def _insert_many(
+    tx: Transaction, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """`rows` into `table`, ROWS_PER_INSERT rows to a statement, each chunk one JSON
+    parameter that the server unpacks (json_populate_recordset). Binding every value as a
+    parameter of its own cost psycopg 40 s in adapting 3.5 million values for 410,000
+    rows; JSON is encoded in C and parsed by the server."""
+    names = ", ".join(columns)
+    # The audit id is an identity column: the old ids are kept (OVERRIDING).
+    overriding = " OVERRIDING SYSTEM VALUE" if table == "audit" else ""
+    sql = (
+        f"INSERT INTO {table} ({names}){overriding} SELECT {names} "  # noqa: S608
+        f"FROM json_populate_recordset(NULL::{table}, ?::json)"
+    )
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start : start + ROWS_PER_INSERT]
+        tx.execute(sql, (json.dumps([dict(zip(columns, row, strict=True)) for row in chunk]),))
 
 
 def _refuse_unless_empty(select: Callable[[str], list[tuple[Any, ...]]], where: str) -> None:

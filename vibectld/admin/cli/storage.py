@@ -8,6 +8,9 @@ import click
 
 from vibectld.admin.cli.base import cli, for_human
 
+# How long the daemon may take to copy; the copy is one transaction, so waiting longer
+# is safe, and giving up earlier would only leave the operator guessing.
+MIGRATE_TIMEOUT = 600.0
 # Shown in this order, with the names an operator knows them by.
 _COUNTS = (
     ("clients", "client", "clients"),
@@ -39,7 +42,8 @@ def storage_migrate(ctx: click.Context, to: str) -> None:
     and cluster-key credentials as a PostgreSQL node does; a database that is not
     empty is refused. With --json, an object with target, where and copied.
     """
-    result = for_human(ctx, "storage_migrate", {"target": to})
+    # A big store (410,000 usage and audit rows) takes seconds to copy, not 30.
+    result = for_human(ctx, "storage_migrate", {"target": to}, timeout=MIGRATE_TIMEOUT)
     copied: dict[str, Any] = result.get("copied") or {}
     click.echo(f"copied this node's store into {result.get('where')}:")
     for key, one, many in _COUNTS:
