@@ -201,7 +201,13 @@ class Daemon:
             registry.close()
             raise StartupError(str(e)) from None
         executor = Executor(config.models.sync_workers)
-        return Runtime(generation=generation, signing=signing, registry=registry, executor=executor)
+        rt = Runtime(generation=generation, signing=signing, registry=registry, executor=executor)
+        if registry.shared:
+            # rpm and concurrency across the nodes (psycopg: only a shared store imports it).
+            from vibectld.service.cluster_limits import limit_across_nodes
+
+            limit_across_nodes(rt, registry)
+        return rt
 
     async def _start_grpc(self, rt: Runtime) -> None:
         listen = self.config.server.listen

@@ -2,7 +2,7 @@
 
 What a reload replaces lives in one frozen `Generation`, swapped as a single
 reference; a request handler reads `generation` once per call. What lives as
-long as the process (the registry, the signing keys, the limiter, the calls in
+long as the process (the registry, the signing keys, the limiters, the calls in
 flight, the thread pool, metrics) is held here directly.
 """
 
@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vibectl.util.hostport import join_host_port
 from vibectld.config import DaemonConfig
@@ -27,6 +27,9 @@ from vibectld.service.inflight import InFlight
 from vibectld.service.limits import Limiter
 from vibectld.store.base import Store
 
+if TYPE_CHECKING:  # psycopg is imported only by a daemon with a shared store
+    from vibectld.service.cluster_limits import ClusterLimiter
+
 
 @dataclass
 class Runtime:
@@ -36,6 +39,9 @@ class Runtime:
     executor: Executor
     inflight: InFlight = field(default_factory=InFlight)
     limiter: Limiter = field(default_factory=Limiter)
+    # rpm and concurrency across the nodes, when the store is shared (else None: the
+    # limiter above decides alone).
+    cluster: ClusterLimiter | None = None
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
     # Where the gRPC port is really bound (port 0 resolved); host as in server.listen.

@@ -101,37 +101,62 @@ class Limiter:
         if rpm is None:
             return
         now = self._clock()
+        recent = self._window(client_id, now)
+        if len(recent) >= rpm:
+            raise rpm_refusal(rpm, max(1, int((recent[-rpm] + WINDOW_SECONDS - now) * 1000)))
+        recent.append(now)
+
+    def note_request(self, client_id: str) -> None:
+        """Count a call that another judge (the cluster's database) admitted, unchecked,
+        so that a fallback to this node's share starts from what this node served."""
+        now = self._clock()
+        self._window(client_id, now).append(now)
+
+    def _window(self, client_id: str, now: float) -> deque[float]:
         recent = self._recent.get(client_id)
         if recent is None:
             recent = self._recent[client_id] = deque()
         while recent and recent[0] <= now - WINDOW_SECONDS:
             recent.popleft()
-        if len(recent) >= rpm:
-            retry_ms = max(1, int((recent[-rpm] + WINDOW_SECONDS - now) * 1000))
-            raise LimitExceeded(
-                f"this client may make {rpm} requests per minute; retry in {retry_ms / 1000:.1f} s",
-                "rpm",
-                retry_ms,
-            )
-        recent.append(now)
+        return recent
 
     @contextmanager
     def reserve(self, client_id: str, concurrency: int | None) -> Iterator[None]:
         """Hold one of the client's concurrent slots for the block, or raise LimitExceeded."""
-        running = self._running.get(client_id, 0)
-        if concurrency is not None and running >= concurrency:
-            raise LimitExceeded(
-                f"this client already has {running} requests running (limit {concurrency}); "
-                "wait for one to finish",
-                "concurrency",
-                CONCURRENCY_RETRY_MS,
-            )
-        self._running[client_id] = running + 1
+        self.take(client_id, concurrency)
         try:
             yield
         finally:
-            left = self._running[client_id] - 1
-            if left:
-                self._running[client_id] = left
-            else:
-                del self._running[client_id]
+            self.give_back(client_id)
+
+    def take(self, client_id: str, concurrency: int | None) -> None:
+        """Take one of the client's concurrent slots (unchecked when `concurrency` is
+        None), or raise LimitExceeded. Each take is matched by one give_back."""
+        running = self._running.get(client_id, 0)
+        if concurrency is not None and running >= concurrency:
+            raise concurrency_refusal(running, concurrency)
+        self._running[client_id] = running + 1
+
+    def give_back(self, client_id: str) -> None:
+        left = self._running[client_id] - 1
+        if left:
+            self._running[client_id] = left
+        else:
+            del self._running[client_id]
+
+
+def rpm_refusal(rpm: int, retry_ms: int) -> LimitExceeded:
+    return LimitExceeded(
+        f"this client may make {rpm} requests per minute; retry in {retry_ms / 1000:.1f} s",
+        "rpm",
+        retry_ms,
+    )
+
+
+def concurrency_refusal(running: int, concurrency: int) -> LimitExceeded:
+    return LimitExceeded(
+        f"this client already has {running} requests running (limit {concurrency}); "
+        "wait for one to finish",
+        "concurrency",
+        CONCURRENCY_RETRY_MS,
+    )

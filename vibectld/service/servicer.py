@@ -7,6 +7,11 @@ run. Authentication happens first at the door (interceptor.py, before the
 message is read) and again here, under the generation the call runs with. Call
 failures are gRPC statuses (refusals.py); model failures are in-band
 ExecuteErrors (providers/execution.py).
+
+On one node the rpm and concurrency steps are decided in memory with no await
+between check and reservation (limits.py). When the store is shared, they are
+awaited round trips to the database (cluster_limits.py), taken only for a client
+whose limit is set; the single-node path has no await added.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
@@ -43,6 +48,9 @@ from vibectld.service.refusals import (
 )
 from vibectld.store.registry import ClientRecord
 from vibectld.version import __version__
+
+if TYPE_CHECKING:
+    from vibectld.service.cluster_limits import Lease
 
 log = structlog.get_logger("vibectld.proxy")
 
@@ -113,6 +121,23 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         The callers enter `_admitted` with no await after this, so no other call
         can slip between these checks and the concurrency reservation.
         """
+        gen, client, request_id, limits = self._arrive(request, context)
+        # Every authenticated call counts, whatever the checks below make of it.
+        self.rt.limiter.count_request(client.id, limits.rpm)
+        return self._checked(request, gen, client, request_id, limits)
+
+    async def _prepare_shared(self, request: pb.ExecuteRequest, context: Any) -> _Call:
+        """`_prepare` with the rpm step counted across the nodes (a shared store)."""
+        gen, client, request_id, limits = self._arrive(request, context)
+        cluster = self.rt.cluster
+        assert cluster is not None
+        if limits.rpm is not None:
+            await cluster.count_request(client.id, limits.rpm)
+        return self._checked(request, gen, client, request_id, limits)
+
+    def _arrive(
+        self, request: pb.ExecuteRequest, context: Any
+    ) -> tuple[Generation, ClientRecord, str, EffectiveLimits]:
         rt = self.rt
         rt.last_arrival = time.monotonic()
         if rt.draining:
@@ -120,9 +145,17 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         gen = rt.generation
         client = self._authenticate(gen, context)
         request_id = _request_id(request.request_id)
-        limits = EffectiveLimits.of(client, gen.config.limits)
-        # Every authenticated call counts, whatever the checks below make of it.
-        rt.limiter.count_request(client.id, limits.rpm)
+        return gen, client, request_id, EffectiveLimits.of(client, gen.config.limits)
+
+    def _checked(
+        self,
+        request: pb.ExecuteRequest,
+        gen: Generation,
+        client: ClientRecord,
+        request_id: str,
+        limits: EffectiveLimits,
+    ) -> _Call:
+        """The checks after the rpm step, up to the model's authorization."""
         schema = _validate(request, gen.config.server.max_request_bytes, limits.max_input_chars)
         try:
             # Before the model is chosen and any budget is looked at: a refused prompt
@@ -136,8 +169,7 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         entry, failure = _authorize(request, client, gen)
         return _Call(gen, client, limits, request_id, entry, failure, schema, screened)
 
-    @contextmanager
-    def _admitted(self, call: _Call) -> Iterator[None]:
+    def _check_budgets(self, call: _Call) -> None:
         rt = self.rt
         now = time.time()
         # Checked before anything is reserved, so a refusal consumes no budget.
@@ -146,10 +178,34 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         )
         assert call.entry is not None
         check_dollar_budgets(rt.registry, call.gen, call.client, call.limits, call.entry, now)
-        with (
-            rt.limiter.reserve(call.client.id, call.limits.concurrency),
-            rt.inflight.track(call.client.id),
-        ):
+
+    async def _lease(self, call: _Call) -> Lease | None:
+        """With a shared store and a concurrency limit: the budgets, then a slot taken
+        across the nodes. Else None, and `_admitted` does both in memory."""
+        cluster = self.rt.cluster
+        concurrency = call.limits.concurrency
+        if cluster is None or concurrency is None:
+            return None
+        self._check_budgets(call)
+        lease = await cluster.acquire(call.client.id, concurrency)
+        # A revocation that landed while the slot was being taken found no call of this
+        # client to cancel: look again before the call is tracked.
+        current = self.rt.registry.get(call.client.id)
+        if current is None or current.status(int(time.time())) != "active":
+            cluster.release(lease)
+            raise Unauthenticated(_REVOKED_MID_CALL)
+        return lease
+
+    @contextmanager
+    def _admitted(self, call: _Call, lease: Lease | None = None) -> Iterator[None]:
+        rt = self.rt
+        if lease is None:
+            self._check_budgets(call)
+            reserve = rt.limiter.reserve(call.client.id, call.limits.concurrency)
+        else:
+            assert rt.cluster is not None
+            reserve = rt.cluster.holding(lease)
+        with reserve, rt.inflight.track(call.client.id):
             rt.metrics.in_flight.inc()
             try:
                 yield
@@ -238,13 +294,19 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
 
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
         try:
-            call = self._prepare(request, context)
+            # One node: no await before the model (the checks are in memory).
+            call = (
+                self._prepare(request, context)
+                if self.rt.cluster is None
+                else await self._prepare_shared(request, context)
+            )
             request_id = call.request_id
             if call.failure is not None:
                 self._done(call, call.failure.code, failure=call.failure)
                 return pb.ExecuteResponse(request_id=request_id, error=_error(call.failure))
             assert call.entry is not None
-            with self._admitted(call):
+            lease = None if self.rt.cluster is None else await self._lease(call)
+            with self._admitted(call, lease):
                 try:
                     async with asyncio.timeout(call.timeout):
                         outcome = await self.rt.executor.run(
@@ -286,7 +348,12 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         # Written with context.write, not as a generator: a cancellation (revocation,
         # deadline) then lands in this coroutine even while gRPC is busy writing.
         try:
-            call = self._prepare(request, context)
+            # One node: no await before the model (the checks are in memory).
+            call = (
+                self._prepare(request, context)
+                if self.rt.cluster is None
+                else await self._prepare_shared(request, context)
+            )
             request_id = call.request_id
             if call.failure is not None:
                 self._done(call, call.failure.code, failure=call.failure)
@@ -295,7 +362,8 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
                 )
                 return
             assert call.entry is not None
-            with self._admitted(call):
+            lease = None if self.rt.cluster is None else await self._lease(call)
+            with self._admitted(call, lease):
                 outcome = Outcome(call.entry.model_id)
                 try:
                     async with asyncio.timeout(call.timeout):

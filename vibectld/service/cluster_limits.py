@@ -1,0 +1,474 @@
+"""Per-client rpm and concurrency, exact across the nodes that share one PostgreSQL.
+
+Used instead of deciding in memory when the store is shared (storage.backend:
+postgresql). Each step is one round trip to a PL/pgSQL function (store/postgresql.py,
+schema version 2) that takes the client's advisory lock, decides by the database's clock
+(so the nodes' clocks do not matter) and records what it admitted: two nodes counting the
+same client take turns, and 5 rpm is 5 however the calls are spread. A refused call takes
+nothing. Only a client whose limit is set pays the round trip.
+
+The database can fail without failing a call. When the store is stale (the predicate the
+daemon passes) or a round trip fails or takes longer than ROUND_TRIP_TIMEOUT, the step is
+decided here alone, against this node's share of the limit: max(1, limit // live nodes),
+with the node's own Limiter, which counts every call this node admitted either way, so a
+fallback starts from what the node really served. After a failure the database is left
+alone for BACKOFF_SECONDS, so an outage costs one call at most ROUND_TRIP_TIMEOUT, not
+every call. A round trip that times out is never cancelled (psycopg would wait for the
+server to confirm the cancel): it finishes in the background, and a lease it may have
+taken is released.
+
+Releases are off the response path: a finished call's lease id is queued and deleted in
+batches on the loop's next turns; a delete that fails stays queued for the next tick.
+Every TICK_SECONDS the node marks itself alive in `lease_holders` and deletes its leases
+that no call here holds (a release that never arrived); at start it deletes every lease
+an earlier run left under its name, and at a clean stop it removes itself. Leases of a
+node silent for LEASE_TIMEOUT (killed, cut off) stop counting: its slots come back within
+LEASE_TIMEOUT + TICK_SECONDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from vibectld.ops.metrics import Metrics
+from vibectld.runtime import Runtime
+from vibectld.service.limits import Limiter, concurrency_refusal, rpm_refusal
+from vibectld.service.staleness import is_stale
+from vibectld.store.base import NodeInfo
+from vibectld.store.postgresql import PostgreSQLDatabase
+from vibectld.store.registry import Registry
+
+log = structlog.get_logger("vibectld.limits")
+
+# A killed node's leases stop counting this long after its last tick (every
+# TICK_SECONDS): three ticks missed, so a slow one is not taken for a death, and its
+# slots are back within 8 s, inside the contract's 10.
+LEASE_TIMEOUT = 6.0
+TICK_SECONDS = 2.0
+# The most a call waits on the limiter's database before deciding on this node's share.
+ROUND_TRIP_TIMEOUT = 0.25
+# After a failed or slow round trip, how long calls go straight to the fallback.
+BACKOFF_SECONDS = 1.0
+# Connections of the limiter's own (not the registry's, which a usage write may hold).
+# Measured (bench/limiter_connections.py): one connection serialises 16 callers; four
+# serve them at ~2.4x the rate.
+CONNECTIONS = 4
+# The tick does not delete a lease younger than this: a call may hold one that the tick's
+# list of held leases was read before (a round trip is at most statement_timeout).
+LEASE_GRACE = 5.0
+STATEMENT_TIMEOUT_MS = 2000
+# Rate events past every window and the leases of nodes gone for an hour: every 30 ticks.
+SWEEP_EVERY = 30
+
+_COUNT_SQL = "SELECT vibectld_count_request(%s, %s)"
+_TAKE_SQL = "SELECT vibectld_take_lease(%s, %s, %s, %s, %s)"
+_RELEASE_SQL = "DELETE FROM leases WHERE id = ANY(%s)"
+_TICK_SQL = "SELECT 0 FROM vibectld_limits_tick(%s, %s, %s, %s)"
+_START_SQL = (
+    "WITH earlier AS (DELETE FROM leases WHERE node = %(node)s) "
+    "INSERT INTO lease_holders (node, alive_at) VALUES "
+    "(%(node)s, extract(epoch FROM clock_timestamp())) "
+    "ON CONFLICT (node) DO UPDATE SET alive_at = excluded.alive_at"
+)
+_STOP_SQL = (
+    "WITH held AS (DELETE FROM leases WHERE node = %s) DELETE FROM lease_holders WHERE node = %s"
+)
+
+AsyncConnection = psycopg.AsyncConnection[tuple[Any, ...]]
+
+
+class _Unavailable(Exception):
+    """The limiter's database did not answer (in time): decide on this node's share."""
+
+
+@dataclass(slots=True)
+class Lease:
+    """One running call's concurrency slot: here always, in the database when `id` is set."""
+
+    client_id: str
+    id: str | None
+
+
+class _Connections:
+    """A few connections on the event loop, handed out first come, first served."""
+
+    def __init__(self, conninfo: str, size: int) -> None:
+        self._conninfo = conninfo
+        self._size = size
+        self._idle: deque[AsyncConnection] = deque()
+        self._waiters: deque[asyncio.Future[AsyncConnection]] = deque()
+        self.open = 0  # idle or in use
+
+    async def fill(self) -> None:
+        """Open connections up to the pool's size (raises psycopg.Error)."""
+        while self.open < self._size:
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            try:
+                # Rate events and leases are a minute's state: a crash of the database
+                # may lose its last moments of them, and nothing else. Not waiting for
+                # the WAL flush takes the disk off every limited call's path.
+                await conn.execute(
+                    f"SET synchronous_commit = off; SET statement_timeout = {STATEMENT_TIMEOUT_MS}"
+                )
+            except psycopg.Error:
+                await conn.close()
+                raise
+            self.open += 1
+            self.put(conn)
+
+    async def get(self, within: float) -> AsyncConnection:
+        """An idle connection, waiting up to `within` s for one (raises TimeoutError)."""
+        if self._idle:
+            return self._idle.popleft()
+        waiter: asyncio.Future[AsyncConnection] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(within):
+                return await waiter
+        except BaseException:
+            # Handed over just as the wait ended: give it to the next in line.
+            if waiter.done() and not waiter.cancelled():
+                self.put(waiter.result())
+            raise
+
+    def put(self, conn: AsyncConnection) -> None:
+        if conn.closed or conn.broken:
+            self.open -= 1
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    def drop_idle(self) -> None:
+        """Close the idle connections: one broke, so the server likely dropped them all
+        (a restart); the next tick opens new ones rather than calls finding out."""
+        while self._idle:
+            conn = self._idle.popleft()
+            self.open -= 1
+            conn.pgconn.finish()  # no round trip, and nothing to wait for
+
+    async def close(self) -> None:
+        while self._idle:
+            conn = self._idle.popleft()
+            self.open -= 1
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+
+
+class ClusterLimiter:
+    def __init__(
+        self,
+        conninfo: str,
+        node: str,
+        local: Limiter,
+        stale: Callable[[], bool],
+        nodes: Callable[[], list[NodeInfo]],
+        metrics: Metrics,
+        clean: Callable[[psycopg.Error], str],
+        *,
+        connections: int = CONNECTIONS,
+    ) -> None:
+        self._conninfo = conninfo  # a secret: never logged, never in a repr
+        self.node = node
+        self._local = local
+        self._stale = stale
+        self._nodes = nodes
+        self._metrics = metrics
+        self._clean = clean
+        self._pool = _Connections(conninfo, connections)
+        self._retry_at = 0.0  # time.monotonic() before which calls use the fallback
+        # Lease ids taken, or being taken, by calls on this node: the tick keeps them.
+        self._held: set[str] = set()
+        self._releasing: set[str] = set()
+        self._releaser: asyncio.Task[None] | None = None
+        self._orphans: set[asyncio.Task[Any]] = set()
+        self._fallback_reason: str | None = None  # logged once per spell
+        self._round_trips = {
+            (step, result): metrics.limit_round_trips.labels(step, result)
+            for step in ("rpm", "lease", "release", "tick")
+            for result in ("ok", "failed", "timeout")
+        }
+
+    def __repr__(self) -> str:
+        return f"ClusterLimiter(node={self.node!r})"
+
+    @classmethod
+    def for_registry(
+        cls,
+        registry: Registry,
+        node: str,
+        local: Limiter,
+        metrics: Metrics,
+        stale: Callable[[], bool],
+    ) -> ClusterLimiter:
+        """The limiter of a PostgreSQL registry's database; this node's earlier leases
+        are deleted now (or, if the database does not answer, by the first ticks)."""
+        db = registry._db  # the registry's database object (its conninfo, not its connection)
+        assert isinstance(db, PostgreSQLDatabase)
+        # A stuck connection fails within seconds, not at TCP's retransmission timeout.
+        params = conninfo_to_dict(db.conninfo)
+        conninfo = (
+            db.conninfo
+            if "tcp_user_timeout" in params
+            else make_conninfo(db.conninfo, tcp_user_timeout=5000)
+        )
+        limiter = cls(
+            conninfo,
+            node,
+            local,
+            stale,
+            registry.nodes,
+            metrics,
+            db.clean,
+        )
+        limiter.forget_earlier_run()
+        return limiter
+
+    # -- the two steps ------------------------------------------------------------------
+
+    async def count_request(self, client_id: str, rpm: int) -> None:
+        """Count this call against the client's rpm across the nodes, or raise
+        LimitExceeded (it is then not counted)."""
+        reason = self._why_not_database()
+        if reason is None:
+            try:
+                retry_ms = await self._call("rpm", _COUNT_SQL, (client_id, rpm))
+            except _Unavailable:
+                reason = "unavailable"
+            else:
+                if retry_ms:
+                    raise rpm_refusal(rpm, retry_ms)
+                self._local.note_request(client_id)
+                return
+        self._fell_back("rpm", reason)
+        self._local.count_request(client_id, self._share(rpm))
+
+    async def acquire(self, client_id: str, concurrency: int) -> Lease:
+        """One of the client's concurrent slots across the nodes, or LimitExceeded.
+        Every lease returned is given back with `release`."""
+        reason = self._why_not_database()
+        if reason is None:
+            lease_id = uuid.uuid4().hex
+            self._held.add(lease_id)
+            try:
+                running = await self._call(
+                    "lease", _TAKE_SQL, (lease_id, client_id, self.node, concurrency, LEASE_TIMEOUT)
+                )
+            except BaseException as e:
+                # Taken or not, it is no call's now (it may commit after a timeout).
+                self._held.discard(lease_id)
+                self._release_later(lease_id)
+                if not isinstance(e, _Unavailable):
+                    raise  # cancelled: the call is gone
+                reason = "unavailable"
+            else:
+                if running >= 0:
+                    self._held.discard(lease_id)
+                    raise concurrency_refusal(running, concurrency)
+                self._local.take(client_id, None)  # counted here too, for a fallback
+                return Lease(client_id, lease_id)
+        self._fell_back("lease", reason)
+        self._local.take(client_id, self._share(concurrency))
+        return Lease(client_id, None)
+
+    def release(self, lease: Lease) -> None:
+        """Give the slot back: here at once, in the database off the response path."""
+        self._local.give_back(lease.client_id)
+        if lease.id is not None:
+            self._held.discard(lease.id)
+            self._release_later(lease.id)
+
+    @contextlib.contextmanager
+    def holding(self, lease: Lease) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self.release(lease)
+
+    # -- the fallback -------------------------------------------------------------------
+
+    def _why_not_database(self) -> str | None:
+        if self._stale():
+            return "stale"
+        if not self._pool.open or time.monotonic() < self._retry_at:
+            return "unavailable"
+        if self._fallback_reason is not None:
+            self._fallback_reason = None
+            log.info("limits.cluster_wide", hint="limits are exact across the nodes again")
+        return None
+
+    def _fell_back(self, step: str, reason: str) -> None:
+        self._metrics.limit_fallbacks.labels(step, reason).inc()
+        if self._fallback_reason is None:
+            self._fallback_reason = reason
+            log.warning(
+                "limits.per_node",
+                reason=reason,
+                live_nodes=self.live_nodes(),
+                hint="each node enforces its share of every client's rpm and concurrency "
+                "until the database answers again",
+            )
+
+    def _share(self, limit: int) -> int:
+        return max(1, limit // self.live_nodes())
+
+    def live_nodes(self) -> int:
+        """The nodes that were alive when this node last heard from the database: their
+        heartbeats within LEASE_TIMEOUT of the newest (at least this node)."""
+        beats = [node.heartbeat_at for node in self._nodes()]
+        if not beats:
+            return 1
+        newest = max(beats)
+        return max(1, sum(1 for at in beats if at >= newest - LEASE_TIMEOUT))
+
+    # -- round trips --------------------------------------------------------------------
+
+    async def _call(
+        self, step: str, sql: str, params: tuple[Any, ...], within: float = ROUND_TRIP_TIMEOUT
+    ) -> int:
+        """One statement's single value, or _Unavailable after `within` seconds."""
+        deadline = time.monotonic() + within
+        try:
+            conn = await self._pool.get(within)
+        except TimeoutError:
+            self._failed(step, "timeout")
+            raise _Unavailable from None
+        task = asyncio.get_running_loop().create_task(self._execute(conn, sql, params))
+        done, _ = await asyncio.wait((task,), timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            # Not cancelled: psycopg would wait for the server to confirm a cancel. It
+            # ends on its own (statement_timeout) and gives its connection back then.
+            self._orphans.add(task)
+            task.add_done_callback(self._orphan_done)
+            self._failed(step, "timeout")
+            raise _Unavailable
+        try:
+            value = task.result()
+        except psycopg.Error as e:
+            if isinstance(e, psycopg.OperationalError):
+                self._pool.drop_idle()
+            self._failed(step, "failed", e)
+            raise _Unavailable from None
+        self._round_trips[step, "ok"].inc()
+        return value
+
+    async def _execute(self, conn: AsyncConnection, sql: str, params: tuple[Any, ...]) -> int:
+        try:
+            cursor = await conn.execute(sql, params, prepare=True)
+            row = await cursor.fetchone() if cursor.description else None
+            return int(row[0]) if row and row[0] is not None else 0
+        finally:
+            self._pool.put(conn)
+
+    def _orphan_done(self, task: asyncio.Task[Any]) -> None:
+        self._orphans.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a late failure was already counted
+
+    def _failed(self, step: str, result: str, error: psycopg.Error | None = None) -> None:
+        self._round_trips[step, result].inc()
+        self._retry_at = time.monotonic() + BACKOFF_SECONDS
+        if error is not None and step in ("tick", "release"):
+            log.debug("limits.round_trip_failed", step=step, error=self._clean(error))
+
+    # -- releases and the tick ----------------------------------------------------------
+
+    def _release_later(self, lease_id: str) -> None:
+        self._releasing.add(lease_id)
+        if self._releaser is None:
+            self._releaser = asyncio.get_running_loop().create_task(self._release_queued())
+
+    async def _release_queued(self) -> None:
+        """Delete the queued leases in batches; on failure they wait for the next tick."""
+        try:
+            while self._releasing and self._pool.open:
+                batch = list(self._releasing)
+                try:
+                    await self._call("release", _RELEASE_SQL, (batch,), TICK_SECONDS)
+                except _Unavailable:
+                    return
+                self._releasing.difference_update(batch)
+        finally:
+            self._releaser = None
+
+    async def tick(self, sweep: bool = False) -> None:
+        """Open missing connections, mark this node alive and drop the leases no call
+        here holds; retry queued releases. Raises _Unavailable when it could not."""
+        if self._pool.open < CONNECTIONS:
+            try:
+                await self._pool.fill()
+            except psycopg.Error as e:
+                if not self._pool.open:
+                    self._failed("tick", "failed", e)
+                    raise _Unavailable from None
+        await self._call(
+            "tick", _TICK_SQL, (self.node, list(self._held), LEASE_GRACE, sweep), TICK_SECONDS
+        )
+        self._retry_at = 0.0  # the database answers: calls may use it again
+        if self._releasing and self._releaser is None:
+            self._releaser = asyncio.get_running_loop().create_task(self._release_queued())
+
+    async def run(self) -> None:
+        """Tick until cancelled (the daemon's stop); then leave the cluster cleanly."""
+        ticks = 0
+        try:
+            while True:
+                with contextlib.suppress(_Unavailable):
+                    await self.tick(sweep=ticks % SWEEP_EVERY == SWEEP_EVERY - 1)
+                ticks += 1
+                await asyncio.sleep(TICK_SECONDS)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Remove this node's leases and its mark (a clean stop: its slots are back at
+        once) and close the connections."""
+        if self._releaser is not None:
+            self._releaser.cancel()
+        if self._pool.open:
+            with contextlib.suppress(_Unavailable):
+                await self._call("release", _STOP_SQL, (self.node, self.node))
+        await self._pool.close()
+
+    def forget_earlier_run(self) -> None:
+        """At start: delete every lease an earlier run left under this node's name, and
+        mark the node alive. Blocking, before the node serves; a failure is logged and
+        left to the ticks (which delete what no call here holds)."""
+        try:
+            with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                conn.execute(_START_SQL, {"node": self.node})
+        except psycopg.Error as e:
+            log.warning(
+                "limits.start_cleanup_failed",
+                error=self._clean(e),
+                hint="this node's earlier leases are deleted once the database answers",
+            )
+
+
+def limit_across_nodes(rt: Runtime, registry: Registry) -> ClusterLimiter:
+    """Give the runtime its cluster limiter and start its ticks (the daemon's start)."""
+
+    def stale() -> bool:
+        # storage.max_staleness as the current generation says (a reload may change it).
+        return is_stale(registry, rt.config.storage.max_staleness_seconds, time.time())
+
+    limiter = ClusterLimiter.for_registry(
+        registry, rt.config.server.name, rt.limiter, rt.metrics, stale
+    )
+    rt.cluster = limiter
+    rt.background(limiter.run())
+    return limiter
