@@ -259,3 +259,37 @@ def test_json_result(postgres: Postgres, from_file: Start, tmp_path: Path, sock_
         "retired_signing_keys": 0,
         "ca_sha256": daemon.runtime.tls.ca_sha256,
     }
+
+
+def test_with_the_operator_s_certificate_there_is_no_ca_to_copy(
+    postgres: Postgres,
+    from_file: Start,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+    sock_dir: Path,
+) -> None:
+    # The operator's files: a certificate and key from a CA of theirs (here, one that a
+    # throwaway self-managed daemon made).
+    made = start_daemon(tmp_path / "made")
+    made.stop()
+    tls = tmp_path / "made" / "tls"
+    raw = single_node(tmp_path, sock_dir)
+    raw["server"]["tls"] = {
+        "cert_file": str(tls / "server.pem"),
+        "key_file": str(tls / "server.key"),
+    }
+    daemon, config_path = from_file(raw)
+    daemon.issue("alice")
+    install(config_path.parent, "postgresql-dsn", postgres.dsn)
+    _, key_text = ClusterKey.generate()
+    install(config_path.parent, "cluster-key", key_text)
+    done = migrate(daemon)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        "  no CA: server.tls.cert_file is set, so every node needs a certificate from one "
+        "CA you run, with the load balancer's name"
+    )
+    assert postgres.sql("SELECT name FROM cluster_secrets") == "check"
+    assert postgres.sql("SELECT COUNT(*) FROM clients") == "1"
+    # No file of the self-managed CA was read: this node has none.
+    assert not (daemon.config.state_dir / "tls" / "ca.key").exists()
