@@ -650,4 +650,6 @@ def _join_cluster(
         signing = SigningKeys(cluster.DatabaseKeys(registry, key))
     except ClusterKeyError as e:
         raise StartupError(str(e)) from None
+    # A key rotated or retired on any node is reloaded here as the change feed brings it.
+    registry.on_key_change(cluster.KeyFollower(signing).changed)
     return signing, ca

@@ -18,10 +18,12 @@ nodes find and open them. Each node holds the opened keys in memory only.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+import structlog
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -39,9 +41,13 @@ from vibectld.pki.kids import (
     unknown,
 )
 from vibectld.pki.sealed import CHECK_PLAINTEXT, ClusterKey, ClusterKeyError
+from vibectld.pki.signing import SigningKeys
 from vibectld.pki.tls import CertificateAuthority
 from vibectld.store.base import Transaction
 from vibectld.store.feed import SIGNING_KEY, record_change
+from vibectld.store.records import RegistryError
+
+log = structlog.get_logger("vibectld.signing")
 
 T = TypeVar("T")
 
@@ -50,6 +56,10 @@ LOCK = "vibectld cluster state"
 CA_ROW = "ca"
 CHECK_ROW = "check"
 WHERE = "the cluster's PostgreSQL database"
+# A reload that fails (the database away) is tried again this often, this many times;
+# the feed's catch-up after a gap calls again anyway.
+RETRY_SECONDS = 1.0
+RETRIES = 30
 
 
 class SharedDatabase(Protocol):
@@ -260,3 +270,54 @@ def _spki_of(cert: x509.Certificate) -> bytes:
     return cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+class KeyFollower:
+    """Reloads a node's signing keys when the change feed says a key was made or retired.
+
+    `changed` is the store's on_key_change callback, called on the feed's thread: the
+    reload (a database read) runs on a thread of its own, so it never holds the feed back
+    (a revocation behind it, say). Changes arriving during a reload make one more reload,
+    not one each: a reload reads every key.
+    """
+
+    def __init__(self, signing: SigningKeys) -> None:
+        self._signing = signing
+        self._lock = threading.Lock()
+        self._running = False
+        self._again = False
+
+    def changed(self, kid: str) -> None:
+        with self._lock:
+            if self._running:
+                self._again = True
+                return
+            self._running = True
+        threading.Thread(target=self._reload, name="vibectld-keys", daemon=True).start()
+
+    def _reload(self) -> None:
+        failures = 0
+        while True:
+            try:
+                self._signing.refresh()
+            except (RegistryError, SigningKeyError) as e:
+                failures += 1
+                if failures > RETRIES:
+                    log.error(
+                        "signing_keys.reload_failed",
+                        error=str(e),
+                        hint="this node may still accept a key retired on another node; "
+                        "restart it once the database answers",
+                    )
+                    with self._lock:
+                        self._running = self._again = False
+                    return
+                time.sleep(RETRY_SECONDS)
+                continue
+            failures = 0
+            log.info("signing_keys.reloaded", kids=len(self._signing.kids))
+            with self._lock:
+                if not self._again:
+                    self._running = False
+                    return
+                self._again = False

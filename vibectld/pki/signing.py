@@ -161,6 +161,11 @@ class SigningKeys:
         return cls(KeyDirectory(directory))
 
     @property
+    def shared(self) -> bool:
+        """Whether other nodes change these keys (the cluster's database)."""
+        return self._backing.shared
+
+    @property
     def active_kid(self) -> str:
         return self._set.active
 
