@@ -5,8 +5,8 @@ What is copied is everything a secret already handed out depends on, so that nob
 secret or URL has to be reissued: the clients (with their kids, limits and revocations),
 usage and redaction counts, the audit trail, the signing keys (retired ones stay
 retired) and the self-managed CA, whose fingerprint every URL pins. The private keys go
-into the database sealed with the cluster key (pki/sealed.py), in the rows a PostgreSQL
-node loads at start (store/postgresql.py, schema version 2):
+into the database sealed with the cluster key, in the rows a PostgreSQL node opens at
+start (schema version 2), written with the same functions (pki/cluster.py):
 
 - cluster_secrets 'ca': the CA certificate's PEM, and its private key as PKCS#8 DER
   sealed for the purpose "ca"; 'check': CHECK_PLAINTEXT sealed for "check";
@@ -32,17 +32,19 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from vibectld.pki.sealed import CHECK_PLAINTEXT, ClusterKey
-from vibectld.pki.signing import SigningKeys, is_kid
-from vibectld.pki.tls import ca_fingerprint
+from vibectld.pki import cluster
+from vibectld.pki.key_files import RETIRED_DIR
+from vibectld.pki.kids import is_kid, kid_created_at
+from vibectld.pki.sealed import ClusterKey
+from vibectld.pki.tls import CertificateAuthority, ca_fingerprint
 from vibectld.store import audit
 from vibectld.store.base import Transaction
 from vibectld.store.records import RegistryError, StorageFailure
 from vibectld.store.registry import Registry
 
-RETIRED_DIR = "retired"  # as signing.py keeps retired keys
 # A second migration into the same database (from another node, say) waits for the first
 # and then finds the target no longer empty.
 MIGRATE_LOCK = "vibectld storage migrate"
@@ -156,7 +158,7 @@ def read_cluster_files(
                 "certificate changed since the start); restart vibectld, then migrate"
             )
     keys = _sealed_signing_keys(state_dir, key)
-    return ClusterFiles(ca_pem, ca_sealed, ca_sha256, keys, key.seal(CHECK_PLAINTEXT, "check"))
+    return ClusterFiles(ca_pem, ca_sealed, ca_sha256, keys, cluster.seal_check(key))
 
 
 def _sealed_ca(directory: Path, key: ClusterKey) -> tuple[str, bytes, str]:
@@ -177,10 +179,13 @@ def _sealed_ca(directory: Path, key: ClusterKey) -> tuple[str, bytes, str]:
         private = serialization.load_pem_private_key(key_data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise MigrationError(f"{key_path} is not an unencrypted PEM private key") from None
-    if _spki(private.public_key()) != _spki(cert.public_key()):
+    if not isinstance(private, ec.EllipticCurvePrivateKey) or _spki(private.public_key()) != _spki(
+        cert.public_key()
+    ):
         raise MigrationError(f"the private CA key {key_path} does not match {cert_path}")
-    text = cert.public_bytes(serialization.Encoding.PEM)
-    return text.decode("ascii"), key.seal(_der(private), "ca"), ca_fingerprint(text)
+    # The row's format is the cluster's (pki/cluster.py), which the nodes open.
+    public_pem, sealed = cluster.seal_ca(key, CertificateAuthority(cert, private, str(directory)))
+    return public_pem, sealed, ca_fingerprint(public_pem.encode("ascii"))
 
 
 def _sealed_signing_keys(state_dir: Path, key: ClusterKey) -> tuple[SealedKey, ...]:
@@ -197,7 +202,7 @@ def _sealed_signing_keys(state_dir: Path, key: ClusterKey) -> tuple[SealedKey, .
         raise MigrationError(f"{directory} holds no signing key that verifies")
     rows = []
     for kid, path in sorted({**current, **retired}.items()):
-        created = SigningKeys.created_at(kid)
+        created = kid_created_at(kid)
         assert created is not None  # is_kid above: every kid carries its time
         retired_at = None
         if kid in retired:
@@ -205,7 +210,7 @@ def _sealed_signing_keys(state_dir: Path, key: ClusterKey) -> tuple[SealedKey, .
             # A retirement moves the file, which changes its inode's ctime (not its mtime):
             # the nearest record of when it happened.
             retired_at = _changed_at(path)
-        sealed = key.seal(_der(_ed25519(path)), f"signing_key {kid}")
+        sealed = cluster.seal_signing_key(key, kid, _ed25519(path))
         rows.append(SealedKey(kid, sealed, created, retired_at))
     return tuple(rows)
 
@@ -231,16 +236,6 @@ def _changed_at(path: Path) -> int:
         return int(os.stat(path).st_ctime)
     except OSError:
         return int(time.time())
-
-
-def _der(private: Any) -> bytes:
-    return bytes(
-        private.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
 
 
 def _spki(public: Any) -> bytes:
@@ -339,9 +334,9 @@ def _copy(
         retired_signing_keys=sum(k.retired_at is not None for k in files.keys),
         ca_sha256=files.ca_sha256,
     )
-    secrets: list[Sequence[Any]] = [("check", None, files.check, now)]
+    secrets: list[Sequence[Any]] = [(cluster.CHECK_ROW, None, files.check, now)]
     if files.ca_pem is not None and files.ca_sealed is not None:
-        secrets.append(("ca", files.ca_pem, files.ca_sealed, now))
+        secrets.append((cluster.CA_ROW, files.ca_pem, files.ca_sealed, now))
     tx.executemany(
         "INSERT INTO cluster_secrets (name, public_pem, sealed, created_at) VALUES (?, ?, ?, ?)",
         secrets,
