@@ -7,18 +7,15 @@ the database. Usage (`record_call`: the client's request count and last-seen tim
 the per-day usage table) is the one exception to write-first: it changes memory at once
 and reaches the database in batches (`flush`, and `close`), as increments, since losing
 a few seconds of counts in a crash is cheap and a write per request is not. A failed
-flush keeps its counts for the next one.
+flush keeps its counts for the next one. That half, and the locks, are writethrough.py.
 
 Writes decide on the database's state, not memory's: issue checks the name's rows under
 a lock, revoke and update are conditional UPDATEs. With several nodes on one database
-(PostgreSQL), memory can be behind another node's change; a write that meets such a
-change takes the fresh row into memory and tells the `on_change` callbacks. (The change
-feed that brings every such change without a write is the next step; `freshness` says
-how old the view is meanwhile.)
-
-Two locks: `_lock` guards memory and is only ever held briefly (the request path takes
-it); `_db_lock` serialises everything that uses the database, so a flush's write never
-blocks the request path. When both are needed, `_db_lock` is taken first.
+(PostgreSQL), each client write also records a change in the feed (feed.py), in its own
+transaction; every node's listener (listener.py) brings it into memory within
+milliseconds and tells the `on_change` callbacks, and `freshness` says how old that
+view is. A write that meets a change the feed has not brought yet takes the fresh row
+in likewise.
 
 The registry holds a secret's metadata only, never the secret.
 """
@@ -26,15 +23,14 @@ The registry holds a secret's metadata only, never the secret.
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, replace
+from dataclasses import astuple
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vibectl.util.timefmt import readable
-from vibectld.store import audit, feed, spend, usage
+from vibectld.store import feed, spend, usage
 from vibectld.store.audit import AuditEntry
 from vibectld.store.base import (
     Database,
@@ -43,7 +39,6 @@ from vibectld.store.base import (
     Transaction,
 )
 from vibectld.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
-from vibectld.store.mirror import Mirror
 from vibectld.store.records import (
     _COLUMNS,
     _LIST_HINT,
@@ -72,6 +67,7 @@ from vibectld.store.records import (
 )
 from vibectld.store.sqlite import SQLiteDatabase
 from vibectld.store.usage import UsageRow
+from vibectld.store.writethrough import WriteThrough
 
 if TYPE_CHECKING:  # psycopg is imported only by a daemon on PostgreSQL
     from vibectld.store.listener import FeedListener
@@ -102,11 +98,6 @@ T = TypeVar("T")
 
 _SELECT = f"SELECT {_COLUMNS} FROM clients"  # noqa: S608
 _INSERT = f"INSERT INTO clients ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
-# This node's counted calls, as increments (other nodes add theirs), and the latest call.
-_COUNTERS_SQL = (
-    "UPDATE clients SET requests = requests + ?, last_seen_at = CASE WHEN last_seen_at "
-    "IS NULL OR last_seen_at < ? THEN ? ELSE last_seen_at END WHERE id = ?"
-)
 _NODE_UPSERT_SQL = (
     "INSERT INTO nodes (name, address, version, in_flight, started_at, heartbeat_at) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET address = excluded.address, "
@@ -120,14 +111,11 @@ _NODES_SQL = (
 _NODES_PRUNE_SQL = "DELETE FROM nodes WHERE heartbeat_at < ?"
 NODE_RETENTION_SECONDS = 86400
 PRUNE_FEED_EVERY_SECONDS = 600  # the change feed's old rows, from the heartbeat
-# The month's dollars before today change only by other nodes' late flushes around
-# midnight: read again on a new day and this often, not at every flush.
-MONTH_BASE_SECONDS = 300.0
 # The fields `update` may change, in the order of its keyword arguments.
 _UPDATABLE = ("models", "rpm", "concurrency", "tokens_per_day", "usd_per_month", "note")
 
 
-class Registry(Mirror):
+class Registry(WriteThrough):
     """The Store (base.py): the memory mirror, written through a Database."""
 
     def __init__(
@@ -137,14 +125,9 @@ class Registry(Mirror):
         book: usage.UsageBook | None = None,
         spent: spend.SpendBook | None = None,
     ):
-        super().__init__(records, book, spent)
-        self._db: Database | None = db
-        self._backend = db.backend
-        self._shared = db.shared
+        super().__init__(db, records, book, spent)
         self._fresh_at = time.time()  # when memory last read every client from the database
         self._nodes: list[NodeInfo] = []
-        self._health = StoreHealth(degraded=False)
-        self._db_lock = threading.Lock()  # the database; taken before _lock
         # The shared database's change feed (load starts it), and the ids of the changes
         # this node wrote, which the feed brings back: taken in, but not announced to the
         # on_change callbacks (the writer's caller acts on its own change).
@@ -152,8 +135,6 @@ class Registry(Mirror):
         self._own_changes: set[int] = set()
         self._tx_changes: list[int] = []  # recorded by the transaction running (_db_lock)
         self._feed_pruned_at: float | None = None  # time.monotonic()
-        # (day number, time.monotonic() read, dollars per client in the month before it)
-        self._month_base: tuple[int, float, dict[str, float]] | None = None
 
     def __repr__(self) -> str:
         return f"Registry(db={self._db!r}, clients={len(self._records)})"
@@ -207,10 +188,6 @@ class Registry(Mirror):
             raise TypeError(f"no change feed to follow on {db!r}")
         sink = FeedSink(self._feed_clients, self._notify_keys, self._feed_reloaded)
         self._listener = follow(db, sink, last=last, clients_sql=_SELECT)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
 
     def close(self) -> None:
         """Write pending usage counts and close the database; later calls do nothing."""
@@ -388,137 +365,6 @@ class Registry(Mirror):
         self._notify(self._learn([fresh]))
         return self._records[jti], False
 
-    # -- usage: memory at once, the database at the next flush ------------------------
-
-    def usage(
-        self, *, since_day: str, name_or_id: str | None = None, now: int | None = None
-    ) -> list[UsageRow]:
-        """Usage per client id summed over the UTC days >= `since_day` (YYYY-MM-DD).
-
-        Counts not yet flushed are included (this flushes first). Without `name_or_id`:
-        every client with usage in the span. With an id: that client. With a name: one
-        row per client id that had that name and used the span, plus always the client
-        `find` picks (so an unused active client shows as zeros) — a name reissued after
-        a revocation thus gives the old and the new client a row each. Ordered by cost,
-        then requests, most first.
-        """
-        try:
-            usage.parse_day(since_day)
-        except (TypeError, ValueError):
-            raise InvalidRecord(
-                f"since_day must be a date like 2025-01-31, not {_quote(str(since_day))}"
-            ) from None
-        chosen: ClientRecord | None = None
-        ids: list[str] = []
-        if name_or_id is not None:
-            chosen = self.find(name_or_id, now)
-            if chosen.id != name_or_id:  # a name: every client that had it
-                ids = sorted(self._ids_by_name.get(name_or_id, ()))
-            ids = ids or [chosen.id]
-        n_ids = len(ids) if chosen is not None else None
-        with self._db_lock:
-            self._flush_locked()
-            found = self._query(usage.select_totals_sql(n_ids), [since_day, *ids])
-            kinds = self._query(usage.select_redactions_sql(n_ids), [since_day, *ids])
-        rows = usage.rows_of(found, kinds, [chosen.id] if chosen is not None else [])
-        return usage.sort_rows(replace(row, name=self._name(row.client_id)) for row in rows)
-
-    def flush(self) -> None:
-        """Write the usage and counters counted since the last flush, in one transaction.
-
-        On failure (RegistryError) nothing is lost: the counts stay for the next flush.
-        On a shared database, then read back the day's and the month's totals, which
-        other nodes' flushes add to (`_take_totals`).
-        """
-        with self._db_lock:
-            self._flush_locked()
-            if self._shared:
-                self._take_totals()
-
-    def _take_totals(self) -> None:
-        """Make the budgets' counts cluster-wide: memory = the database's totals (every
-        node's flushed counts) + this node's counts not yet flushed. Under _db_lock.
-
-        Two reads: the day's usage rows, by the day's index; the month's dollars before
-        today only on a new day or every MONTH_BASE_SECONDS. So another node's calls
-        count here at most one flush interval of theirs plus one of ours after they were
-        served (2 s + 2 s with the daemon's flush loop).
-        """
-        now = time.time()
-        with self._lock:
-            # The newest day counted (a test's clock may run ahead of the wall's).
-            day = max(self._usage.latest_day, usage.day_number(int(now)))
-        rows = self._query(usage.LOAD_DAY_SQL, (usage.day_text(day),))
-        base = self._month_base
-        if base is None or base[0] != day or time.monotonic() - base[1] > MONTH_BASE_SECONDS:
-            first, _ = spend.month_days(day * usage.DAY_SECONDS)
-            found = self._query(spend.MONTH_SQL, (first, usage.day_text(day)))
-            base = (day, time.monotonic(), {cid: float(total or 0.0) for cid, total in found})
-            self._month_base = base
-        with self._lock:
-            self._usage.replace_day(rows, day)
-            self._spend.replace(day, base[2], rows, self._usage.unwritten_costs())
-
-    def _flush_locked(self) -> None:
-        with self._lock:
-            if not self._pending and not self._usage.dirty:
-                return
-            # Everything is written as increments (nodes sharing a database add up); what
-            # is handed over here is put back if the write fails.
-            pending, self._pending = self._pending, {}
-            counters = []
-            for jti, calls in pending.items():
-                seen = self._records[jti].last_seen_at
-                counters.append((calls, seen, seen, jti))
-            deltas = self._usage.take_deltas()
-            redactions = self._usage.take_redactions()
-        try:
-            self._transaction(
-                _steps(
-                    (_COUNTERS_SQL, counters),
-                    (usage.UPSERT_SQL, usage.delta_rows(deltas)),
-                    (usage.REDACTIONS_UPSERT_SQL, usage.redaction_rows(redactions)),
-                )
-            )
-        except BaseException:
-            with self._lock:
-                for jti, calls in pending.items():
-                    self._pending[jti] = self._pending.get(jti, 0) + calls
-                self._usage.restore_deltas(deltas)
-                self._usage.restore_redactions(redactions)
-            raise
-        with self._lock:
-            self._usage.prune()
-
-    # -- audit --------------------------------------------------------------------------
-
-    def add_audit(
-        self,
-        *,
-        at: int,
-        caller_uid: int | None,
-        caller_user: str,
-        op: str,
-        target: str | None,
-        outcome: str,
-        detail: str | None = None,
-    ) -> None:
-        """Commit an audit row at once; RegistryError (only) if the database fails.
-
-        Pass names and ids, never secrets; secret-shaped text is redacted regardless.
-        """
-        row = audit.insert_row((at, caller_uid, caller_user, op, target, outcome, detail))
-        with self._db_lock:
-            self._transaction(_steps((audit.INSERT_SQL, [row])))
-
-    def audit(self, *, since: int, limit: int = 1000) -> list[AuditEntry]:
-        """The newest `limit` audit rows at or after `since` (unix time), oldest first."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise InvalidRecord("limit must be a whole number of at least 1")
-        with self._db_lock:
-            rows = self._query(audit.SELECT_SQL, (since, limit))
-        return [audit.entry(row) for row in reversed(rows)]
-
     # -- several nodes --------------------------------------------------------------------
 
     def freshness(self, now: float | None = None) -> float | None:
@@ -556,23 +402,6 @@ class Registry(Mirror):
         with self._lock:
             return list(self._nodes)
 
-    def health(self) -> StoreHealth:
-        return self._health
-
-    def transact(self, work: Callable[[Transaction], T]) -> T:
-        """Run `work` in one committed transaction of this store's database; database.
-
-        For state kept beside the clients (the cluster's CA and signing keys): the same
-        connection, the same health accounting.
-        """
-        with self._db_lock:
-            return self._transaction(work)
-
-    @property
-    def shared(self) -> bool:
-        """Whether other nodes write this store's database (PostgreSQL); memory."""
-        return self._shared
-
     # -- the change feed ----------------------------------------------------------------
 
     def _record_change(self, tx: Transaction, client_id: str, now: int) -> None:
@@ -605,13 +434,11 @@ class Registry(Mirror):
         (another node's change, or one of ours whose reply was lost) is announced."""
         self._notify(self._learn(_record(row) for row in rows))
 
-    # -- the database: the only two ways in ---------------------------------------------
-
     def _transaction(self, work: Callable[[Transaction], T]) -> T:
-        """Run `work` in one committed transaction (under _db_lock), or raise."""
+        """As WriteThrough's, keeping count of the feed rows the transaction records."""
         self._tx_changes = []
         try:
-            return self._use(lambda db: db.transaction(work))
+            return super()._transaction(work)
         except BaseException:
             # Perhaps committed all the same (a reply lost with the connection): then the
             # feed brings these changes back, and the callbacks must hear of them, since
@@ -619,30 +446,3 @@ class Registry(Mirror):
             with self._lock:
                 self._own_changes.difference_update(self._tx_changes)
             raise
-
-    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        return self._use(lambda db: db.query(sql, params))
-
-    def _use(self, op: Callable[[Database], T]) -> T:
-        if self._db is None:
-            raise StorageFailure("the client registry is closed")
-        try:
-            result = op(self._db)
-        except StorageFailure as e:
-            since = self._health.since if self._health.degraded else time.time()
-            self._health = StoreHealth(degraded=True, reason=str(e), since=since)
-            raise
-        if self._health.degraded:
-            self._health = StoreHealth(degraded=False)
-        return result
-
-
-def _steps(*steps: tuple[str, Sequence[Sequence[Any]]]) -> Callable[[Transaction], None]:
-    """A transaction of (sql, rows) steps, each run once per row; empty ones skipped."""
-
-    def run(tx: Transaction) -> None:
-        for sql, rows in steps:
-            if rows:
-                tx.executemany(sql, rows)
-
-    return run
