@@ -164,6 +164,11 @@ class Store(Protocol):
         ...
 
     # -- usage and spend: memory at once, the database at the next flush -----------------
+    #
+    # With several nodes (a shared database), each flush also reads the day's and the
+    # month's totals back, so what the budgets read below is every node's flushed counts
+    # plus this node's unflushed ones: another node's call counts here at most its flush
+    # interval plus ours after it was served (2 s + 2 s with the daemon's flush loop).
 
     def record_call(
         self,
@@ -195,7 +200,8 @@ class Store(Protocol):
         ...
 
     def top_today(self, now: int, limit: int = 5) -> list[UsageRow]:
-        """The busiest clients of the UTC day of `now` as this node counted them; memory."""
+        """The busiest clients of the UTC day of `now` (every node's, as of this node's
+        last flush, on a shared database); memory."""
         ...
 
     def usage(
@@ -218,7 +224,9 @@ class Store(Protocol):
         """Write the counts taken since the last flush in one transaction; database.
 
         Counts are written as increments, so nodes sharing a database add up. On
-        failure nothing is lost: the counts stay for the next flush.
+        failure nothing is lost: the counts stay for the next flush. On a shared
+        database, then read back the day's and the month's totals (two reads: the day's
+        usage rows, and the month's dollars before today every few minutes).
         """
         ...
 
@@ -247,7 +255,11 @@ class Store(Protocol):
     def on_change(self, callback: ChangeCallback) -> None:
         """Call `callback` with each client record this node learns changed elsewhere.
 
-        Not called for this node's own writes (their callers act on them). Memory.
+        On a shared database the change feed calls it from its own thread as soon as
+        another node's change commits (milliseconds; at most half a second if a
+        notification is lost), and a write of this node that meets such a change first
+        calls it too. Not called for this node's own writes (their callers act on them).
+        Memory.
         """
         ...
 
@@ -271,7 +283,8 @@ class Store(Protocol):
 
     def heartbeat(self, node: NodeInfo) -> None:
         """Record that `node` (this one) is alive, and refresh `nodes()`; database for a
-        shared backend, memory for SQLite."""
+        shared backend, memory for SQLite. A shared backend also forgets nodes silent
+        for a day and, now and then, change feed rows older than a day."""
         ...
 
     def nodes(self) -> list[NodeInfo]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from vibectld.store import feed
 from vibectld.store.postgresql import Connection, PostgreSQLDatabase, translate
@@ -37,6 +38,16 @@ CATCH_UP_SECONDS = 0.5  # the longest a lost notification can hold back a change
 WAIT_SLICE_SECONDS = 0.1  # how soon `stop` is noticed while waiting
 BACKOFF_FIRST_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 2.0
+# A network that drops packets silently would otherwise hold a catch-up read for
+# minutes (the kernel's retransmission timeout): TCP keepalives and a send timeout end
+# it within ~10 s, and the loop reconnects. The connection string's own values win.
+_LIVENESS = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # ms
+}
 # Kids of every signing key, handed to `keys_changed` after a full reload: a pruned gap
 # may have hidden a rotation or a retirement.
 _KIDS_SQL = "SELECT kid FROM signing_keys ORDER BY kid"
@@ -61,7 +72,9 @@ class FeedListener:
     def __init__(
         self, db: PostgreSQLDatabase, sink: FeedSink, *, last: int, clients_sql: str
     ) -> None:
-        self._conninfo = db.conninfo  # a secret: never in a message
+        given = conninfo_to_dict(db.conninfo)
+        liveness = {k: v for k, v in _LIVENESS.items() if k not in given}
+        self._conninfo = make_conninfo(db.conninfo, **liveness)  # a secret: never shown
         self._where = db.where
         self._clean = db.clean
         self._sink = sink
