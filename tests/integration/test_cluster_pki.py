@@ -14,6 +14,8 @@ import asyncio
 import grp
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -300,3 +302,39 @@ def test_two_nodes_starting_together_on_an_empty_database_make_one_ca(
         names = [r[0] for r in conn.execute("SELECT name FROM cluster_secrets ORDER BY 1")]
         assert names == ["ca", "check"]
         assert conn.execute("SELECT count(*) FROM signing_keys").fetchone() == (1,)
+
+
+def test_a_renewed_server_certificate_comes_from_the_cluster_s_ca(
+    node: Callable[..., RunningDaemon],
+) -> None:
+    a, b = node("node-a"), node("node-b")
+    ca_pem = a.ca_pem
+    secret, pin = issue(a, "alice")
+    before = b.runtime.tls.cert_chain_pem
+    # The documented renewal (what the daemon's own check does near expiry): remove the
+    # node's certificate and reload; the reload issues a new one from the CA it holds.
+    tls = b.config.state_dir / "tls"
+    (tls / "server.pem").unlink()
+    (tls / "server.key").unlink()
+    reloaded = admin(b, "reload", "--wait")
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert b.runtime.tls.cert_chain_pem != before
+    assert b.runtime.tls.ca_sha256 == pin
+    assert call(b, secret, ca_pem) == "OK"
+
+
+def test_generate_cluster_key_prints_a_new_key_and_where_to_put_it() -> None:
+    vibectld = str(Path(sys.executable).parent / "vibectld")
+    runs = [
+        subprocess.run(
+            [vibectld, "--generate-cluster-key"], capture_output=True, text=True, timeout=60
+        )
+        for _ in range(2)
+    ]
+    for out in runs:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("\n") == 1
+        ClusterKey.parse(out.stdout)  # what a node will read from the credential file
+        assert "/etc/vibectld/keys/cluster-key" in out.stderr and "0600" in out.stderr
+        assert out.stdout.strip() not in out.stderr
+    assert runs[0].stdout != runs[1].stdout
