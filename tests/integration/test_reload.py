@@ -236,7 +236,7 @@ def _every_key_changed(tmp: Path, sock_dir: Path) -> dict[str, Any]:
         "logging": {"level": "error", "format": "json"},
         "metrics": {"listen": "127.0.0.1:1"},
         # Parses; a reload keeps sqlite (no postgresql-dsn is needed to reject it).
-        "storage": {"backend": "postgresql"},
+        "storage": {"backend": "postgresql", "max_staleness": "30s", "on_stale": "refuse"},
     }
 
 
@@ -244,6 +244,7 @@ def _every_key_changed(tmp: Path, sock_dir: Path) -> dict[str, Any]:
 _ATTRIBUTE = {
     "clients.default_expiry": "clients.default_expiry_seconds",
     "clients.max_expiry": "clients.max_expiry_seconds",
+    "storage.max_staleness": "storage.max_staleness_seconds",
 }
 
 

@@ -24,6 +24,7 @@ from vibectl.util.durations import parse_duration
 from vibectl.util.timefmt import iso, utc_day
 from vibectld.admin.protocol import ErrorCode
 from vibectld.admin.server import AdminError, Caller, Handler, Route, RouteTable
+from vibectld.admin.storage_gate import gate_database, storage_status
 from vibectld.config import ClientsConfig
 from vibectld.generation import Generation, GenerationRejected
 from vibectld.pki.signing import (
@@ -103,8 +104,9 @@ def build_routes(
     reload: Callable[[], Awaitable[list[str]]],
     request_reload: Callable[[], None],
 ) -> dict[str, Route]:
-    """The route table, bound to the daemon's runtime and its reload entry points."""
-    return ROUTES.bind(AdminContext(rt, reload, request_reload), _mapped)
+    """The route table, bound to the daemon's runtime and its reload entry points; what
+    needs the database fails at once while a shared one is away (admin/storage_gate.py)."""
+    return gate_database(rt, ROUTES.bind(AdminContext(rt, reload, request_reload), _mapped))
 
 
 # -- argument checks ------------------------------------------------------------------
@@ -416,27 +418,8 @@ async def status(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dic
         # The whole server's spend today (UTC) against its cap (null: none).
         "usd_today": round(rt.registry.usd_spent_day(time.time()), 6),
         "server_usd_per_day": gen.config.limits.server_usd_per_day,
-        **_storage(rt),
+        **storage_status(rt),
     }
-
-
-def _storage(rt: Runtime) -> dict[str, Any]:
-    """The store's part of `status`: its backend and health, and (when shared) the nodes."""
-    store = rt.registry
-    health = store.health()
-    age = store.freshness()
-    part: dict[str, Any] = {
-        "storage": {
-            "backend": store.backend,
-            "degraded": health.degraded,
-            "reason": health.reason,
-            # How old this node's view of other nodes' changes is; null: always fresh.
-            "view_age_seconds": None if age is None else round(age, 1),
-        }
-    }
-    if store.backend == "postgresql":
-        part["nodes"] = [node.to_dict() for node in store.nodes()]
-    return part
 
 
 @route("update_client", write=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -155,24 +156,57 @@ def status(ctx: click.Context) -> None:
 
 
 def _storage(storage: dict[str, Any]) -> str:
-    """The backend, and whether its database answers."""
+    """The backend, whether its database answers, and how old this node's view is."""
     text = str(storage.get("backend"))
     if storage.get("degraded"):
-        return f"{text}, DEGRADED: {storage.get('reason')} (admin changes fail until it is back)"
+        since = _clock(storage.get("since"))
+        text += (
+            f", DEGRADED since {since}: {storage.get('reason')} (admin changes fail until "
+            "it is back)"
+        )
     age = storage.get("view_age_seconds")
     if isinstance(age, int | float):
-        text += f", other nodes' changes read {_uptime(int(age))} ago"
+        text += f", other nodes' changes read {age:g}s ago"
+    if storage.get("refusing_calls"):
+        text += ", STALE: refusing calls until it is fresh (on_stale: refuse)"
+    elif storage.get("stale"):
+        text += ", STALE: serving the clients it knows (on_stale: serve)"
+    elif "on_stale" in storage and isinstance(age, int | float):
+        limit = storage.get("max_staleness_seconds")
+        text += f" (stale past {limit:g}s: {storage.get('on_stale')})"
+    buffered = storage.get("buffered_calls")
+    if isinstance(buffered, int) and buffered and storage.get("degraded"):
+        text += f", {buffered} calls' usage waiting in memory"
     return text
+
+
+def _clock(value: Any) -> str:
+    """HH:MM:SS UTC of an ISO time (the outage began today, or the date says otherwise)."""
+    if not value:
+        return "-"
+    try:
+        parsed = datetime.fromisoformat(str(value)).astimezone(UTC)
+    except ValueError:
+        return str(value)
+    today = datetime.now(UTC).date()
+    fmt = "%H:%M:%S UTC" if parsed.date() == today else "%Y-%m-%d %H:%M:%S UTC"
+    return parsed.strftime(fmt)
 
 
 def _node(node: dict[str, Any]) -> str:
     """One node of a shared store, as its last heartbeat described it."""
     beat = node.get("heartbeat_at")
-    ago = f"{_uptime(max(0, int(time.time() - beat)))} ago" if isinstance(beat, int) else "-"
-    return (
+    age = node.get("heartbeat_age_seconds")
+    if not isinstance(age, int) and isinstance(beat, int):
+        age = max(0, int(time.time() - beat))
+    ago = f"{_uptime(age)} ago" if isinstance(age, int) else "-"
+    text = (
         f"{node.get('address')}, version {node.get('version')}, "
         f"{node.get('in_flight')} in flight, last heartbeat {ago}"
     )
+    if node.get("silent"):
+        text += " (SILENT: down, or cut off from the database)"
+    return text
 
 
 def _spend_today(result: dict[str, Any]) -> str:
