@@ -202,6 +202,8 @@ class Daemon:
             raise StartupError(str(e)) from None
         executor = Executor(config.models.sync_workers)
         rt = Runtime(generation=generation, signing=signing, registry=registry, executor=executor)
+        if signing.shared:
+            _follow_signing_keys(rt, asyncio.get_running_loop())
         if registry.shared:
             # rpm and concurrency across the nodes (psycopg: only a shared store imports it).
             from vibectld.service.cluster_limits import limit_across_nodes
@@ -650,6 +652,29 @@ def _join_cluster(
         signing = SigningKeys(cluster.DatabaseKeys(registry, key))
     except ClusterKeyError as e:
         raise StartupError(str(e)) from None
-    # A key rotated or retired on any node is reloaded here as the change feed brings it.
-    registry.on_key_change(cluster.KeyFollower(signing).changed)
     return signing, ca
+
+
+def _follow_signing_keys(rt: Runtime, loop: asyncio.AbstractEventLoop) -> None:
+    """Reload the signing keys as the change feed brings a rotation or retirement from any
+    node; a key retired elsewhere ends its clients' calls here too, as on the node that
+    retired it."""
+
+    def cancel(kids: frozenset[str]) -> None:
+        for kid in sorted(kids):
+            clients = rt.registry.active_signed_by(kid)
+            cancelled = sum(rt.inflight.cancel_client(record.id) for record in clients)
+            log.info(
+                "signing_key.retired_elsewhere",
+                kid=kid,
+                active_clients=len(clients),
+                cancelled_calls=cancelled,
+            )
+
+    def on_retired(kids: frozenset[str]) -> None:
+        # From the reload's thread: the calls in flight belong to the loop. A loop already
+        # closed has no calls left to end.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(cancel, kids)
+
+    rt.registry.on_key_change(cluster.KeyFollower(rt.signing, on_retired).changed)

@@ -338,3 +338,29 @@ def test_generate_cluster_key_prints_a_new_key_and_where_to_put_it() -> None:
         assert "/etc/vibectld/keys/cluster-key" in out.stderr and "0600" in out.stderr
         assert out.stdout.strip() not in out.stderr
     assert runs[0].stdout != runs[1].stdout
+
+
+def test_a_key_retired_on_one_node_ends_its_streams_on_the_other(
+    node: Callable[..., RunningDaemon],
+) -> None:
+    a, b = node("node-a"), node("node-b")
+    alice, _ = issue(a, "alice")
+    old_kid = kid_of(alice)
+    assert admin(a, "rotate-signing-key").returncode == 0
+    options = [("grpc.ssl_target_name_override", LB_HOST)]
+    credentials = grpc.ssl_channel_credentials(root_certificates=a.ca_pem)
+    with grpc.secure_channel(f"127.0.0.1:{b.port}", credentials, options) as channel:
+        stream = pb_grpc.VibectlLLMProxyStub(channel).StreamExecute(
+            pb.ExecuteRequest(user_fragments=["chunks:1000"], model_name="faults"),
+            metadata=[("authorization", f"Bearer {alice}")],
+            timeout=30,
+        )
+        assert next(stream).text_chunk == "c0 "
+        assert admin(a, "retire-signing-key", old_kid).returncode == 0
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+        # UNAUTHENTICATED, unless the cancel lands while gRPC itself is writing a chunk.
+        assert ended.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.CANCELLED)
+        assert time.monotonic() - started < PROPAGATION_SECONDS

@@ -273,7 +273,8 @@ def _spki_of(cert: x509.Certificate) -> bytes:
 
 
 class KeyFollower:
-    """Reloads a node's signing keys when the change feed says a key was made or retired.
+    """Reloads a node's signing keys when the change feed says a key was made or retired,
+    and tells `on_retired` which kids stopped verifying (their clients' calls end).
 
     `changed` is the store's on_key_change callback, called on the feed's thread: the
     reload (a database read) runs on a thread of its own, so it never holds the feed back
@@ -281,8 +282,14 @@ class KeyFollower:
     not one each: a reload reads every key.
     """
 
-    def __init__(self, signing: SigningKeys) -> None:
+    def __init__(
+        self,
+        signing: SigningKeys,
+        on_retired: Callable[[frozenset[str]], None] | None = None,
+    ) -> None:
         self._signing = signing
+        # Called (on the reload's thread) with the kids a reload found retired elsewhere.
+        self._on_retired = on_retired
         self._lock = threading.Lock()
         self._running = False
         self._again = False
@@ -299,7 +306,7 @@ class KeyFollower:
         failures = 0
         while True:
             try:
-                self._signing.refresh()
+                retired = self._signing.refresh()
             except (RegistryError, SigningKeyError) as e:
                 failures += 1
                 if failures > RETRIES:
@@ -316,6 +323,8 @@ class KeyFollower:
                 continue
             failures = 0
             log.info("signing_keys.reloaded", kids=len(self._signing.kids))
+            if retired and self._on_retired is not None:
+                self._on_retired(retired)
             with self._lock:
                 if not self._again:
                     self._running = False

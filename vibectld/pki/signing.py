@@ -182,10 +182,12 @@ class SigningKeys:
         """Whether secrets signed by `kid` are accepted now (a dict lookup; per request)."""
         return kid in self._set.public
 
-    def refresh(self) -> None:
-        """Load the keys again from the backing: another node rotated or retired one."""
+    def refresh(self) -> frozenset[str]:
+        """Load the keys again from the backing (another node rotated or retired one);
+        the kids that verified before and no longer do."""
         with self._changing:
-            self._set = _KeySet.of(self._backing.load())
+            before, self._set = self._set, _KeySet.of(self._backing.load())
+            return frozenset(before.public.keys() - self._set.public.keys())
 
     def rotate(self) -> str:
         """Create a new signing key; it signs from now on, and older keys still verify."""
