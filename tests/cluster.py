@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.postgres import PostgresCluster, free_port
 from tests.haproxy import HAProxy
@@ -152,6 +153,18 @@ class Caller:
             except grpc.RpcError:
                 return False
         return True
+
+    def health(self, port: int, service: str = "") -> str:
+        """The gRPC health service's answer for `service` on the node at `port`
+        ("SERVING", "NOT_SERVING"; a gRPC status name if the check fails)."""
+        with self.channel(port) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=10
+                )
+            except grpc.RpcError as e:
+                return str(e.code().name)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def call(
         self,
