@@ -5,7 +5,9 @@ real vibectl-admin and the real daemon.
 The database is then read directly, table by table, against the SQLite file and the key
 files: every client, usage and redaction row and audit row; the signing keys and the CA
 sealed with the cluster key (opened here with the same key and compared with the files),
-and no private key in plaintext anywhere in the database.
+and no private key in plaintext anywhere in the database. Then the node restarts on
+PostgreSQL, and a second node with nothing in its state directory joins: the secrets
+issued before the migration work on both, through the CA their URLs pinned.
 """
 
 from __future__ import annotations
@@ -13,23 +15,31 @@ from __future__ import annotations
 import grp
 import json
 import os
+import shutil
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.conftest import RunningDaemon, admin_cli
+from tests.conftest import RunningDaemon, _register_fake_models, admin_cli, short_tmpdir
 from tests.postgres import Postgres
 from vibectl._proto import llm_proxy_pb2 as pb
+from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
+from vibectld.config import load_config
+from vibectld.pki.kids import kid_created_at
 from vibectld.pki.sealed import CHECK_PLAINTEXT, ClusterKey
 from vibectld.pki.tls import ca_fingerprint
 
-Start = Callable[[dict[str, Any]], tuple[RunningDaemon, Path]]
+# Start a daemon from `raw`, written as the config file in a directory (default: the
+# test's etc/, whose keys/ holds the credentials): the daemon and the file.
+Start = Callable[..., tuple[RunningDaemon, Path]]
 # A JWT in a prompt: the server's redaction policy (redact, the default) counts it.
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
 CLIENT_COLUMNS = (
@@ -45,16 +55,44 @@ TABLES = {
 }
 
 
-def single_node(tmp_path: Path, sock_dir: Path) -> dict[str, Any]:
-    """One node on SQLite, configured from a file so that keys/ beside it holds the
-    credentials, as an operator installs them."""
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Start]:
+    """Daemons configured from a file, as an operator runs them, so that keys/ beside
+    the file holds the credentials; each one still running is stopped at the end."""
+    _register_fake_models()
+    started: list[RunningDaemon] = []
+
+    def run(raw: dict[str, Any], etc: Path | None = None) -> tuple[RunningDaemon, Path]:
+        path = (etc or tmp_path / "etc") / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        running = RunningDaemon(load_config(path)).start()
+        started.append(running)
+        return running, path
+
+    yield run
+    for running in reversed(started):
+        if running.thread.is_alive():
+            running.stop()
+
+
+@pytest.fixture
+def second_sock_dir() -> Iterator[Path]:
+    """The second node's admin socket directory (a short path, as sock_dir)."""
+    path = short_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def single_node(tmp_path: Path, sock_dir: Path, name: str = "bastion") -> dict[str, Any]:
+    """One node on SQLite."""
     return {
-        "server": {"listen": "127.0.0.1:0", "name": "bastion"},
+        "server": {"listen": "127.0.0.1:0", "name": name},
         "admin": {
             "socket": str(sock_dir / "admin.sock"),
             "group": grp.getgrgid(os.getgid()).gr_name,
         },
-        "state_dir": str(tmp_path / "state"),
+        "state_dir": str(tmp_path / name / "state"),
         "models": {"default": "echo"},
         "limits": {"requests_per_minute": None, "concurrent_requests": None},
         "logging": {"level": "warning", "format": "console"},
@@ -63,7 +101,7 @@ def single_node(tmp_path: Path, sock_dir: Path) -> dict[str, Any]:
 
 def install(config_dir: Path, name: str, value: str) -> None:
     keys = config_dir / "keys"
-    keys.mkdir(exist_ok=True)
+    keys.mkdir(parents=True, exist_ok=True)
     (keys / name).write_text(value + "\n", encoding="utf-8")
     os.chmod(keys / name, 0o600)
 
@@ -72,16 +110,18 @@ def migrate(daemon: RunningDaemon, *extra: str) -> Any:
     return admin_cli(daemon, *extra, "storage", "migrate", "--to", "postgresql")
 
 
-def call(daemon: RunningDaemon, secret: str, prompt: str = "hi") -> str:
-    stub = daemon.stub()
-    try:
-        stub.Execute(
-            pb.ExecuteRequest(user_fragments=[prompt]),
-            metadata=[("authorization", f"Bearer {secret}")],
-            timeout=30,
-        )
-    except Exception as e:  # a grpc.RpcError: its status code's name
-        return str(e.code().name)  # type: ignore[attr-defined]
+def call(daemon: RunningDaemon, secret: str, prompt: str = "hi", ca: bytes | None = None) -> str:
+    """One Execute, trusting only `ca` (default: the daemon's CA file); its status."""
+    creds = grpc.ssl_channel_credentials(ca or daemon.ca_pem)
+    with grpc.secure_channel(f"localhost:{daemon.port}", creds) as channel:
+        try:
+            pb_grpc.VibectlLLMProxyStub(channel).Execute(
+                pb.ExecuteRequest(user_fragments=[prompt]),
+                metadata=[("authorization", f"Bearer {secret}")],
+                timeout=30,
+            )
+        except grpc.RpcError as e:
+            return str(e.code().name)
     return "OK"
 
 
@@ -103,12 +143,14 @@ def der(path: Path) -> bytes:
 
 def test_a_single_node_store_is_copied_whole_and_only_once(
     postgres: Postgres,
-    from_file: Start,
+    start: Start,
     tmp_path: Path,
     sock_dir: Path,
+    second_sock_dir: Path,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    daemon, config_path = from_file(single_node(tmp_path, sock_dir))
+    raw = single_node(tmp_path, sock_dir)
+    daemon, config_path = start(raw)
     state = daemon.config.state_dir
     # Three keys: the first signs "early" and is then retired, the second (rotated
     # away from, still verifying) signs alice and bob, the third (current) signs carol.
@@ -193,7 +235,7 @@ def test_a_single_node_store_is_copied_whole_and_only_once(
             opened = cluster_key.open(sealed, f"signing_key {kid}")
             assert opened == der(files[kid])
             assert isinstance(serialization.load_der_private_key(opened, None), Ed25519PrivateKey)
-            assert created_at <= int(files[kid].stat().st_mtime) + 1
+            assert created_at == kid_created_at(kid)  # the time the kid carries
             assert (retired_at is not None) == (kid == first)
         # The CA: the same certificate (so the same pin), its key sealed; the check row.
         secrets = {
@@ -230,15 +272,55 @@ def test_a_single_node_store_is_copied_whole_and_only_once(
     )
     assert postgres.sql("SELECT COUNT(*) FROM clients") == "4"
 
-    # The node still serves from SQLite, and its secrets work as before.
+    # The node still serves from SQLite, and its secrets work as before; what it counts
+    # from now until its restart stays in SQLite (the command says so).
+    usage = {r["name"]: r["requests"] for r in daemon.admin("usage")["usage"]}
     assert call(daemon, alice) == "OK" and call(daemon, carol) == "OK"
+
+    # The next steps: the node restarts on PostgreSQL, with its files still there.
+    daemon.stop()
+    raw["storage"] = {"backend": "postgresql"}
+    node, _ = start(raw)
+    pin = ca_pem.encode()
+    assert node.runtime.tls.ca_sha256 == ca_fingerprint(pin)
+    assert [call(node, s, ca=pin) for s in (alice, carol, bob, early)] == [
+        "OK",
+        "OK",
+        "UNAUTHENTICATED",  # revoked
+        "UNAUTHENTICATED",  # signed by the retired key
+    ]
+    kids = {(k["kid"], k["current"], k["retired"]) for k in node.admin("list_signing_keys")["keys"]}
+    assert kids == {(first, False, True), (second, False, False), (third, True, False)}
+    assert {r["name"]: r["requests"] for r in node.admin("usage")["usage"]} == {
+        name: n + (name in ("alice", "carol")) for name, n in usage.items()
+    }
+    # New writes go on after the copied rows (the audit ids included).
+    dave = node.issue("dave")
+    ops = [e["op"] for e in node.admin("audit")["entries"]]
+    assert ops[-2:] == ["storage_migrate", "issue_client"]
+
+    # A second node with an empty state directory and the same two credentials: the
+    # CA and the keys come from the database, so the old URLs' pin verifies it too.
+    other_etc = tmp_path / "node-2" / "etc"
+    install(other_etc, "postgresql-dsn", postgres.dsn)
+    install(other_etc, "cluster-key", key_text)
+    second_raw = single_node(tmp_path, second_sock_dir, name="node-2")
+    second_raw["storage"] = {"backend": "postgresql"}
+    joined, _ = start(second_raw, other_etc)
+    assert not (joined.config.state_dir / "tls" / "ca.pem").exists()
+    assert [call(joined, s, ca=pin) for s in (alice, carol, dave, bob)] == [
+        "OK",
+        "OK",
+        "OK",
+        "UNAUTHENTICATED",
+    ]
     out, err = capfd.readouterr()
     assert postgres.cluster.password not in out + err
     assert key_text.split(":", 1)[1] not in out + err
 
 
-def test_json_result(postgres: Postgres, from_file: Start, tmp_path: Path, sock_dir: Path) -> None:
-    daemon, config_path = from_file(single_node(tmp_path, sock_dir))
+def test_json_result(postgres: Postgres, start: Start, tmp_path: Path, sock_dir: Path) -> None:
+    daemon, config_path = start(single_node(tmp_path, sock_dir))
     daemon.issue("alice")
     install(config_path.parent, "postgresql-dsn", postgres.dsn)
     install(config_path.parent, "cluster-key", ClusterKey.generate()[1])
@@ -263,7 +345,7 @@ def test_json_result(postgres: Postgres, from_file: Start, tmp_path: Path, sock_
 
 def test_with_the_operator_s_certificate_there_is_no_ca_to_copy(
     postgres: Postgres,
-    from_file: Start,
+    start: Start,
     start_daemon: Callable[..., RunningDaemon],
     tmp_path: Path,
     sock_dir: Path,
@@ -278,7 +360,7 @@ def test_with_the_operator_s_certificate_there_is_no_ca_to_copy(
         "cert_file": str(tls / "server.pem"),
         "key_file": str(tls / "server.key"),
     }
-    daemon, config_path = from_file(raw)
+    daemon, config_path = start(raw)
     daemon.issue("alice")
     install(config_path.parent, "postgresql-dsn", postgres.dsn)
     _, key_text = ClusterKey.generate()
