@@ -31,6 +31,7 @@ from tests.postgres import Postgres
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.admin.client import AdminClientError
+from vibectld.ops.watchdog import Heartbeat
 
 __all__ = ["start_node"]  # the fixture, shared with the PostgreSQL backend's tests
 
@@ -161,6 +162,9 @@ def test_serve_keeps_known_clients_served_and_refuses_admin_changes_at_once(
         human = admin(daemon, "status")
         assert "postgresql, DEGRADED since" in human.stdout
         assert "STALE: serving the clients it knows" in human.stdout
+        # The STATUS= line systemd shows.
+        line = daemon.daemon._status_line()
+        assert "storage degraded since" in line and "serving known clients" in line
         # Calls are served, so the service is; the store is not.
         _wait("storage unhealthy", lambda: _health(daemon)["vibectld.storage"] == "NOT_SERVING", 1)
         assert _health(daemon) == {
@@ -266,6 +270,11 @@ def test_refuse_answers_unavailable_only_while_stale(
         # Whatever the secret: the node cannot vouch for any.
         assert _call(daemon, "not-a-secret")[0] == "UNAVAILABLE"
         _wait("unhealthy", lambda: set(_health(daemon).values()) == {"NOT_SERVING"}, 1)
+        # NOT_SERVING is still an answer: systemd's watchdog is fed (a restart would not
+        # bring the database back).
+        beat = Heartbeat(daemon.runtime, daemon.daemon.notifier, daemon.daemon._status_line)
+        assert daemon.run(beat._grpc_answers(5.0)) is True
+        assert "refusing calls" in daemon.daemon._status_line()
         storage = _storage(daemon)
         assert storage["stale"] and storage["refusing_calls"]
         assert "STALE: refusing calls" in admin(daemon, "status").stdout
