@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,31 +164,65 @@ def generate_cluster_key() -> str:
     return key
 
 
-# What each statement the nodes send is for, by a pattern of its normalised text; the
-# first match names it. Unmatched ones are shown by their text.
-PURPOSES: tuple[tuple[str, str], ...] = (
-    (r"^(BEGIN|COMMIT|ROLLBACK)\b", "transaction boundary (explicit BEGIN/COMMIT)"),
-    (r"vibectld_count_request|rate_events", "cluster-wide rpm: count the call in the window"),
-    (r"vibectld_take_lease", "cluster-wide concurrency: take a lease for the call"),
-    (r"vibectld_limits_tick|lease_holders", "limiter heartbeat: alive, stale leases dropped"),
-    (r"\bleases\b", "cluster-wide concurrency: release the call's lease"),
-    (r"pg_notify|LISTEN|UNLISTEN", "change feed: notify or listen"),
-    (r"\bchanges\b", "change feed: catch-up read or a change's row"),
-    (r"pg_advisory", "an advisory lock (feed order, schema, limits)"),
-    (r"\bnodes\b", "node heartbeat (status: nodes)"),
-    (r"INSERT INTO usage|UPDATE usage", "usage counters: batched flush, per client-day"),
-    (r"SUM\(cost_usd\)", "dollars this month: re-read on a new day or periodically"),
-    (r"FROM usage WHERE day", "today's cluster-wide usage, re-read after each flush"),
-    (r"INSERT INTO redactions", "redaction counters: batched flush"),
-    (r"UPDATE clients SET .*(requests|last_seen)", "request count / last seen: batched"),
-    (r"FROM clients", "client rows: a reload of the mirror"),
-    (r"synchronous_commit", "connection setup"),
-    (r"^SELECT \$?1$|^SELECT 1$", "liveness check of an idle connection"),
-)
+# When a statement runs, relative to the call that caused it.
+BEFORE_REPLY = "before the reply"  # the call waits for it
+AFTER_REPLY = "after the reply"  # caused by calls, sent once the reply has gone
+BATCHED = "batched or periodic"  # per flush or tick, not per call
+UNKNOWN = "unclassified"
 
 
-def purpose(statement: str) -> str:
-    for pattern, why in PURPOSES:
+@dataclass(frozen=True)
+class Purpose:
+    label: str  # a few words, for one-line summaries
+    why: str
+    when: str
+
+
+# What each statement the nodes send is for (from the daemon's code: store/, service/
+# cluster_limits.py), by a pattern of its normalised text; the first match names it.
+PURPOSES: tuple[tuple[str, Purpose], ...] = tuple(
+    (pattern, Purpose(label, why, when))
+    for pattern, label, why, when in (
+        (r"vibectld_count_request|rate_events", "rpm count",
+         "cluster-wide rpm: count the call in the client's 60 s window (one function, "
+         "under the client's advisory lock, by the database's clock)", BEFORE_REPLY),
+        (r"vibectld_take_lease", "lease taken",
+         "cluster-wide concurrency: take a lease if the client's live leases leave room",
+         BEFORE_REPLY),
+        (r"vibectld_limits_tick|lease_holders", "limiter tick",
+         "limiter tick: this node alive, its stray leases dropped", BATCHED),
+        (r"DELETE FROM leases", "leases released",
+         "cluster-wide concurrency: finished calls' leases released, queued and batched",
+         AFTER_REPLY),
+        (r"^(BEGIN|COMMIT|ROLLBACK)\b", "BEGIN/COMMIT",
+         "transaction boundary of a batched write", BATCHED),
+        (r"pg_notify|LISTEN|UNLISTEN", "feed notify/listen", "change feed: notify or listen",
+         BATCHED),
+        (r"\bchanges\b", "feed catch-up",
+         "change feed: catch-up read (every 0.5 s, and on NOTIFY)", BATCHED),
+        (r"pg_advisory", "advisory lock", "an advisory lock of a write", BATCHED),
+        (r"\bnodes\b", "node heartbeat", "node heartbeat (status: nodes)", BATCHED),
+        (r"INSERT INTO usage|UPDATE usage", "usage flush",
+         "usage counters: flush, per client and day", BATCHED),
+        (r"SUM\(cost_usd\)", "dollars re-read",
+         "dollars spent (a client's month, the server's day): re-read for the budgets",
+         BATCHED),
+        (r"FROM usage WHERE day", "today's usage re-read",
+         "today's cluster-wide usage, re-read after each flush", BATCHED),
+        (r"INSERT INTO redactions", "redactions flush", "redaction counters: flush", BATCHED),
+        (r"UPDATE clients SET .*(requests|last_seen)", "request counts flush",
+         "request count and last seen: flush, per client", BATCHED),
+        (r"FROM clients", "changed clients read",
+         "client rows: the feed's read of changed clients", BATCHED),
+        (r"synchronous_commit", "connection setup", "connection setup", BATCHED),
+        (r"^SELECT \$?1$", "liveness check",
+         "liveness check of a connection idle for a second", BATCHED),
+    )
+)  # fmt: skip
+
+
+def purpose(statement: str) -> Purpose:
+    for pattern, found in PURPOSES:
         if re.search(pattern, statement, re.IGNORECASE):
-            return why
-    return "-"
+            return found
+    return Purpose("unclassified", "-", UNKNOWN)

@@ -46,7 +46,7 @@ def test_quick_cluster_section_measures_each_part() -> None:
     ):
         assert re.search(rf"^- (PASS|FAIL)  {re.escape(check)}:", out.stdout, re.M), check
     # Statements per call: the table and one line per kind of client.
-    assert "| statement | why | quiet: per s |" in out.stdout
+    assert "| statement | why | when | quiet: per s |" in out.stdout
     assert "database statements per call, client with no limits:" in out.stdout
     assert "database statements per call, client with rpm + concurrency:" in out.stdout
     # Revocation across nodes: B and C each probed in every trial.
