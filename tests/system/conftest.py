@@ -17,14 +17,19 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.postgres import postgres_server
 from tests.system import packages, rootfs
 from tests.system.container import Container
+
+# The cluster test's containers share one PostgreSQL: the session's server (tests/postgres.py).
+__all__ = ["postgres_server"]
 
 TIMINGS: list[tuple[str, float]] = []
 NOTES: list[str] = []
@@ -97,14 +102,15 @@ def pytest_runtest_makereport(
         cls = getattr(item, "cls", None)
         if cls is not None and call.when == "call":
             _FAILED_STEP.setdefault(cls, item.name)
-        # Make CI failures diagnosable: the unit's status and journal from inside.
-        for name in ("deb_box", "rpm_box"):
-            box = getattr(item, "funcargs", {}).get(name)
+        # Make CI failures diagnosable: the unit's status and journal from inside each
+        # container the test used (one for the package tests, two for the cluster test).
+        for name, box in getattr(item, "funcargs", {}).items():
             if isinstance(box, Container) and box.init_pid is not None:
+                title = f"vibectld journal ({name})"
                 try:
-                    report.sections.append(("vibectld journal", box.journal("vibectld")))
+                    report.sections.append((title, box.journal("vibectld")))
                 except Exception as e:
-                    report.sections.append(("vibectld journal", f"unavailable: {e}"))
+                    report.sections.append((title, f"unavailable: {e}"))
     return report
 
 
@@ -172,3 +178,30 @@ def booted(cached_rootfs: Path, label: str) -> Iterator[Container]:
     finally:
         with timed(f"{label}: power off and remove the copy"):
             box.destroy()
+
+
+@contextmanager
+def booted_together(cached_rootfs: Path, labels: Sequence[str]) -> Iterator[list[Container]]:
+    """Several containers, copied and booted in parallel (the copy and systemd's boot are
+    mostly waiting, so two take little longer than one); all are always torn down."""
+    boxes = [Container(cached_rootfs, label) for label in labels]
+    names = " + ".join(labels)
+    try:
+        with timed(f"{names}: copy root filesystems and boot, in parallel"):
+            in_parallel([box.copy_rootfs for box in boxes])
+            # nspawn starts here, not in a worker thread: see Container.launch.
+            for box in boxes:
+                box.launch()
+            in_parallel([box.wait_booted for box in boxes])
+        yield boxes
+    finally:
+        with timed(f"{names}: power off and remove the copies"):
+            in_parallel([box.destroy for box in boxes])
+
+
+def in_parallel(steps: Sequence[Callable[[], object]]) -> list[object]:
+    """Run each step in its own thread; their results in order, or the first error
+    (after every step has finished, so nothing is left running behind a failure)."""
+    with ThreadPoolExecutor(max_workers=len(steps)) as pool:
+        futures = [pool.submit(step) for step in steps]
+    return [future.result() for future in futures]

@@ -126,6 +126,16 @@ class Container:
     def boot(self, timeout: float = 90) -> None:
         if not self.root.exists():
             self.copy_rootfs()
+        self.launch()
+        self.wait_booted(timeout)
+
+    def launch(self) -> None:
+        """Start systemd-nspawn on the copy, without waiting for the boot.
+
+        Call it from the thread that outlives the container (the main thread): the
+        parent-death signal below is sent when the *thread* that started nspawn exits,
+        so a worker thread's end would power the container off.
+        """
         with self.console_log.open("wb") as console:
             self.nspawn = subprocess.Popen(
                 [
@@ -147,6 +157,9 @@ class Container:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def wait_booted(self, timeout: float = 90) -> None:
+        """Wait until the launched container's systemd reports running (or degraded)."""
         deadline = time.monotonic() + timeout
         self.init_pid = self._wait_for_init(deadline)
         self._wait_until_running(deadline)
