@@ -213,7 +213,10 @@ def test_a_single_node_store_is_copied_whole_and_only_once(
         assert audit[:-1] == local[:-1]
         assert local[-1][4:7] == ("storage_migrate", "postgresql", "ok")
         assert audit[-1][0] == local[-1][0] and audit[-1][4:7] == local[-1][4:7]
-        assert audit[-1][7].startswith("4 clients, ")
+        assert audit[-1][7] == (
+            f"copied from SQLite: 4 clients, 3 usage rows, 1 redaction rows, "
+            f"{len(audit) - 1} audit rows, 3 signing keys, the CA"
+        )
         # The next row the cluster writes follows the copied ones.
         conn.execute(
             "INSERT INTO audit (at, caller_user, op, outcome) VALUES (0, 'test', 'probe', 'ok')"
@@ -289,6 +292,10 @@ def test_a_single_node_store_is_copied_whole_and_only_once(
         "UNAUTHENTICATED",  # revoked
         "UNAUTHENTICATED",  # signed by the retired key
     ]
+    # Nothing to migrate any more.
+    refused = migrate(node)
+    assert refused.returncode == 1
+    assert "already keeps its state in PostgreSQL: there is nothing to migrate" in refused.stderr
     kids = {(k["kid"], k["current"], k["retired"]) for k in node.admin("list_signing_keys")["keys"]}
     assert kids == {(first, False, True), (second, False, False), (third, True, False)}
     assert {r["name"]: r["requests"] for r in node.admin("usage")["usage"]} == {
@@ -296,8 +303,12 @@ def test_a_single_node_store_is_copied_whole_and_only_once(
     }
     # New writes go on after the copied rows (the audit ids included).
     dave = node.issue("dave")
-    ops = [e["op"] for e in node.admin("audit")["entries"]]
-    assert ops[-2:] == ["storage_migrate", "issue_client"]
+    ops = [(e["op"], e["outcome"]) for e in node.admin("audit")["entries"]]
+    assert ops[-3:] == [
+        ("storage_migrate", "ok"),  # the copy's own row
+        ("storage_migrate", "failed"),  # the refusal above
+        ("issue_client", "ok"),
+    ]
 
     # A second node with an empty state directory and the same two credentials: the
     # CA and the keys come from the database, so the old URLs' pin verifies it too.

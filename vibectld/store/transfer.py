@@ -347,7 +347,11 @@ def _copy(
     )
     # The cluster's trail says where its first rows came from (this node's own record of
     # the operation goes to its SQLite trail, after the copy).
-    detail = ", ".join(f"{n} {what}" for what, n in counts.items()) + " copied from SQLite"
+    detail = (
+        f"copied from SQLite: {copied.clients} clients, {copied.usage} usage rows, "
+        f"{copied.redactions} redaction rows, {copied.audit} audit rows, "
+        f"{len(files.keys)} signing keys, {'the CA' if files.ca_pem else 'no CA'}"
+    )
     row = (now, caller.uid, caller.user, "storage_migrate", "postgresql", "ok", detail)
     tx.execute(audit.INSERT_SQL, audit.insert_row(row))
     return copied
