@@ -101,7 +101,12 @@ class Limiter:
         if rpm is None:
             return
         now = self._clock()
-        recent = self._window(client_id, now)
+        # The window's upkeep inline (as in _window): this is every limited call's path.
+        recent = self._recent.get(client_id)
+        if recent is None:
+            recent = self._recent[client_id] = deque()
+        while recent and recent[0] <= now - WINDOW_SECONDS:
+            recent.popleft()
         if len(recent) >= rpm:
             raise rpm_refusal(rpm, max(1, int((recent[-rpm] + WINDOW_SECONDS - now) * 1000)))
         recent.append(now)
@@ -123,11 +128,19 @@ class Limiter:
     @contextmanager
     def reserve(self, client_id: str, concurrency: int | None) -> Iterator[None]:
         """Hold one of the client's concurrent slots for the block, or raise LimitExceeded."""
-        self.take(client_id, concurrency)
+        # take() and give_back() inline: this is every call's path on one node.
+        running = self._running.get(client_id, 0)
+        if concurrency is not None and running >= concurrency:
+            raise concurrency_refusal(running, concurrency)
+        self._running[client_id] = running + 1
         try:
             yield
         finally:
-            self.give_back(client_id)
+            left = self._running[client_id] - 1
+            if left:
+                self._running[client_id] = left
+            else:
+                del self._running[client_id]
 
     def take(self, client_id: str, concurrency: int | None) -> None:
         """Take one of the client's concurrent slots (unchecked when `concurrency` is
