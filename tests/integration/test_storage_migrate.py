@@ -386,3 +386,22 @@ def test_with_the_operator_s_certificate_there_is_no_ca_to_copy(
     assert postgres.sql("SELECT COUNT(*) FROM clients") == "1"
     # No file of the self-managed CA was read: this node has none.
     assert not (daemon.config.state_dir / "tls" / "ca.key").exists()
+
+
+def test_key_files_that_are_not_the_keys_in_use_are_refused(
+    postgres: Postgres, start: Start, tmp_path: Path, sock_dir: Path
+) -> None:
+    daemon, config_path = start(single_node(tmp_path, sock_dir))
+    install(config_path.parent, "postgresql-dsn", postgres.dsn)
+    install(config_path.parent, "cluster-key", ClusterKey.generate()[1])
+    # A key put in place by hand after the start: this node does not verify with it, so
+    # copying it would make the cluster accept what this node refuses.
+    keys = daemon.config.state_dir / "signing-keys"
+    (keys / "20300101T000000Z-abcdef.pem").write_bytes(
+        (keys / f"{daemon.runtime.signing.active_kid}.pem").read_bytes()
+    )
+    refused = migrate(daemon)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "are not the keys this node uses" in refused.stderr
+    assert "restart vibectld, then migrate" in refused.stderr
+    assert postgres.sql("SELECT COUNT(*) FROM pg_tables WHERE tablename = 'clients'") == "0"

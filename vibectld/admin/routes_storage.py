@@ -53,11 +53,13 @@ async def storage_migrate(
 
 def _migrate(rt: Runtime, caller: Caller) -> tuple[transfer.Copied, str]:
     registry = rt.registry
-    if not isinstance(registry, Registry) or registry.backend != "sqlite":
+    if registry.backend != "sqlite":
         raise AdminError(
             ErrorCode.FAILED,
             "this node already keeps its state in PostgreSQL: there is nothing to migrate",
         )
+    # The copy reads the tables in one of the registry's own transactions (transact).
+    assert isinstance(registry, Registry), "the daemon's store is a Registry"
     gen = rt.generation
     config = gen.config
     dsn, key_text = _credentials(ProviderKeys.for_credentials(config.config_dir))
@@ -71,6 +73,16 @@ def _migrate(rt: Runtime, caller: Caller) -> tuple[transfer.Copied, str]:
         serving_ca_sha256=gen.tls.ca_sha256,
         self_managed=config.server.tls.cert_file is None,
     )
+    # The files must be the keys this node verifies with: a key file added or moved by
+    # hand since the start would verify on the cluster but not here, or the reverse.
+    verifying = {k.kid for k in files.keys if k.retired_at is None}
+    retired = {k.kid for k in files.keys if k.retired_at is not None}
+    if verifying != set(rt.signing.kids) or retired != set(rt.signing.retired_kids):
+        raise AdminError(
+            ErrorCode.FAILED,
+            f"the signing-key files in {config.state_dir / 'signing-keys'} are not the keys "
+            "this node uses (changed since the start?); restart vibectld, then migrate",
+        )
     return transfer.copy_to_postgresql(
         registry, dsn, files, transfer.Caller(caller.uid, caller.user)
     )
