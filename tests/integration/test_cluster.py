@@ -215,8 +215,10 @@ def test_rpm_5_serves_exactly_5_of_12_calls_across_the_nodes(cluster: Cluster) -
 def test_kill_9_a_node_under_load(cluster: Cluster) -> None:
     """Four clients call through HAProxy without pause, retrying on UNAVAILABLE; a fifth,
     limited to one call at a time, holds a 30 s call; the node holding it is killed."""
-    solo = cluster.caller(cluster.issue("solo", "--concurrency", "1"))
-    loaders = {f"load-{i}": cluster.caller(cluster.issue(f"load-{i}")) for i in range(4)}
+    solo = cluster.caller(cluster.issue_over_socket("solo", concurrency=1))
+    loaders = {
+        f"load-{i}": cluster.caller(cluster.issue_over_socket(f"load-{i}")) for i in range(4)
+    }
     for caller in [solo, *loaders.values()]:
         known_everywhere(cluster, caller)
 

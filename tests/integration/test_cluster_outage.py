@@ -81,7 +81,7 @@ def test_postgresql_down_under_load(cluster: Cluster, database: Postgres) -> Non
     for i, node in enumerate(cluster.nodes):
         # Issued on the node it calls, its pin fetched there: this test needs nothing
         # shared but the database.
-        caller = cluster.caller(cluster.issue(f"user-of-{node.name}", on=i), via=node)
+        caller = cluster.caller(cluster.issue_over_socket(f"user-of-{node.name}", on=i), via=node)
         assert wait_until(lambda n=node, c=caller: c.known_on(n.fixed_port), 5)
         callers[f"user-of-{node.name}"] = (node, caller)
 
