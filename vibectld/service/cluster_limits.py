@@ -366,6 +366,11 @@ class ClusterLimiter:
                 self._pool.drop_idle()
             self._failed(step, "failed", e)
             raise _Unavailable from None
+        except Exception:
+            # Not the database's doing, but still no reason to refuse a call over it.
+            log.exception("limits.round_trip_error", step=step)
+            self._failed(step, "failed")
+            raise _Unavailable from None
         self._round_trips[step, "ok"].inc()
         return value
 
@@ -434,8 +439,13 @@ class ClusterLimiter:
         ticks = 0
         try:
             while True:
-                with contextlib.suppress(_Unavailable):
+                try:
                     await self.tick(sweep=ticks % SWEEP_EVERY == SWEEP_EVERY - 1)
+                except _Unavailable:
+                    pass  # counted; the next tick tries again
+                except Exception:
+                    # A node that stopped ticking would see its own leases stop counting.
+                    log.exception("limits.tick_error")
                 ticks += 1
                 await asyncio.sleep(TICK_SECONDS)
         finally:
