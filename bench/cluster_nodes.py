@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,22 @@ from vibectl.proxy_url import parse as parse_url
 from vibectl.tls_pin import PinMismatch, pinned_ca
 
 DATABASE = "vibectld_bench"
+
+
+@dataclass
+class Statements:
+    """pg_stat_statements' counters, by statement: executions and milliseconds."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    ms: dict[str, float] = field(default_factory=dict)
+
+    def __sub__(self, before: Statements) -> Statements:
+        """What happened since `before` (statements that ran since, only)."""
+        ran = {q for q, n in self.calls.items() if n > before.calls.get(q, 0)}
+        return Statements(
+            Counter({q: self.calls[q] - before.calls.get(q, 0) for q in ran}),
+            {q: self.ms.get(q, 0.0) - before.ms.get(q, 0.0) for q in ran},
+        )
 
 
 class BenchDatabase(ClosedOnExit):
@@ -54,23 +70,26 @@ class BenchDatabase(ClosedOnExit):
         cluster.sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         self.dsn = cluster.create_database(DATABASE)
 
-    def statements(self) -> Counter[str]:
-        """Executions so far of each statement (normalised text) in the nodes' database.
+    def statements(self) -> Statements:
+        """Executions so far of each statement (normalised text) in the nodes' database,
+        and the server's time executing them.
 
         The counting queries run in the `postgres` database, so they are not counted.
         """
         assert self.cluster is not None
         rows = self.cluster.sql(  # a constant database name, not input
-            "SELECT s.calls, regexp_replace(s.query, '\\s+', ' ', 'g') "  # noqa: S608
+            "SELECT s.calls, s.total_exec_time, "  # noqa: S608
+            "regexp_replace(s.query, '\\s+', ' ', 'g') "
             "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
             f"WHERE d.datname = '{DATABASE}'"
         )
-        counts: Counter[str] = Counter()
+        got = Statements()
         for line in rows.splitlines():
-            calls, _, query = line.partition("|")
+            calls, ms, query = line.split("|", 2)
             if calls.isdigit():
-                counts[query.strip()] += int(calls)
-        return counts
+                got.calls[query.strip()] += int(calls)
+                got.ms[query.strip()] = got.ms.get(query.strip(), 0.0) + float(ms)
+        return got
 
     def close(self) -> None:
         if self.cluster is not None:

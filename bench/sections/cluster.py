@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 import time
-from collections import Counter
 from typing import Any
 
 from bench import common as c
@@ -52,6 +51,13 @@ LIMITED = {"rpm": 100_000_000, "concurrency": 10_000}
 # The environment variables that carry the two nodes' secrets to bench.load.
 PG_SECRET_ENV = "VIBECTLD_BENCH_SECRET_PG"  # noqa: S105 - a variable's name, not a secret
 SQLITE_SECRET_ENV = "VIBECTLD_BENCH_SECRET_SQLITE"  # noqa: S105 - likewise
+LIMITED_SECRET_ENV = "VIBECTLD_BENCH_SECRET_LIMITED"  # noqa: S105 - likewise
+LIMITED_SQLITE_SECRET_ENV = "VIBECTLD_BENCH_SECRET_LIMITED_SQLITE"  # noqa: S105 - likewise
+PROVIDER_PATHS = {
+    "raw": "raw HTTP (aiohttp)",
+    "postgresql": "vibectld on PostgreSQL",
+    "limits": "vibectld on PostgreSQL, client with rpm + concurrency limits",
+}
 # A statement is named in a check's line when it runs at least once per 20 calls.
 PER_CALL_MIN = 0.05
 ROUND_TRIPS_NOTE = """\
@@ -74,10 +80,14 @@ connection string as the `postgresql-dsn` credential in `keys/`). Four measureme
 
 1. The provider path (the fake {LATENCY_MS:g} ms OpenAI-compatible endpoint of the provider
    section) through a PostgreSQL node against a raw aiohttp client, measured as the
-   provider section does: at 1 caller one process alternates calls between the two
-   (`--strategy paired`), at 16 callers each is driven closed-loop in turn.
+   provider section does: at 1 caller one process alternates calls between them
+   (`--strategy paired`), at 16 callers each is driven closed-loop in turn. Graded: a
+   client without limits, as in the provider section; shown beside it, a client with
+   rpm and concurrency limits (set far above the load, so nothing is refused), which
+   the node checks in the database on every call.
 2. Echo at 1 and {ECHO_CALLERS} callers: the PostgreSQL node against an identical node on
-   SQLite, the callers moving between the two every second (`--strategy sliced`).
+   SQLite, the callers moving between the two every second (`--strategy sliced`); and
+   the same at {ECHO_CALLERS} callers for a client with limits on each node.
 3. The database's work per call: `pg_stat_statements` (preloaded in the benchmark's
    server) counts each top-level statement the nodes send; psycopg sends each one as its
    own round trip (a batch written with executemany is pipelined, so there round trips
@@ -86,7 +96,8 @@ connection string as the `postgresql-dsn` credential in `keys/`). Four measureme
    of one client (16 callers) and the {FLUSH_WAIT_S:g} s after it (so the batched usage write
    of those calls is counted); the rest, over N, is the statements per call. Once for a
    client without limits, once for one with rpm and concurrency limits (set far above the
-   load, so nothing is refused).
+   load, so nothing is refused). "server ms per execution" is PostgreSQL's own time
+   executing the statement (pg_stat_statements), over the whole measurement.
 4. Revocation across nodes: nodes A, B and C on the one database; clients issued on A
    (before B and C start), each revoked through A's admin socket; from the moment the
    revoke request is sent, B and C are called with the revoked secret (one call at a time,
@@ -112,14 +123,17 @@ def run(ctx: Context) -> Section:
         pin = a.start_first()
         lite = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="sqlite", models=models)
         lite.start()
+        # A client of each node with rpm and concurrency limits that nothing here reaches.
+        limited = {"postgresql": a.issue("limited", **LIMITED)}
+        limited["sqlite"] = lite.issue("limited", **LIMITED)
         for node in (a, lite):
             c.warm_up(ctx, node.port, node.ca_path, node.secret)
             c.warm_up(ctx, node.port, node.ca_path, node.secret, model=MODEL_ID)
         ctx.log(f"  PostgreSQL node pid {a.pid}, SQLite node pid {lite.pid}, fake {fake.pid}")
-        provider_path(ctx, section, fake.api_base, a)
-        echo_against_sqlite(ctx, section, a, lite)
+        provider_path(ctx, section, fake.api_base, a, limited["postgresql"])
+        echo_against_sqlite(ctx, section, a, lite, limited)
         lite.stop()
-        round_trips(ctx, section, db, a)
+        round_trips(ctx, section, db, a, limited["postgresql"])
         propagation(ctx, section, db, a, key, pin, models)
     finally:
         # The nodes first: they hold connections to the database.
@@ -131,21 +145,34 @@ def run(ctx: Context) -> Section:
 # -- 1. the provider path --------------------------------------------------------------
 
 
-def provider_path(ctx: Context, section: Section, api_base: str, node: Vibectld) -> None:
+def provider_path(
+    ctx: Context, section: Section, api_base: str, node: Vibectld, limited: str
+) -> None:
     s = ctx.settings
     duration, warmup = min(s.duration, 3.0), min(s.warmup, 1.0)
-    env = clean_env(VIBECTLD_BENCH_SECRET=node.secret)
-    raw = c.target("raw", client="raw", api_base=api_base)
-    pg = c.target("postgresql", port=node.port, ca=node.ca_path, model=MODEL_ID, pid=node.pid)
+    env = clean_env(**{PG_SECRET_ENV: node.secret, LIMITED_SECRET_ENV: limited})
+    targets = {
+        "raw": c.target("raw", client="raw", api_base=api_base),
+        "postgresql": c.target(
+            "postgresql", port=node.port, ca=node.ca_path, model=MODEL_ID, pid=node.pid,
+            secret_env=PG_SECRET_ENV,
+        ),
+        "limits": c.target(
+            "limits", port=node.port, ca=node.ca_path, model=MODEL_ID, pid=node.pid,
+            secret_env=LIMITED_SECRET_ENV,
+        ),
+    }  # fmt: skip
     one: dict[str, list[Result]] = {}
     many: dict[str, list[Result]] = {}
     for rep in range(s.repeats):
+        # One caller alternating single calls between the three.
         args = ["--mode", "unary", "--warmup", str(warmup), "--strategy", "paired"]
-        args += ["--duration", str(2 * duration), *raw, *pg]
+        args += ["--duration", str(3 * duration)] + [a for t in targets.values() for a in t]
         c.collect(ctx, section, one, c.measure_load(args, env=env), f"provider x1  rep {rep + 1}")
-        for t in (raw, pg) if rep % 2 == 0 else (pg, raw):
+        order = list(targets)
+        for name in order[rep % 3 :] + order[: rep % 3]:
             args = ["--mode", "unary", "--warmup", str(warmup), "--callers", "16"]
-            args += ["--duration", str(duration), *t]
+            args += ["--duration", str(duration), *targets[name]]
             tag = f"provider x16 rep {rep + 1}"
             c.collect(ctx, section, many, c.measure_load(args, env=env), tag)
     header = [
@@ -154,15 +181,19 @@ def provider_path(ctx: Context, section: Section, api_base: str, node: Vibectld)
     ]  # fmt: skip
     rows = []
     for callers, got in ((1, one), (16, many)):
-        for path in ("raw", "postgresql"):
+        for path in targets:
             rs, base = got[path], got["raw"]
+            over = (
+                c.paired_delta(base, rs, "p50_ms")
+                if callers == 1
+                else (c.median_of(rs, "p50_ms") - c.median_of(base, "p50_ms"))
+            )
             rows.append([
-                "raw HTTP (aiohttp)" if path == "raw" else "vibectld on PostgreSQL",
-                str(callers), f"{c.median_of(rs, 'rps'):.0f}",
+                PROVIDER_PATHS[path], str(callers), f"{c.median_of(rs, 'rps'):.0f}",
                 c.pct(c.median_of(rs, "rps") / c.median_of(base, "rps")),
                 c.fmt(c.median_of(rs, "p50_ms")), c.fmt(c.median_of(rs, "p99_ms")),
-                f"{c.median_of(rs, 'p50_ms') - c.median_of(base, 'p50_ms'):+.2f}",
-                c.fmt(c.median_of(rs, "server_cpu_us_per_req"), ".0f"), str(c.total(rs, "errors")),
+                f"{over:+.2f}", c.fmt(c.median_of(rs, "server_cpu_us_per_req"), ".0f"),
+                str(c.total(rs, "errors")),
             ])  # fmt: skip
     section.tables.append(c.md_table(header, rows))
 
@@ -186,27 +217,47 @@ def provider_path(ctx: Context, section: Section, api_base: str, node: Vibectld)
         (AREA, "provider req/s at 16 callers, vs a raw HTTP client",
          f"{ratio:.0%} ({v:.0f} vs {r:.0f})", target),
     )  # fmt: skip
+    # The same with cluster-wide limits: no target of its own, what the round trips cost.
+    lim_over = c.paired_delta(one["postgresql"], one["limits"], "p50_ms")
+    lim = c.median_of(many["limits"], "rps")
+    result = f"p50 {lim_over:+.2f} ms at 1 caller; {lim / r:.0%} of raw at 16 ({lim:.0f} req/s)"
+    section.check(
+        "PostgreSQL node, provider path of a client with rpm + concurrency limits", None,
+        f"{result}; the p50 difference is over the same node's client without limits",
+    )  # fmt: skip
+    section.row(AREA, "provider path, client with rpm + concurrency limits", result)
 
 
 # -- 2. echo against the same node on SQLite -------------------------------------------
 
 
-def echo_against_sqlite(ctx: Context, section: Section, pg: Vibectld, lite: Vibectld) -> None:
+def echo_against_sqlite(
+    ctx: Context, section: Section, pg: Vibectld, lite: Vibectld, limited: dict[str, str]
+) -> None:
     s = ctx.settings
-    env = clean_env(**{PG_SECRET_ENV: pg.secret, SQLITE_SECRET_ENV: lite.secret})
-    targets = {
-        "sqlite": c.target(
-            "sqlite", port=lite.port, ca=lite.ca_path, pid=lite.pid,
-            secret_env=SQLITE_SECRET_ENV,
-        ),
-        "postgresql": c.target(
-            "postgresql", port=pg.port, ca=pg.ca_path, pid=pg.pid,
-            secret_env=PG_SECRET_ENV,
-        ),
-    }  # fmt: skip
-    cells: dict[int, dict[str, list[Result]]] = {}
-    for callers in (1, ECHO_CALLERS):
-        got = cells[callers] = {}
+    env = clean_env(**{
+        PG_SECRET_ENV: pg.secret, SQLITE_SECRET_ENV: lite.secret,
+        LIMITED_SECRET_ENV: limited["postgresql"], LIMITED_SQLITE_SECRET_ENV: limited["sqlite"],
+    })  # fmt: skip
+    secret_envs = {
+        "no limits": {"sqlite": SQLITE_SECRET_ENV, "postgresql": PG_SECRET_ENV},
+        "limits": {"sqlite": LIMITED_SQLITE_SECRET_ENV, "postgresql": LIMITED_SECRET_ENV},
+    }
+    nodes = {"sqlite": lite, "postgresql": pg}
+    # The graded pair (no limits, 16 callers), its latency at 1 caller, and for
+    # information the same with a client whose limits are enforced (in memory on SQLite,
+    # in the database on PostgreSQL).
+    configs = (("no limits", 1), ("no limits", ECHO_CALLERS), ("limits", ECHO_CALLERS))
+    cells: dict[tuple[str, int], dict[str, list[Result]]] = {}
+    for client, callers in configs:
+        got = cells[(client, callers)] = {}
+        targets = {
+            name: c.target(
+                name, port=node.port, ca=node.ca_path, pid=node.pid,
+                secret_env=secret_envs[client][name],
+            )
+            for name, node in nodes.items()
+        }  # fmt: skip
         for rep in range(s.repeats):
             order = ["sqlite", "postgresql"] if rep % 2 == 0 else ["postgresql", "sqlite"]
             if callers == 1:
@@ -215,37 +266,48 @@ def echo_against_sqlite(ctx: Context, section: Section, pg: Vibectld, lite: Vibe
                 args = ["--strategy", "sliced", "--callers", str(callers), "--slice", "1"]
                 args += ["--duration", str(2 * s.duration)]
             args += [*targets[order[0]], *targets[order[1]], "--warmup", str(s.warmup)]
-            tag = f"echo x{callers:<3} rep {rep + 1}"
+            tag = f"echo {client} x{callers:<3} rep {rep + 1}"
             c.collect(ctx, section, got, c.measure_load(args, env=env), tag)
     header = [
-        "callers", "SQLite req/s", "PostgreSQL req/s", "ratio", "SQLite p50 / p99 ms",
-        "PostgreSQL p50 / p99 ms", "p50 delta ms", "server CPU us/req SQLite / PostgreSQL",
-        "errors",
+        "client", "callers", "SQLite req/s", "PostgreSQL req/s", "ratio",
+        "SQLite p50 / p99 ms", "PostgreSQL p50 / p99 ms", "p50 delta ms",
+        "server CPU us/req SQLite / PostgreSQL", "errors",
     ]  # fmt: skip
     rows = []
-    for callers, got in cells.items():
+    for (client, callers), got in cells.items():
         lt, pt = got["sqlite"], got["postgresql"]
         cpu = "server_cpu_us_per_req"
         rows.append([
-            str(callers), f"{c.median_of(lt, 'rps'):.0f}", f"{c.median_of(pt, 'rps'):.0f}",
-            c.pct(c.paired_ratio(lt, pt, "rps")),
-            _p50_p99(lt), _p50_p99(pt),
-            f"{c.paired_delta(lt, pt, 'p50_ms'):+.3f}",
+            client, str(callers), f"{c.median_of(lt, 'rps'):.0f}",
+            f"{c.median_of(pt, 'rps'):.0f}", c.pct(c.paired_ratio(lt, pt, "rps")),
+            _p50_p99(lt), _p50_p99(pt), f"{c.paired_delta(lt, pt, 'p50_ms'):+.3f}",
             f"{c.fmt(c.median_of(lt, cpu), '.0f')} / {c.fmt(c.median_of(pt, cpu), '.0f')}",
             f"{c.total(lt, 'errors')} / {c.total(pt, 'errors')}",
         ])  # fmt: skip
     section.tables.append(c.md_table(header, rows))
-    lt, pt = cells[ECHO_CALLERS]["sqlite"], cells[ECHO_CALLERS]["postgresql"]
-    ratio = c.paired_ratio(lt, pt, "rps")
-    vp, vl = c.median_of(pt, "rps"), c.median_of(lt, "rps")
-    ok = ratio >= MIN_ECHO_RATIO
-    target = f">= {MIN_ECHO_RATIO:.0%}"
-    section.graded(
-        f"PostgreSQL node, echo throughput ({ECHO_CALLERS} callers) vs SQLite", ok,
-        f"{vp:.0f} req/s = {ratio:.0%} of the SQLite node's {vl:.0f} (target {target})",
-        (AREA, f"echo req/s at {ECHO_CALLERS} callers, vs the same node on SQLite",
-         f"{ratio:.0%} ({vp:.0f} vs {vl:.0f})", target),
-    )  # fmt: skip
+    for client in ("no limits", "limits"):
+        lt, pt = (
+            cells[(client, ECHO_CALLERS)]["sqlite"],
+            cells[(client, ECHO_CALLERS)]["postgresql"],
+        )
+        ratio = c.paired_ratio(lt, pt, "rps")
+        vp, vl = c.median_of(pt, "rps"), c.median_of(lt, "rps")
+        detail = f"{vp:.0f} req/s = {ratio:.0%} of the SQLite node's {vl:.0f}"
+        result = f"{ratio:.0%} ({vp:.0f} vs {vl:.0f})"
+        if client == "limits":
+            name = f"PostgreSQL node, echo ({ECHO_CALLERS} callers) vs SQLite, client with limits"
+            section.check(name, None, f"{detail}; rpm and concurrency checked in the database")
+            measure = f"echo req/s at {ECHO_CALLERS} callers vs SQLite, client with limits"
+            section.row(AREA, measure, result)
+            continue
+        ok = ratio >= MIN_ECHO_RATIO
+        target = f">= {MIN_ECHO_RATIO:.0%}"
+        section.graded(
+            f"PostgreSQL node, echo throughput ({ECHO_CALLERS} callers) vs SQLite", ok,
+            f"{detail} (target {target})",
+            (AREA, f"echo req/s at {ECHO_CALLERS} callers, vs the same node on SQLite", result,
+             target),
+        )  # fmt: skip
 
 
 def _p50_p99(rs: list[Result]) -> str:
@@ -255,16 +317,18 @@ def _p50_p99(rs: list[Result]) -> str:
 # -- 3. statements per call ------------------------------------------------------------
 
 
-def round_trips(ctx: Context, section: Section, db: BenchDatabase, node: Vibectld) -> None:
+def round_trips(
+    ctx: Context, section: Section, db: BenchDatabase, node: Vibectld, limited: str
+) -> None:
     s = ctx.settings
     idle_s = QUICK_IDLE_S if s.quick else IDLE_S
     calls = QUICK_COUNT_CALLS if s.quick else COUNT_CALLS
-    limited = node.issue("limited", **LIMITED)
     # A quiet stretch: what the nodes send with no calls (heartbeats, feed catch-up).
-    time.sleep(FLUSH_WAIT_S)  # the issue's writes and the warm-up's last batch land first
-    before, t0 = db.statements(), time.monotonic()
+    time.sleep(FLUSH_WAIT_S)  # the warm-up's last batch lands first
+    first = before = db.statements()
+    t0 = time.monotonic()
     time.sleep(idle_s)
-    idle = _minus(db.statements(), before)
+    idle = (db.statements() - before).calls
     idle_rate = {q: n / (time.monotonic() - t0) for q, n in idle.items()}
     per_call: dict[str, dict[str, float]] = {}
     served: dict[str, int] = {}
@@ -277,20 +341,23 @@ def round_trips(ctx: Context, section: Section, db: BenchDatabase, node: Vibectl
         c.check_errors(section, f"statement count, client with {kind}", r)
         time.sleep(FLUSH_WAIT_S)
         elapsed = time.monotonic() - t0
-        seen = _minus(db.statements(), before)
+        seen = (db.statements() - before).calls
         served[kind] = r.count + r.errors
-        ctx.log(f"  {kind}: {r.count} calls, {sum(seen.values())} statements in {elapsed:.1f} s")
+        ctx.log(f"  {kind}: {r.count} calls, {seen.total()} statements in {elapsed:.1f} s")
         per_call[kind] = {
             q: (n - idle_rate.get(q, 0.0) * elapsed) / max(served[kind], 1) for q, n in seen.items()
         }
+    whole = db.statements() - first
     queries = sorted(
         set(idle) | {q for d in per_call.values() for q in d},
         key=lambda q: (-max(d.get(q, 0.0) for d in per_call.values()), q),
     )
     header = ["statement", "why", "when", "quiet: per s"] + [f"per call, {k}" for k in per_call]
+    header += ["server ms per execution"]
     rows = [
         [f"`{_short(q)}`", purpose(q).why, purpose(q).when, f"{idle_rate.get(q, 0.0):.2f}"]
         + [_per_call(per_call[k].get(q, 0.0)) for k in per_call]
+        + [c.fmt(whole.ms[q] / whole.calls[q], ".3f") if whole.calls.get(q) else "-"]
         for q in queries
     ]
     section.tables.append(c.md_table(header, rows))
@@ -330,10 +397,6 @@ def _by_when(got: dict[str, float]) -> dict[str, float]:
         when = purpose(q).when
         sums[when] = sums.get(when, 0.0) + n
     return sums
-
-
-def _minus(after: Counter[str], before: Counter[str]) -> Counter[str]:
-    return Counter({q: n - before.get(q, 0) for q, n in after.items() if n > before.get(q, 0)})
 
 
 def _short(query: str, width: int = 90) -> str:

@@ -38,7 +38,14 @@ def test_quick_cluster_section_measures_each_part() -> None:
     assert "## Several nodes on PostgreSQL" in out.stdout
     # The provider path and echo against SQLite, each side measured without errors.
     assert re.search(r"^\| vibectld on PostgreSQL \| 16 \| [1-9]", out.stdout, re.M), text
-    assert re.search(r"^\| 16 \| [1-9]\d* \| [1-9]\d* \| \d+% \|", out.stdout, re.M), text
+    assert re.search(
+        r"^\| vibectld on PostgreSQL, client with rpm \+ concurrency limits \| 1 \| [1-9]",
+        out.stdout,
+        re.M,
+    ), text
+    for client in ("no limits", "limits"):
+        row = rf"^\| {client} \| 16 \| [1-9]\d* \| [1-9]\d* \| \d+% \|"
+        assert re.search(row, out.stdout, re.M), client
     for check in (
         "PostgreSQL node, provider latency (unary, 1 caller)",
         "PostgreSQL node, provider throughput (unary, 16 callers)",
@@ -47,6 +54,7 @@ def test_quick_cluster_section_measures_each_part() -> None:
         assert re.search(rf"^- (PASS|FAIL)  {re.escape(check)}:", out.stdout, re.M), check
     # Statements per call: the table and one line per kind of client.
     assert "| statement | why | when | quiet: per s |" in out.stdout
+    assert "`SELECT vibectld_count_request(" in out.stdout
     assert "database statements per call, client with no limits:" in out.stdout
     assert "database statements per call, client with rpm + concurrency:" in out.stdout
     # Revocation across nodes: B and C each probed in every trial.
