@@ -325,11 +325,16 @@ def test_kill_9_a_node_under_load(cluster: Cluster) -> None:
     for name in served:
         low, high = served[name] - unflushed[name], served[name] + in_flight[name]
         assert low <= usage[name] <= high, (name, low, usage[name], high)
-    # The same totals on every surviving node.
+    # The same totals, and the same audit trail, on every surviving node.
     assert usage_by_name(others[1]) == usage_by_name(others[0])
+    audit = others[0].json("audit")
+    assert others[1].json("audit") == audit
+    assert {"solo", "load-0"} <= {e["target"] for e in audit if e["op"] == "issue_client"}
 
-    # The node comes back on its own files and rejoins.
+    # The node comes back on its own files, rejoins, and reports the same.
     victim.start()
     cluster.wait_all_up()
     assert victim.name in {e["name"] for e in others[0].json("status")["nodes"]}
+    assert usage_by_name(victim) == usage_by_name(others[0])
+    assert victim.json("audit") == audit
     assert solo.on(victim).code == "OK"
