@@ -33,9 +33,12 @@ from tests.postgres import Postgres
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.config import load_config
+from vibectld.pki.key_files import KeyDirectory
 from vibectld.pki.kids import kid_created_at
 from vibectld.pki.sealed import CHECK_PLAINTEXT, ClusterKey
 from vibectld.pki.tls import ca_fingerprint
+from vibectld.store import transfer
+from vibectld.store.registry import Registry
 
 # Start a daemon from `raw`, written as the config file in a directory (default: the
 # test's etc/, whose keys/ holds the credentials): the daemon and the file.
@@ -405,3 +408,58 @@ def test_key_files_that_are_not_the_keys_in_use_are_refused(
     assert "are not the keys this node uses" in refused.stderr
     assert "restart vibectld, then migrate" in refused.stderr
     assert postgres.sql("SELECT COUNT(*) FROM pg_tables WHERE tablename = 'clients'") == "0"
+
+
+def test_tables_larger_than_a_page_are_copied_row_for_row(
+    postgres: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy reads each table in pages after the last key: with pages of 7 rows, keys
+    whose order differs between cases and bytes, composite keys crossing page ends, and
+    audit ids with gaps all arrive exactly."""
+    monkeypatch.setattr(transfer, "ROWS_PER_PAGE", 7)
+    state = tmp_path / "state"
+    Registry.open(state / "registry.db").close()
+    ids = [f"{prefix}{i:02d}" for prefix in ("a", "B", "é", "Z") for i in range(6)]
+    with sqlite3.connect(state / "registry.db") as db:
+        db.executemany(
+            "INSERT INTO clients (id, name, created_at, expires_at, issued_by, models, "
+            "usd_per_month) VALUES (?, ?, 1, 2, 'root (uid 0)', ?, ?)",
+            [(i, f"n-{i}", '["echo"]' if n % 2 else None, n / 3) for n, i in enumerate(ids)],
+        )
+        days = ["2026-11-30", "2026-12-01", "2026-12-02"]
+        db.executemany(
+            "INSERT INTO usage VALUES (?, ?, ?, 0, ?, ?, ?)",
+            [
+                (i, d, n, n * 10, n * 20, n * 0.1)
+                for n, (i, d) in enumerate((i, d) for i in ids for d in days)
+            ],
+        )
+        db.executemany(
+            "INSERT INTO redactions VALUES (?, ?, ?, 1)",
+            [(i, days[0], kind) for i in ids[:9] for kind in ("jwt", "aws_key")],
+        )
+        db.executemany(
+            "INSERT INTO audit (id, at, caller_uid, caller_user, op, outcome) "
+            "VALUES (?, ?, 0, 'root', 'issue_client', 'ok')",
+            [(n, n) for n in range(1, 60) if n % 5],  # ids with gaps, as after a restore
+        )
+    KeyDirectory(state / "signing-keys").load()
+    registry = Registry.open(state / "registry.db")
+    try:
+        key = ClusterKey.generate()[0]
+        files = transfer.read_cluster_files(state, key, serving_ca_sha256=None, self_managed=False)
+        copied, _ = transfer.copy_to_postgresql(
+            registry, postgres.dsn, files, transfer.Caller(0, "root")
+        )
+    finally:
+        registry.close()
+    assert (copied.clients, copied.usage, copied.redactions, copied.audit) == (24, 72, 18, 48)
+    with psycopg.connect(postgres.dsn) as conn:
+        for table in TABLES:
+            order = "1, 2, 3" if table == "redactions" else "1, 2"
+            rows = pg_rows(conn, f"SELECT {TABLES[table]} FROM {table} ORDER BY {order}")  # noqa: S608
+            expected = sqlite_rows(state, table)
+            if table == "audit":  # and the row saying what was copied
+                assert rows[-1][4] == "storage_migrate"
+                rows = rows[:-1]
+            assert sorted(rows, key=repr) == sorted(expected, key=repr), table
