@@ -54,13 +54,32 @@ def month_days(now: float) -> tuple[str, str]:
     return _day(month_start(number)), _day(month_start(number + 1))
 
 
+UnwrittenCosts = Iterable[tuple[str, int, float]]
+
+
+def sums(
+    month_before: dict[str, float], day_rows: Iterable[Sequence[Any]]
+) -> tuple[dict[str, float], float]:
+    """The month's dollars per client and the day's for the server, from the database:
+    `month_before` is MONTH_SQL's sums over the month's days before the day, `day_rows`
+    usage.LOAD_DAY_SQL's rows of the day (cost last). For `SpendBook.replace`."""
+    month = dict(month_before)
+    day_total = 0.0
+    for row in day_rows:
+        client_id, cost = row[0], float(row[-1] or 0.0)
+        month[client_id] = month.get(client_id, 0.0) + cost
+        day_total += cost
+    return month, day_total
+
+
 def _day(ts: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
 class SpendBook:
     def __init__(self) -> None:
-        self._months: dict[tuple[str, int], float] = {}  # (client id, month) -> dollars
+        # month -> client id -> dollars: a month is replaced as one dict.
+        self._months: dict[int, dict[str, float]] = {}
         self._days: dict[int, float] = {}  # day number -> dollars, every client
         self._latest_month = 0
 
@@ -68,42 +87,29 @@ class SpendBook:
         """Take the persisted sums (MONTH_SQL's rows, DAY_SQL's value) for `now`'s periods."""
         month = month_number(now)
         self._latest_month = max(self._latest_month, month)
+        spent = self._months.setdefault(month, {})
         for client_id, total in month_rows:
-            self._months[(client_id, month)] = float(total or 0.0)
+            spent[client_id] = float(total or 0.0)
         self._days[int(now) // DAY_SECONDS] = float(day_total or 0.0)
 
     def replace(
-        self,
-        day: int,
-        month_before: dict[str, float],
-        day_rows: Iterable[Sequence[Any]],
-        unwritten: Iterable[tuple[str, int, float]],
-    ) -> None:
-        """Make the month and the day of day number `day` the database's sums plus what
-        is not yet written: `month_before` is MONTH_SQL's sums over the month's days
-        before `day`, `day_rows` usage.LOAD_DAY_SQL's rows of `day` (cost last), and
-        `unwritten` (client id, day number, dollars) this node's counts not yet flushed.
-        """
-        start = day * DAY_SECONDS
-        month = month_number(start)
-        if month > self._latest_month:
-            self._start_month(month)
-        months = dict(month_before)
-        day_total = 0.0
-        for row in day_rows:
-            client_id, cost = row[0], float(row[-1] or 0.0)
-            months[client_id] = months.get(client_id, 0.0) + cost
-            day_total += cost
-        for client_id, number, cost in unwritten:
-            if month_number(number * DAY_SECONDS) == month:
-                months[client_id] = months.get(client_id, 0.0) + cost
-            if number == day:
+        self, day: int, month: dict[str, float], day_total: float, unwritten: UnwrittenCosts
+    ) -> dict[str, float] | None:
+        """Make the month and the day of day number `day` the database's sums (`sums`
+        made them, outside the registry's lock) plus `unwritten`, this node's counts not
+        yet flushed: (client id, day number, dollars). Takes `month` over and returns the
+        old one, to be dropped after the lock. O(unwritten): the request path waits on it."""
+        number = month_number(day * DAY_SECONDS)
+        if number > self._latest_month:
+            self._start_month(number)
+        for client_id, when, cost in unwritten:
+            if month_number(when * DAY_SECONDS) == number:
+                month[client_id] = month.get(client_id, 0.0) + cost
+            if when == day:
                 day_total += cost
-        for key in [k for k in self._months if k[1] == month]:
-            del self._months[key]
-        for client_id, total in months.items():
-            self._months[(client_id, month)] = total
+        old, self._months[number] = self._months.get(number), month
         self._days[day] = day_total
+        return old
 
     def record(self, client_id: str, now: float, cost_usd: float) -> None:
         """Add a counted call's cost (finite, 0 or more: usage.call_counts made it so)."""
@@ -112,14 +118,14 @@ class SpendBook:
         month = month_number(now)
         if month > self._latest_month:
             self._start_month(month)
-        key = (client_id, month)
-        self._months[key] = self._months.get(key, 0.0) + cost_usd
+        spent = self._months.setdefault(month, {})
+        spent[client_id] = spent.get(client_id, 0.0) + cost_usd
         day = int(now) // DAY_SECONDS
         self._days[day] = self._days.get(day, 0.0) + cost_usd
 
     def month_spent(self, client_id: str, now: float) -> float:
         """What the client spent in the UTC calendar month of `now`."""
-        return self._months.get((client_id, month_number(now)), 0.0)
+        return self._months.get(month_number(now), {}).get(client_id, 0.0)
 
     def day_spent(self, now: float) -> float:
         """What every client together spent on the UTC day of `now`."""
@@ -128,8 +134,8 @@ class SpendBook:
     def _start_month(self, month: int) -> None:
         # A new month: what is older than the last one is never read again.
         self._latest_month = month
-        for key in [k for k in self._months if k[1] < month - 1]:
-            del self._months[key]
+        for old in [m for m in self._months if m < month - 1]:
+            del self._months[old]
         oldest_day = month_start(month - 1) // DAY_SECONDS
         for day in [d for d in self._days if d < oldest_day]:
             del self._days[day]

@@ -207,7 +207,8 @@ def sort_rows(rows: Iterable[UsageRow]) -> list[UsageRow]:
 
 class UsageBook:
     def __init__(self) -> None:
-        self._totals: dict[Key, Counts] = {}
+        # day number -> client id -> the day's totals: a day is replaced as one dict.
+        self._totals: dict[int, dict[str, Counts]] = {}
         self._deltas: dict[Key, Counts] = {}
         self._redactions: dict[tuple[str, int, str], int] = {}  # increments, as _deltas
         self._latest_day = 0  # the newest day seen, for pruning
@@ -216,31 +217,30 @@ class UsageBook:
         """Take the persisted totals of the rows (LOAD_DAY_SQL's columns) as memory's."""
         self._latest_day = max(self._latest_day, day_number(now))
         for client_id, day, requests, errors, tokens_in, tokens_out, cost in rows:
-            key = (client_id, parse_day(day))
-            self._totals[key] = Counts(requests, errors, tokens_in, tokens_out, cost)
+            counts = Counts(requests, errors, tokens_in, tokens_out, cost)
+            self._totals.setdefault(parse_day(day), {})[client_id] = counts
 
     @property
     def latest_day(self) -> int:
         """The newest day number loaded or counted."""
         return self._latest_day
 
-    def replace_day(self, rows: Iterable[Sequence[Any]], day: int) -> None:
-        """Take the database's totals of day number `day` (LOAD_DAY_SQL's rows: every
-        node's flushed counts), plus this book's increments not yet written, as memory's.
+    def replace_day(self, day: int, fresh: dict[str, Counts]) -> dict[str, Counts] | None:
+        """Make `fresh` (`day_of_rows`: the database's totals of day number `day`, every
+        node's flushed counts) plus this book's increments not yet written memory's totals
+        of that day. Takes `fresh` over, and returns the day's old totals for the caller
+        to drop after the lock (freeing them is O(clients)). O(increments): the request
+        path waits on it.
 
         Right only while no flush runs (the Registry holds its _db_lock): the increments
-        a flush has taken are then either written (in `rows`) or put back (in _deltas).
+        a flush has taken are then either written (in `fresh`) or put back (in _deltas).
         """
         self._latest_day = max(self._latest_day, day)
-        for key in [k for k in self._totals if k[1] == day]:
-            del self._totals[key]
-        for client_id, _, requests, errors, tokens_in, tokens_out, cost in rows:
-            self._totals[(client_id, day)] = Counts(
-                int(requests), int(errors), int(tokens_in), int(tokens_out), float(cost)
-            )
-        for key, counts in self._deltas.items():
-            if key[1] == day:
-                self._totals.setdefault(key, Counts()).add(counts)
+        for (client_id, number), counts in self._deltas.items():
+            if number == day:
+                fresh.setdefault(client_id, Counts()).add(counts)
+        old, self._totals[day] = self._totals.get(day), fresh
+        return old
 
     def unwritten_costs(self) -> list[tuple[str, int, float]]:
         """(client id, day number, dollars) of the increments not yet written."""
@@ -250,9 +250,8 @@ class UsageBook:
         """Add a call's counts (see `call_counts`) to the client's UTC day of `now`."""
         number = day_number(now)
         self._latest_day = max(self._latest_day, number)
-        key = (client_id, number)
-        self._totals.setdefault(key, Counts()).add(call)
-        self._deltas.setdefault(key, Counts()).add(call)
+        self._totals.setdefault(number, {}).setdefault(client_id, Counts()).add(call)
+        self._deltas.setdefault((client_id, number), Counts()).add(call)
 
     def record_redactions(self, client_id: str, now: int, found: Mapping[str, int]) -> None:
         """Add the secrets found in one call's prompt, per kind, to the client's UTC day."""
@@ -271,7 +270,7 @@ class UsageBook:
             self._redactions[key] = self._redactions.get(key, 0) + n
 
     def tokens_used(self, client_id: str, now: int) -> int:
-        counts = self._totals.get((client_id, day_number(now)))
+        counts = self._totals.get(day_number(now), {}).get(client_id)
         return 0 if counts is None else counts.input_tokens + counts.output_tokens
 
     def day_totals(self, now: int) -> list[tuple[str, Counts]]:
@@ -279,8 +278,7 @@ class UsageBook:
         number = day_number(now)
         return [
             (client_id, Counts(**asdict(counts)))
-            for (client_id, day), counts in self._totals.items()
-            if day == number
+            for client_id, counts in self._totals.get(number, {}).items()
         ]
 
     @property
@@ -300,8 +298,22 @@ class UsageBook:
     def prune(self) -> None:
         """Forget the totals of days before yesterday (they are on disk; nothing reads them)."""
         oldest = self._latest_day - 1
-        for key in [k for k in self._totals if k[1] < oldest and k not in self._deltas]:
-            del self._totals[key]
+        for day in [d for d in self._totals if d < oldest]:
+            # A day with increments still to write keeps those clients' totals.
+            kept = {c: n for c, n in self._totals[day].items() if (c, day) in self._deltas}
+            if kept:
+                self._totals[day] = kept
+            else:
+                del self._totals[day]
+
+
+def day_of_rows(rows: Iterable[Sequence[Any]]) -> dict[str, Counts]:
+    """LOAD_DAY_SQL's rows of one day as client id -> totals, for `replace_day` (built
+    outside the registry's lock: it is O(clients))."""
+    return {
+        client_id: Counts(int(req), int(err), int(tin), int(tout), float(cost))
+        for client_id, _, req, err, tin, tout, cost in rows
+    }
 
 
 def delta_rows(deltas: dict[Key, Counts]) -> list[tuple[Any, ...]]:

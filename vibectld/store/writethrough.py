@@ -126,9 +126,13 @@ class WriteThrough(Mirror):
             found = self._query(spend.MONTH_SQL, (first, usage.day_text(day)))
             base = (day, time.monotonic(), {cid: float(total or 0.0) for cid, total in found})
             self._month_base = base
+        # Built outside the lock (O(clients)); swapped in under it (O(unflushed counts)).
+        day_totals = usage.day_of_rows(rows)
+        month, day_total = spend.sums(base[2], rows)
         with self._lock:
-            self._usage.replace_day(rows, day)
-            self._spend.replace(day, base[2], rows, self._usage.unwritten_costs())
+            old_day = self._usage.replace_day(day, day_totals)
+            old_month = self._spend.replace(day, month, day_total, self._usage.unwritten_costs())
+        del old_day, old_month  # freed here, not under the lock
 
     def _flush_locked(self) -> None:
         with self._lock:
