@@ -77,10 +77,12 @@ class RunningDaemon:
 
     @property
     def ca_pem(self) -> bytes:
-        # What the daemon serves: state_dir/tls/ca.pem on one node, the cluster's CA
-        # (from its database, never written to the state directory) with PostgreSQL.
+        path = self.config.state_dir / "tls" / "ca.pem"
+        if path.exists():
+            return path.read_bytes()
+        # A node of a cluster writes no CA there: it serves the cluster's, from the database.
         ca = self.runtime.tls.ca_pem
-        assert ca is not None, "the daemon serves a certificate of a public CA"
+        assert ca is not None, f"no {path}, and the daemon serves no private CA"
         return ca
 
     def admin(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
