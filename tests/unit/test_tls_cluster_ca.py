@@ -76,3 +76,16 @@ def test_an_expiring_cluster_ca_names_the_database(tmp_path: Path) -> None:
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3640)
     with pytest.raises(TLSError, match="the private CA in the cluster's PostgreSQL database"):
         load_server_tls(SELF, tmp_path, HOSTS, now=later, ca=ca)
+
+
+def test_the_operator_s_files_are_served_as_on_one_node(tmp_path: Path) -> None:
+    # The operator's certificate: here one issued by a CA of their own, chain in the file.
+    theirs = load_server_tls(SELF, tmp_path / "operator", HOSTS)
+    files = tmp_path / "operator" / "tls"
+    (files / "chain.pem").write_bytes(theirs.cert_chain_pem)
+    operator = TLSConfig(cert_file=files / "chain.pem", key_file=files / "server.key")
+    cluster_ca = CertificateAuthority.create("lb.example.test", WHERE)
+    served = load_server_tls(operator, tmp_path / "node", HOSTS, ca=cluster_ca)
+    assert served.cert_chain_pem == theirs.cert_chain_pem
+    assert served.ca_pem == theirs.ca_pem != cluster_ca.cert_pem
+    assert not (tmp_path / "node" / "tls").exists()
