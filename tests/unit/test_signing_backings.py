@@ -9,6 +9,7 @@ calls when that node hears of the change).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -191,3 +192,28 @@ def test_another_cluster_key_is_refused_by_the_check(postgres: Postgres) -> None
             cluster.join(registry, ClusterKey.generate()[0], "lb.example.test")
     finally:
         registry.close()
+
+
+def test_the_follower_reloads_once_for_a_burst_and_names_the_retired_kids(
+    backing: Backings,
+) -> None:
+    here, there = SigningKeys(backing()), SigningKeys(backing())
+    first = here.active_kid
+    newer = there.rotate()
+    there.retire(first)
+    told: list[frozenset[str]] = []
+    done = threading.Event()
+
+    def on_retired(kids: frozenset[str]) -> None:
+        told.append(kids)
+        done.set()
+
+    follower = cluster.KeyFollower(here, on_retired)
+    for _ in range(5):  # the feed may bring several changes at once
+        follower.changed(newer)
+    assert done.wait(10)
+    assert here.active_kid == newer and not here.verifies(first)
+    assert told[0] == frozenset({first})
+    # Later reloads of the burst find nothing more retired, and say nothing.
+    time.sleep(0.3)
+    assert told == [frozenset({first})]
