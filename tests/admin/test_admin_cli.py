@@ -328,6 +328,7 @@ def test_no_unreleased_commands() -> None:
         "rotate-signing-key",
         "show-ca",
         "status",
+        "storage",
         "update-client",
         "usage",
     ]

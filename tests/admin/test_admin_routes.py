@@ -72,6 +72,7 @@ def test_the_table_is_sorted_and_declares_each_permission() -> None:
         "retire_signing_key",
         "revoke_client",
         "rotate_signing_key",
+        "storage_migrate",
         "update_client",
     }
 
