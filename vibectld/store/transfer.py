@@ -186,9 +186,9 @@ def _sealed_ca(directory: Path, key: ClusterKey) -> tuple[str, bytes, str]:
         private = serialization.load_pem_private_key(key_data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise MigrationError(f"{key_path} is not an unencrypted PEM private key") from None
-    if not isinstance(private, ec.EllipticCurvePrivateKey) or _spki(private.public_key()) != _spki(
-        cert.public_key()
-    ):
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        raise MigrationError(f"the private CA key {key_path} is not an EC key, as vibectld makes")
+    if _spki(private.public_key()) != _spki(cert.public_key()):
         raise MigrationError(f"the private CA key {key_path} does not match {cert_path}")
     # The row's format is the cluster's (pki/cluster.py), which the nodes open.
     public_pem, sealed = cluster.seal_ca(key, CertificateAuthority(cert, private, str(directory)))
