@@ -224,7 +224,8 @@ def test_serve_keeps_known_clients_served_and_refuses_admin_changes_at_once(
         f"database back: admin open after {recovered:.2f} s, view fresh after {fresh:.2f} s; "
         f"outage {restarted_at - stopped_at:.1f} s, {outage_calls + 1} calls served in it"
     )
-    assert recovered < 2.0
+    # Tried every 0.5 s: about that, with room for a loaded machine.
+    assert recovered < 5.0
     # The health service follows the store every 0.25 s.
     _wait("healthy", lambda: set(_health(daemon).values()) == {"SERVING"}, 1)
     _wait("the buffer written", lambda: _storage(daemon)["buffered_calls"] == 0)
