@@ -18,6 +18,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def call(daemon: RunningDaemon, secret: str, prompt: str = "hi", ca: bytes | Non
 
 
 def sqlite_rows(state: Path, table: str) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(f"file:{state / 'registry.db'}?mode=ro", uri=True) as db:
+    with closing(sqlite3.connect(f"file:{state / 'registry.db'}?mode=ro", uri=True)) as db:
         return db.execute(f"SELECT {TABLES[table]} FROM {table} ORDER BY 1, 2").fetchall()  # noqa: S608
 
 
@@ -420,7 +421,7 @@ def test_tables_larger_than_a_page_are_copied_row_for_row(
     state = tmp_path / "state"
     Registry.open(state / "registry.db").close()
     ids = [f"{prefix}{i:02d}" for prefix in ("a", "B", "é", "Z") for i in range(6)]
-    with sqlite3.connect(state / "registry.db") as db:
+    with closing(sqlite3.connect(state / "registry.db")) as db, db:
         db.executemany(
             "INSERT INTO clients (id, name, created_at, expires_at, issued_by, models, "
             "usd_per_month) VALUES (?, ?, 1, 2, 'root (uid 0)', ?, ?)",
