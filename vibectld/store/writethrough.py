@@ -39,6 +39,8 @@ MONTH_BASE_SECONDS = 300.0
 
 
 class WriteThrough(Mirror):
+    """The mirror and its Database: usage, audit and the database's two ways in."""
+
     def __init__(
         self,
         db: Database,
