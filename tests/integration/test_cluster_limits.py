@@ -330,3 +330,48 @@ def test_a_slow_round_trip_is_not_waited_for_and_its_lease_is_still_released(
         await closed(a)
 
     run(test)
+
+
+def test_the_window_slides_by_the_databases_clock_and_empty_ones_are_swept(
+    db: PostgreSQLDatabase, postgres: Postgres
+) -> None:
+    a = Node(db, "a")
+
+    async def test() -> None:
+        await started(a)
+        for _ in range(3):
+            await a.limiter.count_request("client-1", 3)
+        # Age the events: 50 s, 50 s and 10 s old.
+        postgres.sql(
+            "UPDATE rate_events SET at = at - 50 WHERE at < (SELECT max(at) FROM rate_events)"
+        )
+        postgres.sql(
+            "UPDATE rate_events SET at = at - 10 WHERE at = (SELECT max(at) FROM rate_events)"
+        )
+        with pytest.raises(LimitExceeded) as refused:
+            await a.limiter.count_request("client-1", 3)
+        # Room when the oldest of the three leaves: about 10 s from now.
+        assert 9_000 < refused.value.retry_after_ms <= 10_000
+        # A limit of 1: the newest decides (10 s old: room in about 50 s).
+        with pytest.raises(LimitExceeded) as refused:
+            await a.limiter.count_request("client-1", 1)
+        assert 49_000 < refused.value.retry_after_ms <= 50_000
+        postgres.sql(
+            "UPDATE rate_events SET at = at - 15 WHERE at < (SELECT max(at) FROM rate_events)"
+        )
+        # Two left the window: two calls fit, the count kept beside the events agrees.
+        await a.limiter.count_request("client-1", 3)
+        await a.limiter.count_request("client-1", 3)
+        assert await outcome(a.limiter.count_request("client-1", 3)) == "rpm"
+        assert postgres.sql("SELECT n FROM rate_counts WHERE client_id = 'client-1'") == "3"
+        # A window that empties: the sweep takes its events and its count.
+        await a.limiter.count_request("client-2", 3)
+        postgres.sql("UPDATE rate_events SET at = at - 61 WHERE client_id = 'client-2'")
+        await a.limiter.tick(sweep=True)
+        assert postgres.sql("SELECT count(*) FROM rate_events WHERE client_id = 'client-2'") == "0"
+        assert postgres.sql("SELECT count(*) FROM rate_counts WHERE client_id = 'client-2'") == "0"
+        assert postgres.sql("SELECT count(*) FROM rate_counts") == "1"
+        await a.limiter.count_request("client-2", 1)
+        await closed(a)
+
+    run(test)

@@ -82,7 +82,8 @@ def test_nodes_starting_together_on_an_empty_database_create_one_schema(
         "WHERE schemaname = 'public'"
     )
     assert tables == (
-        "audit,changes,clients,cluster_secrets,lease_holders,leases,nodes,rate_events,redactions,"
+        "audit,changes,clients,cluster_secrets,lease_holders,leases,nodes,rate_counts,rate_events,"
+        "redactions,"
         "signing_keys,usage,vibectld_schema"
     )
 

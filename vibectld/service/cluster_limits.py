@@ -68,8 +68,9 @@ CONNECTIONS = 4
 # list of held leases was read before (a round trip is at most statement_timeout).
 LEASE_GRACE = 5.0
 STATEMENT_TIMEOUT_MS = 2000
-# Rate events past every window and the leases of nodes gone for an hour: every 30 ticks.
-SWEEP_EVERY = 30
+# The rate events and counts of clients with an empty window, and the leases of nodes gone
+# for an hour: every 5 ticks.
+SWEEP_EVERY = 5
 
 _COUNT_SQL = "SELECT vibectld_count_request(%s, %s)"
 _TAKE_SQL = "SELECT vibectld_take_lease(%s, %s, %s, %s, %s)"

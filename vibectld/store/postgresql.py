@@ -175,26 +175,47 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             alive_at DOUBLE PRECISION NOT NULL  -- the database's clock, unix seconds
         )
         """,
+        # How many of a client's rate events are in its window, kept beside them so that
+        # a check costs the same at rpm 10 as at rpm 100,000 (counting the events, or
+        # finding the rpm-th newest, would read every event of the window).
+        """
+        CREATE TABLE rate_counts (
+            client_id TEXT PRIMARY KEY,
+            n INTEGER NOT NULL
+        )
+        """,
         # One call's rpm step, in one round trip (service/cluster_limits.py): under the
         # client's advisory lock, so two nodes counting the same client take turns and the
         # 60 s window (the database's clock) is exact. 0 when counted, else how many ms
-        # until the window has room; a refused call is not counted.
+        # until the window has room; a refused call is not counted. Only the events that
+        # left the window are read, and when refusing, the few oldest ones.
         """
         CREATE FUNCTION vibectld_count_request(p_client TEXT, p_rpm INTEGER)
         RETURNS INTEGER LANGUAGE plpgsql AS $$
         DECLARE
             t DOUBLE PRECISION;
+            gone INTEGER;
+            counted INTEGER;
             nth DOUBLE PRECISION;
         BEGIN
             PERFORM pg_advisory_xact_lock(hashtextextended('vibectld rpm ' || p_client, 0));
             t := extract(epoch FROM clock_timestamp());
             DELETE FROM rate_events WHERE client_id = p_client AND at <= t - 60;
-            SELECT at INTO nth FROM rate_events WHERE client_id = p_client
-                ORDER BY at DESC OFFSET greatest(p_rpm, 1) - 1 LIMIT 1;
-            IF FOUND THEN
+            GET DIAGNOSTICS gone = ROW_COUNT;
+            SELECT c.n - gone INTO counted FROM rate_counts c WHERE c.client_id = p_client;
+            counted := coalesce(counted, 0);
+            IF counted >= p_rpm THEN
+                -- The rpm-th newest event: when it leaves the window, there is room.
+                SELECT e.at INTO nth FROM rate_events e WHERE e.client_id = p_client
+                    ORDER BY e.at OFFSET counted - greatest(p_rpm, 1) LIMIT 1;
+                IF gone > 0 THEN
+                    UPDATE rate_counts c SET n = counted WHERE c.client_id = p_client;
+                END IF;
                 RETURN greatest(1, floor((nth + 60 - t) * 1000))::INTEGER;
             END IF;
             INSERT INTO rate_events (client_id, at) VALUES (p_client, t);
+            INSERT INTO rate_counts AS c (client_id, n) VALUES (p_client, counted + 1)
+                ON CONFLICT (client_id) DO UPDATE SET n = excluded.n;
             RETURN 0;
         END
         $$
@@ -224,21 +245,40 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # A node's limiter, every 2 s: mark itself alive, and drop its leases that are no
         # longer held (a release that never arrived), except ones taken in the last
         # seconds, which a call may hold that `p_held` was read before. With `p_sweep`,
-        # also what nobody will delete: rate events past every window, and the leases of
-        # nodes silent for an hour.
+        # also what nobody else will delete: the events and counts of clients whose
+        # window is empty, and the leases of nodes silent for an hour.
         """
         CREATE FUNCTION vibectld_limits_tick(
             p_node TEXT, p_held TEXT[], p_grace DOUBLE PRECISION, p_sweep BOOLEAN
         ) RETURNS VOID LANGUAGE plpgsql AS $$
         DECLARE
             t DOUBLE PRECISION := extract(epoch FROM clock_timestamp());
+            client TEXT;
         BEGIN
             INSERT INTO lease_holders (node, alive_at) VALUES (p_node, t)
                 ON CONFLICT (node) DO UPDATE SET alive_at = excluded.alive_at;
             DELETE FROM leases WHERE node = p_node AND started_at < t - p_grace
                 AND NOT (id = ANY (p_held));
             IF p_sweep THEN
-                DELETE FROM rate_events WHERE at <= t - 60;
+                -- Clients whose window emptied: their last events and their count, each
+                -- under the client's lock to the commit (skipped if busy), so that a
+                -- count stays exact; a few hundred at a time, each lock a slot of the
+                -- server's lock table.
+                FOR client IN SELECT c.client_id FROM rate_counts c WHERE NOT EXISTS (
+                    SELECT 1 FROM rate_events e WHERE e.client_id = c.client_id AND e.at > t - 60
+                ) LIMIT 200 LOOP
+                    IF pg_try_advisory_xact_lock(hashtextextended('vibectld rpm ' || client, 0))
+                    THEN
+                        -- Again under the lock: a call may have been counted since.
+                        DELETE FROM rate_counts c WHERE c.client_id = client AND NOT EXISTS (
+                            SELECT 1 FROM rate_events e
+                            WHERE e.client_id = client AND e.at > t - 60
+                        );
+                        IF FOUND THEN
+                            DELETE FROM rate_events e WHERE e.client_id = client;
+                        END IF;
+                    END IF;
+                END LOOP;
                 DELETE FROM leases WHERE node IN
                     (SELECT node FROM lease_holders WHERE alive_at < t - 3600);
                 DELETE FROM lease_holders WHERE alive_at < t - 3600;
