@@ -280,6 +280,9 @@ def test_refuse_answers_unavailable_only_while_stale(
         beat = Heartbeat(daemon.runtime, daemon.daemon.notifier, daemon.daemon._status_line)
         assert daemon.run(beat._grpc_answers(5.0)) is True
         assert "refusing calls" in daemon.daemon._status_line()
+        assert _metrics(daemon)["vibectld_storage_stale"] == 1
+        refused = daemon.runtime.metrics.refusals.labels("stale_storage")._value.get()
+        assert refused >= 7  # the calls refused above, each counted
         storage = _storage(daemon)
         assert storage["stale"] and storage["refusing_calls"]
         assert "STALE: refusing calls" in admin(daemon, "status").stdout
