@@ -16,6 +16,7 @@ import grp
 import json
 import os
 import shutil
+import socket
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -39,6 +40,7 @@ from vibectld.pki.kids import kid_created_at
 from vibectld.pki.sealed import CHECK_PLAINTEXT, ClusterKey
 from vibectld.pki.tls import ca_fingerprint
 from vibectld.store import transfer
+from vibectld.store.postgresql import PostgreSQLDatabase
 from vibectld.store.registry import Registry
 
 # Start a daemon from `raw`, written as the config file in a directory (default: the
@@ -464,3 +466,58 @@ def test_tables_larger_than_a_page_are_copied_row_for_row(
                 assert rows[-1][4] == "storage_migrate"
                 rows = rows[:-1]
             assert sorted(rows, key=repr) == sorted(expected, key=repr), table
+
+
+def test_an_unreachable_database_copies_nothing_and_keeps_its_password(
+    start: Start, tmp_path: Path, sock_dir: Path
+) -> None:
+    daemon, config_path = start(single_node(tmp_path, sock_dir))
+    password = "hunter2-never-shown"
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dsn = f"host=127.0.0.1 port={port} dbname=cluster user=vibectld password={password}"
+    install(config_path.parent, "postgresql-dsn", dsn)
+    install(config_path.parent, "cluster-key", ClusterKey.generate()[1])
+    failed = migrate(daemon)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.startswith(
+        "vibectl-admin: nothing was copied: cannot reach the client registry, the "
+        f"PostgreSQL database 'cluster' on 127.0.0.1:{port}"
+    )
+    assert password not in failed.stderr
+    # This node's own store is as healthy as before.
+    assert daemon.admin("status")["storage"]["degraded"] is False
+
+
+def test_a_copy_that_fails_midway_leaves_the_database_empty(
+    postgres: Postgres, start: Start, tmp_path: Path, sock_dir: Path
+) -> None:
+    daemon, config_path = start(single_node(tmp_path, sock_dir))
+    daemon.issue("alice")
+    install(config_path.parent, "postgresql-dsn", postgres.dsn)
+    install(config_path.parent, "cluster-key", ClusterKey.generate()[1])
+    # The server refuses the signing keys, after the clients, usage and audit rows went
+    # in: a real failure inside the copy's transaction (as a full disk would be).
+    PostgreSQLDatabase.open(postgres.dsn).close()
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'no space left on device (test)'; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON signing_keys "
+            "FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    failed = migrate(daemon)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert "the copy did not finish: " in failed.stderr
+    assert "no space left on device (test)" in failed.stderr
+    assert "run storage migrate again" in failed.stderr
+    for table in ("clients", "usage", "audit", "signing_keys", "cluster_secrets"):
+        assert postgres.sql(f"SELECT COUNT(*) FROM {table}") == "0", table  # noqa: S608
+    # The failure was the target's: this node's own store is not marked degraded.
+    assert daemon.admin("status")["storage"]["degraded"] is False
+    postgres.sql("DROP TRIGGER refuse ON signing_keys")
+    assert migrate(daemon).returncode == 0
+    assert postgres.sql("SELECT COUNT(*) FROM clients") == "1"

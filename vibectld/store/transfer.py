@@ -289,10 +289,16 @@ def copy_to_postgresql(
     # psycopg takes ~0.3 s to import: only a daemon that migrates pays for it here.
     from vibectld.store.postgresql import PostgreSQLDatabase
 
-    target = PostgreSQLDatabase.open(dsn)  # creates the schema: the same one nodes create
+    try:
+        target = PostgreSQLDatabase.open(dsn)  # creates the schema: the same one nodes create
+    except StorageFailure as e:
+        raise StorageFailure(f"nothing was copied: {e}") from None
     try:
         # Early, before this node's registry is locked for the copy (checked again inside).
-        _refuse_unless_empty(target.query, target.where)
+        try:
+            _refuse_unless_empty(target.query, target.where)
+        except StorageFailure as e:
+            raise StorageFailure(f"nothing was copied: {e}") from None
         at = int(time.time()) if now is None else now
 
         def copy(source: Transaction) -> Copied:
@@ -306,7 +312,11 @@ def copy_to_postgresql(
         try:
             copied = registry.transact(copy)
         except _TargetFailed as e:
-            raise e.failure from None
+            # A connection lost during COMMIT leaves it unknown whether the copy is there.
+            raise StorageFailure(
+                f"the copy did not finish: {e.failure}; run storage migrate again (a copy "
+                "that was committed after all is then refused as not empty)"
+            ) from None
         return copied, target.where
     finally:
         target.close()
