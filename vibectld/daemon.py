@@ -161,9 +161,10 @@ class Daemon:
         gc.collect()
         gc.freeze()
         rt.metrics.watch_storage(lambda: self._storage_state(rt))
-        await self._set_health(self._storage_state(rt))
+        state = self._storage_state(rt)
+        await self._set_health(state)  # before READY=1: a first health check has an answer
         self._tasks.append(asyncio.create_task(self._flush_usage(), name="flush-usage"))
-        self._tasks.append(asyncio.create_task(self._watch_storage(), name="storage"))
+        self._tasks.append(asyncio.create_task(self._watch_storage(state), name="storage"))
         self._tasks.append(asyncio.create_task(self._reload_on_request(), name="reload"))
         self._tasks.append(asyncio.create_task(self._watch_certificate(), name="certificate"))
         heartbeat = Heartbeat(rt, self.notifier, self._status_line)
@@ -311,20 +312,19 @@ class Daemon:
             await self._health.set(name, calls)
         await self._health.set(STORAGE_HEALTH_NAME, serving if state.healthy else not_serving)
 
-    async def _watch_storage(self) -> None:
-        """Follow the store's state: the health service, a log record and the STATUS line,
-        each when the state changes."""
+    async def _watch_storage(self, shown: StorageState) -> None:
+        """Follow the store's state from `shown` (what the health service says now): the
+        health service, a log record and the STATUS line, each when the state changes."""
         assert self.runtime is not None
         rt = self.runtime
-        shown = self._storage_state(rt)
         while True:
-            await asyncio.sleep(STORAGE_WATCH_SECONDS)
             state = self._storage_state(rt)
             if (state.degraded, state.stale, state.refusing) == (
                 shown.degraded,
                 shown.stale,
                 shown.refusing,
             ):
+                await asyncio.sleep(STORAGE_WATCH_SECONDS)
                 continue
             await self._set_health(state)
             if state.stale and not shown.stale:
