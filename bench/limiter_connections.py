@@ -7,8 +7,9 @@ shared (`SELECT vibectld_count_request(client, rpm)`, service/cluster_limits.py)
 clients c1..c1000 with rpm high enough that every call is counted (the insert path, the
 common one). Two ways to run it, each with 1 and 4 connections, at 1 and 16 callers:
 
-  async    psycopg's AsyncConnection on the event loop
-  thread   psycopg's sync Connection, the call handed to a thread (run_in_executor)
+  async            psycopg's AsyncConnection on the event loop
+  thread           psycopg's sync Connection, the call handed to a thread (run_in_executor)
+  async (limiter)  what the daemon runs: ClusterLimiter.count_request, async connections
 
 Each connection runs with synchronous_commit off, as the limiter's do (its rows are a
 minute's worth of state; see cluster_limits.py). Reported: p50 and p99 µs per check,
@@ -22,14 +23,20 @@ import random
 import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 
 from bench.postgres import PostgresCluster
+from vibectld.ops.metrics import Metrics
+from vibectld.service.cluster_limits import ClusterLimiter
+from vibectld.service.limits import Limiter
 from vibectld.store.postgresql import PostgreSQLDatabase
+
+C = TypeVar("C")
 
 CLIENTS = 1000
 CHECK = "SELECT vibectld_count_request(%s, %s)"
@@ -37,39 +44,70 @@ RPM = 1_000_000_000
 DURATION = 2.0
 
 
+class FairPool(Generic[C]):
+    """Connections handed out first come, first served (asyncio.Queue is not: a caller
+    that puts one back and asks again at once takes it ahead of those waiting)."""
+
+    def __init__(self, conns: list[C]) -> None:
+        self.idle: deque[C] = deque(conns)
+        self.waiters: deque[asyncio.Future[C]] = deque()
+
+    async def get(self) -> C:
+        if self.idle:
+            return self.idle.popleft()
+        waiter: asyncio.Future[C] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        return await waiter
+
+    def put(self, conn: C) -> None:
+        if self.waiters:
+            self.waiters.popleft().set_result(conn)
+        else:
+            self.idle.append(conn)
+
+
+class LimiterWay:
+    """The limiter's own path: ClusterLimiter.count_request (its pool, its task per
+    round trip so that a slow one is never cancelled, its metrics)."""
+
+    name = "async (limiter)"
+
+    def __init__(self, limiter: ClusterLimiter) -> None:
+        self.limiter = limiter
+
+    async def check(self, client: str) -> None:
+        await self.limiter.count_request(client, RPM)
+
+
 class AsyncWay:
     name = "async"
 
     def __init__(self, conns: list[psycopg.AsyncConnection[Any]]) -> None:
-        self.idle: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
-        for conn in conns:
-            self.idle.put_nowait(conn)
+        self.pool = FairPool(conns)
 
     async def check(self, client: str) -> None:
-        conn = await self.idle.get()
+        conn = await self.pool.get()
         try:
             await conn.execute(CHECK, (client, RPM), prepare=True)
         finally:
-            self.idle.put_nowait(conn)
+            self.pool.put(conn)
 
 
 class ThreadWay:
     name = "thread"
 
     def __init__(self, conns: list[psycopg.Connection[Any]]) -> None:
-        self.idle: asyncio.Queue[psycopg.Connection[Any]] = asyncio.Queue()
-        for conn in conns:
-            self.idle.put_nowait(conn)
-        self.pool = ThreadPoolExecutor(len(conns))
+        self.pool = FairPool(conns)
+        self.threads = ThreadPoolExecutor(len(conns))
 
     async def check(self, client: str) -> None:
-        conn = await self.idle.get()
+        conn = await self.pool.get()
         try:
             await asyncio.get_running_loop().run_in_executor(
-                self.pool, lambda: conn.execute(CHECK, (client, RPM), prepare=True)
+                self.threads, lambda: conn.execute(CHECK, (client, RPM), prepare=True)
             )
         finally:
-            self.idle.put_nowait(conn)
+            self.pool.put(conn)
 
 
 async def closed_loop(
@@ -108,7 +146,15 @@ async def run(dsn: str) -> None:
             await conn.execute("SET synchronous_commit = off")
         for sconn in sconns:
             sconn.execute("SET synchronous_commit = off")
-        ways: list[AsyncWay | ThreadWay] = [AsyncWay(aconns), ThreadWay(sconns)]
+        limiter = ClusterLimiter(
+            dsn, "bench", Limiter(), lambda: False, list, Metrics(), str, connections=size
+        )
+        await limiter.tick()
+        ways: list[AsyncWay | ThreadWay | LimiterWay] = [
+            AsyncWay(aconns),
+            ThreadWay(sconns),
+            LimiterWay(limiter),
+        ]
         for callers in (1, 16):
             for way in ways:
                 got, window, cpu = await closed_loop(way.check, callers)
@@ -120,6 +166,7 @@ async def run(dsn: str) -> None:
                     f"| {len(got) / window:,.0f} | {cpu / len(got) * 1e6:.0f} |",
                     flush=True,
                 )
+        await limiter.close()
         for conn in aconns:
             await conn.close()
         for sconn in sconns:
