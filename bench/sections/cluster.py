@@ -61,7 +61,7 @@ PROVIDER_PATHS = {
 # A statement is named in a check's line when it runs at least once per 20 calls.
 PER_CALL_MIN = 0.05
 ROUND_TRIPS_NOTE = """\
-why a call costs what it does in the database. A client without limits costs no round
+what a call costs in the database, and why. A client without limits costs no round
 trip: its record, revocation and signing key are checked in memory, which the change feed
 keeps fresh (LISTEN/NOTIFY plus a catch-up read every 0.5 s, whatever the call rate), and
 its usage is added up in memory and written as increments once per flush (every 2 s) per
@@ -69,9 +69,10 @@ client and day. A client with an rpm limit costs one round trip before its call 
 count must be exact across nodes, so one PL/pgSQL function counts it in the window under
 the client's advisory lock. A concurrency limit costs one more before the call (take a
 lease if the client's live leases leave room) and the release after the reply, queued and
-deleted in batches, so fewer than one per call under load. The rest is per node and per
-second, not per call: heartbeats, the limiter's tick, the feed's catch-up reads, the
-re-read of today's cluster-wide usage for the budgets."""
+deleted in batches, so fewer than one per call under load. (The limiter's session turns
+synchronous commit off: these round trips do not wait for a WAL flush.) The rest is per
+node and per second, not per call: heartbeats, the limiter's tick, the feed's catch-up
+reads, the re-read of today's cluster-wide usage for the budgets."""
 
 INTRO = f"""\
 vibectld on `storage.backend: postgresql` (PostgreSQL 15 started by the benchmark in a
