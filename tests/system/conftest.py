@@ -195,7 +195,10 @@ def booted_together(cached_rootfs: Path, labels: Sequence[str]) -> Iterator[list
             in_parallel([box.wait_booted for box in boxes])
         yield boxes
     finally:
-        with timed(f"{names}: power off and remove the copies"):
+        # Timed apart: removing a copy with the package installed is most of the cost.
+        with timed(f"{names}: power off, in parallel"):
+            in_parallel([box.stop for box in boxes])
+        with timed(f"{names}: remove the copies, in parallel"):
             in_parallel([box.destroy for box in boxes])
 
 

@@ -194,8 +194,12 @@ class Container:
                     failed = self.run(["systemctl", "--failed", "--no-legend"]).stdout
                     print(f"container {self.name} is degraded:\n{failed}")
                 return
-            if state not in ("initializing", "starting", ""):
+            # "offline": systemctl cannot reach the manager yet, which happens right after
+            # init execs systemd, before its socket exists (seen booting two at once).
+            if state not in ("initializing", "starting", "offline", ""):
                 break
+            if self.nspawn is not None and self.nspawn.poll() is not None:
+                break  # the container is gone: no point waiting for the deadline
             time.sleep(0.5)
         raise ContainerError(
             f"the container did not finish booting (state {state!r})\n{self.console()}"
