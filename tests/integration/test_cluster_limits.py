@@ -148,6 +148,12 @@ def test_concurrency_holds_across_nodes_and_comes_back_on_release(
         await until(lambda: postgres.sql("SELECT count(*) FROM leases") == "1")
         third = await c.limiter.acquire("client-1", 2)
         assert third.id is not None
+        assert a.round_trips("release") == 1  # on its own: no call of a's came by
+        # A call's round trip carries the releases queued before it: no round trip more.
+        c.limiter.release(third)
+        await c.limiter.count_request("client-2", 10)
+        assert postgres.sql("SELECT count(*) FROM leases") == "1"
+        assert c.round_trips("release") == 0
         await closed(a, b, c)
         # A clean stop takes a node's leases and its mark with it.
         assert postgres.sql("SELECT count(*) FROM leases") == "0"

@@ -17,8 +17,10 @@ every call. A round trip that times out is never cancelled (psycopg would wait f
 server to confirm the cancel): it finishes in the background, and a lease it may have
 taken is released.
 
-Releases are off the response path: a finished call's lease id is queued and deleted in
-batches on the loop's next turns; a delete that fails stays queued for the next tick.
+Releases are off the response path: a finished call's lease id is queued, and the next
+round trip of any call on this node carries the queue (deleted before that call's lock is
+taken, so it costs no round trip of its own); what no call carries within RELEASE_DELAY
+goes in a batch of its own. A release that fails is queued again; the tick retries it.
 Every TICK_SECONDS the node marks itself alive in `lease_holders` and deletes its leases
 that no call here holds (a release that never arrived); at start it deletes every lease
 an earlier run left under its name, and at a clean stop it removes itself. Leases of a
@@ -32,7 +34,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from vibectld.ops.metrics import Metrics
 from vibectld.runtime import Runtime
+from vibectld.service.limit_connections import AsyncConnection, Connections
 from vibectld.service.limits import Limiter, concurrency_refusal, rpm_refusal
 from vibectld.service.staleness import is_stale
 from vibectld.store.base import NodeInfo
@@ -72,8 +74,12 @@ STATEMENT_TIMEOUT_MS = 2000
 # for an hour: every 5 ticks.
 SWEEP_EVERY = 5
 
-_COUNT_SQL = "SELECT vibectld_count_request(%s, %s)"
-_TAKE_SQL = "SELECT vibectld_take_lease(%s, %s, %s, %s, %s)"
+# How long a finished call's release waits for a call's round trip to carry it, before it
+# goes on its own: under load one always comes sooner, and a release costs no round trip.
+RELEASE_DELAY = 0.005
+
+_COUNT_SQL = "SELECT vibectld_count_request(%s, %s, %s)"
+_TAKE_SQL = "SELECT vibectld_take_lease(%s, %s, %s, %s, %s, %s)"
 _RELEASE_SQL = "DELETE FROM leases WHERE id = ANY(%s)"
 _TICK_SQL = "SELECT 0 FROM vibectld_limits_tick(%s, %s, %s, %s)"
 _START_SQL = (
@@ -86,8 +92,6 @@ _STOP_SQL = (
     "WITH held AS (DELETE FROM leases WHERE node = %s) DELETE FROM lease_holders WHERE node = %s"
 )
 
-AsyncConnection = psycopg.AsyncConnection[tuple[Any, ...]]
-
 
 class _Unavailable(Exception):
     """The limiter's database did not answer (in time): decide on this node's share."""
@@ -99,75 +103,6 @@ class Lease:
 
     client_id: str
     id: str | None
-
-
-class _Connections:
-    """A few connections on the event loop, handed out first come, first served."""
-
-    def __init__(self, conninfo: str, size: int) -> None:
-        self._conninfo = conninfo
-        self._size = size
-        self._idle: deque[AsyncConnection] = deque()
-        self._waiters: deque[asyncio.Future[AsyncConnection]] = deque()
-        self.open = 0  # idle or in use
-
-    async def fill(self) -> None:
-        """Open connections up to the pool's size (raises psycopg.Error)."""
-        while self.open < self._size:
-            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-            try:
-                # Rate events and leases are a minute's state: a crash of the database
-                # may lose its last moments of them, and nothing else. Not waiting for
-                # the WAL flush takes the disk off every limited call's path.
-                await conn.execute(
-                    f"SET synchronous_commit = off; SET statement_timeout = {STATEMENT_TIMEOUT_MS}"
-                )
-            except psycopg.Error:
-                await conn.close()
-                raise
-            self.open += 1
-            self.put(conn)
-
-    async def get(self, within: float) -> AsyncConnection:
-        """An idle connection, waiting up to `within` s for one (raises TimeoutError)."""
-        if self._idle:
-            return self._idle.popleft()
-        waiter: asyncio.Future[AsyncConnection] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(within):
-                return await waiter
-        except BaseException:
-            # Handed over just as the wait ended: give it to the next in line.
-            if waiter.done() and not waiter.cancelled():
-                self.put(waiter.result())
-            raise
-
-    def put(self, conn: AsyncConnection) -> None:
-        if conn.closed or conn.broken:
-            self.open -= 1
-            return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return
-        self._idle.append(conn)
-
-    def drop_idle(self) -> None:
-        """Close the idle connections: one broke, so the server likely dropped them all
-        (a restart); the next tick opens new ones rather than calls finding out."""
-        while self._idle:
-            conn = self._idle.popleft()
-            self.open -= 1
-            conn.pgconn.finish()  # no round trip, and nothing to wait for
-
-    async def close(self) -> None:
-        while self._idle:
-            conn = self._idle.popleft()
-            self.open -= 1
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
 
 
 class ClusterLimiter:
@@ -190,11 +125,13 @@ class ClusterLimiter:
         self._nodes = nodes
         self._metrics = metrics
         self._clean = clean
-        self._pool = _Connections(conninfo, connections)
+        self._pool = Connections(conninfo, connections, STATEMENT_TIMEOUT_MS)
         self._retry_at = 0.0  # time.monotonic() before which calls use the fallback
         # Lease ids taken, or being taken, by calls on this node: the tick keeps them.
         self._held: set[str] = set()
+        # Lease ids given back here and not yet deleted there.
         self._releasing: set[str] = set()
+        self._release_timer: asyncio.TimerHandle | None = None
         self._releaser: asyncio.Task[None] | None = None
         self._orphans: set[asyncio.Task[Any]] = set()
         self._fallback_reason: str | None = None  # logged once per spell
@@ -246,8 +183,11 @@ class ClusterLimiter:
         LimitExceeded (it is then not counted)."""
         reason = self._why_not_database()
         if reason is None:
+            carried = self._carried()
             try:
-                retry_ms = await self._call("rpm", _COUNT_SQL, (client_id, rpm))
+                retry_ms = await self._call(
+                    "rpm", _COUNT_SQL, (client_id, rpm, carried), carried=carried
+                )
             except _Unavailable:
                 reason = "unavailable"
             else:
@@ -265,10 +205,10 @@ class ClusterLimiter:
         if reason is None:
             lease_id = uuid.uuid4().hex
             self._held.add(lease_id)
+            carried = self._carried()
+            params = (lease_id, client_id, self.node, concurrency, LEASE_TIMEOUT, carried)
             try:
-                running = await self._call(
-                    "lease", _TAKE_SQL, (lease_id, client_id, self.node, concurrency, LEASE_TIMEOUT)
-                )
+                running = await self._call("lease", _TAKE_SQL, params, carried=carried)
             except BaseException as e:
                 # Taken or not, it is no call's now (it may commit after a timeout).
                 self._held.discard(lease_id)
@@ -339,35 +279,47 @@ class ClusterLimiter:
     # -- round trips --------------------------------------------------------------------
 
     async def _call(
-        self, step: str, sql: str, params: tuple[Any, ...], within: float = ROUND_TRIP_TIMEOUT
+        self,
+        step: str,
+        sql: str,
+        params: tuple[Any, ...],
+        within: float = ROUND_TRIP_TIMEOUT,
+        *,
+        carried: list[str] | tuple[()] = (),
     ) -> int:
-        """One statement's single value, or _Unavailable after `within` seconds."""
+        """One statement's single value, or _Unavailable after `within` seconds. The
+        releases `carried` in it are queued again if it did not commit."""
         deadline = time.monotonic() + within
         try:
             conn = await self._pool.get(within)
-        except TimeoutError:
+        except BaseException as e:
+            self._releasing.update(carried)  # never sent
+            if not isinstance(e, TimeoutError):
+                raise  # cancelled
             self._failed(step, "timeout")
             raise _Unavailable from None
         task = asyncio.get_running_loop().create_task(self._execute(conn, sql, params))
         try:
             done, _ = await asyncio.wait((task,), timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.CancelledError:
-            self._orphan(task)  # the call is gone; the statement finishes without it
+            self._orphan(task, carried)  # the call is gone; the statement finishes without it
             raise
         if not done:
             # Not cancelled: psycopg would wait for the server to confirm a cancel. It
             # ends on its own (statement_timeout) and gives its connection back then.
-            self._orphan(task)
+            self._orphan(task, carried)
             self._failed(step, "timeout")
             raise _Unavailable
         try:
             value = task.result()
         except psycopg.Error as e:
+            self._releasing.update(carried)
             if isinstance(e, psycopg.OperationalError):
                 self._pool.drop_idle()
             self._failed(step, "failed", e)
             raise _Unavailable from None
         except Exception:
+            self._releasing.update(carried)
             # Not the database's doing, but still no reason to refuse a call over it.
             log.exception("limits.round_trip_error", step=step)
             self._failed(step, "failed")
@@ -383,14 +335,17 @@ class ClusterLimiter:
         finally:
             self._pool.put(conn)
 
-    def _orphan(self, task: asyncio.Task[Any]) -> None:
+    def _orphan(self, task: asyncio.Task[Any], carried: list[str] | tuple[()]) -> None:
         self._orphans.add(task)
-        task.add_done_callback(self._orphan_done)
 
-    def _orphan_done(self, task: asyncio.Task[Any]) -> None:
-        self._orphans.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: nobody waits for a late result or failure
+        def done(task: asyncio.Task[Any]) -> None:
+            self._orphans.discard(task)
+            # Retrieved: nobody waits for a late result. Releases it carried are queued
+            # again only once it failed, so that no two statements delete one lease.
+            if task.cancelled() or task.exception() is not None:
+                self._release_later(*carried)
+
+        task.add_done_callback(done)
 
     def _failed(self, step: str, result: str, error: psycopg.Error | None = None) -> None:
         self._round_trips[step, result].inc()
@@ -400,21 +355,34 @@ class ClusterLimiter:
 
     # -- releases and the tick ----------------------------------------------------------
 
-    def _release_later(self, lease_id: str) -> None:
-        self._releasing.add(lease_id)
-        if self._releaser is None:
+    def _release_later(self, *lease_ids: str) -> None:
+        self._releasing.update(lease_ids)
+        if self._releasing and self._release_timer is None and self._releaser is None:
+            loop = asyncio.get_running_loop()
+            self._release_timer = loop.call_later(RELEASE_DELAY, self._start_releaser)
+
+    def _carried(self) -> list[str]:
+        """The queued releases, taken off the queue by the round trip that carries them."""
+        if not self._releasing:
+            return []
+        batch = list(self._releasing)
+        self._releasing.clear()
+        return batch
+
+    def _start_releaser(self) -> None:
+        self._release_timer = None
+        if self._releasing and self._releaser is None and self._pool.open:
             self._releaser = asyncio.get_running_loop().create_task(self._release_queued())
 
     async def _release_queued(self) -> None:
-        """Delete the queued leases in batches; on failure they wait for the next tick."""
+        """Delete what no call carried; on failure it waits for the next tick."""
         try:
             while self._releasing and self._pool.open:
-                batch = list(self._releasing)
+                batch = self._carried()
                 try:
-                    await self._call("release", _RELEASE_SQL, (batch,), TICK_SECONDS)
+                    await self._call("release", _RELEASE_SQL, (batch,), TICK_SECONDS, carried=batch)
                 except _Unavailable:
                     return
-                self._releasing.difference_update(batch)
         finally:
             self._releaser = None
 
@@ -432,8 +400,8 @@ class ClusterLimiter:
             "tick", _TICK_SQL, (self.node, list(self._held), LEASE_GRACE, sweep), TICK_SECONDS
         )
         self._retry_at = 0.0  # the database answers: calls may use it again
-        if self._releasing and self._releaser is None:
-            self._releaser = asyncio.get_running_loop().create_task(self._release_queued())
+        if self._release_timer is None:
+            self._start_releaser()
 
     async def run(self) -> None:
         """Tick until cancelled (the daemon's stop); then leave the cluster cleanly."""
@@ -455,6 +423,9 @@ class ClusterLimiter:
     async def close(self) -> None:
         """Remove this node's leases and its mark (a clean stop: its slots are back at
         once) and close the connections."""
+        if self._release_timer is not None:
+            self._release_timer.cancel()  # the stop below deletes this node's leases
+            self._release_timer = None
         # Statements under way end within statement_timeout; none is cancelled (above).
         pending = [*self._orphans, *([self._releaser] if self._releaser else [])]
         if pending:
