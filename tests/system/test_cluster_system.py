@@ -17,6 +17,8 @@ them. Then:
 - a revocation on B is refused by A (UNAUTHENTICATED) within REVOCATION_BOUND seconds,
   through the change feed: A is already running and never restarts;
 - `vibectl-admin status --json` on either node lists both nodes;
+- a signing key rotated on A signs a secret B accepts, and retiring the old key on B
+  refuses, on A, the secret it signed;
 - neither journal holds a secret, the DSN's password or the cluster key.
 
 The issue's bound is 1 s at p99 under load, which the three-node integration test and
@@ -32,7 +34,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -100,11 +102,30 @@ def install_key_file(box: Container, name: str, value: str) -> None:
     os.chmod(path, 0o600)
 
 
-def status(box: Container) -> dict[str, object]:
-    doc: dict[str, object] = json.loads(
-        ok(box.run(["vibectl-admin", "--json", "status"], timeout=30))
-    )
+def admin_json(box: Container, *args: str) -> dict[str, object]:
+    doc: dict[str, object] = json.loads(ok(box.run(["vibectl-admin", "--json", *args], timeout=30)))
     return doc
+
+
+def eventually(check: Callable[[], bool], bound: float = REVOCATION_BOUND) -> float:
+    """Seconds until `check()` holds, trying every 20 ms; fails past `bound`."""
+    started = time.monotonic()
+    while not check():
+        waited = time.monotonic() - started
+        assert waited <= bound, f"still not so after {waited:.2f}s"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+class NodeClient(HostClient):
+    def is_served(self, prompt: str) -> bool:
+        """Whether this call is served (False for a refusal of any kind)."""
+        try:
+            reply = self.execute(prompt)
+        except grpc.RpcError:
+            return False
+        result: str | None = reply.WhichOneof("result")
+        return result == "success"
 
 
 @dataclass
@@ -113,10 +134,10 @@ class Node:
     box: Container
     port: int = 0
 
-    def client(self, url: ProxyURL, ca_pem: bytes | None = None) -> HostClient:
+    def client(self, url: ProxyURL, ca_pem: bytes | None = None) -> NodeClient:
         """A client of this node with a URL another node issued: same secret and pin,
         this node's port (the name stays `localhost`, which every node's certificate has)."""
-        return HostClient(replace(url, port=self.port), ca_pem)
+        return NodeClient(replace(url, port=self.port), ca_pem)
 
 
 class State:
@@ -127,6 +148,7 @@ class State:
     cluster_key: str = ""
     alice_url: ProxyURL
     bob_url: ProxyURL
+    carol_url: ProxyURL
     ca_pem: bytes = b""
 
 
@@ -343,7 +365,7 @@ class TestTwoNodes:
         deadline = time.monotonic() + 3 * HEARTBEAT_SECONDS
         for node in (state.a, state.b):
             while True:
-                doc = status(node.box)
+                doc = admin_json(node.box, "status")
                 storage = doc.get("storage")
                 assert isinstance(storage, dict) and storage.get("backend") == "postgresql", doc
                 assert not storage.get("degraded"), storage
@@ -361,12 +383,38 @@ class TestTwoNodes:
                 assert isinstance(beat, int) and time.time() - beat < 3 * HEARTBEAT_SECONDS
         note(f"status on B: nodes {json.dumps(nodes)}; storage {json.dumps(storage)}")
 
+    def test_signing_keys_rotated_on_one_node_and_retired_on_the_other(self, state: State) -> None:
+        a, b = state.a, state.b
+        keys = admin_json(a.box, "list-signing-keys")["keys"]
+        assert isinstance(keys, list)
+        old = [str(k["kid"]) for k in keys if k.get("current")]
+        assert len(old) == 1, keys
+        new = str(admin_json(a.box, "rotate-signing-key")["kid"])
+        assert new and new != old[0]
+        carol_url = issue(a.box, "carol")
+        state.carol_url = carol_url
+        # Signed by A's new key: B serves it once the key change has reached it.
+        took = eventually(lambda: b.client(carol_url, state.ca_pem).is_served("carol on B"))
+        note(f"a key rotated on A verified on B {took:.3f}s after carol's issue-client returned")
+        listed = admin_json(b.box, "list-signing-keys")["keys"]
+        assert isinstance(listed, list)
+        assert [str(k["kid"]) for k in listed if k.get("current")] == [new], listed
+
+        # bob's secret (issued on B before the rotation) was signed by the old key.
+        ok(b.box.run(["vibectl-admin", "retire-signing-key", old[0]], timeout=30))
+        bob_on_a = a.client(state.bob_url, state.ca_pem)
+        took = eventually(lambda: not bob_on_a.is_served("bob on A after the retirement"))
+        note(f"a key retired on B refused on A {took:.3f}s after retire-signing-key returned")
+        assert bob_on_a.refused("bob on A") == grpc.StatusCode.UNAUTHENTICATED
+        a.client(carol_url, state.ca_pem).served("carol on A after the retirement")
+
     def test_no_secret_in_either_journal(
         self, node_a: Container, node_b: Container, database: Postgres, state: State
     ) -> None:
         secrets = {
             "alice's secret": state.alice_url.secret,
             "bob's secret": state.bob_url.secret,
+            "carol's secret": state.carol_url.secret,
             "the DSN's password": database.cluster.password,
             "the cluster key": state.cluster_key,
         }
