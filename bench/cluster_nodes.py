@@ -202,11 +202,10 @@ class Purpose:
 PURPOSES: tuple[tuple[str, Purpose], ...] = tuple(
     (pattern, Purpose(label, why, when))
     for pattern, label, why, when in (
-        (r"vibectld_count_request|rate_events", "rpm count",
-         "cluster-wide rpm: count the call in the client's 60 s window (one function, "
-         "under the client's advisory lock, by the database's clock)", BEFORE_REPLY),
-        (r"vibectld_take_lease", "lease taken",
-         "cluster-wide concurrency: take a lease if the client's live leases leave room",
+        (r"vibectld_admit|rate_events", "limits",
+         "cluster-wide rpm and concurrency in one function: count the call in the client's "
+         "60 s window, then take a lease if its live leases leave room (under the client's "
+         "advisory locks, by the database's clock; finished calls' leases ride along)",
          BEFORE_REPLY),
         (r"vibectld_limits_tick|lease_holders", "limiter tick",
          "limiter tick: this node alive, its stray leases dropped", BATCHED),

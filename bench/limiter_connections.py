@@ -2,8 +2,8 @@
 
     python -m bench.limiter_connections     # a temporary durable PostgreSQL 15
 
-One operation, the rpm step every call of a limited client makes when the store is
-shared (`SELECT vibectld_count_request(client, rpm)`, service/cluster_limits.py), over
+One operation, the round trip every call of a limited client makes when the store is
+shared (`vibectld_admit`, service/cluster_limits.py), here its rpm step alone, over
 clients c1..c1000 with rpm high enough that every call is counted (the insert path, the
 common one). Two ways to run it, each with 1 and 4 connections, at 1 and 16 callers:
 
@@ -39,7 +39,7 @@ from vibectld.store.postgresql import PostgreSQLDatabase
 C = TypeVar("C")
 
 CLIENTS = 1000
-CHECK = "SELECT vibectld_count_request(%s, %s)"
+CHECK = "SELECT retry_ms, running FROM vibectld_admit(%s, %s, NULL, 'bench', NULL, 6, '{}')"
 RPM = 1_000_000_000
 DURATION = 2.0
 

@@ -95,7 +95,7 @@ def _cluster_section_measured_each_part(stdout: str) -> None:
     ):
         assert re.search(rf"^- (PASS|FAIL)  {re.escape(check)}:", stdout, re.M), check
     assert "| statement | why | when | quiet: per s |" in stdout
-    assert "`SELECT vibectld_count_request(" in stdout
+    assert "`SELECT retry_ms, running FROM vibectld_admit(" in stdout
     for client in ("no limits", "rpm + concurrency"):
         assert f"database statements per call, client with {client}:" in stdout
     # B and C each probed in every trial (8 with --quick).

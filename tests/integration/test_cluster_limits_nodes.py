@@ -140,3 +140,28 @@ def test_concurrency_holds_across_nodes_and_frees_when_calls_end(
         time.sleep(0.05)
     both = _spread(nodes[1:], 2, lambda node: _call(node, secret, "sleep:0.2", "faults"))
     assert [code for code, _ in both] == ["OK", "OK"]
+
+
+def test_refusals_keep_the_contracts_order_and_a_refused_call_takes_nothing(
+    nodes: list[RunningDaemon], postgres: Postgres
+) -> None:
+    # The checks in memory run before the one round trip; their refusals come after it.
+    secret = _issue(nodes, "erin", "--rpm", "4", "--concurrency", "1")
+    # Bad input counts against rpm (the rate limit comes before validation)...
+    assert _call(nodes[0], secret, " ")[0] == "INVALID_ARGUMENT"
+    # ...and takes no slot: with one call running, bad input is still INVALID_ARGUMENT
+    # (validation comes before concurrency), and a good call is refused for concurrency.
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_call, nodes[1], secret, "sleep:1.5", "faults")
+        deadline = time.monotonic() + 5
+        while postgres.sql("SELECT count(*) FROM leases") != "1":
+            assert time.monotonic() < deadline, "the long call never took its slot"
+            time.sleep(0.02)
+        assert _call(nodes[2], secret, " ")[0] == "INVALID_ARGUMENT"
+        code, trailers = _call(nodes[0], secret)
+        assert (code, trailers["limit-type"]) == ("RESOURCE_EXHAUSTED", "concurrency")
+        assert running.result()[0] == "OK"
+    # Four counted (two bad, the long one, the one refused for concurrency): the fifth is
+    # refused for rpm, bad input or not.
+    code, trailers = _call(nodes[1], secret, " ")
+    assert (code, trailers["limit-type"]) == ("RESOURCE_EXHAUSTED", "rpm")

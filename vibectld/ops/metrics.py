@@ -64,17 +64,18 @@ class Metrics:
         # The cluster limiter (service/cluster_limits.py), on storage.backend: postgresql.
         self.limit_round_trips = Counter(
             "vibectld_limit_round_trips",
-            "Round trips to PostgreSQL for cluster-wide limits, by step "
-            "(rpm, lease, release, tick) and result (ok, failed, timeout).",
+            "Round trips to PostgreSQL for cluster-wide limits, by step (admit: a call's rpm "
+            "and concurrency; release: finished calls' leases no call carried; tick) and "
+            "result (ok, failed, timeout).",
             ["step", "result"],
             registry=r,
         )
         self.limit_fallbacks = Counter(
             "vibectld_limit_fallbacks",
-            "Limit checks decided on this node alone (each node enforcing its share of a "
-            "client's limit), by step and why (stale: the store is degraded; unavailable: "
-            "the limiter's database did not answer in time).",
-            ["step", "reason"],
+            "Calls whose rpm and concurrency this node decided alone (each node enforcing "
+            "its share of a client's limits), by why (stale: this node's view of the store "
+            "is stale; unavailable: the limiter's database did not answer in time).",
+            ["reason"],
             registry=r,
         )
         # The store, read when scraped (storage.on_stale in vibectld.yaml(5)); until

@@ -78,8 +78,7 @@ SWEEP_EVERY = 5
 # goes on its own: under load one always comes sooner, and a release costs no round trip.
 RELEASE_DELAY = 0.005
 
-_COUNT_SQL = "SELECT vibectld_count_request(%s, %s, %s)"
-_TAKE_SQL = "SELECT vibectld_take_lease(%s, %s, %s, %s, %s, %s)"
+_ADMIT_SQL = "SELECT retry_ms, running FROM vibectld_admit(%s, %s, %s, %s, %s, %s, %s)"
 _RELEASE_SQL = "DELETE FROM leases WHERE id = ANY(%s)"
 _TICK_SQL = "SELECT 0 FROM vibectld_limits_tick(%s, %s, %s, %s)"
 _START_SQL = (
@@ -137,7 +136,7 @@ class ClusterLimiter:
         self._fallback_reason: str | None = None  # logged once per spell
         self._round_trips = {
             (step, result): metrics.limit_round_trips.labels(step, result)
-            for step in ("rpm", "lease", "release", "tick")
+            for step in ("admit", "release", "tick")
             for result in ("ok", "failed", "timeout")
         }
 
@@ -176,55 +175,69 @@ class ClusterLimiter:
         limiter.forget_earlier_run()
         return limiter
 
-    # -- the two steps ------------------------------------------------------------------
+    # -- the steps ----------------------------------------------------------------------
 
-    async def count_request(self, client_id: str, rpm: int) -> None:
-        """Count this call against the client's rpm across the nodes, or raise
-        LimitExceeded (it is then not counted)."""
+    async def admit(
+        self, client_id: str, rpm: int | None, concurrency: int | None, *, slot: bool
+    ) -> Lease | None:
+        """The call's rpm step and, with `slot`, its concurrency slot, in one round trip
+        and in that order: LimitExceeded for rpm (nothing counted or taken) or for
+        concurrency (counted, nothing taken). A Lease with `slot` (given back with
+        `release`), else None. Only what is limited goes to the database."""
+        lease_here = slot and concurrency is None
+        if rpm is None and (not slot or lease_here):
+            return self._slot(client_id, None) if slot else None
         reason = self._why_not_database()
         if reason is None:
+            lease_id = uuid.uuid4().hex if slot and not lease_here else None
+            if lease_id is not None:
+                self._held.add(lease_id)
             carried = self._carried()
+            params = (client_id, rpm, lease_id, self.node, concurrency, LEASE_TIMEOUT, carried)
             try:
-                retry_ms = await self._call(
-                    "rpm", _COUNT_SQL, (client_id, rpm, carried), carried=carried
-                )
-            except _Unavailable:
-                reason = "unavailable"
-            else:
-                if retry_ms:
-                    raise rpm_refusal(rpm, retry_ms)
-                self._local.note_request(client_id)
-                return
-        self._fell_back("rpm", reason)
-        self._local.count_request(client_id, self._share(rpm))
-
-    async def acquire(self, client_id: str, concurrency: int) -> Lease:
-        """One of the client's concurrent slots across the nodes, or LimitExceeded.
-        Every lease returned is given back with `release`."""
-        reason = self._why_not_database()
-        if reason is None:
-            lease_id = uuid.uuid4().hex
-            self._held.add(lease_id)
-            carried = self._carried()
-            params = (lease_id, client_id, self.node, concurrency, LEASE_TIMEOUT, carried)
-            try:
-                running = await self._call("lease", _TAKE_SQL, params, carried=carried)
+                retry_ms, running = await self._call("admit", _ADMIT_SQL, params, carried=carried)
             except BaseException as e:
-                # Taken or not, it is no call's now (it may commit after a timeout).
-                self._held.discard(lease_id)
-                self._release_later(lease_id)
+                if lease_id is not None:
+                    # Taken or not, it is no call's now (it may commit after a timeout).
+                    self._held.discard(lease_id)
+                    self._release_later(lease_id)
                 if not isinstance(e, _Unavailable):
                     raise  # cancelled: the call is gone
                 reason = "unavailable"
             else:
+                if retry_ms:
+                    self._held.discard(lease_id or "")
+                    assert rpm is not None
+                    raise rpm_refusal(rpm, retry_ms)
+                if rpm is not None:
+                    self._local.note_request(client_id)  # counted here too, for a fallback
                 if running >= 0:
-                    self._held.discard(lease_id)
+                    self._held.discard(lease_id or "")
+                    assert concurrency is not None
                     raise concurrency_refusal(running, concurrency)
-                self._local.take(client_id, None)  # counted here too, for a fallback
-                return Lease(client_id, lease_id)
-        self._fell_back("lease", reason)
-        self._local.take(client_id, self._share(concurrency))
-        return Lease(client_id, None)
+                return self._slot(client_id, None, lease_id) if slot else None
+        # This node alone, on its share of each limit, in the same order.
+        self._fell_back(reason)
+        if rpm is not None:
+            self._local.count_request(client_id, self._share(rpm))
+        if not slot:
+            return None
+        return self._slot(client_id, None if lease_here else self._share(concurrency or 1))
+
+    def _slot(self, client_id: str, limit: int | None, lease_id: str | None = None) -> Lease:
+        """The slot as this node counts it (checked against `limit` unless None)."""
+        self._local.take(client_id, limit)
+        return Lease(client_id, lease_id)
+
+    async def count_request(self, client_id: str, rpm: int) -> None:
+        """The rpm step alone."""
+        await self.admit(client_id, rpm, None, slot=False)
+
+    async def acquire(self, client_id: str, concurrency: int) -> Lease:
+        """A concurrent slot alone."""
+        lease = await self.admit(client_id, None, concurrency, slot=True)
+        assert lease is not None
+        return lease
 
     def release(self, lease: Lease) -> None:
         """Give the slot back: here at once, in the database off the response path."""
@@ -252,8 +265,8 @@ class ClusterLimiter:
             log.info("limits.cluster_wide", hint="limits are exact across the nodes again")
         return None
 
-    def _fell_back(self, step: str, reason: str) -> None:
-        self._metrics.limit_fallbacks.labels(step, reason).inc()
+    def _fell_back(self, reason: str) -> None:
+        self._metrics.limit_fallbacks.labels(reason).inc()
         if self._fallback_reason is None:
             self._fallback_reason = reason
             log.warning(
@@ -286,9 +299,9 @@ class ClusterLimiter:
         within: float = ROUND_TRIP_TIMEOUT,
         *,
         carried: list[str] | tuple[()] = (),
-    ) -> int:
-        """One statement's single value, or _Unavailable after `within` seconds. The
-        releases `carried` in it are queued again if it did not commit."""
+    ) -> tuple[Any, ...]:
+        """One statement's row (empty if none), or _Unavailable after `within` seconds.
+        The releases `carried` in it are queued again if it did not commit."""
         deadline = time.monotonic() + within
         try:
             conn = await self._pool.get(within)
@@ -327,11 +340,13 @@ class ClusterLimiter:
         self._round_trips[step, "ok"].inc()
         return value
 
-    async def _execute(self, conn: AsyncConnection, sql: str, params: tuple[Any, ...]) -> int:
+    async def _execute(
+        self, conn: AsyncConnection, sql: str, params: tuple[Any, ...]
+    ) -> tuple[Any, ...]:
         try:
             cursor = await conn.execute(sql, params, prepare=True)
             row = await cursor.fetchone() if cursor.description else None
-            return int(row[0]) if row and row[0] is not None else 0
+            return row or ()
         finally:
             self._pool.put(conn)
 

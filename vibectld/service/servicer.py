@@ -9,9 +9,13 @@ failures are gRPC statuses (refusals.py); model failures are in-band
 ExecuteErrors (providers/execution.py).
 
 On one node the rpm and concurrency steps are decided in memory with no await
-between check and reservation (limits.py). When the store is shared, they are
-awaited round trips to the database (cluster_limits.py), taken only for a client
-whose limit is set; the single-node path has no await added.
+between check and reservation (limits.py). When the store is shared, both are
+decided by the database in one awaited round trip (cluster_limits.py), made only
+for a client with either limit set: the checks in memory run first and their
+verdict is held, then the round trip counts the call (and takes its slot only if
+nothing refused it), and the refusals are raised in the contract's order, so a
+client sees the refusal it would see on one node and a refused call takes
+nothing. The single-node path has no await added.
 """
 
 from __future__ import annotations
@@ -124,16 +128,49 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         gen, client, request_id, limits = self._arrive(request, context)
         # Every authenticated call counts, whatever the checks below make of it.
         self.rt.limiter.count_request(client.id, limits.rpm)
-        return self._checked(request, gen, client, request_id, limits)
+        try:
+            return self._checked(request, gen, client, request_id, limits)
+        except SecretsRefused as refusal:
+            self._secrets_refused(client, request_id, refusal)
+            raise
 
-    async def _prepare_shared(self, request: pb.ExecuteRequest, context: Any) -> _Call:
-        """`_prepare` with the rpm step counted across the nodes (a shared store)."""
+    async def _prepare_shared(
+        self, request: pb.ExecuteRequest, context: Any
+    ) -> tuple[_Call, Lease | None]:
+        """`_prepare` and the budgets with a shared store; the call's slot if it runs."""
         gen, client, request_id, limits = self._arrive(request, context)
         cluster = self.rt.cluster
         assert cluster is not None
-        if limits.rpm is not None:
-            await cluster.count_request(client.id, limits.rpm)
-        return self._checked(request, gen, client, request_id, limits)
+        call: _Call | None = None
+        held: CallRefused | None = None
+        try:
+            call = self._checked(request, gen, client, request_id, limits)
+            if call.failure is None:
+                self._check_budgets(call)
+        except CallRefused as refusal:
+            held = refusal  # raised once the call is counted, as the order says
+        runs = call is not None and call.failure is None
+        lease = await cluster.admit(client.id, limits.rpm, limits.concurrency, slot=runs)
+        if held is not None:
+            if isinstance(held, SecretsRefused):
+                self._secrets_refused(client, request_id, held)
+            raise held
+        assert call is not None
+        if lease is not None:
+            # A revocation during the round trip found no call of this client to
+            # cancel: look again before the call is tracked.
+            current = self.rt.registry.get(client.id)
+            if current is None or current.status(int(time.time())) != "active":
+                cluster.release(lease)
+                raise Unauthenticated(_REVOKED_MID_CALL)
+        return call, lease
+
+    def _secrets_refused(
+        self, client: ClientRecord, request_id: str, refusal: SecretsRefused
+    ) -> None:
+        asyncio.get_running_loop().call_soon(
+            self._record_refused, client, request_id, refusal.found
+        )
 
     def _arrive(
         self, request: pb.ExecuteRequest, context: Any
@@ -157,15 +194,9 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
     ) -> _Call:
         """The checks after the rpm step, up to the model's authorization."""
         schema = _validate(request, gen.config.server.max_request_bytes, limits.max_input_chars)
-        try:
-            # Before the model is chosen and any budget is looked at: a refused prompt
-            # costs nothing, and no model ever receives a secret that was found.
-            screened = gen.redaction.screen(request.system_fragments, request.user_fragments)
-        except SecretsRefused as refusal:
-            asyncio.get_running_loop().call_soon(
-                self._record_refused, client, request_id, refusal.found
-            )
-            raise
+        # Before the model is chosen and any budget is looked at: a refused prompt
+        # costs nothing, and no model ever receives a secret that was found.
+        screened = gen.redaction.screen(request.system_fragments, request.user_fragments)
         entry, failure = _authorize(request, client, gen)
         return _Call(gen, client, limits, request_id, entry, failure, schema, screened)
 
@@ -178,23 +209,6 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         )
         assert call.entry is not None
         check_dollar_budgets(rt.registry, call.gen, call.client, call.limits, call.entry, now)
-
-    async def _lease(self, call: _Call) -> Lease | None:
-        """With a shared store and a concurrency limit: the budgets, then a slot taken
-        across the nodes. Else None, and `_admitted` does both in memory."""
-        cluster = self.rt.cluster
-        concurrency = call.limits.concurrency
-        if cluster is None or concurrency is None:
-            return None
-        self._check_budgets(call)
-        lease = await cluster.acquire(call.client.id, concurrency)
-        # A revocation that landed while the slot was being taken found no call of this
-        # client to cancel: look again before the call is tracked.
-        current = self.rt.registry.get(call.client.id)
-        if current is None or current.status(int(time.time())) != "active":
-            cluster.release(lease)
-            raise Unauthenticated(_REVOKED_MID_CALL)
-        return lease
 
     @contextmanager
     def _admitted(self, call: _Call, lease: Lease | None = None) -> Iterator[None]:
@@ -295,17 +309,15 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
         try:
             # One node: no await before the model (the checks are in memory).
-            call = (
-                self._prepare(request, context)
-                if self.rt.cluster is None
-                else await self._prepare_shared(request, context)
-            )
+            if self.rt.cluster is None:
+                call, lease = self._prepare(request, context), None
+            else:
+                call, lease = await self._prepare_shared(request, context)
             request_id = call.request_id
             if call.failure is not None:
                 self._done(call, call.failure.code, failure=call.failure)
                 return pb.ExecuteResponse(request_id=request_id, error=_error(call.failure))
             assert call.entry is not None
-            lease = None if self.rt.cluster is None else await self._lease(call)
             with self._admitted(call, lease):
                 try:
                     async with asyncio.timeout(call.timeout):
@@ -349,11 +361,10 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         # deadline) then lands in this coroutine even while gRPC is busy writing.
         try:
             # One node: no await before the model (the checks are in memory).
-            call = (
-                self._prepare(request, context)
-                if self.rt.cluster is None
-                else await self._prepare_shared(request, context)
-            )
+            if self.rt.cluster is None:
+                call, lease = self._prepare(request, context), None
+            else:
+                call, lease = await self._prepare_shared(request, context)
             request_id = call.request_id
             if call.failure is not None:
                 self._done(call, call.failure.code, failure=call.failure)
@@ -362,7 +373,6 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
                 )
                 return
             assert call.entry is not None
-            lease = None if self.rt.cluster is None else await self._lease(call)
             with self._admitted(call, lease):
                 outcome = Outcome(call.entry.model_id)
                 try:

@@ -184,71 +184,70 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             n INTEGER NOT NULL
         )
         """,
-        # One call's rpm step, in one round trip (service/cluster_limits.py): under the
-        # client's advisory lock, so two nodes counting the same client take turns and the
-        # 60 s window (the database's clock) is exact. 0 when counted, else how many ms
-        # until the window has room; a refused call is not counted. Only the events that
-        # left the window are read, and when refusing, the few oldest ones. `p_release`:
-        # leases this node's finished calls gave back, carried along to save a round
-        # trip (deleted before any lock is taken).
+        # One call's limits, in one round trip (service/cluster_limits.py): its rpm step,
+        # then its concurrency slot, each when asked for (p_rpm, p_lease not NULL). Each
+        # under the client's advisory lock (rpm's, then the lease's: always in that
+        # order), so two nodes counting the same client take turns, and by the
+        # database's clock, so the 60 s window is exact whatever the nodes' clocks say.
+        # retry_ms > 0: the rpm step refused (nothing taken, not counted), room in that
+        # many ms; else running >= 0: the slot refused, that many run (the rpm step
+        # counted the call); else admitted. Only the events leaving the window are read,
+        # and when refusing, the few oldest ones. The leases of nodes silent for
+        # p_timeout do not count. `p_release`: leases this node's finished calls gave
+        # back, carried along to save their own round trip (deleted before any lock).
         """
-        CREATE FUNCTION vibectld_count_request(p_client TEXT, p_rpm INTEGER, p_release TEXT[])
-        RETURNS INTEGER LANGUAGE plpgsql AS $$
+        CREATE FUNCTION vibectld_admit(
+            p_client TEXT, p_rpm INTEGER, p_lease TEXT, p_node TEXT, p_limit INTEGER,
+            p_timeout DOUBLE PRECISION, p_release TEXT[],
+            OUT retry_ms INTEGER, OUT running INTEGER
+        ) LANGUAGE plpgsql AS $$
         DECLARE
             t DOUBLE PRECISION;
             gone INTEGER;
             counted INTEGER;
             nth DOUBLE PRECISION;
         BEGIN
+            retry_ms := 0;
+            running := -1;
             IF cardinality(p_release) > 0 THEN
                 DELETE FROM leases WHERE id = ANY (p_release);
             END IF;
-            PERFORM pg_advisory_xact_lock(hashtextextended('vibectld rpm ' || p_client, 0));
-            t := extract(epoch FROM clock_timestamp());
-            DELETE FROM rate_events WHERE client_id = p_client AND at <= t - 60;
-            GET DIAGNOSTICS gone = ROW_COUNT;
-            SELECT c.n - gone INTO counted FROM rate_counts c WHERE c.client_id = p_client;
-            counted := coalesce(counted, 0);
-            IF counted >= p_rpm THEN
-                -- The rpm-th newest event: when it leaves the window, there is room.
-                SELECT e.at INTO nth FROM rate_events e WHERE e.client_id = p_client
-                    ORDER BY e.at OFFSET counted - greatest(p_rpm, 1) LIMIT 1;
-                IF gone > 0 THEN
-                    UPDATE rate_counts c SET n = counted WHERE c.client_id = p_client;
+            IF p_rpm IS NOT NULL THEN
+                PERFORM pg_advisory_xact_lock(hashtextextended('vibectld rpm ' || p_client, 0));
+                t := extract(epoch FROM clock_timestamp());
+                DELETE FROM rate_events WHERE client_id = p_client AND at <= t - 60;
+                GET DIAGNOSTICS gone = ROW_COUNT;
+                SELECT c.n - gone INTO counted FROM rate_counts c WHERE c.client_id = p_client;
+                counted := coalesce(counted, 0);
+                IF counted >= p_rpm THEN
+                    -- The rpm-th newest event: when it leaves the window, there is room.
+                    SELECT e.at INTO nth FROM rate_events e WHERE e.client_id = p_client
+                        ORDER BY e.at OFFSET counted - greatest(p_rpm, 1) LIMIT 1;
+                    IF gone > 0 THEN
+                        UPDATE rate_counts c SET n = counted WHERE c.client_id = p_client;
+                    END IF;
+                    retry_ms := greatest(1, floor((nth + 60 - t) * 1000))::INTEGER;
+                    RETURN;
                 END IF;
-                RETURN greatest(1, floor((nth + 60 - t) * 1000))::INTEGER;
+                INSERT INTO rate_events (client_id, at) VALUES (p_client, t);
+                INSERT INTO rate_counts AS c (client_id, n) VALUES (p_client, counted + 1)
+                    ON CONFLICT (client_id) DO UPDATE SET n = excluded.n;
             END IF;
-            INSERT INTO rate_events (client_id, at) VALUES (p_client, t);
-            INSERT INTO rate_counts AS c (client_id, n) VALUES (p_client, counted + 1)
-                ON CONFLICT (client_id) DO UPDATE SET n = excluded.n;
-            RETURN 0;
-        END
-        $$
-        """,
-        # One call's concurrency step: under the client's lease lock, count the leases of
-        # live nodes and take one if there is room. -1 when taken, else how many run.
-        # `p_release` as above.
-        """
-        CREATE FUNCTION vibectld_take_lease(
-            p_id TEXT, p_client TEXT, p_node TEXT, p_limit INTEGER, p_timeout DOUBLE PRECISION,
-            p_release TEXT[]
-        ) RETURNS INTEGER LANGUAGE plpgsql AS $$
-        DECLARE
-            t DOUBLE PRECISION;
-            running INTEGER;
-        BEGIN
-            IF cardinality(p_release) > 0 THEN
-                DELETE FROM leases WHERE id = ANY (p_release);
+            IF p_lease IS NOT NULL THEN
+                PERFORM pg_advisory_xact_lock(
+                    hashtextextended('vibectld lease ' || p_client, 0)
+                );
+                t := extract(epoch FROM clock_timestamp());
+                SELECT count(*) INTO counted FROM leases l
+                    JOIN lease_holders h ON h.node = l.node
+                    WHERE l.client_id = p_client AND h.alive_at > t - p_timeout;
+                IF counted >= p_limit THEN
+                    running := counted;
+                    RETURN;
+                END IF;
+                INSERT INTO leases (id, client_id, node, started_at)
+                    VALUES (p_lease, p_client, p_node, t);
             END IF;
-            PERFORM pg_advisory_xact_lock(hashtextextended('vibectld lease ' || p_client, 0));
-            t := extract(epoch FROM clock_timestamp());
-            SELECT count(*) INTO running FROM leases l JOIN lease_holders h ON h.node = l.node
-                WHERE l.client_id = p_client AND h.alive_at > t - p_timeout;
-            IF running >= p_limit THEN
-                RETURN running;
-            END IF;
-            INSERT INTO leases (id, client_id, node, started_at) VALUES (p_id, p_client, p_node, t);
-            RETURN -1;
         END
         $$
         """,
