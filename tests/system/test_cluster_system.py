@@ -118,6 +118,8 @@ def eventually(check: Callable[[], bool], bound: float = REVOCATION_BOUND) -> fl
 
 
 class NodeClient(HostClient):
+    """test_systemd's host client, plus a yes-or-no call for polling."""
+
     def is_served(self, prompt: str) -> bool:
         """Whether this call is served (False for a refusal of any kind)."""
         try:
