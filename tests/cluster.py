@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.postgres import PostgresCluster, free_port
@@ -50,6 +51,15 @@ from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectl.proxy_url import parse as parse_url
 from vibectl.tls_pin import pinned_ca
+
+# Every session on the database but this one: who waits on what, in which state.
+_ACTIVITY = """
+    SELECT pid, application_name, state, wait_event_type, wait_event,
+           round(extract(epoch FROM now() - xact_start)::numeric, 1) AS xact_seconds,
+           left(query, 120)
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+"""
 
 # The name every node's certificate carries (tls.default_hosts) and public_url uses.
 HOST = "localhost"
@@ -83,8 +93,10 @@ class Node(DaemonProcess):
         super().__init__(root, fake_models=True, **overrides)
         self.name = name
         self.fixed_port = port
+        self.dsn: str | None = None
 
     def install_credentials(self, dsn: str, cluster_key: str) -> None:
+        self.dsn = dsn
         write_secret(self.root / "keys" / "postgresql-dsn", dsn)
         write_secret(self.root / "keys" / "cluster-key", cluster_key)
 
@@ -104,8 +116,34 @@ class Node(DaemonProcess):
     def json(self, *args: str) -> Any:
         """`vibectl-admin --json <args>`, parsed; fails the test on a non-zero exit."""
         out = self.cli("--json", *args)
-        assert out.returncode == 0, f"{self.name}: vibectl-admin {args}: {out.stderr}"
+        if out.returncode != 0:
+            raise AssertionError(
+                f"{self.name}: vibectl-admin {args}: {out.stderr}\n{self.diagnose()}"
+            )
         return json.loads(out.stdout)
+
+    def diagnose(self) -> str:
+        """What the process's threads are doing (py-spy) and what its database sessions
+        wait on: for a failure that is a hang, the place it hangs."""
+        parts = []
+        # py-spy is no dependency of the project; used where a developer installed it.
+        if self.running() and (BIN / "py-spy").exists():
+            spy = subprocess.run(
+                [str(BIN / "py-spy"), "dump", "--pid", str(self.pid)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            parts.append(f"--- py-spy dump of {self.name} ---\n{spy.stdout}{spy.stderr}")
+        if self.dsn is not None:
+            try:
+                with psycopg.connect(self.dsn, connect_timeout=5) as conn:
+                    rows = conn.execute(_ACTIVITY).fetchall()
+                parts.append("--- pg_stat_activity ---\n" + "\n".join(map(str, rows)))
+            except psycopg.Error as e:
+                parts.append(f"--- pg_stat_activity: {type(e).__name__} ---")
+        return "\n".join(parts)
 
 
 @dataclass(frozen=True)

@@ -65,20 +65,6 @@ def known_everywhere(cluster: Cluster, caller: Caller, timeout: float = 5) -> No
         assert seen, f"{node.name} does not know the client after {timeout} s"
 
 
-def test_status_on_every_node_lists_the_three_nodes(cluster: Cluster) -> None:
-    names = {n.name for n in cluster.nodes}
-    for node in cluster.nodes:
-        listed = wait_until(
-            lambda n=node: {e["name"] for e in n.json("status").get("nodes", [])} >= names, 10
-        )
-        assert listed, f"{node.name} status: {node.json('status').get('nodes')}"
-        rows = {e["name"]: e for e in node.json("status")["nodes"]}
-        for name in names:
-            row = rows[name]
-            assert row["version"] and row["heartbeat_at"] > 0 and row["in_flight"] >= 0
-            assert str(cluster.node(name).fixed_port) in str(row["address"])
-
-
 def test_a_url_from_node_1_works_through_the_balancer_and_on_every_node(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -210,6 +196,20 @@ def test_rpm_5_serves_exactly_5_of_12_calls_across_the_nodes(cluster: Cluster) -
     assert {(o.code, o.limit_type) for o in refused} == {("RESOURCE_EXHAUSTED", "rpm")}
     assert len({o.node for o in served}) > 1, served
     assert len({o.node for o in outcomes}) == 3, outcomes
+
+
+def test_status_on_every_node_lists_the_three_nodes(cluster: Cluster) -> None:
+    names = {n.name for n in cluster.nodes}
+    for node in cluster.nodes:
+        listed = wait_until(
+            lambda n=node: {e["name"] for e in n.json("status").get("nodes", [])} >= names, 10
+        )
+        assert listed, f"{node.name} status: {node.json('status').get('nodes')}"
+        rows = {e["name"]: e for e in node.json("status")["nodes"]}
+        for name in names:
+            row = rows[name]
+            assert row["version"] and row["heartbeat_at"] > 0 and row["in_flight"] >= 0
+            assert str(cluster.node(name).fixed_port) in str(row["address"])
 
 
 def test_kill_9_a_node_under_load(cluster: Cluster) -> None:
