@@ -210,7 +210,8 @@ PURPOSES: tuple[tuple[str, Purpose], ...] = tuple(
         (r"vibectld_limits_tick|lease_holders", "limiter tick",
          "limiter tick: this node alive, its stray leases dropped", BATCHED),
         (r"DELETE FROM leases", "leases released",
-         "cluster-wide concurrency: finished calls' leases released, queued and batched",
+         "cluster-wide concurrency: finished calls' leases that no admit carried within a "
+         "few ms, released in a batch of their own",
          AFTER_REPLY),
         (r"^(BEGIN|COMMIT|ROLLBACK)\b", "BEGIN/COMMIT",
          "transaction boundary of a batched write", BATCHED),

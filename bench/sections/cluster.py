@@ -65,14 +65,15 @@ what a call costs in the database, and why. A client without limits costs no rou
 trip: its record, revocation and signing key are checked in memory, which the change feed
 keeps fresh (LISTEN/NOTIFY plus a catch-up read every 0.5 s, whatever the call rate), and
 its usage is added up in memory and written as increments once per flush (every 2 s) per
-client and day. A client with an rpm limit costs one round trip before its call runs: the
-count must be exact across nodes, so one PL/pgSQL function counts it in the window under
-the client's advisory lock. A concurrency limit costs one more before the call (take a
-lease if the client's live leases leave room) and the release after the reply, queued and
-deleted in batches, so fewer than one per call under load. (The limiter's session turns
-synchronous commit off: these round trips do not wait for a WAL flush.) The rest is per
-node and per second, not per call: heartbeats, the limiter's tick, the feed's catch-up
-reads, the re-read of today's cluster-wide usage for the budgets."""
+client and day. A client with rpm or concurrency limits costs one round trip before its
+call runs: the count and the running calls must be exact across nodes, so one PL/pgSQL
+function (vibectld_admit) counts the call in the 60 s window and takes a lease, under the
+client's advisory locks, by the database's clock. Its lease's release needs no round trip
+of its own under load: it rides on the node's next admit, and goes alone only when no
+call comes soon after. (The limiter's session turns synchronous commit off: these round
+trips do not wait for a WAL flush.) The rest is per node and per second, not per call:
+heartbeats, the limiter's tick, the feed's catch-up reads, the re-read of today's
+cluster-wide usage for the budgets."""
 
 INTRO = f"""\
 vibectld on `storage.backend: postgresql` (PostgreSQL 15 started by the benchmark in a
@@ -531,7 +532,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _ms(seconds: float) -> str:
-    return f"> {TRIAL_TIMEOUT_S:g} s" if math.isinf(seconds) else f"{seconds * 1000:.0f} ms"
+    # round() to an int: no "-0 ms" for a refusal a fraction of a ms before A's reply.
+    return f"> {TRIAL_TIMEOUT_S:g} s" if math.isinf(seconds) else f"{round(seconds * 1000)} ms"
 
 
 def _propagation_row(name: str, times: list[float], after: list[float]) -> list[str]:
