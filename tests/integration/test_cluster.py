@@ -18,6 +18,7 @@ and restarts it. What is proved, in the order of issue 14's "Done when":
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from tests.cluster import (
     usage_by_name,
     wait_until,
 )
+from tests.reliability._procs import BIN
 from vibectl.proxy_url import parse as parse_url
 from vibectl.tls_pin import pinned_ca
 from vibectld.admin.client import AdminClient
@@ -198,6 +200,14 @@ def test_rpm_5_serves_exactly_5_of_12_calls_across_the_nodes(cluster: Cluster) -
     assert len({o.node for o in outcomes}) == 3, outcomes
 
 
+def _running(name: str, cluster: Cluster) -> Node | None:
+    """The node whose status shows a call of client `name` in flight, if any."""
+    for node in cluster.nodes:
+        if node.admin("status")["in_flight_by_client"].get(name):
+            return node
+    return None
+
+
 def test_status_on_every_node_lists_the_three_nodes(cluster: Cluster) -> None:
     names = {n.name for n in cluster.nodes}
     for node in cluster.nodes:
@@ -212,50 +222,67 @@ def test_status_on_every_node_lists_the_three_nodes(cluster: Cluster) -> None:
             assert str(cluster.node(name).fixed_port) in str(row["address"])
 
 
-def test_kill_9_a_node_under_load(cluster: Cluster) -> None:
-    """Four clients call through HAProxy without pause, retrying on UNAVAILABLE; a fifth,
-    limited to one call at a time, holds a 30 s call; the node holding it is killed."""
+def test_kill_9_a_node_under_load(cluster: Cluster, tmp_path: Path) -> None:
+    """A user's `vibectl ask` is running on a node; that node is killed while four
+    clients call through HAProxy without pause and a fifth, limited to one call at a
+    time, holds a 30 s call there."""
     solo = cluster.caller(cluster.issue_over_socket("solo", concurrency=1))
     loaders = {
         f"load-{i}": cluster.caller(cluster.issue_over_socket(f"load-{i}")) for i in range(4)
     }
+    user = User(tmp_path / "home")
+    configured = user.run("setup-proxy", "configure", cluster.issue_over_socket("rita"))
+    assert configured.returncode == 0, configured.stderr
     for caller in [solo, *loaders.values()]:
         known_everywhere(cluster, caller)
 
-    landed: list[str] = []
-    held: list[Outcome] = []
-    holder = threading.Thread(
-        target=lambda: held.append(
-            solo.call(
-                cluster.lb_port, "sleep:30", model="faults", timeout=60, on_node=landed.append
-            )
-        )
+    # The released client, mid-call when its node dies: it retries on UNAVAILABLE.
+    asking = subprocess.Popen(
+        [str(BIN / "vibectl"), "ask", "--no-stream", "--model", "faults", "sleep:5"],
+        env=user.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    holder.start()
-    assert wait_until(lambda: landed, 10)
-    victim = cluster.node(landed[0])
-    others = [n for n in cluster.nodes if n is not victim]
-    assert wait_until(lambda: victim.json("status")["in_flight"] >= 1, 10)
-    # The slot is held cluster-wide: the same client is refused on another node.
-    second = solo.on(others[0])
-    assert (second.code, second.limit_type) == ("RESOURCE_EXHAUSTED", "concurrency"), second
+    try:
+        victim = wait_until(lambda: _running("rita", cluster), 20)
+        assert victim is not None, "rita's call never showed in any node's status"
+        others = [n for n in cluster.nodes if n is not victim]
 
-    stop = threading.Event()
-    seen: dict[str, list[Outcome]] = {name: [] for name in loaders}
+        held: list[Outcome] = []
+        holder = threading.Thread(
+            target=lambda: held.append(
+                solo.call(victim.fixed_port, "sleep:30", model="faults", timeout=60)
+            ),
+            daemon=True,
+        )
+        holder.start()
+        assert wait_until(lambda: victim.admin("status")["in_flight_by_client"].get("solo"), 10)
+        # The slot is held cluster-wide: the same client is refused on another node.
+        second = solo.on(others[0])
+        assert (second.code, second.limit_type) == ("RESOURCE_EXHAUSTED", "concurrency")
 
-    def load(name: str, caller: Caller) -> None:
-        while not stop.is_set():
-            # A new connection per call, so HAProxy spreads them, and a call refused by
-            # the dead node is simply made again (what the client's retry does).
-            seen[name].append(caller.through_lb("sleep:0.1", model="faults"))
+        stop = threading.Event()
+        seen: dict[str, list[Outcome]] = {name: [] for name in loaders}
 
-    workers = [threading.Thread(target=load, args=item) for item in loaders.items()]
-    for w in workers:
-        w.start()
-    time.sleep(2.5)
-    killed_at = time.monotonic()
-    victim.kill()
+        def load(name: str, caller: Caller) -> None:
+            while not stop.is_set():
+                # A new connection per call, so HAProxy spreads them, and a call the
+                # dead node failed is simply made again (what the client's retry does).
+                seen[name].append(caller.through_lb("sleep:0.1", model="faults"))
 
+        # Daemon threads: a failed assertion must not leave the test process waiting.
+        workers = [
+            threading.Thread(target=load, args=item, daemon=True) for item in loaders.items()
+        ]
+        for w in workers:
+            w.start()
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        victim.kill()
+    except BaseException:
+        asking.kill()
+        raise
     # The solo client's slot comes back: it can call again within 10 s.
     back: Outcome | None = None
     while time.monotonic() - killed_at < 15:
@@ -268,6 +295,11 @@ def test_kill_9_a_node_under_load(cluster: Cluster) -> None:
     assert back is not None, "the dead node's concurrency slot never came back"
     slot_back = back.ended - killed_at
     assert slot_back <= 10.0, f"the slot came back after {slot_back:.1f} s"
+
+    # rita's vibectl had its call cut by the kill; it tried again and was answered.
+    answer, complaint = asking.communicate(timeout=60)
+    assert asking.returncode == 0, complaint
+    assert "slept" in answer
 
     time.sleep(max(0.0, killed_at + 3.0 - time.monotonic()))
     stop.set()
@@ -334,7 +366,10 @@ def test_kill_9_a_node_under_load(cluster: Cluster) -> None:
     # The node comes back on its own files, rejoins, and reports the same.
     victim.start()
     cluster.wait_all_up()
-    assert victim.name in {e["name"] for e in others[0].json("status")["nodes"]}
+    # Listed again from its first heartbeat (a node silent for long is pruned).
+    assert wait_until(
+        lambda: victim.name in {e["name"] for e in others[0].admin("status")["nodes"]}, 10
+    )
     assert usage_by_name(victim) == usage_by_name(others[0])
     assert victim.json("audit") == audit
     assert solo.on(victim).code == "OK"
