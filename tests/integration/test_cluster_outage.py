@@ -7,7 +7,7 @@ the whole time (straight to the node, not through HAProxy, so each node's behavi
 seen on its own). The server is stopped (`pg_ctl stop -m fast`: every connection cut),
 kept down for 4 s, and started again. Then:
 
-- `serve` nodes fail no call;
+- `serve` nodes fail no call, and enforce a client's rpm as their share of it (6 // 3);
 - the `refuse` node answers UNAVAILABLE only while it is stale: none before the stop,
   at least one during the outage, none once it says it is fresh again;
 - status says degraded on every node during the outage, and an admin write fails at
@@ -85,6 +85,20 @@ def test_postgresql_down_under_load(cluster: Cluster, database: Postgres) -> Non
         assert wait_until(lambda n=node, c=caller: c.known_on(n.fixed_port), 5)
         callers[f"user-of-{node.name}"] = (node, caller)
 
+    node1, node2, node3 = cluster.nodes
+    # Every node has heard every other's heartbeat (every 2 s): the share of a limit each
+    # takes while cut off is counted over the nodes it last knew alive.
+    names = {n.name for n in cluster.nodes}
+    for node in cluster.nodes:
+        assert wait_until(
+            lambda n=node: {e["name"] for e in n.admin("status")["nodes"]} == names, 10
+        )
+    # A client with --rpm 6 that has made no call yet: cut off from the database, each
+    # node enforces its share, 6 // 3 nodes = 2 a minute.
+    limited = cluster.caller(cluster.issue_over_socket("limited", rpm=6), via=node1)
+    for node in (node1, node2):
+        assert wait_until(lambda n=node: limited.known_on(n.fixed_port), 5)
+
     stop = threading.Event()
     seen: dict[str, list[Outcome]] = {name: [] for name in callers}
 
@@ -109,6 +123,7 @@ def test_postgresql_down_under_load(cluster: Cluster, database: Postgres) -> Non
                 for n in cluster.nodes
                 for service in ("", "vibectld.storage")
             }
+            shares = {n.name: [limited.on(n) for _ in range(4)] for n in (node1, node2)}
             # An admin write fails at once and says why, whichever mode the node is in.
             writes = {}
             for n in cluster.nodes:
@@ -154,7 +169,10 @@ def test_postgresql_down_under_load(cluster: Cluster, database: Postgres) -> Non
         assert seconds < 5, (name, seconds)
         assert database.cluster.password not in out.stderr
 
-    node1, node2, node3 = cluster.nodes
+    for name, outcomes in shares.items():
+        assert [(o.code, o.limit_type) for o in outcomes] == [("OK", None)] * 2 + [
+            ("RESOURCE_EXHAUSTED", "rpm")
+        ] * 2, name
     for node in (node1, node2):
         outcomes = seen[f"user-of-{node.name}"]
         failed = [o for o in outcomes if o.code != "OK"]
@@ -174,6 +192,7 @@ def test_postgresql_down_under_load(cluster: Cluster, database: Postgres) -> Non
 
     # Nothing served is lost: the counts buffered during the outage reach the database.
     served = {name: sum(o.code == "OK" for o in outs) for name, outs in seen.items()}
+    served["limited"] = 4
 
     def usage() -> dict[str, int]:
         rows = usage_by_name(node1)
