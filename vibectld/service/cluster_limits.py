@@ -1,21 +1,23 @@
 """Per-client rpm and concurrency, exact across the nodes that share one PostgreSQL.
 
 Used instead of deciding in memory when the store is shared (storage.backend:
-postgresql). Each step is one round trip to a PL/pgSQL function (store/postgresql.py,
-schema version 2) that takes the client's advisory lock, decides by the database's clock
-(so the nodes' clocks do not matter) and records what it admitted: two nodes counting the
+postgresql). A call's two steps are one round trip to a PL/pgSQL function
+(store/postgresql.py, schema version 2, `vibectld_admit`): its rpm step, then its
+concurrency slot, each under the client's advisory lock and by the database's clock (so
+the nodes' clocks do not matter); it records what it admitted, so two nodes counting the
 same client take turns, and 5 rpm is 5 however the calls are spread. A refused call takes
-nothing. Only a client whose limit is set pays the round trip.
+nothing. Only a client with either limit set pays the round trip. The servicer runs the
+checks in memory first and raises the refusals in the contract's order (servicer.py).
 
 The database can fail without failing a call. When the store is stale (the predicate the
-daemon passes) or a round trip fails or takes longer than ROUND_TRIP_TIMEOUT, the step is
-decided here alone, against this node's share of the limit: max(1, limit // live nodes),
+daemon passes) or a round trip fails or takes longer than ROUND_TRIP_TIMEOUT, the call is
+decided here alone, against this node's share of each limit: max(1, limit // live nodes),
 with the node's own Limiter, which counts every call this node admitted either way, so a
 fallback starts from what the node really served. After a failure the database is left
-alone for BACKOFF_SECONDS, so an outage costs one call at most ROUND_TRIP_TIMEOUT, not
-every call. A round trip that times out is never cancelled (psycopg would wait for the
-server to confirm the cancel): it finishes in the background, and a lease it may have
-taken is released.
+alone for BACKOFF_SECONDS, so an outage delays only the calls waiting on it then (by at
+most ROUND_TRIP_TIMEOUT), once per BACKOFF_SECONDS, not every call. A round trip that
+times out is never cancelled (psycopg would wait for the server to confirm the cancel): it
+finishes in the background, and a lease it may have taken is released.
 
 Releases are off the response path: a finished call's lease id is queued, and the next
 round trip of any call on this node carries the queue (deleted before that call's lock is
