@@ -165,3 +165,30 @@ def test_refusals_keep_the_contracts_order_and_a_refused_call_takes_nothing(
     # refused for rpm, bad input or not.
     code, trailers = _call(nodes[1], secret, " ")
     assert (code, trailers["limit-type"]) == ("RESOURCE_EXHAUSTED", "rpm")
+
+
+def test_with_the_database_down_each_node_enforces_its_share(
+    nodes: list[RunningDaemon], postgres: Postgres
+) -> None:
+    secret = _issue(nodes, "fay", "--rpm", "6", "--concurrency", "3")
+    # Every node has seen the three heartbeats: the share is 6 // 3 = 2 calls a minute.
+    deadline = time.monotonic() + 10
+    while any(len(node.runtime.registry.nodes()) < 3 for node in nodes):
+        assert time.monotonic() < deadline, "the nodes never saw each other's heartbeats"
+        time.sleep(0.1)
+    postgres.stop()
+    try:
+        outcomes = []
+        slowest = 0.0
+        for _ in range(3):
+            began = time.monotonic()
+            outcomes.append(_call(nodes[0], secret))
+            slowest = max(slowest, time.monotonic() - began)
+        assert [code for code, _ in outcomes] == ["OK", "OK", "RESOURCE_EXHAUSTED"]
+        assert outcomes[2][1]["limit-type"] == "rpm"
+        # Never held long by the database it cannot reach (a round trip gives up at 250 ms).
+        assert slowest < 1.0
+        # The other nodes have shares of their own.
+        assert _call(nodes[1], secret)[0] == "OK"
+    finally:
+        postgres.start()
