@@ -181,9 +181,12 @@ class Vibectld:
         name: str = "vibectld",
         models: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
+        workers: int | None = None,
     ) -> None:
         self.procs = procs
         self.name = name
+        # server.workers; None leaves the key out (the daemon's default).
+        self.workers = workers
         self.workdir = workdir / name
         self.workdir.mkdir(parents=True, exist_ok=True)
         # Unix socket paths are limited to 107 bytes: keep them in the short sockdir.
@@ -202,8 +205,12 @@ class Vibectld:
         self.ready_s: float | None = None
 
     def write_config(self) -> None:
+        server: dict[str, Any] = {"listen": "127.0.0.1:0", "name": "bench"}
+        server["shutdown_grace_seconds"] = 1
+        if self.workers is not None:
+            server["workers"] = self.workers
         config = {
-            "server": {"listen": "127.0.0.1:0", "name": "bench", "shutdown_grace_seconds": 1},
+            "server": server,
             "admin": {"socket": str(self.socket), "group": grp.getgrgid(os.getgid()).gr_name},
             "state_dir": str(self.state_dir),
             "models": self.models,
