@@ -15,7 +15,9 @@ in whatever text it gets: vibectld may send several of them in one message.
 
 `measure()` runs as many workers as the streams need (STREAMS_PER_PROCESS each, so no
 worker's event loop is the bottleneck), starts them together, reads the daemon's CPU
-time (/proc/PID/stat) at the window's edges and its RSS during it, and merges.
+time (/proc/PID/stat) at the window's edges and its RSS during it, and merges. The
+daemon is its process and every descendant (with `server.workers` > 1, the serving
+processes): CPU and RSS are summed over them.
 `never_read()` holds streams open without reading them (the slow-reader measurement).
 """
 
@@ -249,6 +251,47 @@ class Run:
     worker_cpu_max: float  # the busiest worker's CPU share of one core
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants alive now (from /proc's parent pids)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # gone since the listing
+        # After the command name (which may hold spaces and parentheses): state, ppid.
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def tree_cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime summed over the process tree; None if the root is unreadable. A
+    serving process that exits inside a window takes its CPU with it (and is counted
+    once its replacement runs): the window's chunks are then charged less than they cost."""
+    if pid is None or process_cpu_seconds(pid) is None:
+        return None
+    return sum(process_cpu_seconds(p) or 0.0 for p in process_tree(pid))
+
+
+def tree_rss_kib(pid: int) -> int:
+    """RSS summed over the process tree (pages the processes share count once each)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            total += rss_kib(p)
+        except (OSError, BenchError):
+            continue  # exited since the listing
+    return total
+
+
 def _argv(client: str, target: dict[str, Any], streams: int, timing: dict[str, float]) -> list[str]:
     argv = [sys.executable, "-m", "bench.streams", "--client", client, "--streams", str(streams)]
     argv += [
@@ -306,13 +349,13 @@ def measure(
             p.stdin.write(f"{go}\n")
             p.stdin.flush()
         time.sleep(max(go + warmup - time.time(), 0))
-        cpu0, rss = process_cpu_seconds(pid), []
+        cpu0, rss = tree_cpu_seconds(pid), []
         end = go + warmup + duration
         while (left := end - time.time()) > 0:
             time.sleep(min(0.25, left))
             if pid is not None and time.time() < end - 0.1:
-                rss.append(rss_kib(pid))
-        cpu1 = process_cpu_seconds(pid)
+                rss.append(tree_rss_kib(pid))
+        cpu1 = tree_cpu_seconds(pid)
         tallies = []
         for p in procs:
             out, err = p.communicate(timeout=warmup + duration + 60)
@@ -362,15 +405,15 @@ def never_read(
     """The daemon's RSS (KiB) before, then over `seconds` after `readers` streams opened
     that are never read: [(-1, before), (0, once open), (0.5, ...), ...]."""
     argv = [*_argv("grpc", target, readers, {}), "--never-read"]
-    samples = [(-1.0, rss_kib(pid))]
+    samples = [(-1.0, tree_rss_kib(pid))]
     (proc,) = _spawn([argv], env)
     try:
         _wait_ready([proc], 60)
         started = time.monotonic()
-        samples.append((0.0, rss_kib(pid)))
+        samples.append((0.0, tree_rss_kib(pid)))
         while (t := time.monotonic() - started) < seconds:
             time.sleep(0.5)
-            samples.append((round(t + 0.5, 1), rss_kib(pid)))
+            samples.append((round(t + 0.5, 1), tree_rss_kib(pid)))
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(30)

@@ -9,11 +9,14 @@ import functools
 from bench import common as c
 from bench import streams
 from bench.common import Context, Section
-from bench.servers import FakeProvider, Vibectld, clean_env, rss_kib
-from bench.streams import Run
+from bench.servers import FakeProvider, Vibectld, clean_env
+from bench.streams import Run, tree_rss_kib
 
 LEVELS = (100, 400, 1000)
 QUICK_LEVELS = (50,)
+# server.workers: one serving process, then one per core of this 2-core machine; the
+# README's note on how capacity grows with cores reads the two tables side by side.
+WORKERS, QUICK_WORKERS = (1, 2), (2,)
 MODEL_ID, BULK_ID = "fake-gpt", "bulk"
 # Slow readers: each asks for 2,000 chunks of 16 KiB (32 MiB) and reads none of it.
 READERS, QUICK_READERS, HOLD_S, QUICK_HOLD_S = 100, 10, 10.0, 2.0
@@ -32,8 +35,10 @@ runs in load-generator processes of at most {streams.STREAMS_PER_PROCESS} stream
 "chunks" are the provider's chunks (tokens); vibectld may carry several in one message
 when more than one is waiting ("chunks/msg"). "gap" is the time between two messages of
 a stream. vibectld's CPU per chunk is its utime+stime over the window / chunks relayed;
-RSS per stream is (RSS during the run - RSS idle) / N. Slow readers: {READERS} clients,
-one connection each, open a stream of a 32 MiB reply and never read it."""
+RSS per stream is (RSS during the run - RSS idle) / N; both are summed over the main
+process and its serving processes. Each table is one `server.workers` setting, with its
+own raw runs. Slow readers (on {WORKERS[-1]} workers): {READERS} clients, one connection
+each, open a stream of a 32 MiB reply and never read it."""
 
 
 def run(ctx: Context) -> Section:
@@ -47,15 +52,43 @@ def run(ctx: Context) -> Section:
     endpoints = [{"model_id": m, "model_name": "fake", "api_base": f.api_base}
                  for m, f in ((MODEL_ID, paced), (BULK_ID, bulk))]  # fmt: skip
     models = {"default": "echo", "openai_compatible": endpoints}
-    daemon = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="streaming", models=models)
+    workers = QUICK_WORKERS if s.quick else WORKERS
+    for n_workers in workers:
+        daemon = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name=f"streaming-{n_workers}",
+                          models=models, workers=n_workers)  # fmt: skip
+        daemon.start()
+        try:
+            got, idle = _levels(ctx, section, daemon, paced.api_base, n_workers)
+        finally:
+            daemon.stop()
+        report(section, got, idle, n_workers)
+    # Slow readers on a daemon of their own: what the runs above left allocated is not theirs.
+    daemon = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="readers", models=models,
+                      workers=workers[-1])  # fmt: skip
     daemon.start()
     env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
+    target = {"port": daemon.port, "ca": daemon.ca_path, "model": BULK_ID}
+    readers, hold = (QUICK_READERS, QUICK_HOLD_S) if s.quick else (READERS, HOLD_S)
+    held = streams.never_read(target, readers, env, daemon.pid, hold)
+    ctx.log(f"  slow readers: RSS KiB over time {held}")
+    _readers(section, held, readers)
+    return section
+
+
+def _levels(
+    ctx: Context, section: Section, daemon: Vibectld, api_base: str, n_workers: int
+) -> tuple[dict[tuple[int, str], list[Run]], int]:
+    """Every level, raw and through `daemon` alternately; and the daemon's idle RSS."""
+    s = ctx.settings
+    env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
     grpc_t = {"port": daemon.port, "ca": daemon.ca_path, "model": MODEL_ID}
-    raw_t = {"api_base": paced.api_base}
+    raw_t = {"api_base": api_base}
     warmup, duration = (1.2, 1.5) if s.quick else (max(s.warmup, 2.0), s.duration)
     levels = QUICK_LEVELS if s.quick else LEVELS
-    streams.measure("grpc", grpc_t, levels[0], env, pid=None, warmup=1.0, duration=0.5)
-    idle = rss_kib(daemon.pid)
+    # Enough streams that every worker (the kernel spreads connections) has served some.
+    streams.measure("grpc", grpc_t, 10 * n_workers * levels[0] // 50, env, pid=None,
+                    warmup=1.0, duration=0.5)  # fmt: skip
+    idle = tree_rss_kib(daemon.pid)
     got: dict[tuple[int, str], list[Run]] = {}
     for n in levels:
         for rep in range(s.repeats):
@@ -64,21 +97,12 @@ def run(ctx: Context) -> Section:
                                     pid=daemon.pid if client == "grpc" else None,
                                     warmup=warmup, duration=duration)  # fmt: skip
                 got.setdefault((n, client), []).append(r)
-                ctx.log(f"  {n:5} streams rep {rep + 1} {_name(client):8} {_line(r)}")
+                ctx.log(f"  workers {n_workers} {n:5} streams rep {rep + 1} "
+                        f"{_name(client):8} {_line(r)}")  # fmt: skip
                 if r.errors:
-                    section.failures.append(f"{n} streams {client}: {r.errors} errors, "
-                                            f"e.g. {r.error_samples}")  # fmt: skip
-    # Slow readers on a daemon of their own: what the runs above left allocated is not theirs.
-    daemon.stop()
-    daemon = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="readers", models=models)
-    daemon.start()
-    env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
-    target = {**grpc_t, "port": daemon.port, "ca": daemon.ca_path}
-    readers, hold = (QUICK_READERS, QUICK_HOLD_S) if s.quick else (READERS, HOLD_S)
-    held = streams.never_read({**target, "model": BULK_ID}, readers, env, daemon.pid, hold)
-    ctx.log(f"  slow readers: RSS KiB over time {held}")
-    report(section, got, idle, held, readers)
-    return section
+                    where = f"workers {n_workers}, {n} streams {client}"
+                    section.failures.append(f"{where}: {r.errors} errors, e.g. {r.error_samples}")
+    return got, idle
 
 
 def _name(client: str) -> str:
@@ -93,12 +117,9 @@ def _line(r: Run) -> str:
 
 
 def report(
-    section: Section,
-    got: dict[tuple[int, str], list[Run]],
-    idle: int,
-    held: list[tuple[float, int]],
-    readers: int,
+    section: Section, got: dict[tuple[int, str], list[Run]], idle: int, n_workers: int
 ) -> None:
+    """One table and its graded targets for one `server.workers` setting."""
     header = ["streams", "path", "chunks/s", "vs raw", "TTFT p50 ms", "TTFT p99 ms",
               "gap p99 ms", "chunks/msg", "errors", "vibectld CPU us/chunk",
               "RSS/stream kB", "busiest load gen"]  # fmt: skip
@@ -115,10 +136,13 @@ def report(
                      str(c.total(rs, "errors")), c.fmt(m("daemon_cpu_us_per_token"), ".1f"),
                      c.fmt(per.get(n), ".1f") if client == "grpc" else "-",
                      f"{max(r.worker_cpu_max for r in rs):.0%}"])  # fmt: skip
-    section.tables.append(c.md_table(header, rows))
+    section.tables.append(f"server.workers: {n_workers}\n\n" + c.md_table(header, rows))
     levels = sorted({n for n, _ in got})
     mid, top = (400, 1000) if 1000 in levels else (levels[-1], levels[-1])
-    _grade(section, got, mid, top, per[top])
+    _grade(section, got, mid, top, per[top], n_workers)
+
+
+def _readers(section: Section, held: list[tuple[float, int]], readers: int) -> None:
     (_, before), (_, opened), (last_s, last) = held[0], held[1], held[-1]
     growth, late = (last - before) / 1024, (last - held[len(held) // 2][1]) / 1024
     result = (f"{before / 1024:.0f} -> {last / 1024:.0f} MiB ({growth:+.1f} MiB, "
@@ -130,7 +154,12 @@ def report(
 
 
 def _grade(
-    section: Section, got: dict[tuple[int, str], list[Run]], mid: int, top: int, rss: float
+    section: Section,
+    got: dict[tuple[int, str], list[Run]],
+    mid: int,
+    top: int,
+    rss: float,
+    n_workers: int,
 ) -> None:
     def m(n: int, client: str, key: str) -> float:
         return c.median_of(got[(n, client)], key)
@@ -159,5 +188,6 @@ def _grade(
         (f"RSS per open stream at {top} streams", rss <= MAX_RSS_KB, f"{rss:.1f} kB",
          f"<= {MAX_RSS_KB} kB"),
     ]  # fmt: skip
-    for name, ok, result, goal in checks:
+    for what, ok, result, goal in checks:
+        name = f"{what}, {n_workers} worker{'s' if n_workers > 1 else ''}"
         section.graded(name, ok, f"{result} (target {goal})", (AREA, name, result, goal))
