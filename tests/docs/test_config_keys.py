@@ -104,7 +104,7 @@ def _same(documented: str, key: Key) -> bool:
         return isinstance(value, int) and parse_duration(documented) == value
     if key.conv is config_values._interval:
         # Written as an interval (5s), held in seconds.
-        return key.conv("", documented) == value
+        return bool(key.conv("", documented) == value)
     if value is None:
         return documented == "null"
     if isinstance(value, bool):

@@ -237,8 +237,8 @@ def test_serve_keeps_known_clients_served_and_refuses_admin_changes_at_once(
     audit = [(e["op"], e["target"], e["outcome"]) for e in _json(daemon, "audit")]
     assert ("revoke_client", "alice", "failed") in audit
     assert ("issue_client", "bob", "failed") in audit
-    out, err = capfd.readouterr()
-    assert postgres.cluster.password not in out + err
+    captured = capfd.readouterr()
+    assert postgres.cluster.password not in captured.out + captured.err
     with capfd.disabled():
         print("", *report, sep="\n")
 

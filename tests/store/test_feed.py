@@ -7,6 +7,7 @@ cost freshness for a while but never a change.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 import time
@@ -88,7 +89,11 @@ def test_revocation_reaches_the_other_node_within_a_second_under_load(
     clients = [_issue(a, f"c{i}") for i in range(50)]
     wait_for(lambda: all(b.get(c.id) is not None for c in clients))
     heard: dict[str, float] = {}
-    b.on_change(lambda record: heard.setdefault(record.id, time.perf_counter()))
+
+    def hear(record: ClientRecord) -> None:
+        heard.setdefault(record.id, time.perf_counter())
+
+    b.on_change(hear)
 
     # Load on both nodes while revoking: usage counted and flushed on each (the flush
     # shares the registry's connection and lock, the feed does not), and another
@@ -126,7 +131,7 @@ def test_revocation_reaches_the_other_node_within_a_second_under_load(
             start = time.perf_counter()
             a.revoke(client.id, by=ADMIN, reason="test", now=NOW + 1)
             committed = time.perf_counter()
-            wait_for(lambda c=client: _revoked(b, c), timeout=5.0)
+            wait_for(functools.partial(_revoked, b, client), timeout=5.0)
             seen = time.perf_counter()
             from_call.append(seen - start)
             from_commit.append(seen - committed)
