@@ -178,6 +178,11 @@ class SigningKeys:
     def retired_kids(self) -> tuple[str, ...]:
         return tuple(sorted(self._set.retired))
 
+    def loaded(self) -> LoadedKeys:
+        """The keys as held now, as a backing gives them (for a worker process's copy)."""
+        keys = self._set
+        return LoadedKeys(dict(keys.private), keys.retired)
+
     def verifies(self, kid: str) -> bool:
         """Whether secrets signed by `kid` are accepted now (a dict lookup; per request)."""
         return kid in self._set.public
