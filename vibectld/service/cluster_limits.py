@@ -180,12 +180,20 @@ class ClusterLimiter:
     # -- the steps ----------------------------------------------------------------------
 
     async def admit(
-        self, client_id: str, rpm: int | None, concurrency: int | None, *, slot: bool
+        self,
+        client_id: str,
+        rpm: int | None,
+        concurrency: int | None,
+        *,
+        slot: bool,
+        model_id: str | None = None,
     ) -> Lease | None:
         """The call's rpm step and, with `slot`, its concurrency slot, in one round trip
         and in that order: LimitExceeded for rpm (nothing counted or taken) or for
         concurrency (counted, nothing taken). A Lease with `slot` (given back with
-        `release`), else None. Only what is limited goes to the database."""
+        `release`), else None. Only what is limited goes to the database. `model_id` is
+        for a worker's admission (workers/view.py), which checks budgets too; here the
+        servicer has checked them against this node's store."""
         lease_here = slot and concurrency is None
         if rpm is None and (not slot or lease_here):
             return self._slot(client_id, None) if slot else None
