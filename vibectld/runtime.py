@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vibectl.util.hostport import join_host_port
 from vibectld.config import DaemonConfig
@@ -27,8 +28,25 @@ from vibectld.service.inflight import InFlight
 from vibectld.service.limits import Limiter
 from vibectld.store.base import Store
 
-if TYPE_CHECKING:  # psycopg is imported only by a daemon with a shared store
-    from vibectld.service.cluster_limits import ClusterLimiter
+
+class Admission(Protocol):
+    """Who decides rpm and concurrency (and, for a worker, budgets) when this process
+    cannot alone: the cluster limiter (service/cluster_limits.py, several nodes) or the
+    main process (workers/view.py, a worker). A lease is whatever `admit` returned."""
+
+    async def admit(
+        self,
+        client_id: str,
+        rpm: int | None,
+        concurrency: int | None,
+        *,
+        slot: bool,
+        model_id: str | None = None,
+    ) -> Any: ...
+
+    def release(self, lease: Any) -> None: ...
+
+    def holding(self, lease: Any) -> AbstractContextManager[None]: ...
 
 
 @dataclass
@@ -39,9 +57,9 @@ class Runtime:
     executor: Executor
     inflight: InFlight = field(default_factory=InFlight)
     limiter: Limiter = field(default_factory=Limiter)
-    # rpm and concurrency across the nodes, when the store is shared (else None: the
-    # limiter above decides alone).
-    cluster: ClusterLimiter | None = None
+    # rpm and concurrency across the nodes, when the store is shared, or from the main
+    # process in a worker (else None: the limiter above decides alone).
+    cluster: Admission | None = None
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
     # Where the gRPC port is really bound (port 0 resolved); host as in server.listen.
@@ -52,6 +70,9 @@ class Runtime:
     draining: bool = False
     # time.monotonic() of the last call that arrived, to know when arrivals stop.
     last_arrival: float = 0.0
+    # In a main process with workers: their rows for `status` (pid, state, started,
+    # restarts, in flight); None when this process serves alone.
+    workers: Callable[[], list[dict[str, Any]]] | None = None
 
     # Shorthands for code outside a call (admin status, logs). A call that reads
     # more than one of them takes `generation` once instead, so it cannot see two.

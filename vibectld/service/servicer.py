@@ -27,8 +27,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, NoReturn
 
 import structlog
 
@@ -52,9 +52,6 @@ from vibectld.service.refusals import (
 )
 from vibectld.store.registry import ClientRecord
 from vibectld.version import __version__
-
-if TYPE_CHECKING:
-    from vibectld.service.cluster_limits import Lease
 
 log = structlog.get_logger("vibectld.proxy")
 
@@ -134,9 +131,7 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             self._secrets_refused(client, request_id, refusal)
             raise
 
-    async def _prepare_shared(
-        self, request: pb.ExecuteRequest, context: Any
-    ) -> tuple[_Call, Lease | None]:
+    async def _prepare_shared(self, request: pb.ExecuteRequest, context: Any) -> tuple[_Call, Any]:
         """`_prepare` and the budgets with a shared store; the call's slot if it runs."""
         gen, client, request_id, limits = self._arrive(request, context)
         cluster = self.rt.cluster
@@ -150,7 +145,11 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         except CallRefused as refusal:
             held = refusal  # raised once the call is counted, as the order says
         runs = call is not None and call.failure is None
-        lease = await cluster.admit(client.id, limits.rpm, limits.concurrency, slot=runs)
+        # The model, for a worker's admission: the main process checks its budgets.
+        model_id = call.entry.model_id if runs and call is not None and call.entry else None
+        lease = await cluster.admit(
+            client.id, limits.rpm, limits.concurrency, slot=runs, model_id=model_id
+        )
         if held is not None:
             if isinstance(held, SecretsRefused):
                 self._secrets_refused(client, request_id, held)
@@ -211,8 +210,9 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         check_dollar_budgets(rt.registry, call.gen, call.client, call.limits, call.entry, now)
 
     @contextmanager
-    def _admitted(self, call: _Call, lease: Lease | None = None) -> Iterator[None]:
+    def _admitted(self, call: _Call, lease: Any = None) -> Iterator[None]:
         rt = self.rt
+        reserve: AbstractContextManager[None]
         if lease is None:
             self._check_budgets(call)
             reserve = rt.limiter.reserve(call.client.id, call.limits.concurrency)
