@@ -20,6 +20,11 @@ THROUGHPUT_CALLERS = 16
 MAX_P50_DELTA_MS = 0.35  # over the floor's p50 at 1 caller
 MAX_TTFB_DELTA_MS = 0.5  # streaming: first chunk p50 over the floor's, at 1 caller
 LABEL = {"unary": "unary", "stream": "streaming"}
+# server.workers: one serving process, then `auto` on this 2-core machine (2). A load
+# generator's connections are spread over the workers by the kernel (SO_REUSEPORT hashes
+# each connection), so with more than one worker both servers get CHANNELS_PER_WORKER
+# connections per worker; the floor, one process, gets as many.
+WORKERS, QUICK_WORKERS, CHANNELS_PER_WORKER = (1, 2), (2,), 4
 
 INTRO = """\
 vibectld (TLS, secret auth on every call, the `echo` model, JSON logs at level info to a
@@ -31,23 +36,37 @@ servers every second (`--strategy sliced`); at 1 caller single calls alternate b
 them (`--strategy paired`; req/s there is 1 / mean latency). Either way both servers are
 measured over the same stretch of time, so the machine's drift cancels out. "first
 chunk" is the time to the first text chunk of a stream; CPU is the server process's, per
-request."""
+request: with more than one worker, only the main process's ("-": the load's CPU
+measure reads one process). Each table is one `server.workers` setting."""
 
 
 def run(ctx: Context) -> Section:
     s = ctx.settings
     section = Section("overhead", "Overhead vs the floor", INTRO)
-    daemon = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="overhead")
+    for workers in QUICK_WORKERS if s.quick else WORKERS:
+        report(section, _measure(ctx, section, workers), workers)
+    return section
+
+
+def _measure(
+    ctx: Context, section: Section, workers: int
+) -> dict[tuple[str, int], dict[str, list[Result]]]:
+    """Every mode and number of callers, vibectld on `workers` processes against the floor."""
+    s = ctx.settings
+    daemon = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name=f"overhead-{workers}",
+                      workers=workers)  # fmt: skip
     daemon.start()
     floor = Floor(ctx.procs)
     floor.start(*daemon.chain_for_floor())
-    ctx.log(
-        f"  vibectld pid {daemon.pid} port {daemon.port}; floor pid {floor.pid} port {floor.port}"
-    )
+    ctx.log(f"  vibectld (workers {workers}) pid {daemon.pid} port {daemon.port}; "
+            f"floor pid {floor.pid} port {floor.port}")  # fmt: skip
+    channels = CHANNELS_PER_WORKER * workers if workers > 1 else None
     targets = {
-        "floor": c.target("floor", port=floor.port, ca=daemon.ca_path, pid=floor.pid),
-        "vibectld": c.target("vibectld", port=daemon.port, ca=daemon.ca_path, pid=daemon.pid),
-    }
+        "floor": c.target("floor", port=floor.port, ca=daemon.ca_path, pid=floor.pid,
+                          channels=channels),
+        "vibectld": c.target("vibectld", port=daemon.port, ca=daemon.ca_path,
+                             pid=daemon.pid if workers == 1 else None, channels=channels),
+    }  # fmt: skip
     env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
     configs = QUICK_CONFIGS if s.quick else tuple((m, n) for m in MODES for n in CALLERS)
     cells: dict[tuple[str, int], dict[str, list[Result]]] = {}
@@ -65,17 +84,20 @@ def run(ctx: Context) -> Section:
                     args += ["--duration", str(2 * s.duration)]
                 args += [*targets[order[0]], *targets[order[1]]]
                 args += ["--mode", mode, "--warmup", str(s.warmup)]
-                tag = f"{mode:6} x{callers:<3} rep {rep + 1}"
+                tag = f"workers {workers} {mode:6} x{callers:<3} rep {rep + 1}"
                 c.collect(ctx, section, got, c.measure_load(args, env=env), tag)
     finally:
         if floor.proc is not None:
             ctx.procs.stop(floor.proc)
         daemon.stop()
-    report(section, cells)
-    return section
+    return cells
 
 
-def report(section: Section, cells: dict[tuple[str, int], dict[str, list[Result]]]) -> None:
+def report(
+    section: Section, cells: dict[tuple[str, int], dict[str, list[Result]]], workers: int
+) -> None:
+    """One table and its graded targets for one `server.workers` setting."""
+    on = f", {workers} workers" if workers > 1 else ", 1 worker"
     header = [
         "mode", "callers", "floor req/s", "vibectld req/s", "ratio",
         "floor p50 / p99 ms", "vibectld p50 / p99 ms", "p50 delta ms",
@@ -102,35 +124,36 @@ def report(section: Section, cells: dict[tuple[str, int], dict[str, list[Result]
         if callers == THROUGHPUT_CALLERS:
             ok = ratio >= MIN_RPS_RATIO
             detail = f"vibectld {rps_v:.0f} req/s = {ratio:.0%} of the floor's {rps_f:.0f}"
-            measure = f"{LABEL[mode]} req/s at {callers} callers, vs the floor"
+            measure = f"{LABEL[mode]} req/s at {callers} callers, vs the floor{on}"
             result = f"{ratio:.0%} ({rps_v:.0f} vs {rps_f:.0f})"
             target = f">= {MIN_RPS_RATIO:.0%}"
-            section.graded(f"throughput ({label})", ok, f"{detail} (target {target})",
+            section.graded(f"throughput ({label}){on}", ok, f"{detail} (target {target})",
                            ("Overhead", measure, result, target))  # fmt: skip
         if callers == 1:
             ok = delta <= MAX_P50_DELTA_MS
             detail = f"vibectld p50 {p50_v:.3f} ms = floor {p50_f:.3f} ms {delta:+.3f} ms"
-            measure = f"{LABEL[mode]} p50 at 1 caller, over the floor"
+            measure = f"{LABEL[mode]} p50 at 1 caller, over the floor{on}"
             result = f"{delta:+.3f} ms ({p50_v:.3f} vs {p50_f:.3f})"
-            section.graded(f"latency ({label})", ok, f"{detail} (target <= +{MAX_P50_DELTA_MS} ms)",
-                           ("Overhead", measure, result, f"<= +{MAX_P50_DELTA_MS} ms"))  # fmt: skip
+            goal = f"<= +{MAX_P50_DELTA_MS} ms"
+            section.graded(f"latency ({label}){on}", ok, f"{detail} (target {goal})",
+                           ("Overhead", measure, result, goal))  # fmt: skip
         if callers == 1 and mode == "stream":
-            _first_chunk(section, f, v)
-    section.tables.append(c.md_table(header, rows))
+            _first_chunk(section, f, v, on)
+    section.tables.append(f"server.workers: {workers}\n\n" + c.md_table(header, rows))
 
 
 def _pair(a: float, b: float, spec: str = ".3f") -> str:
     return f"{c.fmt(a, spec)} / {c.fmt(b, spec)}"
 
 
-def _first_chunk(section: Section, f: list[Result], v: list[Result]) -> None:
+def _first_chunk(section: Section, f: list[Result], v: list[Result], on: str) -> None:
     vt, ft = c.median_of(v, "ttfc_p50_ms"), c.median_of(f, "ttfc_p50_ms")
     delta = c.paired_delta(f, v, "ttfc_p50_ms")
     ok = not math.isnan(delta) and delta <= MAX_TTFB_DELTA_MS
     section.check(
-        "time to first chunk (streaming, 1 caller)", ok, f"vibectld first chunk p50 {vt:.3f} "
+        f"time to first chunk (streaming, 1 caller){on}", ok, f"vibectld first chunk p50 {vt:.3f} "
         f"ms = floor {ft:.3f} ms {delta:+.3f} ms (target <= +{MAX_TTFB_DELTA_MS} ms)",
     )  # fmt: skip
-    measure = "streaming time to first chunk at 1 caller, over the floor"
+    measure = f"streaming time to first chunk at 1 caller, over the floor{on}"
     result = f"{delta:+.3f} ms ({vt:.3f} vs {ft:.3f})"
     section.row("Overhead", measure, result, f"<= +{MAX_TTFB_DELTA_MS} ms", ok)
