@@ -31,10 +31,18 @@ from vibectld.version import __version__
     is_flag=True,
     help="Print a new cluster key (for storage.backend: postgresql) and exit.",
 )
+# A worker process: the main process starts this same command with the file descriptor
+# of its end of their private channel (workers/). Not for operators: hidden.
+@click.option("--worker-fd", type=int, default=None, hidden=True)
 @click.version_option(
     __version__, "--version", prog_name="vibectld", message="%(prog)s %(version)s"
 )
-def main(config_file: str | None, check_config: bool, generate_cluster_key: bool) -> None:
+def main(
+    config_file: str | None,
+    check_config: bool,
+    generate_cluster_key: bool,
+    worker_fd: int | None,
+) -> None:
     """Run the vibectl LLM proxy daemon in the foreground.
 
     It serves gRPC over TLS to vibectl clients and a local admin socket for
@@ -59,9 +67,20 @@ def main(config_file: str | None, check_config: bool, generate_cluster_key: bool
     # Imported here so --check-config and --version stay fast.
     from vibectld.daemon import Daemon
     from vibectld.errors import STARTUP_ERRORS
+    from vibectld.workers import worker_count
 
+    count = worker_count(config)
     try:
-        asyncio.run(Daemon(config).run())
+        if worker_fd is not None:
+            from vibectld.workers.worker import run_worker
+
+            run_worker(config, worker_fd)
+        elif count > 1:
+            from vibectld.workers.supervisor import Supervisor
+
+            asyncio.run(Supervisor(config, count).run())
+        else:
+            asyncio.run(Daemon(config).run())
     except STARTUP_ERRORS as e:
         structlog.get_logger("vibectld").error("start_failed", error=str(e))
         sys.exit(1)

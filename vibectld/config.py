@@ -41,6 +41,7 @@ from vibectld.config_values import (
     _str_list,
     _str_map,
     _usd,
+    _workers,
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/vibectld/config.yaml")
@@ -69,6 +70,8 @@ class ServerConfig:
     # Calls and streams in progress on the whole server; past it RESOURCE_EXHAUSTED.
     max_concurrent_calls: int = 4096
     shutdown_grace_seconds: float = 10.0
+    # Serving processes on the one port; None is `auto` (the CPUs this process may use).
+    workers: int | None = None
 
     @property
     def public_host(self) -> str | None:
@@ -202,6 +205,7 @@ class DaemonConfig:
 RESTART_ONLY: tuple[str, ...] = (
     "server.listen",
     "server.shutdown_grace_seconds",
+    "server.workers",
     "admin.socket",
     "admin.group",
     "state_dir",
@@ -352,6 +356,7 @@ def _server(srv: _Section, d: ServerConfig) -> ServerConfig:
         shutdown_grace_seconds=srv.get(
             "shutdown_grace_seconds", _seconds, d.shutdown_grace_seconds
         ),
+        workers=srv.get("workers", _workers, d.workers),
     )
 
 

@@ -51,6 +51,15 @@ def _int(key: str, v: Any, minimum: int = 1) -> int:
     return v
 
 
+def _workers(key: str, v: Any) -> int | None:
+    """`auto` (None: the CPUs this process may use) or a number of serving processes."""
+    if v == "auto":
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
+        raise ConfigError(f"{key}: must be auto or a whole number from 1 to 256, got {v!r}")
+    return v
+
+
 def _opt_int(key: str, v: Any) -> int | None:
     return None if v is None else _int(key, v)
 

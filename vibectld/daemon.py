@@ -32,7 +32,7 @@ from vibectld.config import (
 )
 from vibectld.generation import GenerationRejected, build_generation
 from vibectld.ops.notify import Notifier
-from vibectld.ops.watchdog import Heartbeat
+from vibectld.ops.watchdog import Heartbeat, Probe
 from vibectld.pki import cluster
 from vibectld.pki.sealed import ClusterKey, ClusterKeyError
 from vibectld.pki.signing import SigningKeys
@@ -167,7 +167,7 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._watch_storage(state), name="storage"))
         self._tasks.append(asyncio.create_task(self._reload_on_request(), name="reload"))
         self._tasks.append(asyncio.create_task(self._watch_certificate(), name="certificate"))
-        heartbeat = Heartbeat(rt, self.notifier, self._status_line)
+        heartbeat = Heartbeat(rt, self.notifier, self._status_line, self._serving_proof())
         self._tasks.append(asyncio.create_task(heartbeat.run(), name="heartbeat"))
         self._log_started(rt)
         self.notifier.ready(self._status_line())
@@ -212,8 +212,15 @@ class Daemon:
             limit_across_nodes(rt, registry)
         return rt
 
+    # A worker binds the port its main process chose, beside the other workers
+    # (SO_REUSEPORT: the kernel spreads connections over them); a lone daemon does not.
+    _reuse_port = 0
+
+    def _listen_address(self) -> str:
+        return self.config.server.listen
+
     async def _start_grpc(self, rt: Runtime) -> None:
-        listen = self.config.server.listen
+        listen = self._listen_address()
         limit = self.config.server.max_request_bytes
         failed_auth = FailedAuthLog()
         server = grpc.aio.server(
@@ -229,7 +236,7 @@ class Daemon:
                 # A connection that has not finished its TLS handshake by then is closed
                 # (gRPC's default is 120 s, long enough to hold thousands of idle sockets).
                 ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", self._reuse_port),
                 # Without BDP probing, a stream's receive window stays small until the
                 # service asks for its message; with it, gRPC widens the window and a
                 # refused call's client pushes megabytes that are received and thrown
@@ -255,6 +262,10 @@ class Daemon:
         rt.grpc_host, rt.grpc_port = listen.rpartition(":")[0], port
         await server.start()
         self._grpc = server
+
+    def _serving_proof(self) -> Probe | None:
+        """What proves to the watchdog that calls are served; None: our own health check."""
+        return None
 
     def _start_metrics(self, rt: Runtime) -> None:
         listen = self.config.metrics.listen

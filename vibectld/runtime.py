@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections import Counter
+from collections.abc import Coroutine
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,6 +28,16 @@ from vibectld.providers.keys import ProviderKeys
 from vibectld.service.inflight import InFlight
 from vibectld.service.limits import Limiter
 from vibectld.store.base import Store
+
+
+class WorkersView(Protocol):
+    """The serving processes as the main process sees them (workers/supervisor.py)."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One per worker: index, pid, state, started, restarts, in_flight."""
+        ...
+
+    def in_flight_by_client(self) -> Counter[str]: ...
 
 
 class Admission(Protocol):
@@ -70,9 +81,9 @@ class Runtime:
     draining: bool = False
     # time.monotonic() of the last call that arrived, to know when arrivals stop.
     last_arrival: float = 0.0
-    # In a main process with workers: their rows for `status` (pid, state, started,
-    # restarts, in flight); None when this process serves alone.
-    workers: Callable[[], list[dict[str, Any]]] | None = None
+    # In a main process with workers: what they serve (the calls in flight are theirs);
+    # None when this process serves alone.
+    workers: WorkersView | None = None
 
     # Shorthands for code outside a call (admin status, logs). A call that reads
     # more than one of them takes `generation` once instead, so it cannot see two.

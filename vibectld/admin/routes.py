@@ -401,6 +401,22 @@ async def show_ca(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> di
 async def status(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
     rt = ctx.rt
     gen = rt.generation
+    # With workers the calls run in them; the main process holds a lease for each.
+    if rt.workers is not None:
+        workers = rt.workers.rows()
+        by_client = rt.workers.in_flight_by_client()
+    else:
+        by_client = rt.inflight.per_client()
+        workers = [
+            {
+                "index": 1,
+                "pid": os.getpid(),
+                "state": "draining" if rt.draining else "serving",
+                "started": iso(int(rt.started_at)),
+                "restarts": 0,
+                "in_flight": rt.inflight.total(),
+            }
+        ]
     return {
         "version": __version__,
         "pid": os.getpid(),
@@ -409,8 +425,9 @@ async def status(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dic
         "default_model": gen.catalogue.default,
         "models": [e.model_id for e in gen.catalogue.entries()],
         "clients": rt.registry.counts(),
-        "in_flight": rt.inflight.total(),
-        "in_flight_by_client": _named(rt, rt.inflight.per_client()),
+        "in_flight": sum(by_client.values()),
+        "in_flight_by_client": _named(rt, by_client),
+        "workers": workers,
         "top_today": [
             {"name": r.name, "requests": r.requests, "tokens": r.input_tokens + r.output_tokens}
             for r in rt.registry.top_today(int(time.time()))

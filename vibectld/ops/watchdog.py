@@ -12,7 +12,7 @@ would only stop the node at start, unable to load its store.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
@@ -42,11 +42,24 @@ def _name_in_certificate(chain_pem: bytes) -> str:
     return "localhost" if "localhost" in names else (names[0] if names else "localhost")
 
 
+# Given the seconds it may take, True when calls are being served.
+Probe = Callable[[float], Awaitable[bool]]
+
+
 class Heartbeat:
-    def __init__(self, rt: Runtime, notifier: Notifier, status: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        notifier: Notifier,
+        status: Callable[[], str],
+        probe: Probe | None = None,
+    ) -> None:
         self.rt = rt
         self.notifier = notifier
         self.status = status
+        # A main process with workers proves each of them instead (workers/supervisor.py):
+        # a health check over the shared port would reach one worker, not all.
+        self.probe: Probe = probe or self._grpc_answers
         self.watchdog_interval = notifier.watchdog_interval()
 
     async def _grpc_answers(self, deadline_seconds: float) -> bool:
@@ -74,5 +87,5 @@ class Heartbeat:
         while True:
             await asyncio.sleep(interval)
             self.notifier.status(self.status())
-            if self.watchdog_interval is not None and await self._grpc_answers(interval):
+            if self.watchdog_interval is not None and await self.probe(interval):
                 self.notifier.watchdog()

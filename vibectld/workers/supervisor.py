@@ -1,0 +1,553 @@
+"""The main process with `server.workers` > 1: everything but serving calls.
+
+It loads the configuration, opens the store, the signing keys and the first generation,
+owns the admin socket, metrics, systemd notification, reloads and shutdown, exactly as a
+lone daemon does (it is one: `Supervisor` is a `Daemon` that serves no gRPC), and runs N
+worker processes (workers/worker.py) that each bind `server.listen` with SO_REUSEPORT,
+so the kernel spreads connections over them. The port is reserved here first (a bound,
+never listening socket with SO_REUSEPORT, held for the process's life), so `port 0`
+resolves once and a restarted worker binds the same port.
+
+What stays exact across workers is decided here, on one event loop, as on one node:
+every call of a worker is admitted here in one round trip (rpm, budgets, concurrency,
+with the Limiter or, on PostgreSQL, the cluster limiter; is the client still active),
+every served call's usage is recorded here, and a client or key change is pushed to every
+worker and acknowledged before the admin operation answers, each worker cancelling the
+calls it must. A worker that dies gives back its slots at once (its leases are here) and
+is started again; its clients saw their connection drop (UNAVAILABLE, retryable).
+READY=1 goes out when every worker serves; WATCHDOG=1 while every worker answered a ping
+(which checks its own gRPC server) within the interval. A reload is all or none: every
+worker builds the new generation first, and only if all could do all swap. Shutdown
+drains every worker, each within the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
+
+from vibectl.util.hostport import join_host_port
+from vibectl.util.timefmt import iso
+from vibectld.config import DaemonConfig
+from vibectld.daemon import Daemon, StartupError
+from vibectld.generation import GenerationRejected
+from vibectld.ops.watchdog import Probe
+from vibectld.providers.catalogue import UnknownModel
+from vibectld.runtime import Runtime
+from vibectld.service.budgets import check_dollar_budgets
+from vibectld.service.limits import EffectiveLimits, check_token_budget
+from vibectld.service.refusals import CallRefused, Unauthenticated, Unavailable
+from vibectld.service.staleness import StorageState, is_stale, stale_refusal
+from vibectld.store.records import ClientRecord
+from vibectld.workers.channel import Channel, ChannelClosed, Failed
+from vibectld.workers.view import keys_to_wire, refusal_to_wire
+
+log = structlog.get_logger("vibectld.workers")
+
+# How long every worker has to start serving before the daemon gives up starting.
+START_TIMEOUT_SECONDS = 60.0
+# How often each worker is pinged (the watchdog's proof and the status rows).
+PING_SECONDS = 1.0
+# How long a client or key change may wait for every worker's acknowledgement.
+PUSH_TIMEOUT_SECONDS = 5.0
+# A worker that keeps dying is restarted after a growing pause, at most this.
+MAX_RESTART_PAUSE_SECONDS = 5.0
+# Past the shutdown grace, how long a worker may take to exit before SIGKILL.
+EXIT_MARGIN_SECONDS = 5.0
+
+_ASK_ADMIN = "ask your vibectld admin for a new one"
+
+
+@dataclass
+class WorkerSlot:
+    """One worker's place: a process at a time, restarted in the same slot."""
+
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    channel: Channel | None = None
+    state: str = "starting"
+    started_at: float = 0.0
+    restarts: int = 0
+    last_pong: float = 0.0
+    generation: int = 0
+    serving: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+class Supervisor(Daemon):
+    def __init__(self, config: DaemonConfig, count: int) -> None:
+        super().__init__(config)
+        self.count = count
+        self.slots = [WorkerSlot(i + 1) for i in range(count)]
+        self._reserved: socket.socket | None = None
+        self._listen = config.server.listen
+        self._stopping = False
+        self._lease_ids = itertools.count(1)
+        # lease id → (worker index, client id, the cluster limiter's lease or None)
+        self._leases: dict[int, tuple[int, str, Any]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._all_or_none = asyncio.Lock()
+        self._watchers: list[asyncio.Task[None]] = []
+        self._started = False
+        self._start_failure: asyncio.Future[str] | None = None
+
+    # -- start ------------------------------------------------------------------------
+
+    def _open_state(self) -> Runtime:
+        rt = super()._open_state()
+        self._loop = asyncio.get_running_loop()
+        rt.workers = self
+        self._push_writes(rt)
+        return rt
+
+    async def _start_grpc(self, rt: Runtime) -> None:
+        """Reserve the port, start every worker, return once each serves."""
+        host, port = self._reserve_port()
+        self._listen = join_host_port(host, port)
+        rt.grpc_host, rt.grpc_port = self.config.server.listen.rpartition(":")[0], port
+        failure = self._start_failure = asyncio.get_running_loop().create_future()
+        for slot in self.slots:
+            await self._spawn(slot)
+        all_serving = asyncio.ensure_future(
+            asyncio.gather(*(slot.serving.wait() for slot in self.slots))
+        )
+        await asyncio.wait(
+            [all_serving, failure],
+            timeout=START_TIMEOUT_SECONDS,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if not all_serving.done():
+            all_serving.cancel()
+            why = (
+                failure.result()
+                if failure.done()
+                else f"not every worker served within {START_TIMEOUT_SECONDS:g} s"
+            )
+            self._stopping = True
+            for slot in self.slots:
+                if slot.proc is not None and slot.proc.returncode is None:
+                    slot.proc.kill()
+            raise StartupError(f"{why}; see the log above for the cause")
+        self._started = True
+        self._tasks.append(asyncio.create_task(self._ping_loop(), name="worker-pings"))
+        log.info("workers.serving", workers=self.count, pids=[s.pid for s in self.slots])
+
+    def _reserve_port(self) -> tuple[str, int]:
+        listen = self.config.server.listen
+        host, _, port_text = listen.rpartition(":")
+        bare = host.strip("[]")
+        busy = f"cannot listen on {listen}; is another process using the port? "
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                bare or None, int(port_text), type=socket.SOCK_STREAM
+            )[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+        except OSError as e:
+            raise StartupError(
+                f"{busy}change server.listen or stop it ({e.strerror or e})"
+            ) from None
+        self._reserved = sock
+        return host, int(sock.getsockname()[1])
+
+    async def _spawn(self, slot: WorkerSlot) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The same command this process was started with (the same interpreter, options,
+        # module or script, and --config), as a worker: a fresh interpreter, not a fork.
+        argv = [sys.executable, *sys.orig_argv[1:], "--worker-fd", str(child.fileno())]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+        slot.serving = asyncio.Event()
+        slot.state = "starting"
+        slot.channel = Channel(parent, lambda kind, body: self._handle(slot, kind, body))
+        try:
+            slot.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            child.close()
+        slot.started_at = time.time()
+        await slot.channel.start()
+        watcher = asyncio.create_task(self._watch(slot, slot.proc), name=f"worker-{slot.index}")
+        self._watchers.append(watcher)
+        watcher.add_done_callback(self._watchers.remove)
+
+    async def _watch(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
+        """Wait for the worker to exit; give back its slots; start another unless stopping."""
+        code = await proc.wait()
+        if slot.channel is not None:
+            await slot.channel.close()
+        released = self._release_worker(slot.index)
+        slot.state = "stopped"
+        if self._stopping:
+            return
+        how = f"signal {-code}" if code < 0 else f"exit status {code}"
+        log.error(
+            "worker.died",
+            worker=slot.index,
+            pid=proc.pid,
+            how=how,
+            released_calls=released,
+            hint="its clients' calls failed with UNAVAILABLE; starting another",
+        )
+        if not self._started:
+            # Dead before the daemon was ready: the start fails, naming why (the log).
+            assert self._start_failure is not None
+            if not self._start_failure.done():
+                self._start_failure.set_result(f"worker {slot.index} exited ({how}) before serving")
+            return
+        slot.restarts += 1
+        slot.state = "restarting"
+        await asyncio.sleep(min(0.2 * slot.restarts, MAX_RESTART_PAUSE_SECONDS))
+        if not self._stopping:
+            await self._spawn(slot)
+
+    # -- the channel ------------------------------------------------------------------
+
+    async def _handle(self, slot: WorkerSlot, kind: str, body: Any) -> Any:
+        rt = self.runtime
+        assert rt is not None
+        if kind == "admit":
+            return await self._admit(slot, rt, *body)
+        if kind == "release":
+            self._release(body)
+            return None
+        if kind == "record_call":
+            client_id, now, error, tokens_in, tokens_out, cost = body
+            rt.registry.record_call(
+                client_id,
+                now=now,
+                error=error,
+                input_tokens=tokens_in,
+                output_tokens=tokens_out,
+                cost_usd=cost,
+            )
+            return None
+        if kind == "record_redactions":
+            client_id, now, found = body
+            rt.registry.record_redactions(client_id, now=now, found=found)
+            return None
+        if kind == "hello":
+            return self._hello(slot, rt)
+        if kind == "serving":
+            slot.state = "serving"
+            slot.last_pong = time.monotonic()
+            slot.generation = rt.generation.number
+            slot.serving.set()
+            return None
+        raise ValueError(f"unknown message {kind!r}")
+
+    def _hello(self, slot: WorkerSlot, rt: Runtime) -> dict[str, Any]:
+        ca = rt.generation.ca
+        ca_wire = (
+            None
+            if ca is None
+            else (
+                ca.cert.public_bytes(Encoding.DER),
+                ca.key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption()),
+                ca.where,
+            )
+        )
+        return {
+            "index": slot.index,
+            "listen": self._listen,
+            "records": rt.registry.clients(include_inactive=True),
+            "keys": keys_to_wire(rt.signing.loaded()),
+            "generation": rt.generation.number,
+            "ca": ca_wire,
+        }
+
+    async def _admit(
+        self, slot: WorkerSlot, rt: Runtime, client_id: str, runs: bool, model_id: str | None
+    ) -> tuple[str, Any]:
+        """A worker's call: rpm, budgets, concurrency, in the contract's order, here."""
+        gen = rt.generation
+        now = time.time()
+        try:
+            storage = gen.config.storage
+            if storage.on_stale == "refuse" and is_stale(
+                rt.registry, storage.max_staleness_seconds, now
+            ):
+                raise stale_refusal(rt.registry)
+            record = rt.registry.get(client_id)
+            _still_active(rt, record, int(now))
+            assert record is not None
+            limits = EffectiveLimits.of(record, gen.config.limits)
+            held: CallRefused | None = None
+            if runs:
+                try:
+                    check_token_budget(
+                        rt.registry.tokens_used(client_id, int(now)), limits.tokens_per_day, now
+                    )
+                    if model_id is not None:
+                        entry = gen.catalogue.resolve(model_id)
+                        assert entry is not None
+                        check_dollar_budgets(rt.registry, gen, record, limits, entry, now)
+                except CallRefused as refusal:
+                    held = refusal
+                except UnknownModel:
+                    held = Unavailable("the server is reloading its models; retry in a moment")
+            inner: Any = None
+            if rt.cluster is not None:
+                inner = await rt.cluster.admit(
+                    client_id, limits.rpm, limits.concurrency, slot=runs and held is None
+                )
+            else:
+                rt.limiter.count_request(client_id, limits.rpm)
+            if held is not None:
+                raise held
+            lease_id = None
+            if runs:
+                if rt.cluster is None:
+                    rt.limiter.take(client_id, limits.concurrency)
+                lease_id = next(self._lease_ids)
+                self._leases[lease_id] = (slot.index, client_id, inner)
+        except CallRefused as refusal:
+            rt.metrics.refusals.labels(refusal.reason).inc()
+            return "refused", refusal_to_wire(refusal)
+        return "ok", (lease_id, rt.registry.usd_spent_month(client_id, now))
+
+    def _release(self, lease_id: int) -> None:
+        held = self._leases.pop(lease_id, None)
+        if held is None:
+            return  # given back already, when its worker died
+        rt = self.runtime
+        assert rt is not None
+        _, client_id, inner = held
+        if inner is not None:
+            assert rt.cluster is not None
+            rt.cluster.release(inner)
+        else:
+            rt.limiter.give_back(client_id)
+
+    def _release_worker(self, index: int) -> int:
+        """Every slot the dead worker `index` held, given back."""
+        mine = [lease for lease, (owner, _, _) in self._leases.items() if owner == index]
+        for lease in mine:
+            self._release(lease)
+        return len(mine)
+
+    # -- pushes -----------------------------------------------------------------------
+
+    def _push_writes(self, rt: Runtime) -> None:
+        """Every client write and key change of this process reaches every worker before
+        the admin operation that made it answers (its writers run in threads)."""
+        registry = rt.registry
+        for name in ("issue", "revoke", "update"):
+            original = getattr(registry, name)
+
+            def written(*args: Any, _original: Callable[..., Any] = original, **kw: Any) -> Any:
+                record = _original(*args, **kw)
+                self._push_and_wait("client", record)
+                return record
+
+            setattr(registry, name, written)
+        signing = rt.signing
+        for name in ("rotate", "retire"):
+            original = getattr(signing, name)
+
+            def changed(*args: Any, _original: Callable[..., Any] = original, **kw: Any) -> Any:
+                try:
+                    return _original(*args, **kw)
+                finally:
+                    self._push_and_wait("keys", keys_to_wire(signing.loaded()))
+
+            setattr(signing, name, changed)
+
+    def _push_and_wait(self, kind: str, body: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            # On the loop itself (not the admin routes' way): cannot wait here.
+            loop.create_task(self._push(kind, body))
+            return
+        future = asyncio.run_coroutine_threadsafe(self._push(kind, body), loop)
+        future.result(PUSH_TIMEOUT_SECONDS + 1)
+
+    async def _push(self, kind: str, body: Any) -> None:
+        """To every worker that has a channel; a worker that does not answer in time is
+        logged (a worker started later gets a snapshot that has the change)."""
+
+        async def one(slot: WorkerSlot) -> None:
+            channel = slot.channel
+            if channel is None or channel.closed.is_set():
+                return
+            try:
+                await channel.ask(kind, body, within=PUSH_TIMEOUT_SECONDS)
+            except (ChannelClosed, Failed, TimeoutError) as e:
+                log.warning("worker.push_failed", worker=slot.index, kind=kind, error=str(e))
+
+        await asyncio.gather(*(one(slot) for slot in self.slots))
+
+    def _changed(self, record: ClientRecord) -> None:
+        super()._changed(record)
+        assert self.runtime is not None
+        self.runtime.background(self._push("client", record))
+
+    # -- watchdog, status -------------------------------------------------------------
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._ping(slot) for slot in self.slots))
+            await asyncio.sleep(PING_SECONDS)
+
+    async def _ping(self, slot: WorkerSlot) -> None:
+        channel = slot.channel
+        if channel is None or slot.state != "serving":
+            return
+        try:
+            answer = await channel.ask("ping", within=PING_SECONDS)
+        except (ChannelClosed, Failed, TimeoutError):
+            return
+        if answer["serving"]:
+            slot.last_pong = time.monotonic()
+        slot.generation = answer["generation"]
+
+    def _serving_proof(self) -> Probe:
+        async def every_worker_answered(seconds: float) -> bool:
+            now = time.monotonic()
+            late = [
+                s.index
+                for s in self.slots
+                if s.state != "serving" or now - s.last_pong > max(seconds, 2 * PING_SECONDS)
+            ]
+            if late:
+                log.warning("watchdog.workers_silent", workers=late)
+            return not late
+
+        return every_worker_answered
+
+    def rows(self) -> list[dict[str, Any]]:
+        running = Counter(owner for owner, _, _ in self._leases.values())
+        return [
+            {
+                "index": s.index,
+                "pid": s.pid,
+                "state": s.state,
+                "started": iso(int(s.started_at)) if s.started_at else None,
+                "restarts": s.restarts,
+                "in_flight": running.get(s.index, 0),
+                "generation": s.generation,
+            }
+            for s in self.slots
+        ]
+
+    def in_flight_by_client(self) -> Counter[str]:
+        return Counter(client_id for _, client_id, _ in self._leases.values())
+
+    def _status_line(self) -> str:
+        line = super()._status_line()
+        serving = sum(1 for s in self.slots if s.state == "serving")
+        return f"{line}; {serving} of {self.count} workers serving"
+
+    async def _set_health(self, state: StorageState) -> None:
+        pass  # the workers run the health service; the call gate's checks are here
+
+    # -- reload -----------------------------------------------------------------------
+
+    async def reload(self) -> list[str]:
+        """Every worker builds the new generation, then this process does; only if all
+        could do all swap; else none does and the first reason is raised."""
+        async with self._all_or_none:
+            live = [s for s in self.slots if s.channel is not None and s.state == "serving"]
+            reason = await self._ask_all(live, "prepare")
+            if reason is None:
+                try:
+                    notes = await super().reload()
+                except GenerationRejected:
+                    await self._ask_all(live, "abandon")
+                    raise
+                await self._ask_all(live, "swap")
+                return notes
+            await self._ask_all(live, "abandon")
+            self._last_reload_error = reason
+            log.error(
+                "reload.rejected", error=reason, hint="the previous configuration keeps serving"
+            )
+            self.notifier.ready(self._status_line())
+            raise GenerationRejected(reason)
+
+    async def _ask_all(self, slots: list[WorkerSlot], kind: str) -> str | None:
+        async def one(slot: WorkerSlot) -> str | None:
+            assert slot.channel is not None
+            try:
+                await slot.channel.ask(kind, within=60)
+            except (Failed, ChannelClosed, TimeoutError) as e:
+                return f"worker {slot.index}: {e or 'did not answer'}"
+            return None
+
+        reasons = [r for r in await asyncio.gather(*(one(s) for s in slots)) if r]
+        return reasons[0] if reasons else None
+
+    # -- stop -------------------------------------------------------------------------
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain every worker (each refuses new calls and lets running ones finish within
+        the grace), wait for them to exit (SIGKILL past the grace), then stop the rest."""
+        grace = self.config.server.shutdown_grace_seconds if grace is None else grace
+        self._stopping = True
+        self.notifier.stopping()
+        for slot in self.slots:
+            slot.state = "draining" if slot.state == "serving" else slot.state
+            if slot.channel is not None and not slot.channel.closed.is_set():
+                with contextlib.suppress(ChannelClosed):
+                    slot.channel.tell("drain")
+        procs = [s.proc for s in self.slots if s.proc is not None and s.proc.returncode is None]
+        if procs:
+            waits = asyncio.gather(*(p.wait() for p in procs))
+            try:
+                async with asyncio.timeout(grace + EXIT_MARGIN_SECONDS):
+                    await waits
+            except TimeoutError:
+                for proc in procs:
+                    if proc.returncode is None:
+                        log.error("worker.killed", pid=proc.pid, hint="it ignored the drain")
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.send_signal(signal.SIGKILL)
+                await asyncio.gather(*(p.wait() for p in procs))
+        for watcher in list(self._watchers):
+            watcher.cancel()
+        await super().stop(grace)
+        if self._reserved is not None:
+            self._reserved.close()
+
+
+def _still_active(rt: Runtime, record: ClientRecord | None, now: int) -> None:
+    """Refuse a call whose client was revoked (or expired, or its key retired) since the
+    worker authenticated it: its copy may be a push behind; this store is not."""
+    if record is None:
+        raise Unauthenticated(f"secret is not registered on this server — {_ASK_ADMIN}")
+    if record.revoked_at is not None:
+        raise Unauthenticated(f"secret was revoked — {_ASK_ADMIN}")
+    if record.expires_at <= now:
+        raise Unauthenticated(f"secret has expired — {_ASK_ADMIN}")
+    if record.kid is not None and not rt.signing.verifies(record.kid):
+        raise Unauthenticated(f"secret's signing key was retired — {_ASK_ADMIN}")

@@ -1,0 +1,241 @@
+"""A worker's view of the main process's state: client records, signing keys, limits.
+
+The worker holds no database. Its client records are a read-only copy the main process
+keeps current (a snapshot at start, then every change, each acknowledged before the
+admin operation answers); its signing keys are the main process's, pushed the same way.
+Every call that is limited or budgeted asks the main process in one round trip on the
+channel (`WorkerAdmission.admit`, the shape of the cluster limiter's, so the servicer's
+shared path serves both): the main process decides rpm, budgets and concurrency with
+its own limiter and store, and checks there that the client is still active, so a
+revocation is refused on the next request whatever this copy says. Usage goes to the
+main process, which records it in its store: totals equal calls served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from vibectld.pki.kids import LoadedKeys
+from vibectld.service.refusals import CallRefused, Unavailable
+from vibectld.store.base import StoreHealth
+from vibectld.store.records import ClientRecord
+from vibectld.workers.channel import Channel, ChannelClosed
+
+# How long a call waits for the main process to admit it before it is refused as
+# UNAVAILABLE (retryable): the main process answers in well under a millisecond.
+ADMIT_TIMEOUT_SECONDS = 10.0
+
+
+# -- signing keys -----------------------------------------------------------------------
+
+
+def keys_to_wire(loaded: LoadedKeys) -> tuple[dict[str, bytes], frozenset[str]]:
+    """Raw key bytes, to cross the private channel (key objects do not pickle)."""
+    raw = {
+        kid: key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        for kid, key in loaded.keys.items()
+    }
+    return raw, loaded.retired
+
+
+class PushedKeys:
+    """A KeyBacking holding what the main process last pushed; a worker never writes keys."""
+
+    shared = True  # changed by another process: refresh() takes the latest push
+
+    def __init__(self, wire: tuple[dict[str, bytes], frozenset[str]]) -> None:
+        self._wire = wire
+
+    def __repr__(self) -> str:
+        return "PushedKeys()"
+
+    def replace(self, wire: tuple[dict[str, bytes], frozenset[str]]) -> None:
+        self._wire = wire
+
+    def load(self) -> LoadedKeys:
+        raw, retired = self._wire
+        keys = {kid: Ed25519PrivateKey.from_private_bytes(b) for kid, b in raw.items()}
+        return LoadedKeys(keys, retired)
+
+    def add(self, latest: str | None) -> tuple[str, Ed25519PrivateKey]:
+        raise RuntimeError("a worker process does not rotate signing keys")
+
+    def retire(self, kid: str) -> None:
+        raise RuntimeError("a worker process does not retire signing keys")
+
+
+# -- client records ---------------------------------------------------------------------
+
+
+class WorkerStore:
+    """The part of the Store a worker's request path reads, and its usage, forwarded.
+
+    Budgets are decided by the main process at admission (its store has every worker's
+    usage), so the budget reads here answer zero: the servicer's own budget check in a
+    worker then never refuses, and the main process's answer is the one that counts.
+    """
+
+    backend = "worker"
+    shared = False
+
+    def __init__(self, records: list[ClientRecord]) -> None:
+        self._records = {r.id: r for r in records}
+        self.channel: Channel | None = None
+        # Usd spent this month per client, as the main process said at the last
+        # admission: GetServerInfo's usd_left (informational; admission decides).
+        self.usd_month: dict[str, float] = {}
+
+    def put(self, record: ClientRecord) -> None:
+        self._records[record.id] = record
+
+    def get(self, jti: str) -> ClientRecord | None:
+        return self._records.get(jti)
+
+    def active_signed_by(self, kid: str, now: int | None = None) -> list[ClientRecord]:
+        at = int(time.time()) if now is None else now
+        return [r for r in self._records.values() if r.kid == kid and r.status(at) == "active"]
+
+    def counts(self, now: int | None = None) -> dict[str, int]:
+        at = int(time.time()) if now is None else now
+        active = sum(1 for r in self._records.values() if r.status(at) == "active")
+        return {"active": active, "total": len(self._records)}
+
+    def record_call(
+        self,
+        client_id: str,
+        *,
+        now: int,
+        error: bool,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        cost_usd: float | None,
+    ) -> None:
+        self._tell(
+            "record_call",
+            (client_id, now, error, input_tokens, output_tokens, cost_usd),
+        )
+
+    def record_redactions(self, client_id: str, *, now: int, found: dict[str, int]) -> None:
+        self._tell("record_redactions", (client_id, now, dict(found)))
+
+    def _tell(self, kind: str, body: Any) -> None:
+        assert self.channel is not None
+        # Lost only if the main process is gone, and then so is its store.
+        with contextlib.suppress(ChannelClosed):
+            self.channel.tell(kind, body)
+
+    def tokens_used(self, client_id: str, now: int) -> int:
+        return 0
+
+    def usd_spent_month(self, client_id: str, now: float) -> float:
+        return self.usd_month.get(client_id, 0.0)
+
+    def usd_spent_day(self, now: float) -> float:
+        return 0.0
+
+    def freshness(self, now: float | None = None) -> float | None:
+        return None  # staleness is the main process's to judge, at admission
+
+    def health(self) -> StoreHealth:
+        return StoreHealth(degraded=False, reason=None, since=None)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# -- admission --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class WorkerLease:
+    """One running call's slot, held by the main process until released."""
+
+    client_id: str
+    id: int
+
+
+def refusal_to_wire(refusal: CallRefused) -> tuple[str, str, dict[str, Any]]:
+    return type(refusal).__name__, refusal.message, dict(vars(refusal))
+
+
+def refusal_from_wire(wire: tuple[str, str, dict[str, Any]]) -> CallRefused:
+    """The same refusal the main process raised (class, message, trailers)."""
+    name, message, attrs = wire
+    cls = _refusal_class(name)
+    refusal = cls.__new__(cls)
+    Exception.__init__(refusal, message)
+    refusal.__dict__.update(attrs)
+    return refusal
+
+
+def _refusal_class(name: str) -> type[CallRefused]:
+    # The modules that define refusals, imported so that their classes are known.
+    from vibectld.service import budgets, limits, staleness  # noqa: F401
+
+    classes: list[type[CallRefused]] = [CallRefused]
+    while classes:
+        cls = classes.pop()
+        if cls.__name__ == name:
+            return cls
+        classes.extend(cls.__subclasses__())
+    return Unavailable
+
+
+class WorkerAdmission:
+    """rpm, budgets and concurrency, decided by the main process for every worker."""
+
+    def __init__(self, channel: Channel, store: WorkerStore) -> None:
+        self._channel = channel
+        self._store = store
+
+    def __repr__(self) -> str:
+        return "WorkerAdmission()"
+
+    async def admit(
+        self,
+        client_id: str,
+        rpm: int | None,
+        concurrency: int | None,
+        *,
+        slot: bool,
+        model_id: str | None = None,
+    ) -> WorkerLease | None:
+        """One round trip: the main process counts the call (rpm), and with `slot`
+        checks the budgets for `model_id` and takes a concurrent slot; raises the refusal
+        it decided. `rpm` and `concurrency` are ignored: the main process reads the
+        client's limits from its own, current record."""
+        try:
+            answer = await self._channel.ask(
+                "admit", (client_id, slot, model_id), within=ADMIT_TIMEOUT_SECONDS
+            )
+        except (ChannelClosed, TimeoutError):
+            raise Unavailable(
+                "this vibectld worker lost its main process; retry in a moment"
+            ) from None
+        kind, body = answer
+        if kind == "refused":
+            raise refusal_from_wire(body)
+        lease_id, usd_month = body
+        self._store.usd_month[client_id] = usd_month
+        return None if lease_id is None else WorkerLease(client_id, lease_id)
+
+    def release(self, lease: WorkerLease) -> None:
+        with contextlib.suppress(ChannelClosed):
+            self._channel.tell("release", lease.id)
+
+    @contextlib.contextmanager
+    def holding(self, lease: WorkerLease) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self.release(lease)
