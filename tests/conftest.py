@@ -128,7 +128,9 @@ def short_tmpdir() -> Path:
 
 def make_config(state_dir: Path, sock_dir: Path, **overrides: Any) -> DaemonConfig:
     raw: dict[str, Any] = {
-        "server": {"listen": "127.0.0.1:0", "name": "test-server"},
+        # One process unless a test asks for more (the in-process Daemon is one anyway;
+        # multi-worker semantics are tested in tests/integration/test_workers.py).
+        "server": {"listen": "127.0.0.1:0", "name": "test-server", "workers": 1},
         "admin": {
             "socket": str(sock_dir / "admin.sock"),
             "group": grp.getgrgid(os.getgid()).gr_name,

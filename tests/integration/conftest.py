@@ -22,7 +22,12 @@ __all__ = ["from_file", "postgres", "postgres_server", "write"]
 
 
 def write(path: Path, raw: dict[str, Any]) -> None:
-    """A config file with `raw` in it (JSON is YAML)."""
+    """A config file with `raw` in it (JSON is YAML); one serving process unless `raw`
+    asks for more (the suite tests single-process semantics everywhere, multi-worker ones
+    in test_workers.py, and `auto` would be 2 processes per daemon on CI's 2 cores)."""
+    server = raw.get("server", {})
+    if isinstance(server, dict) and "workers" not in server:
+        raw = {**raw, "server": {**server, "workers": 1}}
     path.write_text(json.dumps(raw))
 
 

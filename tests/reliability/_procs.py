@@ -140,7 +140,10 @@ class DaemonProcess:
         self.admin_socket = self.sock_dir / "admin.sock"
         self.log_path = root / "vibectld.log"
         self.raw: dict[str, Any] = {
-            "server": {"listen": "127.0.0.1:0", "name": "reliability"},
+            # One process unless a test asks for workers: the suite tests single-process
+            # semantics everywhere, multi-worker ones in tests/integration/test_workers.py
+            # (and the default, auto, would be 2 processes per daemon on CI's 2 cores).
+            "server": {"listen": "127.0.0.1:0", "name": "reliability", "workers": 1},
             "admin": {
                 "socket": str(self.admin_socket),
                 "group": grp.getgrgid(os.getgid()).gr_name,
