@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -70,8 +70,8 @@ class ServerConfig:
     # Calls and streams in progress on the whole server; past it RESOURCE_EXHAUSTED.
     max_concurrent_calls: int = 4096
     shutdown_grace_seconds: float = 10.0
-    # Serving processes on the one port; None is `auto` (the CPUs this process may use).
-    workers: int | None = None
+    # Serving processes on the one port; `auto`: the CPUs this process may use.
+    workers: int | Literal["auto"] = "auto"
 
     @property
     def public_host(self) -> str | None:

@@ -9,7 +9,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from vibectl.redaction import KINDS
@@ -51,10 +51,10 @@ def _int(key: str, v: Any, minimum: int = 1) -> int:
     return v
 
 
-def _workers(key: str, v: Any) -> int | None:
-    """`auto` (None: the CPUs this process may use) or a number of serving processes."""
+def _workers(key: str, v: Any) -> int | Literal["auto"]:
+    """`auto` (the CPUs this process may use) or a number of serving processes."""
     if v == "auto":
-        return None
+        return "auto"
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
         raise ConfigError(f"{key}: must be auto or a whole number from 1 to 256, got {v!r}")
     return v

@@ -45,4 +45,5 @@ def usable_cpus() -> int:
 
 def worker_count(config: DaemonConfig) -> int:
     """`server.workers`, with `auto` resolved to the usable CPUs."""
-    return config.server.workers if config.server.workers is not None else usable_cpus()
+    workers = config.server.workers
+    return usable_cpus() if workers == "auto" else workers
