@@ -84,7 +84,7 @@ def test_nodes_starting_together_on_an_empty_database_create_one_schema(
     assert tables == (
         "audit,changes,clients,cluster_secrets,lease_holders,leases,nodes,rate_counts,rate_events,"
         "redactions,"
-        "signing_keys,usage,vibectld_schema"
+        "signing_keys,usage,usage_journals,vibectld_schema"
     )
 
 

@@ -113,7 +113,7 @@ def test_clients_of_an_older_schema_have_an_unknown_kid(db_path: Path) -> None:
     reg.close()
     con = sqlite3.connect(db_path)
     try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     finally:
         con.close()
 
@@ -164,7 +164,7 @@ def test_v1_database_is_migrated_in_place(db_path: Path) -> None:
         reg.close()
     con = sqlite3.connect(db_path)
     try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         assert con.execute("SELECT requests, rpm, updated_by FROM clients").fetchone() == (
             8,
             9,

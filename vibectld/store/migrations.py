@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from vibectld.store import audit, usage
+from vibectld.store import audit, journal, usage
 from vibectld.store.records import RegistryError
 
 
@@ -66,6 +66,13 @@ def _migrate_v5(db: sqlite3.Connection) -> None:
         db.execute(sql)
 
 
+def _migrate_v6(db: sqlite3.Connection) -> None:
+    # Per usage journal, the highest segment the usage tables hold (journal.py), written
+    # with each flush, so a journal replayed after a crash never counts a call twice.
+    for sql in journal.SCHEMA_V6:
+        db.execute(sql)
+
+
 # MIGRATIONS[i] takes the schema from version i to i + 1. Append; never edit a shipped one.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_v1,
@@ -73,6 +80,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_v3,
     _migrate_v4,
     _migrate_v5,
+    _migrate_v6,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -5,6 +5,8 @@ What the request path reads (`get`, `tokens_used`, `usd_spent_month`, ...) and c
 database. `registry.Registry` adds the other half: every change goes to the database
 first and reaches this mirror only once committed (`_keep`), and rows read back from the
 database are taken in with `_learn`, which keeps this node's counts not yet written.
+Counted calls also go to the usage journal (journal.py), if the registry has one, under
+the same lock, so that each flush's segment holds exactly the counts it takes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import replace
 
 from vibectld.store import spend, usage
 from vibectld.store.base import ChangeCallback, KeyChangeCallback
+from vibectld.store.journal import UsageJournal
 from vibectld.store.records import _LIST_HINT, ClientNotFound, ClientRecord, _now, _quote
 from vibectld.store.usage import UsageRow
 
@@ -42,6 +45,8 @@ class Mirror:
         self._callbacks: list[ChangeCallback] = []
         self._key_callbacks: list[KeyChangeCallback] = []
         self._lock = threading.Lock()  # memory; held briefly
+        # Where counted calls also go at once, so a killed node loses none (journal.py).
+        self._journal: UsageJournal | None = None
 
     def get(self, jti: str) -> ClientRecord | None:
         """The record for a secret's jti; memory only, for the request path."""
@@ -190,6 +195,8 @@ class Mirror:
             self._pending[client_id] = self._pending.get(client_id, 0) + 1
             self._usage.record(client_id, now, call)
             self._spend.record(client_id, now, call.cost_usd)
+            if self._journal is not None:
+                self._journal.call(client_id, now, call)
 
     def record_redactions(self, client_id: str, *, now: int, found: dict[str, int]) -> None:
         """Count the secrets the server found in a call's prompt, per kind; no SQL.
@@ -200,6 +207,8 @@ class Mirror:
         with self._lock:
             if client_id in self._records:
                 self._usage.record_redactions(client_id, now, found)
+                if self._journal is not None:
+                    self._journal.redactions(client_id, now, found)
 
     def pending_calls(self) -> int:
         """Calls counted in memory and not yet written to the database; memory.

@@ -295,6 +295,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END
         $$
         """,
+        # Per usage journal (store/journal.py), the highest segment the usage tables
+        # hold, written with each flush: a journal replayed after a crash never counts
+        # a call twice. SQLite's version 6.
+        """
+        CREATE TABLE usage_journals (
+            journal TEXT PRIMARY KEY,
+            applied BIGINT NOT NULL,
+            at BIGINT NOT NULL
+        )
+        """,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -8,6 +8,9 @@ the per-day usage table) is the one exception to write-first: it changes memory 
 and reaches the database in batches (`flush`, and `close`), as increments, since losing
 a few seconds of counts in a crash is cheap and a write per request is not. A failed
 flush keeps its counts for the next one. That half, and the locks, are writethrough.py.
+With a usage journal (journal.py; the daemon always gives one), each counted call is also
+appended to a file at once, and `load` replays what a killed run left there, so a crash
+loses only the calls in flight.
 
 Writes decide on the database's state, not memory's: issue checks the name's rows under
 a lock, revoke and update are conditional UPDATEs. With several nodes on one database
@@ -29,6 +32,8 @@ from dataclasses import astuple
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import structlog
+
 from vibectl.util.timefmt import readable
 from vibectld.store import feed, spend, usage
 from vibectld.store.audit import AuditEntry
@@ -38,6 +43,7 @@ from vibectld.store.base import (
     StoreHealth,
     Transaction,
 )
+from vibectld.store.journal import APPLIED_SQL, UsageJournal
 from vibectld.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
 from vibectld.store.records import (
     _COLUMNS,
@@ -67,7 +73,7 @@ from vibectld.store.records import (
 )
 from vibectld.store.sqlite import SQLiteDatabase
 from vibectld.store.usage import UsageRow
-from vibectld.store.writethrough import WriteThrough
+from vibectld.store.writethrough import WriteThrough, usage_steps
 
 if TYPE_CHECKING:  # psycopg is imported only by a daemon on PostgreSQL
     from vibectld.store.listener import FeedListener
@@ -95,6 +101,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = structlog.get_logger("vibectld.store")
 
 _SELECT = f"SELECT {_COLUMNS} FROM clients"  # noqa: S608
 _INSERT = f"INSERT INTO clients ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
@@ -141,26 +148,36 @@ class Registry(WriteThrough):
         return f"Registry(db={self._db!r}, clients={len(self._records)})"
 
     @classmethod
-    def open(cls, path: Path, *, now: int | None = None) -> Registry:
+    def open(cls, path: Path, *, now: int | None = None, journal: Path | None = None) -> Registry:
         """The SQLite registry at `path` (created and migrated if needed), loaded."""
-        return cls.load(SQLiteDatabase.open(path), now=now)
+        return cls.load(SQLiteDatabase.open(path), now=now, journal=journal)
 
     @classmethod
-    def open_postgresql(cls, dsn: str, *, now: int | None = None) -> Registry:
+    def open_postgresql(
+        cls, dsn: str, *, now: int | None = None, journal: Path | None = None
+    ) -> Registry:
         """The PostgreSQL registry of the libpq string `dsn` (schema created if needed)."""
         # psycopg takes ~0.3 s to import: only a daemon that uses it pays for it.
         from vibectld.store.postgresql import PostgreSQLDatabase
 
-        return cls.load(PostgreSQLDatabase.open(dsn), now=now)
+        return cls.load(PostgreSQLDatabase.open(dsn), now=now, journal=journal)
 
     @classmethod
-    def load(cls, db: Database, *, now: int | None = None) -> Registry:
+    def load(cls, db: Database, *, now: int | None = None, journal: Path | None = None) -> Registry:
         """Load every record, and the usage and spend of the day and month of `now`, so
         that `tokens_used` and the budgets count what was spent before a restart.
-        `db` belongs to the registry from here on (closed with it, or on failure)."""
+        `db` belongs to the registry from here on (closed with it, or on failure).
+
+        With `journal` (a directory: journal.py), the usage a killed run left there is
+        written to the database first, and every call counted from here on goes there too.
+        """
         now = _now(now)
         today = (usage.day_of(now),)
+        opened: UsageJournal | None = None
         try:
+            if journal is not None:
+                opened = UsageJournal.open(journal)
+                _replay(db, opened)
             # The feed's position first: a change committed while the clients are read is
             # then delivered again (harmless), never missed.
             last = int(db.query(feed.LAST_ID_SQL)[0][0]) if db.shared else 0
@@ -172,9 +189,12 @@ class Registry(WriteThrough):
             day_total = db.query(spend.DAY_SQL, today)[0][0]
             spent.load(db.query(spend.MONTH_SQL, spend.month_days(now)), day_total, now)
         except BaseException:
+            if opened is not None:
+                opened.close()
             db.close()
             raise
         registry = cls(db, {row[0]: _record(row) for row in rows}, book, spent)
+        registry._journal = opened
         if db.shared:
             registry._follow_feed(last)
         return registry
@@ -203,6 +223,9 @@ class Registry(WriteThrough):
             finally:
                 self._db.close()
                 self._db = None
+                # A failed last flush leaves its segments for the next start to replay.
+                if self._journal is not None:
+                    self._journal.close()
 
     # -- clients --------------------------------------------------------------------------
 
@@ -451,3 +474,27 @@ class Registry(WriteThrough):
             with self._lock:
                 self._own_changes.difference_update(self._tx_changes)
             raise
+
+
+def _replay(db: Database, journal: UsageJournal) -> None:
+    """Write what the journal's segments left by an earlier run hold, unless the database
+    has it already (a crash after a flush's commit, before its deletion), and delete
+    them; then start a new segment. One transaction, marking them applied."""
+    found = db.query(APPLIED_SQL, (journal.identity,))
+    applied = int(found[0][0]) if found else 0
+    segments = journal.leftovers()
+    unapplied = [seq for seq in segments if seq > applied]
+    if unapplied:
+        left = journal.read(unapplied)
+        mark = (journal.identity, left.upto)
+        db.transaction(usage_steps(left.counters, left.deltas, left.redactions, mark))
+        log.info(
+            "usage_journal.replayed",
+            segments=len(unapplied),
+            calls=sum(calls for calls, _ in left.counters.values()),
+            torn_lines=left.skipped,
+        )
+    journal.forget(segments)
+    # Numbers only grow, whichever of the two is newer (a journal directory restored
+    # from a backup, or one whose segments were all applied).
+    journal.start(max([applied, *segments]))

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from vibectld.store import audit, spend, usage
 from vibectld.store.audit import AuditEntry
 from vibectld.store.base import Database, StoreHealth, Transaction
+from vibectld.store.journal import MARK_SQL as JOURNAL_MARK_SQL
 from vibectld.store.mirror import Mirror
 from vibectld.store.records import ClientRecord, InvalidRecord, StorageFailure, _quote
 from vibectld.store.usage import UsageRow
@@ -143,20 +144,18 @@ class WriteThrough(Mirror):
             # Everything is written as increments (nodes sharing a database add up); what
             # is handed over here is put back if the write fails.
             pending, self._pending = self._pending, {}
-            counters = []
-            for jti, calls in pending.items():
-                seen = self._records[jti].last_seen_at
-                counters.append((calls, seen, seen, jti))
+            counters = {
+                jti: (calls, self._records[jti].last_seen_at) for jti, calls in pending.items()
+            }
             deltas = self._usage.take_deltas()
             redactions = self._usage.take_redactions()
+            # The journal's segments up to here hold exactly what was just taken (and what
+            # failed flushes put back): the write below records them as applied.
+            journal = self._journal
+            upto = journal.rotate() if journal is not None else None
+        mark = (journal.identity, upto) if journal is not None and upto is not None else None
         try:
-            self._transaction(
-                _steps(
-                    (_COUNTERS_SQL, counters),
-                    (usage.UPSERT_SQL, usage.delta_rows(deltas)),
-                    (usage.REDACTIONS_UPSERT_SQL, usage.redaction_rows(redactions)),
-                )
-            )
+            self._transaction(usage_steps(counters, deltas, redactions, mark))
         except BaseException:
             with self._lock:
                 for jti, calls in pending.items():
@@ -164,6 +163,8 @@ class WriteThrough(Mirror):
                 self._usage.restore_deltas(deltas)
                 self._usage.restore_redactions(redactions)
             raise
+        if journal is not None and upto is not None:
+            journal.discard(upto)
         with self._lock:
             self._usage.prune()
 
@@ -234,6 +235,25 @@ class WriteThrough(Mirror):
         if self._health.degraded:
             self._health = StoreHealth(degraded=False)
         return result
+
+
+def usage_steps(
+    counters: Mapping[str, tuple[int, int | None]],
+    deltas: dict[usage.Key, usage.Counts],
+    redactions: dict[tuple[str, int, str], int],
+    mark: tuple[str, int] | None,
+) -> Callable[[Transaction], None]:
+    """One flush's (or journal replay's) transaction: each client's calls and latest
+    call, the day's usage and redactions, as increments; with `mark` (journal identity,
+    segment), the record that the journal's segments up to that one are applied."""
+    rows = [(calls, seen, seen, jti) for jti, (calls, seen) in counters.items()]
+    marks = [(*mark, int(time.time()))] if mark is not None else []
+    return _steps(
+        (_COUNTERS_SQL, rows),
+        (usage.UPSERT_SQL, usage.delta_rows(deltas)),
+        (usage.REDACTIONS_UPSERT_SQL, usage.redaction_rows(redactions)),
+        (JOURNAL_MARK_SQL, marks),
+    )
 
 
 def _steps(*steps: tuple[str, Sequence[Sequence[Any]]]) -> Callable[[Transaction], None]:

@@ -1,0 +1,261 @@
+"""The usage journal: each counted call also goes to a file at once, so that a node killed
+with -9 loses the usage of no call it served, only of the calls in flight when it died.
+
+Usage is counted in memory and written to the database as increments every few seconds
+(writethrough.py). Alongside, `record_call` and `record_redactions` append one line per
+call to the journal's current segment: one `os.write` on an O_APPEND descriptor, no
+fsync. The kernel keeps what a killed process wrote; a machine that crashes may lose the
+unsynced tail (a few seconds, as without the journal).
+
+Each flush starts a new segment at the moment it takes the counts from memory (under
+the memory lock), so the segments it closes hold exactly the calls it writes, plus those
+of earlier flushes that failed and put their counts back. In the flush's transaction it
+records the highest segment applied for this journal (`usage_journals`); after the commit
+it deletes the segments. At start, segments left by a run that did not finish are
+replayed into the database as increments in one transaction with the same record, then
+deleted, so a crash between a commit and the deletion never counts a call twice: a
+segment at or below the recorded number is only deleted.
+
+A journal is named by a random identity kept in its directory (state_dir/usage-journal,
+0700; files 0600: they hold client ids and counts, never a secret), so each node on a
+shared database has its own record. One process at a time holds a journal (flock): a
+second daemon on the same state directory would otherwise replay the first one's live
+segments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vibectld.store import usage
+from vibectld.store.records import StorageFailure
+
+DIRECTORY = "usage-journal"  # under the state directory
+
+# Schema version 6 (SQLite; PostgreSQL's version 2): per journal, the highest segment
+# whose calls the database holds. Never edit once shipped.
+SCHEMA_V6 = (
+    """
+    CREATE TABLE usage_journals (
+        journal TEXT PRIMARY KEY NOT NULL,  -- the journal directory's identity
+        applied INTEGER NOT NULL,  -- segments up to this one are in the usage tables
+        at INTEGER NOT NULL  -- unix time of the flush or replay that applied it
+    )
+    """,
+)
+APPLIED_SQL = "SELECT applied FROM usage_journals WHERE journal = ?"
+MARK_SQL = (
+    "INSERT INTO usage_journals (journal, applied, at) VALUES (?, ?, ?) "
+    "ON CONFLICT (journal) DO UPDATE SET applied = excluded.applied, at = excluded.at"
+)
+
+_SEGMENT = re.compile(r"([0-9]{12})\.log")
+_IDENTITY = "identity"
+_LOCK = "lock"
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class JournalBusy(StorageFailure):
+    """Another process holds this journal."""
+
+
+@dataclass
+class Replayed:
+    """What a journal's leftover segments hold, as a flush would write it."""
+
+    counters: dict[str, tuple[int, int]]  # client id -> (calls, latest call's time)
+    deltas: dict[usage.Key, usage.Counts]
+    redactions: dict[tuple[str, int, str], int]
+    upto: int  # the highest segment read (0: none)
+    skipped: int  # lines that were not whole records (a torn write)
+
+
+class UsageJournal:
+    """One directory of segments; `call`/`redactions` append, a flush `rotate`s and
+    `discard`s. Not thread-safe: the mirror calls it under its memory lock, except
+    `discard` and `close` (under the database lock)."""
+
+    def __init__(self, directory: Path, identity: str, lock_fd: int) -> None:
+        self.directory = directory
+        self.identity = identity
+        self._lock_fd: int | None = lock_fd
+        self._fd: int | None = None
+        self._seq = 0  # the current segment
+        self._closed: list[int] = []  # closed segments not yet known to be applied
+        self.unwritten = 0  # records a write failed for (counted in memory only)
+
+    def __repr__(self) -> str:
+        return f"UsageJournal({str(self.directory)!r}, segment={self._seq})"
+
+    @classmethod
+    def open(cls, directory: Path) -> UsageJournal:
+        """The journal in `directory` (made 0700 if needed), held by this process."""
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if directory.stat().st_mode & 0o777 != 0o700:
+                directory.chmod(0o700)
+            lock_fd = os.open(directory / _LOCK, _FLAGS, 0o600)
+        except OSError as e:
+            raise StorageFailure(f"cannot open the usage journal {directory}: {e.strerror}") from e
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock_fd)
+            raise JournalBusy(
+                f"another vibectld uses the usage journal in {directory}; stop it, or give "
+                "this one its own state_dir"
+            ) from None
+        try:
+            identity = _identity(directory)
+        except OSError as e:
+            os.close(lock_fd)
+            raise StorageFailure(f"cannot open the usage journal {directory}: {e.strerror}") from e
+        return cls(directory, identity, lock_fd)
+
+    def leftovers(self) -> list[int]:
+        """The segments on disk, oldest first (a new journal's: none)."""
+        found = (_SEGMENT.fullmatch(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def read(self, segments: Iterable[int]) -> Replayed:
+        """The counts in `segments`, summed as the memory mirror sums them."""
+        book = usage.UsageBook()
+        counters: dict[str, tuple[int, int]] = {}
+        upto = skipped = 0
+        for seq in segments:
+            upto = max(upto, seq)
+            for line in self._path(seq).read_bytes().split(b"\n")[:-1]:
+                try:
+                    _apply(line.decode(), book, counters)
+                except (ValueError, UnicodeDecodeError):
+                    skipped += 1
+        return Replayed(counters, book.take_deltas(), book.take_redactions(), upto, skipped)
+
+    def forget(self, segments: Iterable[int]) -> None:
+        """Delete leftover segments the database holds (or now holds: `read`, replayed)."""
+        for seq in segments:
+            with contextlib.suppress(FileNotFoundError):
+                self._path(seq).unlink()
+
+    def start(self, after: int) -> None:
+        """Write from segment `after` + 1 on."""
+        self._seq = after
+        self._open_next()
+
+    # -- the request path: one line, one write ----------------------------------------
+
+    def call(self, client_id: str, now: int, c: usage.Counts) -> None:
+        self._write(
+            f"c\t{client_id}\t{now}\t{c.errors}\t{c.input_tokens}\t{c.output_tokens}\t"
+            f"{c.cost_usd!r}\n"
+        )
+
+    def redactions(self, client_id: str, now: int, found: dict[str, int]) -> None:
+        if not found:
+            return
+        kinds = "\t".join(f"{kind}\t{n}" for kind, n in found.items())
+        self._write(f"r\t{client_id}\t{now}\t{kinds}\n")
+
+    def _write(self, line: str) -> None:
+        if self._fd is None:
+            self.unwritten += 1
+            return
+        data = line.encode()
+        try:
+            # A regular file takes the whole line or fails; a short write (a full disk)
+            # leaves a torn line that `read` skips.
+            if os.write(self._fd, data) != len(data):
+                self.unwritten += 1
+        except OSError:
+            self.unwritten += 1  # the call is still counted in memory: never fail it
+
+    # -- flushes ------------------------------------------------------------------------
+
+    def rotate(self) -> int:
+        """Close the current segment and start the next; the highest closed segment,
+        which a flush of the counts taken now covers (with every earlier closed one)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._closed.append(self._seq)
+        self._open_next()
+        return self._seq - 1
+
+    def discard(self, upto: int) -> None:
+        """Delete the closed segments up to `upto`, whose calls the database now holds."""
+        kept = []
+        for seq in self._closed:
+            if seq <= upto:
+                with contextlib.suppress(FileNotFoundError):
+                    self._path(seq).unlink()
+            else:
+                kept.append(seq)
+        self._closed = kept
+
+    def close(self) -> None:
+        """Stop writing; the current segment goes if empty (the last flush covered all)."""
+        if self._fd is not None:
+            empty = os.fstat(self._fd).st_size == 0
+            os.close(self._fd)
+            self._fd = None
+            if empty:
+                with contextlib.suppress(FileNotFoundError):
+                    self._path(self._seq).unlink()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _open_next(self) -> None:
+        self._seq += 1
+        try:
+            self._fd = os.open(self._path(self._seq), _FLAGS | os.O_EXCL, 0o600)
+        except OSError:
+            # No segment: calls until the next rotate are counted in memory only (lost
+            # if the node is killed), never twice (they are in no covered segment).
+            self._fd = None
+
+    def _path(self, seq: int) -> Path:
+        return self.directory / f"{seq:012d}.log"
+
+
+def _identity(directory: Path) -> str:
+    path = directory / _IDENTITY
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if re.fullmatch(r"[0-9a-f]{32}", text):
+        return text
+    text = secrets.token_hex(16)
+    tmp = directory / f".{_IDENTITY}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, f"{text}\n".encode())
+        os.fsync(fd)  # written once per state directory: worth making it durable
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return text
+
+
+def _apply(line: str, book: usage.UsageBook, counters: dict[str, tuple[int, int]]) -> None:
+    """Count one journal line into `book` and `counters`; ValueError if it is not one."""
+    fields = line.split("\t")
+    kind, client_id, now = fields[0], fields[1], int(fields[2])
+    if kind == "c" and len(fields) == 7:
+        c = usage.Counts(1, int(fields[3]), int(fields[4]), int(fields[5]), float(fields[6]))
+        book.record(client_id, now, c)
+        calls, seen = counters.get(client_id, (0, now))
+        counters[client_id] = (calls + 1, max(seen, now))
+    elif kind == "r" and len(fields) > 3 and len(fields) % 2 == 1:
+        found = dict(zip(fields[3::2], map(int, fields[4::2]), strict=True))
+        book.record_redactions(client_id, now, found)
+    else:
+        raise ValueError(line)
