@@ -45,6 +45,7 @@ from vibectld.service.interceptor import CallGate, FailedAuthLog
 from vibectld.service.servicer import ProxyService
 from vibectld.service.staleness import StorageState, shares_store, status_note, storage_state
 from vibectld.store.base import NodeInfo
+from vibectld.store.journal import DIRECTORY as USAGE_JOURNAL
 from vibectld.store.registry import ClientRecord, Registry, RegistryError
 from vibectld.version import __version__
 
@@ -621,8 +622,10 @@ class Daemon:
 
 def _open_registry(config: DaemonConfig) -> Registry:
     """The configured store, opened and loaded (StartupError, StorageFailure, ...)."""
+    # Every counted call is also journaled here at once: a kill loses none (journal.py).
+    journal = config.state_dir / USAGE_JOURNAL
     if config.storage.backend == "sqlite":
-        return Registry.open(config.state_dir / "registry.db")
+        return Registry.open(config.state_dir / "registry.db", journal=journal)
     credentials = ProviderKeys.for_credentials(config.config_dir)
     dsn = credentials.get(DSN_CREDENTIAL)
     if dsn is None:
@@ -633,7 +636,7 @@ def _open_registry(config: DaemonConfig) -> Registry:
             "storage.backend is postgresql, but the postgresql-dsn credential is missing: "
             f"put a libpq connection string in {places}"
         )
-    return Registry.open_postgresql(dsn)
+    return Registry.open_postgresql(dsn, journal=journal)
 
 
 # The credential holding the key that seals the cluster's private keys in its database.
