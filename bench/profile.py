@@ -14,6 +14,10 @@ rights over the daemon (root, or kernel.yama.ptrace_scope=0).
 With `--paced N` the provider is the streaming section's paced one (50 tokens, one per
 20 ms, bench/fake_paced.py) and the load is N concurrent streams (bench/streams.py).
 
+`--workers N` sets server.workers (default 1: the one process serves, and it is the one
+profiled). With more, py-spy records the first serving process, and the CPU per chunk
+printed is summed over all of the daemon's processes.
+
 A frame's "self" share in `_run (events.py)` is time in C code called from an asyncio
 callback: for a grpc.aio server that is mostly grpc's Cython layer.
 """
@@ -74,17 +78,30 @@ def _spy(args: argparse.Namespace, pid: int, raw: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _profiled(daemon: Vibectld, workers: int) -> int:
+    """The process to record: the daemon itself, or with workers its first serving one."""
+    from bench.streams import process_tree
+
+    if workers == 1:
+        return daemon.pid
+    serving = sorted(p for p in process_tree(daemon.pid) if p != daemon.pid)
+    if not serving:
+        raise BenchError(f"server.workers is {workers} but the daemon has no child process")
+    return serving[0]
+
+
 def _profile_paced(args: argparse.Namespace, daemon: Vibectld, raw: Path) -> None:
     """py-spy on the daemon while bench.streams keeps `args.paced` streams open."""
     from bench import streams
 
+    pid = _profiled(daemon, args.workers)
     target = {"port": daemon.port, "ca": daemon.ca_path, "model": PROVIDER_MODEL}
     env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
     spy: list[subprocess.Popen[str]] = []
     timer = threading.Timer(
         3.0,
         lambda: spy.append(
-            subprocess.Popen(_spy(args, daemon.pid, raw), text=True, stderr=subprocess.PIPE)
+            subprocess.Popen(_spy(args, pid, raw), text=True, stderr=subprocess.PIPE)
         ),
     )
     timer.start()
@@ -124,11 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--paced", type=int, default=0, metavar="N", help="N streams from the paced provider"
     )
+    parser.add_argument("--workers", type=int, default=1, help="server.workers (default 1)")
     args = parser.parse_args(argv)
     if not args.py_spy:
         parser.error("py-spy is not on PATH: pip install py-spy, or pass --py-spy")
     if not 1 <= args.seconds <= 120 or not 1 <= args.callers <= 256:
         parser.error("--seconds must be 1..120 and --callers 1..256")
+    if not 1 <= args.workers <= 64:
+        parser.error("--workers must be 1..64")
 
     procs = Processes()
     workdir = Path(tempfile.mkdtemp(prefix="vibectld-profile-"))
@@ -149,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
             models["openai_compatible"] = [
                 {"model_id": PROVIDER_MODEL, "model_name": "fake", "api_base": fake.api_base}
             ]
-        daemon = Vibectld(procs, workdir, sockdir, name="profiled", models=models)
+        daemon = Vibectld(
+            procs, workdir, sockdir, name="profiled", models=models, workers=args.workers
+        )
         daemon.start()
         if args.paced:
             _profile_paced(args, daemon, raw)
@@ -169,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         time.sleep(2.5)
         spy = subprocess.run(
             [
-                args.py_spy, "record", "--pid", str(daemon.pid), "--duration",
+                args.py_spy, "record", "--pid", str(_profiled(daemon, args.workers)), "--duration",
                 str(args.seconds), "--rate", str(args.rate), "--format", "raw",
                 "--output", str(raw), "--nonblocking",
             ],
