@@ -23,7 +23,9 @@ flight), not by assuming it. What is proved, in the order of issue 15's item 2:
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +36,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.reliability._procs import DaemonProcess, auth, ready
+from tests.reliability._procs import BIN, DaemonProcess, auth, ready
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 
@@ -130,6 +132,16 @@ def test_ready_only_when_every_worker_serves_and_status_lists_them(
     assert len(pids) == WORKERS and daemon.pid not in pids
     for pid in pids:
         os.kill(pid, 0)  # alive
+    shown = subprocess.run(
+        [str(BIN / "vibectl-admin"), "--socket", str(daemon.admin_socket), "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    for row in rows:
+        line = rf"worker {row['index']}:\s+pid {row['pid']}, serving, started .*, 0 in flight"
+        assert re.search(line, shown.stdout), shown.stdout
 
 
 def test_calls_are_served_by_every_worker(daemon: DaemonProcess) -> None:

@@ -150,6 +150,10 @@ def status(ctx: click.Context) -> None:
         lines.append(("storage", _storage(result["storage"])))
     for node in result.get("nodes") or []:
         lines.append((f"node {node.get('name')}", _node(node)))
+    workers = result.get("workers") or []
+    if len(workers) > 1:  # one is the daemon itself, already shown by pid and in flight
+        for worker in workers:
+            lines.append((f"worker {worker.get('index')}", _worker(worker)))
     width = max(len(key) for key, _ in lines) + 1
     for key, value in lines:
         click.echo(f"{key + ':':<{width}} {'-' if value is None else value}")
@@ -191,6 +195,18 @@ def _clock(value: Any) -> str:
     today = datetime.now(UTC).date()
     fmt = "%H:%M:%S UTC" if parsed.date() == today else "%Y-%m-%d %H:%M:%S UTC"
     return parsed.strftime(fmt)
+
+
+def _worker(worker: dict[str, Any]) -> str:
+    """One serving process of this daemon: pid, state, since when, restarts, load."""
+    restarts = worker.get("restarts") or 0
+    text = (
+        f"pid {worker.get('pid') or '-'}, {worker.get('state')}, started "
+        f"{_clock(worker.get('started'))}, {worker.get('in_flight')} in flight"
+    )
+    if restarts:
+        text += f", restarted {restarts} time{'s' if restarts != 1 else ''}"
+    return text
 
 
 def _node(node: dict[str, Any]) -> str:
