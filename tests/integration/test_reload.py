@@ -200,6 +200,7 @@ def _every_key_changed(tmp: Path, sock_dir: Path) -> dict[str, Any]:
             "max_request_bytes": 2048,
             "max_concurrent_calls": 1000,
             "shutdown_grace_seconds": 3,
+            "workers": 2,
         },
         "admin": {"socket": str(sock_dir / "other.sock"), "group": "nogroup"},
         "state_dir": str(tmp / "state2"),
