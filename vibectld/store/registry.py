@@ -224,8 +224,11 @@ class Registry(WriteThrough):
                 self._db.close()
                 self._db = None
                 # A failed last flush leaves its segments for the next start to replay.
+                # Under the memory lock: a late record_call must not write to a closed
+                # (perhaps reused) descriptor.
                 if self._journal is not None:
-                    self._journal.close()
+                    with self._lock:
+                        self._journal.close()
 
     # -- clients --------------------------------------------------------------------------
 
