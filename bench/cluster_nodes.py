@@ -122,8 +122,9 @@ class PgNode(Vibectld):
         dsn: str,
         cluster_key: str,
         models: dict[str, Any] | None = None,
+        workers: int | None = None,
     ) -> None:
-        super().__init__(procs, workdir, sockdir, name=name, models=models)
+        super().__init__(procs, workdir, sockdir, name=name, models=models, workers=workers)
         self._dsn = dsn
         self._cluster_key = cluster_key
 
@@ -229,6 +230,9 @@ PURPOSES: tuple[tuple[str, Purpose], ...] = tuple(
         (r"FROM usage WHERE day", "today's usage re-read",
          "today's cluster-wide usage, re-read after each flush", BATCHED),
         (r"INSERT INTO redactions", "redactions flush", "redaction counters: flush", BATCHED),
+        (r"usage_journals", "journal mark",
+         "usage journal: the flush records the last segment it applied (no double count "
+         "after a kill -9)", BATCHED),
         (r"UPDATE clients SET .*(requests|last_seen)", "request counts flush",
          "request count and last seen: flush, per client", BATCHED),
         (r"FROM clients", "changed clients read",
