@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.postgres import Postgres
 from tests.store.backends import Backend, PostgreSQLBackend, SQLiteBackend
@@ -259,3 +260,45 @@ def test_two_nodes_on_one_postgresql_each_replay_their_own_journal(
     assert [applied for _, applied in marks] == [1, 2]
     identities = {(d / "identity").read_text().strip() for d in (one, two)}
     assert {journal for journal, _ in marks} == identities
+
+
+def test_a_torn_or_foreign_line_is_skipped_and_the_rest_replayed(
+    backend: Backend, tmp_path: Path
+) -> None:
+    journal = tmp_path / "usage-journal"
+    reg = open_store(backend, journal)
+    alice = issue(reg)
+    call(reg, alice)
+    call(reg, alice, NOW + 1)
+    drop(reg)
+    [segment] = journal.glob("*.log")
+    with segment.open("ab") as f:
+        f.write(b"not a record\n" + f"c\t{alice.id}\t{NOW}\t0\t1".encode())  # torn at the end
+    with capture_logs() as logs:
+        open_store(backend, journal).close()
+    assert usage(backend, alice) == (2, 20, 40, 0.5)
+    [replayed] = [e for e in logs if e["event"] == "usage_journal.replayed"]
+    assert (replayed["calls"], replayed["torn_lines"]) == (2, 2)
+
+
+def test_a_call_the_journal_could_not_write_is_still_counted_and_reported(
+    backend: Backend, tmp_path: Path
+) -> None:
+    journal = tmp_path / "usage-journal"
+    reg = open_store(backend, journal)
+    alice = issue(reg)
+    call(reg, alice)
+    held = reg._journal
+    assert held is not None and held._fd is not None
+    os.close(held._fd)  # every write now fails (EBADF), as on a full disk
+    call(reg, alice, NOW + 1)
+    held._fd = None  # the descriptor is gone; rotate must not close it again
+    with capture_logs() as logs:
+        reg.flush()
+    assert usage(backend, alice)[0] == 2  # counted in memory, written by the flush
+    [failed] = [e for e in logs if e["event"] == "usage_journal.write_failed"]
+    assert failed["calls"] == 1 and failed["log_level"] == "warning"
+    call(reg, alice, NOW + 2)  # the next segment takes writes again
+    drop(reg)
+    open_store(backend, journal).close()
+    assert usage(backend, alice)[0] == 3

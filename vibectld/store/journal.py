@@ -131,10 +131,12 @@ class UsageJournal:
         upto = skipped = 0
         for seq in segments:
             upto = max(upto, seq)
-            for line in self._path(seq).read_bytes().split(b"\n")[:-1]:
+            *lines, tail = self._path(seq).read_bytes().split(b"\n")
+            skipped += 1 if tail else 0  # a last line without its newline: torn
+            for line in lines:
                 try:
                     _apply(line.decode(), book, counters)
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, IndexError, UnicodeDecodeError):
                     skipped += 1
         return Replayed(counters, book.take_deltas(), book.take_redactions(), upto, skipped)
 
@@ -187,6 +189,12 @@ class UsageJournal:
         self._closed.append(self._seq)
         self._open_next()
         return self._seq - 1
+
+    def take_unwritten(self) -> int:
+        """How many calls the journal failed to write since the last ask (a full disk,
+        say): counted in memory only, so lost if the node is then killed."""
+        taken, self.unwritten = self.unwritten, 0
+        return taken
 
     def discard(self, upto: int) -> None:
         """Delete the closed segments up to `upto`, whose calls the database now holds."""
@@ -246,7 +254,8 @@ def _identity(directory: Path) -> str:
 
 
 def _apply(line: str, book: usage.UsageBook, counters: dict[str, tuple[int, int]]) -> None:
-    """Count one journal line into `book` and `counters`; ValueError if it is not one."""
+    """Count one journal line into `book` and `counters`; ValueError or IndexError if it
+    is not one."""
     fields = line.split("\t")
     kind, client_id, now = fields[0], fields[1], int(fields[2])
     if kind == "c" and len(fields) == 7:

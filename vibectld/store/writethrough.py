@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
+import structlog
+
 from vibectld.store import audit, spend, usage
 from vibectld.store.audit import AuditEntry
 from vibectld.store.base import Database, StoreHealth, Transaction
@@ -28,6 +30,7 @@ from vibectld.store.records import ClientRecord, InvalidRecord, StorageFailure, 
 from vibectld.store.usage import UsageRow
 
 T = TypeVar("T")
+log = structlog.get_logger("vibectld.store")
 
 # This node's counted calls, as increments (other nodes add theirs), and the latest call.
 _COUNTERS_SQL = (
@@ -153,6 +156,15 @@ class WriteThrough(Mirror):
             # failed flushes put back): the write below records them as applied.
             journal = self._journal
             upto = journal.rotate() if journal is not None else None
+            unwritten = journal.take_unwritten() if journal is not None else 0
+        if unwritten:
+            log.warning(
+                "usage_journal.write_failed",
+                calls=unwritten,
+                directory=str(journal.directory) if journal is not None else None,
+                hint="these calls' usage is lost if the node is killed before this flush "
+                "commits; check free space and permissions in the state directory",
+            )
         mark = (journal.identity, upto) if journal is not None and upto is not None else None
         try:
             self._transaction(usage_steps(counters, deltas, redactions, mark))
