@@ -36,6 +36,8 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.cluster import Node, generate_cluster_key
+from tests.postgres import Postgres
 from tests.reliability._procs import BIN, DaemonProcess, auth, ready
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
@@ -63,7 +65,7 @@ def call(
     model: str = "faults",
 ) -> str:
     """One call on a connection of its own: "OK", "MODEL:<code>" or a status name."""
-    ca = (d.state_dir / "tls" / "ca.pem").read_bytes()
+    ca = ca_of(d)
     options = [("grpc.use_local_subchannel_pool", 1)]
     creds = grpc.ssl_channel_credentials(root_certificates=ca)
     with grpc.secure_channel(f"localhost:{d.port}", creds, options=options) as channel:
@@ -79,6 +81,17 @@ def call(
         except grpc.RpcError as e:
             return str(e.code().name)
     return f"MODEL:{reply.error.error_code}" if reply.HasField("error") else "OK"
+
+
+_CA: dict[int, bytes] = {}
+
+
+def ca_of(d: DaemonProcess) -> bytes:
+    """The CA the daemon's certificate chains to (its own, or the cluster's)."""
+    if id(d) not in _CA:
+        path = d.state_dir / "tls" / "ca.pem"
+        _CA[id(d)] = path.read_bytes() if path.exists() else d.admin("show_ca")["pem"].encode()
+    return _CA[id(d)]
 
 
 def in_background(
@@ -191,7 +204,9 @@ def test_revocation_is_refused_next_and_cuts_streams_on_every_worker(
     finally:
         thread.join(30)
     assert outcomes == ["UNAUTHENTICATED"] * 8, (answer, outcomes)
-    assert in_flight(daemon, "revoked") == 0
+    assert answer["cancelled_calls"] == 8
+    # Status counts each worker's calls as its last ping (every 0.5 s) said.
+    assert wait_until(lambda: in_flight(daemon, "revoked") == 0, 2)
 
 
 def test_usage_totals_equal_served_calls(daemon: DaemonProcess) -> None:
@@ -292,3 +307,36 @@ def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+
+
+def test_on_postgresql_two_workers_are_one_node(postgres: Postgres, tmp_path: Path) -> None:
+    """The main process is the node (its cluster limiter, its change feed); its workers
+    serve under it: limits across them, revocation on the next request in both."""
+    node = Node(
+        tmp_path / "pg",
+        "pg-node",
+        0,
+        server={"workers": WORKERS, "name": "pg-node"},
+        storage={"backend": "postgresql"},
+    )
+    node.install_credentials(postgres.dsn, generate_cluster_key())
+    with node:
+        node.start()
+        assert [r["state"] for r in workers(node)] == ["serving"] * WORKERS
+        limited = node.issue("pg-rpm5", rpm=5)
+        with ThreadPoolExecutor(12) as pool:
+            outcomes = list(pool.map(lambda _: call(node, limited), range(12)))
+        assert sorted(outcomes) == ["OK"] * 5 + ["RESOURCE_EXHAUSTED"] * 7, outcomes
+
+        secret = node.issue("pg-revoked")
+        streams, thread = in_background(node, secret, ["sleep:60"] * 8, stream=True)
+        try:
+            assert wait_until(lambda: in_flight(node, "pg-revoked") == 8, 20)
+            assert all(r["in_flight"] >= 1 for r in workers(node)), workers(node)
+            node.admin("revoke_client", {"target": "pg-revoked"})
+            with ThreadPoolExecutor(8) as pool:
+                after = list(pool.map(lambda _: call(node, secret), range(8)))
+            assert after == ["UNAUTHENTICATED"] * 8, after
+        finally:
+            thread.join(30)
+        assert streams == ["UNAUTHENTICATED"] * 8

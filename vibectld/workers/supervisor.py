@@ -53,6 +53,7 @@ from vibectld.ops.watchdog import Probe
 from vibectld.providers.catalogue import UnknownModel
 from vibectld.runtime import Runtime
 from vibectld.service.budgets import check_dollar_budgets
+from vibectld.service.inflight import InFlight
 from vibectld.service.limits import EffectiveLimits, check_token_budget
 from vibectld.service.refusals import CallRefused, Unauthenticated, Unavailable
 from vibectld.service.staleness import StorageState, is_stale, stale_refusal
@@ -65,7 +66,7 @@ log = structlog.get_logger("vibectld.workers")
 # How long every worker has to start serving before the daemon gives up starting.
 START_TIMEOUT_SECONDS = 60.0
 # How often each worker is pinged (the watchdog's proof and the status rows).
-PING_SECONDS = 1.0
+PING_SECONDS = 0.5
 # How long a client or key change may wait for every worker's acknowledgement.
 PUSH_TIMEOUT_SECONDS = 5.0
 # A worker that keeps dying is restarted after a growing pause, at most this.
@@ -88,6 +89,8 @@ class WorkerSlot:
     restarts: int = 0
     last_pong: float = 0.0
     generation: int = 0
+    # Its calls in flight per client, as its last ping said.
+    per_client: Counter[str] = field(default_factory=Counter)
     serving: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -118,6 +121,7 @@ class Supervisor(Daemon):
         rt = super()._open_state()
         self._loop = asyncio.get_running_loop()
         rt.workers = self
+        rt.inflight = _WorkersInFlight()
         self._push_writes(rt)
         return rt
 
@@ -203,6 +207,7 @@ class Supervisor(Daemon):
             await slot.channel.close()
         released = self._release_worker(slot.index)
         slot.state = "stopped"
+        slot.per_client = Counter()
         if self._stopping:
             return
         how = f"signal {-code}" if code < 0 else f"exit status {code}"
@@ -389,23 +394,30 @@ class Supervisor(Daemon):
             # On the loop itself (not the admin routes' way): cannot wait here.
             loop.create_task(self._push(kind, body))
             return
-        future = asyncio.run_coroutine_threadsafe(self._push(kind, body), loop)
+        future = asyncio.run_coroutine_threadsafe(self._push(kind, body, report=True), loop)
         future.result(PUSH_TIMEOUT_SECONDS + 1)
 
-    async def _push(self, kind: str, body: Any) -> None:
+    async def _push(self, kind: str, body: Any, report: bool = False) -> None:
         """To every worker that has a channel; a worker that does not answer in time is
-        logged (a worker started later gets a snapshot that has the change)."""
+        logged (a worker started later gets a snapshot that has the change). With
+        `report`, the calls the workers cancelled are kept for the admin route's answer."""
 
-        async def one(slot: WorkerSlot) -> None:
+        async def one(slot: WorkerSlot) -> int:
             channel = slot.channel
             if channel is None or channel.closed.is_set():
-                return
+                return 0
             try:
-                await channel.ask(kind, body, within=PUSH_TIMEOUT_SECONDS)
+                return int(await channel.ask(kind, body, within=PUSH_TIMEOUT_SECONDS))
             except (ChannelClosed, Failed, TimeoutError) as e:
                 log.warning("worker.push_failed", worker=slot.index, kind=kind, error=str(e))
+                return 0
 
-        await asyncio.gather(*(one(slot) for slot in self.slots))
+        cancelled = sum(await asyncio.gather(*(one(slot) for slot in self.slots)))
+        if report and kind == "client" and cancelled:
+            assert self.runtime is not None
+            inflight = self.runtime.inflight
+            assert isinstance(inflight, _WorkersInFlight)
+            inflight.cancelled_in_workers[body.id] += cancelled
 
     def _changed(self, record: ClientRecord) -> None:
         super()._changed(record)
@@ -430,6 +442,7 @@ class Supervisor(Daemon):
         if answer["serving"]:
             slot.last_pong = time.monotonic()
         slot.generation = answer["generation"]
+        slot.per_client = Counter(answer["per_client"])
 
     def _serving_proof(self) -> Probe:
         async def every_worker_answered(seconds: float) -> bool:
@@ -446,7 +459,6 @@ class Supervisor(Daemon):
         return every_worker_answered
 
     def rows(self) -> list[dict[str, Any]]:
-        running = Counter(owner for owner, _, _ in self._leases.values())
         return [
             {
                 "index": s.index,
@@ -454,14 +466,18 @@ class Supervisor(Daemon):
                 "state": s.state,
                 "started": iso(int(s.started_at)) if s.started_at else None,
                 "restarts": s.restarts,
-                "in_flight": running.get(s.index, 0),
+                "in_flight": s.per_client.total(),
                 "generation": s.generation,
             }
             for s in self.slots
         ]
 
     def in_flight_by_client(self) -> Counter[str]:
-        return Counter(client_id for _, client_id, _ in self._leases.values())
+        """As the workers' last pings said (at most PING_SECONDS old)."""
+        total: Counter[str] = Counter()
+        for slot in self.slots:
+            total.update(slot.per_client)
+        return total
 
     def _status_line(self) -> str:
         line = super()._status_line()
@@ -538,6 +554,18 @@ class Supervisor(Daemon):
         await super().stop(grace)
         if self._reserved is not None:
             self._reserved.close()
+
+
+class _WorkersInFlight(InFlight):
+    """The main process runs no calls; what a revocation cancelled is the workers' count
+    (their acknowledgements of the push), reported by the route that revoked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled_in_workers: Counter[str] = Counter()
+
+    def cancel_client(self, client_id: str) -> int:
+        return super().cancel_client(client_id) + self.cancelled_in_workers.pop(client_id, 0)
 
 
 def _still_active(rt: Runtime, record: ClientRecord | None, now: int) -> None:

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from vibectld.pki.kids import LoadedKeys
+from vibectld.runtime import Runtime
+from vibectld.service.limits import EffectiveLimits
 from vibectld.service.refusals import CallRefused, Unavailable
 from vibectld.store.base import StoreHealth
 from vibectld.store.records import ClientRecord
@@ -192,11 +194,32 @@ def _refusal_class(name: str) -> type[CallRefused]:
 
 
 class WorkerAdmission:
-    """rpm, budgets and concurrency, decided by the main process for every worker."""
+    """rpm, budgets and concurrency, decided by the main process for every worker.
 
-    def __init__(self, channel: Channel, store: WorkerStore) -> None:
+    A call with nothing to decide there (no rpm or concurrency limit, no token or dollar
+    budget for the client or the server, and not refused while the store is stale) is
+    admitted here with no round trip: whether its client is still active is this copy's
+    to say, and a revocation reaches it before the admin command answers.
+    """
+
+    def __init__(self, channel: Channel, store: WorkerStore, rt: Runtime) -> None:
         self._channel = channel
         self._store = store
+        self._rt = rt
+
+    def _nothing_to_decide(self, client_id: str, rpm: int | None, concurrency: int | None) -> bool:
+        if rpm is not None or concurrency is not None:
+            return False
+        config = self._rt.generation.config
+        record = self._store.get(client_id)
+        if (
+            record is None
+            or config.limits.server_usd_per_day is not None
+            or config.storage.on_stale == "refuse"
+        ):
+            return False
+        limits = EffectiveLimits.of(record, config.limits)
+        return limits.tokens_per_day is None and limits.usd_per_month is None
 
     def __repr__(self) -> str:
         return "WorkerAdmission()"
@@ -212,8 +235,10 @@ class WorkerAdmission:
     ) -> WorkerLease | None:
         """One round trip: the main process counts the call (rpm), and with `slot`
         checks the budgets for `model_id` and takes a concurrent slot; raises the refusal
-        it decided. `rpm` and `concurrency` are ignored: the main process reads the
-        client's limits from its own, current record."""
+        it decided; the main process reads the client's limits from its own, current
+        record. None (the servicer's path on one process) when nothing is to decide."""
+        if self._nothing_to_decide(client_id, rpm, concurrency):
+            return None
         try:
             answer = await self._channel.ask(
                 "admit", (client_id, slot, model_id), within=ADMIT_TIMEOUT_SECONDS

@@ -94,7 +94,7 @@ class Worker(Daemon):
             raise StartupError(str(e)) from None
         executor = Executor(config.models.sync_workers)
         rt = Runtime(generation=generation, signing=signing, registry=store, executor=executor)
-        rt.cluster = WorkerAdmission(self.channel, self._store)
+        rt.cluster = WorkerAdmission(self.channel, self._store, rt)
         return rt
 
     async def _watch_channel(self) -> None:
@@ -155,7 +155,7 @@ class Worker(Daemon):
         serving = rt is not None and server is not None and not rt.draining
         return {
             "serving": serving,
-            "in_flight": rt.inflight.total() if rt is not None else 0,
+            "per_client": dict(rt.inflight.per_client()) if rt is not None else {},
             "generation": rt.generation.number if rt is not None else 0,
         }
 
