@@ -85,6 +85,9 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "redactions": ("client_id", "day", "kind", "count"),
     # The ids are kept, so the trail keeps its order and `audit` lists the same rows.
     "audit": ("id", "at", "caller_uid", "caller_user", "op", "target", "outcome", "detail"),
+    # Which usage-journal segments the usage rows hold (store/journal.py): copied with
+    # them, so a segment left on disk is never replayed into the copy a second time.
+    "usage_journals": ("journal", "applied", "at"),
 }
 # Each table's primary key, the order it is read in, a page at a time.
 _KEYS: dict[str, tuple[str, ...]] = {
@@ -92,6 +95,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "usage": ("client_id", "day"),
     "redactions": ("client_id", "day", "kind"),
     "audit": ("id",),
+    "usage_journals": ("journal",),
 }
 # Rows read and written at a time: some 200 kB of JSON.
 ROWS_PER_PAGE = 1000
