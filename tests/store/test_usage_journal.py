@@ -23,7 +23,10 @@ from structlog.testing import capture_logs
 
 from tests.postgres import Postgres
 from tests.store.backends import Backend, PostgreSQLBackend, SQLiteBackend
+from vibectld.store import transfer
+from vibectld.store.base import Transaction
 from vibectld.store.journal import JournalBusy
+from vibectld.store.postgresql import PostgreSQLDatabase
 from vibectld.store.registry import ClientRecord, Registry
 
 NOW = 1_800_000_000  # 2027-01-15 08:00:00 UTC
@@ -302,3 +305,40 @@ def test_a_call_the_journal_could_not_write_is_still_counted_and_reported(
     drop(reg)
     open_store(backend, journal).close()
     assert usage(backend, alice)[0] == 3
+
+
+def test_storage_migrate_carries_which_segments_the_usage_holds(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """A segment the SQLite store had applied, left on disk (its deletion failed), is not
+    replayed into the PostgreSQL copy: the copy carries the journal's record with it."""
+    journal = tmp_path / "usage-journal"
+    single = SQLiteBackend(tmp_path / "state" / "registry.db")
+    reg = open_store(single, journal)
+    alice = issue(reg)
+    for i in range(3):
+        call(reg, alice, NOW + i)
+    [segment] = journal.glob("*.log")
+    kept = segment.read_bytes()
+    reg.flush()
+    target = PostgreSQLDatabase.open(postgres.dsn)
+
+    def copy(source: Transaction) -> None:
+        # The tables storage migrate copies that this needs, as it copies them.
+        def tables(tx: Transaction) -> None:
+            for table in ("clients", "usage", "usage_journals"):
+                transfer._copy_table(source, tx, table, transfer._TABLES[table])
+
+        target.transaction(tables)
+
+    try:
+        reg.transact(copy)
+    finally:
+        target.close()
+    reg.close()
+    segment.write_bytes(kept)  # as if its deletion had failed
+
+    cluster = PostgreSQLBackend(postgres)
+    open_store(cluster, journal).close()
+    assert usage(cluster, alice) == (3, 30, 60, 0.75)
+    assert segments(journal) == []

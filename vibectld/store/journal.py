@@ -141,9 +141,13 @@ class UsageJournal:
         return Replayed(counters, book.take_deltas(), book.take_redactions(), upto, skipped)
 
     def forget(self, segments: Iterable[int]) -> None:
-        """Delete leftover segments the database holds (or now holds: `read`, replayed)."""
+        """Delete segments the database holds (a replay or a flush has committed them).
+
+        One that cannot be deleted stays, harmlessly: the database's record says it is
+        applied, so no later start replays it (storage migrate copies the record too).
+        """
         for seq in segments:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 self._path(seq).unlink()
 
     def start(self, after: int) -> None:
@@ -198,14 +202,8 @@ class UsageJournal:
 
     def discard(self, upto: int) -> None:
         """Delete the closed segments up to `upto`, whose calls the database now holds."""
-        kept = []
-        for seq in self._closed:
-            if seq <= upto:
-                with contextlib.suppress(FileNotFoundError):
-                    self._path(seq).unlink()
-            else:
-                kept.append(seq)
-        self._closed = kept
+        self.forget(seq for seq in self._closed if seq <= upto)
+        self._closed = [seq for seq in self._closed if seq > upto]
 
     def close(self) -> None:
         """Stop writing; the current segment goes if empty (the last flush covered all)."""
