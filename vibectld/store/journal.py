@@ -79,8 +79,8 @@ class Replayed:
 
 class UsageJournal:
     """One directory of segments; `call`/`redactions` append, a flush `rotate`s and
-    `discard`s. Not thread-safe: the mirror calls it under its memory lock, except
-    `discard` and `close` (under the database lock)."""
+    `discard`s. Not thread-safe: the registry calls it under its memory lock (appends,
+    `rotate`, `close`) or its database lock (`discard`; a flush holds both in turn)."""
 
     def __init__(self, directory: Path, identity: str, lock_fd: int) -> None:
         self.directory = directory
