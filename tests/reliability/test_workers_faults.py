@@ -446,7 +446,16 @@ def test_sigterm_drains_every_worker(
             daemon.signal(signal.SIGTERM)
             time.sleep(0.3)  # the signal has reached every worker
             late = {pid: call(ch, secret) for pid, ch in channels.items()}
-            rc = daemon.wait(GRACE_SECONDS + 20)
+            # When each worker exits, then the main process: where the stop's time goes.
+            worker_exits: dict[int, float] = {}
+            deadline = term + GRACE_SECONDS + 20
+            while daemon.proc is not None and daemon.proc.poll() is None:
+                assert time.monotonic() < deadline, "the main process ignored SIGTERM"
+                for pid in pids:
+                    if pid not in worker_exits and not alive(pid):
+                        worker_exits[pid] = time.monotonic() - term
+                time.sleep(0.02)
+            rc = daemon.wait(1)
             exited = time.monotonic() - term
             streams.join(10)
         finally:
@@ -461,7 +470,9 @@ def test_sigterm_drains_every_worker(
             + ", ".join(f"{s.code} {s.chunks} chunks +{s.ended_at - term:.2f} s" for s in group)
             for pid, group in running.items()
         )
-        + f"; calls started 0.3 s after it: {late}; workers left running: {left}"
+        + f"; calls started 0.3 s after it: {late}; workers exited "
+        + ", ".join(f"{pid} +{t:.2f} s" for pid, t in sorted(worker_exits.items()))
+        + f"; workers left running: {left}"
     )
     assert rc == 0
     assert exited <= GRACE_SECONDS + EXIT_MARGIN_SECONDS
