@@ -28,6 +28,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 import grpc
 import pytest
 
+from bench.postgres import free_port
 from tests.cluster import Node, generate_cluster_key
 from tests.postgres import Postgres
 from tests.reliability._procs import BIN, DaemonProcess, auth, ready
@@ -50,7 +52,10 @@ WORKERS = 2
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     root = tmp_path_factory.mktemp("workers")
-    with DaemonProcess(root, fake_models=True, server={"workers": WORKERS}) as d:
+    metrics = f"127.0.0.1:{free_port()}"
+    with DaemonProcess(
+        root, fake_models=True, server={"workers": WORKERS}, metrics={"listen": metrics}
+    ) as d:
         d.start()
         yield d
 
@@ -217,6 +222,12 @@ def test_usage_totals_equal_served_calls(daemon: DaemonProcess) -> None:
     assert served == 20, outcomes  # and the 10 refused are not in the totals
     # The main process writes its counts every 2 s; usage reads the database.
     assert wait_until(lambda: usage(daemon, "counted") == served, 10), usage(daemon, "counted")
+    # Its metrics endpoint counts the workers' calls too.
+    url = f"http://{daemon.raw['metrics']['listen']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    line = 'vibectld_requests_total{client="counted",model="faults",outcome="ok"} 20.0'
+    assert line in text, [t for t in text.splitlines() if "counted" in t]
 
 
 def test_reload_swaps_every_worker_or_none(daemon: DaemonProcess) -> None:

@@ -43,9 +43,17 @@ class Failed(Exception):
 
 
 class Channel:
-    def __init__(self, sock: socket.socket, handler: Handler) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        told: Callable[[str, Any], None] | None = None,
+    ) -> None:
         self._sock = sock
         self._handler = handler
+        # Messages sent with tell(), handled at once on the reader's turn (no task each);
+        # without it they go to `handler` as requests that need no answer.
+        self._on_told = told
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._reader: asyncio.StreamReader | None = None
@@ -53,6 +61,7 @@ class Channel:
         self._task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
+        self._told: list[tuple[str, Any]] = []
 
     async def start(self) -> None:
         self._reader, self._writer = await asyncio.open_connection(
@@ -67,8 +76,20 @@ class Channel:
         self._writer.write(_HEADER.pack(len(data)) + data)
 
     def tell(self, kind: str, body: Any = None) -> None:
-        """Send without waiting for an answer (usage counts, pushes that need no ack)."""
-        self._send(kind, 0, body)
+        """Send without waiting for an answer (usage counts, metrics). Sent together at the
+        loop's next turn: a busy worker's many calls cost one write, not one each."""
+        if self._writer is None or self.closed.is_set():
+            raise ChannelClosed("the channel is closed")
+        if not self._told:
+            asyncio.get_running_loop().call_soon(self._flush_told)
+        self._told.append((kind, body))
+
+    def _flush_told(self) -> None:
+        if not self._told:
+            return  # sent already, ahead of a request
+        told, self._told = self._told, []
+        with contextlib.suppress(ChannelClosed):
+            self._send("batch", 0, told)
 
     async def ask(self, kind: str, body: Any = None, within: float | None = None) -> Any:
         """Send and wait for the answer; raises Failed, ChannelClosed or TimeoutError."""
@@ -76,6 +97,8 @@ class Channel:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[ident] = future
         try:
+            if self._told:
+                self._flush_told()  # in order: a slot given back before the next admission
             self._send(kind, ident, body)
             async with asyncio.timeout(within):
                 return await future
@@ -97,13 +120,29 @@ class Channel:
                         else:
                             future.set_exception(Failed(body))
                     continue
-                task = asyncio.create_task(self._handle(kind, ident, body))
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
+                if kind == "batch":
+                    for told_kind, told_body in body:
+                        self._told_one(told_kind, told_body)
+                else:
+                    self._dispatch(kind, ident, body)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
             self._close()
+
+    def _told_one(self, kind: str, body: Any) -> None:
+        if self._on_told is None:
+            self._dispatch(kind, 0, body)
+            return
+        try:
+            self._on_told(kind, body)
+        except Exception:
+            log.exception("worker_channel.handler_failed", kind=kind)
+
+    def _dispatch(self, kind: str, ident: int, body: Any) -> None:
+        task = asyncio.create_task(self._handle(kind, ident, body))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
 
     async def _handle(self, kind: str, ident: int, body: Any) -> None:
         try:

@@ -184,7 +184,11 @@ class Supervisor(Daemon):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
         slot.serving = asyncio.Event()
         slot.state = "starting"
-        slot.channel = Channel(parent, lambda kind, body: self._handle(slot, kind, body))
+        slot.channel = Channel(
+            parent,
+            lambda kind, body: self._handle(slot, kind, body),
+            lambda kind, body: self._told(kind, body),
+        )
         try:
             slot.proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -238,24 +242,6 @@ class Supervisor(Daemon):
         assert rt is not None
         if kind == "admit":
             return await self._admit(slot, rt, *body)
-        if kind == "release":
-            self._release(body)
-            return None
-        if kind == "record_call":
-            client_id, now, error, tokens_in, tokens_out, cost = body
-            rt.registry.record_call(
-                client_id,
-                now=now,
-                error=error,
-                input_tokens=tokens_in,
-                output_tokens=tokens_out,
-                cost_usd=cost,
-            )
-            return None
-        if kind == "record_redactions":
-            client_id, now, found = body
-            rt.registry.record_redactions(client_id, now=now, found=found)
-            return None
         if kind == "hello":
             return self._hello(slot, rt)
         if kind == "serving":
@@ -265,6 +251,33 @@ class Supervisor(Daemon):
             slot.serving.set()
             return None
         raise ValueError(f"unknown message {kind!r}")
+
+    def _told(self, kind: str, body: Any) -> None:
+        """What a worker sends without waiting: slots given back, usage, metrics."""
+        rt = self.runtime
+        assert rt is not None
+        if kind == "release":
+            self._release(body)
+        elif kind == "record_call":
+            client_id, now, error, tokens_in, tokens_out, cost = body
+            rt.registry.record_call(
+                client_id,
+                now=now,
+                error=error,
+                input_tokens=tokens_in,
+                output_tokens=tokens_out,
+                cost_usd=cost,
+            )
+        elif kind == "record_redactions":
+            client_id, now, found = body
+            rt.registry.record_redactions(client_id, now=now, found=found)
+        elif kind == "observe_call":
+            rt.metrics.observe_call(*body)
+        elif kind == "observe_redactions":
+            found, action = body
+            rt.metrics.observe_redactions(found, action)
+        else:
+            raise ValueError(f"unknown message {kind!r}")
 
     def _hello(self, slot: WorkerSlot, rt: Runtime) -> dict[str, Any]:
         ca = rt.generation.ca
@@ -427,8 +440,11 @@ class Supervisor(Daemon):
     # -- watchdog, status -------------------------------------------------------------
 
     async def _ping_loop(self) -> None:
+        assert self.runtime is not None
+        gauge = self.runtime.metrics.in_flight
         while True:
             await asyncio.gather(*(self._ping(slot) for slot in self.slots))
+            gauge.set(sum(slot.per_client.total() for slot in self.slots))
             await asyncio.sleep(PING_SECONDS)
 
     async def _ping(self, slot: WorkerSlot) -> None:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from vibectld.ops.metrics import Metrics
 from vibectld.pki.kids import LoadedKeys
 from vibectld.runtime import Runtime
 from vibectld.service.limits import EffectiveLimits
@@ -153,6 +154,36 @@ class WorkerStore:
 
     def close(self) -> None:
         pass
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+
+class ForwardedMetrics(Metrics):
+    """A worker's metrics: what the main process's endpoint shows of each call (requests,
+    durations, tokens, redactions) goes to it; the rest stays here, unexported."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self._channel = channel
+
+    def observe_call(
+        self,
+        client: str,
+        model: str,
+        outcome: str,
+        seconds: float,
+        input_tokens: int | None,
+        output_tokens: int | None,
+    ) -> None:
+        with contextlib.suppress(ChannelClosed):
+            self._channel.tell(
+                "observe_call", (client, model, outcome, seconds, input_tokens, output_tokens)
+            )
+
+    def observe_redactions(self, found: Mapping[str, int], action: str) -> None:
+        with contextlib.suppress(ChannelClosed):
+            self._channel.tell("observe_redactions", (dict(found), action))
 
 
 # -- admission --------------------------------------------------------------------------

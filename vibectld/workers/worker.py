@@ -36,7 +36,7 @@ from vibectld.runtime import Runtime
 from vibectld.store.base import Store
 from vibectld.store.records import ClientRecord
 from vibectld.workers.channel import Channel
-from vibectld.workers.view import PushedKeys, WorkerAdmission, WorkerStore
+from vibectld.workers.view import ForwardedMetrics, PushedKeys, WorkerAdmission, WorkerStore
 
 log = structlog.get_logger("vibectld.worker")
 
@@ -79,7 +79,7 @@ class Worker(Daemon):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._watch_channel(), name="channel"))
         log.info("worker.serving", worker=self.index, pid=os.getpid(), listen=rt.grpc_address)
-        self.channel.tell("serving", os.getpid())
+        await self.channel.ask("serving", os.getpid(), within=HELLO_TIMEOUT_SECONDS)
 
     def _open_worker_state(self, hello: dict[str, Any]) -> Runtime:
         assert self._store is not None and self._keys is not None
@@ -93,7 +93,13 @@ class Worker(Daemon):
         except GenerationRejected as e:
             raise StartupError(str(e)) from None
         executor = Executor(config.models.sync_workers)
-        rt = Runtime(generation=generation, signing=signing, registry=store, executor=executor)
+        rt = Runtime(
+            generation=generation,
+            signing=signing,
+            registry=store,
+            executor=executor,
+            metrics=ForwardedMetrics(self.channel),
+        )
         rt.cluster = WorkerAdmission(self.channel, self._store, rt)
         return rt
 
