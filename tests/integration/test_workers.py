@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -39,10 +40,14 @@ import pytest
 
 from bench.postgres import free_port
 from tests.cluster import Node, generate_cluster_key
+from tests.conftest import short_tmpdir
+from tests.integration.conftest import write
+from tests.integration.test_reload import NotifySocket, base_config
 from tests.postgres import Postgres
 from tests.reliability._procs import BIN, DaemonProcess, auth, ready
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
+from vibectld.admin.client import AdminClient
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -351,3 +356,48 @@ def test_on_postgresql_two_workers_are_one_node(postgres: Postgres, tmp_path: Pa
         finally:
             thread.join(30)
         assert streams == ["UNAUTHENTICATED"] * 8
+
+
+def test_systemd_sees_every_worker_ready_watched_reloaded_and_stopped(tmp_path: Path) -> None:
+    """The packaged command under a NOTIFY_SOCKET and WATCHDOG_USEC, as systemd runs it:
+    READY=1 once both workers serve, WATCHDOG=1 while both answer, SIGHUP reloads both,
+    SIGTERM stops all three processes."""
+    sock_dir = short_tmpdir()
+    notify = NotifySocket(sock_dir)
+    raw = base_config(tmp_path, sock_dir)
+    raw["server"]["workers"] = WORKERS
+    path = tmp_path / "config.yaml"
+    write(path, raw)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"}
+    proc = subprocess.Popen(
+        [str(BIN / "vibectld"), "--config", str(path)], env=env, stderr=subprocess.DEVNULL
+    )
+    try:
+        ready_line = notify.wait_for("READY=1")
+        assert f"{WORKERS} of {WORKERS} workers serving" in ready_line, ready_line
+        assert notify.wait_for("WATCHDOG=1")
+        with AdminClient(sock_dir / "admin.sock", timeout=30) as client:
+            pids = [r["pid"] for r in client.call("status", {})["workers"]]
+        assert len(pids) == WORKERS
+        raw["models"] = {"default": "echo", "aliases": {"after-hup": "echo"}}
+        write(path, raw)
+        proc.send_signal(signal.SIGHUP)
+        assert notify.wait_for("RELOADING=1")
+        assert notify.wait_for("READY=1")
+        with AdminClient(sock_dir / "admin.sock", timeout=30) as client:
+            assert wait_until(
+                lambda: {r["generation"] for r in client.call("status", {})["workers"]} == {2},
+                5,
+            )
+        proc.send_signal(signal.SIGTERM)
+        assert notify.wait_for("STOPPING=1")
+        assert proc.wait(30) == 0
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
