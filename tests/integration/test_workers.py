@@ -379,6 +379,16 @@ def test_systemd_sees_every_worker_ready_watched_reloaded_and_stopped(tmp_path: 
         with AdminClient(sock_dir / "admin.sock", timeout=30) as client:
             pids = [r["pid"] for r in client.call("status", {})["workers"]]
         assert len(pids) == WORKERS
+
+        # A worker that does not answer (stopped): no WATCHDOG=1 until it does again.
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            time.sleep(1.5)  # its last answer goes stale (pings every 0.5 s)
+            assert "WATCHDOG=1" not in watched_for(notify, 2.5)
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        assert "WATCHDOG=1" in watched_for(notify, 5, until="WATCHDOG=1")
+
         raw["models"] = {"default": "echo", "aliases": {"after-hup": "echo"}}
         write(path, raw)
         proc.send_signal(signal.SIGHUP)
@@ -401,3 +411,28 @@ def test_systemd_sees_every_worker_ready_watched_reloaded_and_stopped(tmp_path: 
             proc.wait()
         notify.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def watched_for(notify: NotifySocket, seconds: float, until: str | None = None) -> list[str]:
+    """The fields the daemon sent in the next `seconds` (after what was waiting), or
+    until one is `until`."""
+    notify.sock.settimeout(0.001)
+    try:
+        while True:
+            notify.sock.recv(65536)  # what was sent before: not this window's
+    except (TimeoutError, BlockingIOError):
+        pass
+    fields: list[str] = []
+    deadline = time.monotonic() + seconds
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            notify.sock.settimeout(left)
+            try:
+                fields.extend(notify.sock.recv(65536).decode().split("\n"))
+            except TimeoutError:
+                break
+            if until is not None and until in fields:
+                break
+    finally:
+        notify.sock.settimeout(30)
+    return fields
