@@ -436,3 +436,21 @@ def watched_for(notify: NotifySocket, seconds: float, until: str | None = None) 
     finally:
         notify.sock.settimeout(30)
     return fields
+
+
+def test_workers_stop_when_their_main_process_is_killed(tmp_path: Path) -> None:
+    """No orphan keeps the port: a worker whose main process is gone stops."""
+    with DaemonProcess(tmp_path, fake_models=True, server={"workers": WORKERS}) as d:
+        d.start()
+        pids = [r["pid"] for r in workers(d)]
+        d.kill()
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            # A zombie until init reaps it: gone as far as the port is concerned.
+            return Path(f"/proc/{pid}/status").read_text().count("State:\tZ") == 1
+
+        assert wait_until(lambda: all(gone(pid) for pid in pids), 15), pids

@@ -121,7 +121,7 @@ class Supervisor(Daemon):
         rt = super()._open_state()
         self._loop = asyncio.get_running_loop()
         rt.workers = self
-        rt.inflight = _WorkersInFlight()
+        rt.inflight = _WorkersInFlight(self.in_flight_by_client)
         self._push_writes(rt)
         return rt
 
@@ -573,15 +573,22 @@ class Supervisor(Daemon):
 
 
 class _WorkersInFlight(InFlight):
-    """The main process runs no calls; what a revocation cancelled is the workers' count
-    (their acknowledgements of the push), reported by the route that revoked."""
+    """The main process runs no calls: its calls in flight are the workers' (as their
+    pings said), and what a revocation cancelled is what the workers acknowledged."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: Callable[[], Counter[str]]) -> None:
         super().__init__()
+        self._workers = workers
         self.cancelled_in_workers: Counter[str] = Counter()
 
     def cancel_client(self, client_id: str) -> int:
         return super().cancel_client(client_id) + self.cancelled_in_workers.pop(client_id, 0)
+
+    def total(self) -> int:
+        return self._workers().total()
+
+    def per_client(self) -> Counter[str]:
+        return self._workers()
 
 
 def _still_active(rt: Runtime, record: ClientRecord | None, now: int) -> None:
