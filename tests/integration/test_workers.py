@@ -219,6 +219,26 @@ def test_revocation_is_refused_next_and_cuts_streams_on_every_worker(
     assert wait_until(lambda: in_flight(daemon, "revoked") == 0, 2)
 
 
+def test_signing_key_rotation_and_retirement_reach_every_worker(daemon: DaemonProcess) -> None:
+    old_secret = daemon.issue("old-key")
+    retiring = daemon.admin("rotate_signing_key")["previous"]
+    # A secret the new key signed verifies on every worker (eight connections).
+    new_secret = daemon.issue("new-key")
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda _: call(daemon, new_secret), range(8))) == ["OK"] * 8
+    streams, thread = in_background(daemon, old_secret, ["sleep:60"] * 8, stream=True)
+    try:
+        assert wait_until(lambda: in_flight(daemon, "old-key") == 8, 20)
+        daemon.admin("retire_signing_key", {"target": retiring})
+        with ThreadPoolExecutor(8) as pool:
+            after = list(pool.map(lambda _: call(daemon, old_secret), range(8)))
+        assert after == ["UNAUTHENTICATED"] * 8, after
+    finally:
+        thread.join(30)
+    assert streams == ["UNAUTHENTICATED"] * 8, streams
+    assert call(daemon, new_secret) == "OK"
+
+
 def test_usage_totals_equal_served_calls(daemon: DaemonProcess) -> None:
     secret = daemon.issue("counted", rpm=20)
     with ThreadPoolExecutor(8) as pool:

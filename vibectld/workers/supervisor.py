@@ -385,7 +385,8 @@ class Supervisor(Daemon):
 
             setattr(registry, name, written)
         signing = rt.signing
-        for name in ("rotate", "retire"):
+        # refresh: another node's rotation or retirement, brought by the change feed.
+        for name in ("rotate", "retire", "refresh"):
             original = getattr(signing, name)
 
             def changed(*args: Any, _original: Callable[..., Any] = original, **kw: Any) -> Any:
