@@ -239,6 +239,14 @@ def test_signing_key_rotation_and_retirement_reach_every_worker(daemon: DaemonPr
     assert call(daemon, new_secret) == "OK"
 
 
+def test_a_token_budget_holds_across_workers(daemon: DaemonProcess) -> None:
+    # Each call of `faults` with "hi" costs 4 tokens (1 in, 3 out); a call is refused
+    # once the day's 10 are spent: 3 served, whichever worker each lands on.
+    secret = daemon.issue("budgeted", tokens_per_day=10)
+    outcomes = [call(daemon, secret) for _ in range(6)]
+    assert outcomes == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 3, outcomes
+
+
 def test_usage_totals_equal_served_calls(daemon: DaemonProcess) -> None:
     secret = daemon.issue("counted", rpm=20)
     with ThreadPoolExecutor(8) as pool:
