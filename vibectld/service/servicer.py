@@ -15,7 +15,9 @@ for a client with either limit set: the checks in memory run first and their
 verdict is held, then the round trip counts the call (and takes its slot only if
 nothing refused it), and the refusals are raised in the contract's order, so a
 client sees the refusal it would see on one node and a refused call takes
-nothing. The single-node path has no await added.
+nothing. The single-node path has no await added. A worker process
+(`server.workers` > 1) takes the same shared path, with its main process as the
+judge (workers/view.py), which also checks the budgets for the model passed.
 """
 
 from __future__ import annotations

@@ -9,12 +9,14 @@ never listening socket with SO_REUSEPORT, held for the process's life), so `port
 resolves once and a restarted worker binds the same port.
 
 What stays exact across workers is decided here, on one event loop, as on one node:
-every call of a worker is admitted here in one round trip (rpm, budgets, concurrency,
-with the Limiter or, on PostgreSQL, the cluster limiter; is the client still active),
-every served call's usage is recorded here, and a client or key change is pushed to every
-worker and acknowledged before the admin operation answers, each worker cancelling the
-calls it must. A worker that dies gives back its slots at once (its leases are here) and
-is started again; its clients saw their connection drop (UNAVAILABLE, retryable).
+every call with a limit or a budget is admitted here in one round trip (rpm, budgets,
+concurrency, with the Limiter or, on PostgreSQL, the cluster limiter; is the client
+still active), every served call's usage is recorded here, and a client or key change is
+pushed to every worker and acknowledged before the admin operation answers, each worker
+cancelling the calls it must (so a call with nothing to decide here is admitted by its
+worker alone, from its up-to-date copy). A worker that dies gives back its slots at
+once (its leases are here) and is started again; its clients saw their connection drop
+(UNAVAILABLE, retryable).
 READY=1 goes out when every worker serves; WATCHDOG=1 while every worker answered a ping
 (which checks its own gRPC server) within the interval. A reload is all or none: every
 worker builds the new generation first, and only if all could do all swap. Shutdown
