@@ -482,3 +482,18 @@ def test_workers_stop_when_their_main_process_is_killed(tmp_path: Path) -> None:
             return Path(f"/proc/{pid}/status").read_text().count("State:\tZ") == 1
 
         assert wait_until(lambda: all(gone(pid) for pid in pids), 15), pids
+
+
+def test_the_server_wide_cap_is_shared_out_between_workers(tmp_path: Path) -> None:
+    """server.max_concurrent_calls: 4 over two workers: each runs at most 2, so never
+    more than 4 run at once; the rest are refused as past the server's cap."""
+    with DaemonProcess(
+        tmp_path, fake_models=True, server={"workers": WORKERS, "max_concurrent_calls": 4}
+    ) as d:
+        d.start()
+        secret = d.issue("capped")
+        with ThreadPoolExecutor(10) as pool:
+            outcomes = list(pool.map(lambda _: call(d, secret, "sleep:2"), range(10)))
+        served = outcomes.count("OK")
+        assert 1 <= served <= 4, outcomes
+        assert outcomes.count("RESOURCE_EXHAUSTED") == 10 - served, outcomes

@@ -294,6 +294,7 @@ class Supervisor(Daemon):
         )
         return {
             "index": slot.index,
+            "workers": self.count,
             "listen": self._listen,
             "records": rt.registry.clients(include_inactive=True),
             "keys": keys_to_wire(rt.signing.loaded()),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -56,6 +57,7 @@ class Worker(Daemon):
         self._keys: PushedKeys | None = None
         self._pending: Generation | None = None
         self._store_ready = asyncio.Event()
+        self._workers = 1
 
     def _listen_address(self) -> str:
         return self._listen
@@ -72,6 +74,8 @@ class Worker(Daemon):
         self._store = WorkerStore(hello["records"])
         self._store.channel = self.channel
         self._store_ready.set()
+        self._workers = hello["workers"]
+        self.config = _share_of(self.config, self._workers)
         self.runtime = rt = self._open_worker_state(hello)
         await self._start_grpc(rt)
         assert self._health is not None
@@ -175,7 +179,7 @@ class Worker(Daemon):
             fresh = load_config(path) if path is not None else old.config
         except ConfigError as e:
             raise GenerationRejected(str(e)) from None
-        config = keep_restart_only(old.config, fresh)
+        config = _share_of(keep_restart_only(old.config, fresh), self._workers)
         self._pending = build_generation(config, rt.signing, rt.registry, old.number + 1, ca=old.ca)
         return self._pending.number
 
@@ -203,6 +207,14 @@ class Worker(Daemon):
             await self.serve_until_stopped()
         finally:
             await self.stop()
+
+
+def _share_of(config: DaemonConfig, workers: int) -> DaemonConfig:
+    """`config` with this worker's share of the server-wide cap on calls in flight (each
+    worker's call gate counts its own calls; the shares add up to the cap, rounded up)."""
+    cap = config.server.max_concurrent_calls
+    server = dataclasses.replace(config.server, max_concurrent_calls=-(-cap // workers))
+    return dataclasses.replace(config, server=server)
 
 
 def _ca_from_wire(wire: tuple[bytes, bytes, str] | None) -> CertificateAuthority | None:
