@@ -315,6 +315,11 @@ def test_sigkill_of_a_worker_mid_stream(daemon: DaemonProcess) -> None:
     on_idle = next(r for r in workers(daemon) if r["index"] == idle["index"])["in_flight"]
     assert on_idle >= 1
 
+    # A file changed without a reload: the replacement must serve what the other
+    # worker serves (the main process's configuration), not the file.
+    served_raw = daemon.raw
+    daemon.raw = {**served_raw, "limits": {**served_raw["limits"], "max_input_chars": 3}}
+    daemon.write_config()
     os.kill(busy["pid"], signal.SIGKILL)
     victim_thread.join(30)
     assert victim == ["UNAVAILABLE"]
@@ -335,6 +340,11 @@ def test_sigkill_of_a_worker_mid_stream(daemon: DaemonProcess) -> None:
     assert wait_until(replaced, 30), workers(daemon)
     row = next(r for r in workers(daemon) if r["index"] == busy["index"])
     assert row["pid"] != busy["pid"]
+    with ThreadPoolExecutor(8) as pool:
+        longer = list(pool.map(lambda _: call(daemon, other_secret, "hello world"), range(8)))
+    assert longer == ["OK"] * 8, longer
+    daemon.raw = served_raw
+    daemon.write_config()
 
 
 def test_sigterm_drains_every_worker(tmp_path: Path) -> None:

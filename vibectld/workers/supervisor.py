@@ -295,6 +295,7 @@ class Supervisor(Daemon):
         return {
             "index": slot.index,
             "workers": self.count,
+            "config": rt.generation.config,
             "listen": self._listen,
             "records": rt.registry.clients(include_inactive=True),
             "keys": keys_to_wire(rt.signing.loaded()),

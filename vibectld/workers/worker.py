@@ -75,7 +75,9 @@ class Worker(Daemon):
         self._store.channel = self.channel
         self._store_ready.set()
         self._workers = hello["workers"]
-        self.config = _share_of(self.config, self._workers)
+        # The main process's configuration, not the file's now: a worker started again
+        # after the file changed serves what the others serve until a reload.
+        self.config = _share_of(hello["config"], self._workers)
         self.runtime = rt = self._open_worker_state(hello)
         await self._start_grpc(rt)
         assert self._health is not None
