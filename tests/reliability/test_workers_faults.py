@@ -45,7 +45,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.reliability._procs import REPO, DaemonProcess, auth, secret_of
+from tests.reliability._procs import BIN, REPO, DaemonProcess, auth, secret_of
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 
@@ -392,6 +392,16 @@ def test_a_worker_killed_mid_stream_is_replaced_and_its_slots_come_back(
         assert workers.pids() == {new_pid, other_pid}
         restarts = {pid: w["restarts"] for pid, w in after.items()}
         assert restarts == {new_pid: 1, other_pid: 0}, after
+        # What an operator reads: `vibectl-admin status` names the new pid and its restart.
+        shown = subprocess.run(
+            [str(BIN / "vibectl-admin"), "--socket", str(daemon.admin_socket), "status"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        rows = [line for line in shown.splitlines() if line.startswith("worker ")]
+        assert len(rows) == WORKERS and any(str(new_pid) in row for row in rows), shown
 
         # The killed worker's slots are free: `limit` new streams of the victim all run.
         again = Streams()
@@ -413,7 +423,8 @@ def test_a_worker_killed_mid_stream_is_replaced_and_its_slots_come_back(
         f"{max(s.ended_at - killed for s in doomed) * 1000:.0f} ms; bystander streams "
         f"{[(s.code, s.chunks) for s in spared]}; replacement {new_pid} serving in status "
         f"{replaced:.2f} s after the kill, restarts {restarts}; after it the victim's "
-        f"{limit} new streams ended {[(s.code, s.chunks) for s in fresh]}"
+        f"{limit} new streams ended {[(s.code, s.chunks) for s in fresh]}; vibectl-admin "
+        f"status: {rows}"
     )
     assert set(ended) == {"UNAVAILABLE"}, ended
     for s in spared:
