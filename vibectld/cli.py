@@ -51,6 +51,12 @@ def main(
     if generate_cluster_key:
         _print_cluster_key()
         return
+    if worker_fd is not None:
+        # A worker serves its main process's configuration (sent over the channel), not
+        # the file as it is now: one started again after a bad edit still starts.
+        from vibectld.workers.worker import run_worker
+
+        sys.exit(run_worker(worker_fd))
     path = resolve_config_path(config_file)
     try:
         config = load_config(path)
@@ -71,11 +77,7 @@ def main(
 
     count = worker_count(config)
     try:
-        if worker_fd is not None:
-            from vibectld.workers.worker import run_worker
-
-            run_worker(config, worker_fd)
-        elif count > 1:
+        if count > 1:
             from vibectld.workers.supervisor import Supervisor
 
             asyncio.run(Supervisor(config, count).run())

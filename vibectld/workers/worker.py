@@ -12,7 +12,6 @@ It owns no admin socket, metrics endpoint, notification socket or store.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import signal
@@ -28,7 +27,9 @@ from grpc_health.v1 import health_pb2
 
 from vibectld.config import ConfigError, DaemonConfig, keep_restart_only, load_config
 from vibectld.daemon import SERVICE_NAME, Daemon, StartupError, _close_later
+from vibectld.errors import STARTUP_ERRORS
 from vibectld.generation import Generation, GenerationRejected, build_generation
+from vibectld.ops import logs
 from vibectld.pki.signing import SigningKeys
 from vibectld.pki.tls import CertificateAuthority
 from vibectld.providers.catalogue import point_llm_at
@@ -77,7 +78,8 @@ class Worker(Daemon):
         self._workers = hello["workers"]
         # The main process's configuration, not the file's now: a worker started again
         # after the file changed serves what the others serve until a reload.
-        self.config = _share_of(hello["config"], self._workers)
+        self.config = config = _share_of(hello["config"], self._workers)
+        logs.configure(config.logging.level, config.logging.format)
         self.runtime = rt = self._open_worker_state(hello)
         await self._start_grpc(rt)
         assert self._health is not None
@@ -228,8 +230,16 @@ def _ca_from_wire(wire: tuple[bytes, bytes, str] | None) -> CertificateAuthority
     return CertificateAuthority(x509.load_der_x509_certificate(cert_der), key, where)
 
 
-def run_worker(config: DaemonConfig, fd: int) -> None:
-    """The worker's whole life (from `vibectld --worker-fd`)."""
+def run_worker(fd: int) -> int:
+    """The worker's whole life (from `vibectld --worker-fd`); its exit status."""
     sock = socket.socket(fileno=fd)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(Worker(config, sock).run())
+    # Until the main process sends its configuration: the defaults (logs to stderr).
+    logs.configure()
+    try:
+        asyncio.run(Worker(DaemonConfig(), sock).run())
+    except STARTUP_ERRORS as e:
+        log.error("worker.start_failed", error=str(e))
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
