@@ -1,11 +1,13 @@
 """One serving process under a main process: gRPC on the shared port, nothing else.
 
 Started by the main process as the same command with `--worker-fd N` added (a fresh
-interpreter: nothing that has started gRPC or threads is ever forked). It builds its
-generation from the same configuration file (TLS material, catalogue, provider keys),
-gets the client records and signing keys from the main process over the channel
-(workers/view.py), binds `server.listen` with SO_REUSEPORT beside the other workers and
-serves until the main process says drain (or SIGTERM, as systemd sends the whole unit).
+interpreter: nothing that has started gRPC or threads is ever forked). It reads no
+configuration file: the main process sends its current configuration, from which the
+worker builds its own generation (TLS material, catalogue, provider keys, read from the
+same places), with the client records and signing keys (workers/view.py); a reload
+builds the next one from the file only when the main process asks (prepare, then swap).
+It binds the main process's port with SO_REUSEPORT beside the other workers and serves
+until the main process says drain (or SIGTERM, as systemd sends it to the whole unit).
 It owns no admin socket, metrics endpoint, notification socket or store.
 """
 
