@@ -623,6 +623,7 @@ def test_revocation_ends_streams_on_every_worker_and_refuses_the_next_request(
         )
         + f"; the other client's streams {[(s.code, s.chunks) for s in kept.values()]}"
     )
+    assert result["cancelled_calls"] == WORKERS, result
     for pid, s in cut.items():
         assert s.code == "UNAUTHENTICATED", (pid, s.code)
         assert s.ended_at - acked < 2.0, "a revoked stream ran on"
