@@ -82,6 +82,8 @@ class Worker(Daemon):
         # after the file changed serves what the others serve until a reload.
         self.config = config = _share_of(hello["config"], self._workers)
         logs.configure(config.logging.level, config.logging.format)
+        # Every record this worker logs says which worker (its calls' tasks inherit it).
+        structlog.contextvars.bind_contextvars(worker=self.index)
         self.runtime = rt = self._open_worker_state(hello)
         await self._start_grpc(rt)
         assert self._health is not None
