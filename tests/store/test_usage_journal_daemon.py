@@ -7,8 +7,8 @@ A call is in flight, for its usage, until its accounting has run: the servicer c
 (and journals) a call on the event loop's next turn after handing its reply to gRPC, and
 with workers the main process counts it when it reads the worker's report. A reply can
 reach the client inside that window, so the calls a kill can leave uncounted are among
-those answered in its last moments (LATE_SECONDS; measured: 0-1 of ~2,500 calls with one
-process, 12-17 of ~3,200 with two workers, all answered within it).
+those answered in its last moments (LATE_SECONDS; measured over 10 kills: 0-1 of ~2,500 calls
+with one process, 9-44 of ~2,100-3,500 with two workers, all answered within it).
 """
 
 from __future__ import annotations
