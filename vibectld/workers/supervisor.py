@@ -309,6 +309,7 @@ class Supervisor(Daemon):
         """A worker's call: rpm, budgets, concurrency, in the contract's order, here."""
         gen = rt.generation
         now = time.time()
+        asking = slot.proc  # the worker asking: it may die while the cluster limiter answers
         try:
             storage = gen.config.storage
             if storage.on_stale == "refuse" and is_stale(
@@ -348,6 +349,10 @@ class Supervisor(Daemon):
                     rt.limiter.take(client_id, limits.concurrency)
                 lease_id = next(self._lease_ids)
                 self._leases[lease_id] = (slot.index, client_id, inner)
+                if asking is None or slot.proc is not asking or asking.returncode is not None:
+                    # Its slots were given back already; this one goes too.
+                    self._release(lease_id)
+                    raise Unavailable("this call's worker stopped; retry")
         except CallRefused as refusal:
             rt.metrics.refusals.labels(refusal.reason).inc()
             return "refused", refusal_to_wire(refusal)
