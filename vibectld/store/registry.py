@@ -32,8 +32,6 @@ from dataclasses import astuple
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import structlog
-
 from vibectl.util.timefmt import readable
 from vibectld.store import feed, spend, usage
 from vibectld.store.audit import AuditEntry
@@ -43,7 +41,7 @@ from vibectld.store.base import (
     StoreHealth,
     Transaction,
 )
-from vibectld.store.journal import APPLIED_SQL, UsageJournal
+from vibectld.store.journal import UsageJournal
 from vibectld.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
 from vibectld.store.records import (
     _COLUMNS,
@@ -73,7 +71,7 @@ from vibectld.store.records import (
 )
 from vibectld.store.sqlite import SQLiteDatabase
 from vibectld.store.usage import UsageRow
-from vibectld.store.writethrough import WriteThrough, usage_steps
+from vibectld.store.writethrough import WriteThrough, replay_journal
 
 if TYPE_CHECKING:  # psycopg is imported only by a daemon on PostgreSQL
     from vibectld.store.listener import FeedListener
@@ -101,7 +99,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-log = structlog.get_logger("vibectld.store")
 
 _SELECT = f"SELECT {_COLUMNS} FROM clients"  # noqa: S608
 _INSERT = f"INSERT INTO clients ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
@@ -177,7 +174,7 @@ class Registry(WriteThrough):
         try:
             if journal is not None:
                 opened = UsageJournal.open(journal)
-                _replay(db, opened)
+                replay_journal(db, opened)
             # The feed's position first: a change committed while the clients are read is
             # then delivered again (harmless), never missed.
             last = int(db.query(feed.LAST_ID_SQL)[0][0]) if db.shared else 0
@@ -477,27 +474,3 @@ class Registry(WriteThrough):
             with self._lock:
                 self._own_changes.difference_update(self._tx_changes)
             raise
-
-
-def _replay(db: Database, journal: UsageJournal) -> None:
-    """Write what the journal's segments left by an earlier run hold, unless the database
-    has it already (a crash after a flush's commit, before its deletion), and delete
-    them; then start a new segment. One transaction, marking them applied."""
-    found = db.query(APPLIED_SQL, (journal.identity,))
-    applied = int(found[0][0]) if found else 0
-    segments = journal.leftovers()
-    unapplied = [seq for seq in segments if seq > applied]
-    if unapplied:
-        left = journal.read(unapplied)
-        mark = (journal.identity, left.upto)
-        db.transaction(usage_steps(left.counters, left.deltas, left.redactions, mark))
-        log.info(
-            "usage_journal.replayed",
-            segments=len(unapplied),
-            calls=sum(calls for calls, _ in left.counters.values()),
-            torn_lines=left.skipped,
-        )
-    journal.forget(segments)
-    # Numbers only grow, whichever of the two is newer (a journal directory restored
-    # from a backup, or one whose segments were all applied).
-    journal.start(max([applied, *segments]))

@@ -3,8 +3,10 @@ about clients' records.
 
 The database's two ways in (`_transaction`, `_query`, under `_db_lock`) with the health
 they keep; usage, which reaches the database in batches (`flush`) as increments, and on a
-shared database comes back as every node's totals; audit rows, written at once. The
-Registry (registry.py) adds the clients' writes, the change feed and the heartbeats.
+shared database comes back as every node's totals, with the usage journal (journal.py)
+switched to a new segment by each flush and replayed at start (`replay_journal`); audit
+rows, written at once. The Registry (registry.py) adds the clients' writes, the change
+feed and the heartbeats.
 
 Two locks: `_lock` (Mirror) guards memory and is only ever held briefly (the request
 path takes it); `_db_lock` serialises everything that uses the database, so a flush's
@@ -24,6 +26,7 @@ import structlog
 from vibectld.store import audit, spend, usage
 from vibectld.store.audit import AuditEntry
 from vibectld.store.base import Database, StoreHealth, Transaction
+from vibectld.store.journal import APPLIED_SQL, UsageJournal
 from vibectld.store.journal import MARK_SQL as JOURNAL_MARK_SQL
 from vibectld.store.mirror import Mirror
 from vibectld.store.records import ClientRecord, InvalidRecord, StorageFailure, _quote
@@ -247,6 +250,30 @@ class WriteThrough(Mirror):
         if self._health.degraded:
             self._health = StoreHealth(degraded=False)
         return result
+
+
+def replay_journal(db: Database, journal: UsageJournal) -> None:
+    """Write what the journal's segments left by an earlier run hold, unless the database
+    has it already (a crash after a flush's commit, before its deletion), and delete
+    them; then start a new segment. One transaction, marking them applied."""
+    found = db.query(APPLIED_SQL, (journal.identity,))
+    applied = int(found[0][0]) if found else 0
+    segments = journal.leftovers()
+    unapplied = [seq for seq in segments if seq > applied]
+    if unapplied:
+        left = journal.read(unapplied)
+        mark = (journal.identity, left.upto)
+        db.transaction(usage_steps(left.counters, left.deltas, left.redactions, mark))
+        log.info(
+            "usage_journal.replayed",
+            segments=len(unapplied),
+            calls=sum(calls for calls, _ in left.counters.values()),
+            torn_lines=left.skipped,
+        )
+    journal.forget(segments)
+    # Numbers only grow, whichever of the two is newer (a journal directory restored
+    # from a backup, or one whose segments were all applied).
+    journal.start(max([applied, *segments]))
 
 
 def usage_steps(
