@@ -268,6 +268,8 @@ class WorkerAdmission:
         checks the budgets for `model_id` and takes a concurrent slot; raises the refusal
         it decided; the main process reads the client's limits from its own, current
         record. None (the servicer's path on one process) when nothing is to decide."""
+        if self._channel.closed.is_set():
+            raise Unavailable("this vibectld worker lost its main process; retry in a moment")
         if self._nothing_to_decide(client_id, rpm, concurrency):
             return None
         try:

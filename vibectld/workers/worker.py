@@ -118,6 +118,10 @@ class Worker(Daemon):
     async def _watch_channel(self) -> None:
         # The main process is gone (killed, crashed): a worker alone serves no one well.
         await self.channel.closed.wait()
+        if self.runtime is not None:
+            # New calls are refused (UNAVAILABLE, retryable) at once: their usage would
+            # have nowhere to go, and a client retries them on the next daemon.
+            self.runtime.draining = True
         if not self._stop.is_set():
             log.error("worker.main_process_gone", worker=self.index, hint="stopping")
             self.request_stop()
