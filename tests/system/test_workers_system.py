@@ -12,6 +12,8 @@ the results). Then:
   read from the container's /proc), and a call is made on each;
 - `systemctl reload` applies a changed config in every worker (a new model alias is
   visible through a connection to each), and the worker pids do not change;
+- a worker killed with SIGKILL is replaced by the main process: the unit stays active
+  with the same MainPID and no restart, and every worker (the new one too) serves;
 - the unit's memory and task counts with N workers are well inside its MemoryMax= and
   TasksMax= (printed, per process: the caps grow with the CPU count under auto, and the
   unit's comment sizes them from these numbers);
@@ -294,6 +296,43 @@ class TestWorkersDeb:
             for channel in placed.values():
                 channel.close()
         assert all(a.get("after-reload") == "echo" for a in seen.values()), seen
+
+    def test_a_killed_worker_is_replaced_inside_the_unit(
+        self, workers_box: Container, state: State
+    ) -> None:
+        """The main process replaces a worker killed with SIGKILL; systemd sees no failure
+        (the unit stays active, its MainPID and NRestarts unchanged)."""
+        victim = min(state.workers)
+        killed = time.monotonic()
+        ok(workers_box.sh(f"kill -KILL {victim}"))
+        deadline = killed + 60
+        while True:
+            listed = status_workers(workers_box)
+            serving = {int(str(w["pid"])) for w in listed if w["state"] == "serving"}
+            if len(serving) == len(state.workers) and victim not in serving:
+                break
+            assert time.monotonic() < deadline, f"no replacement for {victim}: {listed}"
+            time.sleep(0.2)
+        replaced_s = time.monotonic() - killed
+        (new,) = serving - state.workers
+        assert unit_state(workers_box) == "active"
+        assert int(show(workers_box, "MainPID")) == state.main
+        assert show(workers_box, "NRestarts") == "0"
+        state.workers = children(workers_box, state.main)
+        assert state.workers == serving, (state.workers, listed)
+        state.placed.workers = state.workers
+        placed = state.placed.one_per_worker()
+        try:
+            for pid, channel in placed.items():
+                state.placed.served(channel, f"hello again worker {pid}")
+        finally:
+            for channel in placed.values():
+                channel.close()
+        note(
+            f"worker {victim} killed with SIGKILL: replaced by {new}, serving "
+            f"{replaced_s:.1f} s later; unit active, "
+            f"no unit restart; each worker served a call"
+        )
 
     def test_the_units_caps_fit_the_workers(self, workers_box: Container, state: State) -> None:
         # Summed from /proc: the container's systemd may not account memory (MemoryCurrent
