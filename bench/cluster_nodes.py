@@ -222,6 +222,9 @@ PURPOSES: tuple[tuple[str, Purpose], ...] = tuple(
          "change feed: catch-up read (every 0.5 s, and on NOTIFY)", BATCHED),
         (r"pg_advisory", "advisory lock", "an advisory lock of a write", BATCHED),
         (r"\bnodes\b", "node heartbeat", "node heartbeat (status: nodes)", BATCHED),
+        (r"usage_journals", "journal mark",
+         "usage journal: the flush records the last segment it applied (no double count "
+         "after a kill -9)", BATCHED),
         (r"INSERT INTO usage|UPDATE usage", "usage flush",
          "usage counters: flush, per client and day", BATCHED),
         (r"SUM\(cost_usd\)", "dollars re-read",
@@ -230,9 +233,6 @@ PURPOSES: tuple[tuple[str, Purpose], ...] = tuple(
         (r"FROM usage WHERE day", "today's usage re-read",
          "today's cluster-wide usage, re-read after each flush", BATCHED),
         (r"INSERT INTO redactions", "redactions flush", "redaction counters: flush", BATCHED),
-        (r"usage_journals", "journal mark",
-         "usage journal: the flush records the last segment it applied (no double count "
-         "after a kill -9)", BATCHED),
         (r"UPDATE clients SET .*(requests|last_seen)", "request counts flush",
          "request count and last seen: flush, per client", BATCHED),
         (r"FROM clients", "changed clients read",
