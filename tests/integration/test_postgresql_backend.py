@@ -6,11 +6,10 @@ a restart finds all of it (the revocation, usage, audit) in the database, not in
 state directory. A second node on the same database, with its own state directory, sees
 at its start the clients the first issued, and the same usage and audit.
 
-What this phase does not do yet, and so this test does not claim: the live change feed
-(LISTEN/NOTIFY and catch-up reads) that brings a revocation on one node to a node that is
-already running; until then a running node learns of another node's change only when it
-writes the same client itself, which the last part shows. Nor are the CA and signing keys
-shared: a secret signed on one node does not verify on the other yet.
+The cluster's own claims (the change feed bringing a revocation to running nodes within a
+second, one CA and one set of signing keys, limits across nodes, a database outage) are
+proved in test_cluster*.py, test_cluster_pki.py and tests/store/test_feed.py; the last
+part here shows that a write decides on the database's rows whatever memory holds.
 """
 
 from __future__ import annotations
