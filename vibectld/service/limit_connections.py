@@ -28,12 +28,16 @@ class Connections:
         self._statement_timeout_ms = statement_timeout_ms
         self._idle: deque[AsyncConnection] = deque()
         self._waiters: deque[asyncio.Future[AsyncConnection]] = deque()
+        # Every connection opened and not yet closed, idle or in use: close() ends them
+        # all, including one a cancelled call still holds.
+        self._all: set[AsyncConnection] = set()
         self.open = 0  # idle or in use
 
     async def fill(self) -> None:
         """Open connections up to the pool's size (raises psycopg.Error)."""
         while self.open < self._size:
             conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            self._all.add(conn)
             try:
                 # Rate events and leases are a minute's state: a crash of the database
                 # may lose its last moments of them, and nothing else. Not waiting for
@@ -42,8 +46,10 @@ class Connections:
                     "SET synchronous_commit = off; "
                     f"SET statement_timeout = {int(self._statement_timeout_ms)}"
                 )
-            except psycopg.Error:
-                await conn.close()
+            except BaseException:
+                # Also when cancelled (a stop during start-up): never left open.
+                self._all.discard(conn)
+                conn.pgconn.finish()
                 raise
             self.open += 1
             self.put(conn)
@@ -66,6 +72,8 @@ class Connections:
     def put(self, conn: AsyncConnection) -> None:
         if conn.closed or conn.broken:
             self.open -= 1
+            self._all.discard(conn)
+            conn.pgconn.finish()
             return
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -80,11 +88,18 @@ class Connections:
         while self._idle:
             conn = self._idle.popleft()
             self.open -= 1
+            self._all.discard(conn)
             conn.pgconn.finish()  # no round trip, and nothing to wait for
 
     async def close(self) -> None:
         while self._idle:
             conn = self._idle.popleft()
             self.open -= 1
+            self._all.discard(conn)
             with contextlib.suppress(psycopg.Error):
                 await conn.close()
+        # Held by a call that never gave it back (cancelled by the stop): ended here,
+        # without a round trip, rather than left for the garbage collector.
+        for conn in list(self._all):
+            self._all.discard(conn)
+            conn.pgconn.finish()
