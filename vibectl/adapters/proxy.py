@@ -137,7 +137,16 @@ class ProxyModelAdapter(ModelAdapter):
 
     async def _connect(self) -> pb_grpc.VibectlLLMProxyStub:
         if self._stub is None:
-            options = [("grpc.enable_retries", 0), ("grpc.keepalive_time_ms", 60_000)]
+            options = [
+                ("grpc.enable_retries", 0),
+                ("grpc.keepalive_time_ms", 60_000),
+                # gRPC's own reconnect backoff starts at 1 s: a retry of ours in that
+                # window fails without trying to connect, so a daemon back after a
+                # restart could outlast every attempt. Ours sets the pace instead.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ]
             if self._insecure:
                 print(
                     f"WARNING: talking to {self.target} without TLS: the secret and every "
