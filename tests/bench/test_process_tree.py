@@ -46,8 +46,14 @@ def test_a_child_is_in_the_tree_and_its_cpu_and_rss_are_summed() -> None:
 
 
 def test_a_process_without_children_is_its_own_tree() -> None:
-    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as proc:
+    # Read once it has started and is asleep: during start-up its RSS still grows, and
+    # the two reads below would see two sizes.
+    script = "import time; print('ready', flush=True); time.sleep(60)"
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    ) as proc:
         try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
             assert process_tree(proc.pid) == [proc.pid]
             assert tree_rss_kib(proc.pid) == rss_kib(proc.pid)
         finally:

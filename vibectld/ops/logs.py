@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -127,6 +128,28 @@ def resolve_format(fmt: str, stream: TextIO) -> str:
     return "console" if stream.isatty() else "json"
 
 
+class _LineWriter:
+    """Writes each record and its newline in one write, flushed at once.
+
+    With server.workers above 1 the main process and its workers share one stderr;
+    structlog's PrintLogger writes a record and its newline separately, and under
+    `python -u` (or past the buffer) those are two syscalls that another process's
+    record can fall between, joining two records on one line.
+    """
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            self._out.write(message + "\n")
+            self._out.flush()
+
+    log = debug = info = warning = warn = error = err = critical = fatal = exception = msg
+    failure = msg
+
+
 class _Sinks:
     """The journal socket of the current configuration, closed when it is replaced."""
 
@@ -159,7 +182,8 @@ def configure(
         structlog.processors.add_log_level,
     ]
     renderer: list[Any]
-    factory: Any = structlog.PrintLoggerFactory(out)
+    writer = _LineWriter(out)
+    factory: Any = lambda *_: writer  # noqa: E731 - structlog wants a factory
     if chosen == "journal" and journal.journal_available(journal_socket):
         renderer = [structlog.processors.format_exc_info, _journal_entry]
         sink = journal.JournalLogger(journal_socket)
