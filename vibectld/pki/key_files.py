@@ -50,7 +50,7 @@ class KeyDirectory:
                 f"cannot use the signing-key directory {directory}: {e.strerror or e}; check "
                 "that it belongs to the vibectld user"
             ) from None
-        keys = {path.stem: _load_key(path) for path in paths if path.stem not in retired}
+        keys = {path.stem: load_key(path) for path in paths if path.stem not in retired}
         if not keys:
             kid, key = self.add(max(retired, default=None))
             keys[kid] = key
@@ -104,7 +104,8 @@ def _sync_dirs(*paths: Path) -> None:
         ) from None
 
 
-def _load_key(path: Path) -> Ed25519PrivateKey:
+def load_key(path: Path) -> Ed25519PrivateKey:
+    """The Ed25519 key in a key file; SigningKeyError says what is wrong, never quoting it."""
     what_to_do = "restore it from a backup, or delete it (secrets it signed stop working)"
     try:
         data = path.read_bytes()

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vibectld.pki import cluster
-from vibectld.pki.key_files import RETIRED_DIR
-from vibectld.pki.kids import is_kid, kid_created_at
+from vibectld.pki.key_files import RETIRED_DIR, load_key
+from vibectld.pki.kids import SigningKeyError, is_kid, kid_created_at
 from vibectld.pki.sealed import ClusterKey
 from vibectld.pki.tls import CertificateAuthority, ca_fingerprint
 from vibectld.store import audit
@@ -227,19 +227,11 @@ def _sealed_signing_keys(state_dir: Path, key: ClusterKey) -> tuple[SealedKey, .
 
 
 def _ed25519(path: Path) -> Ed25519PrivateKey:
+    """The key file as a node loads it (key_files.load_key), failing as a migration."""
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise MigrationError(f"cannot read the signing key {path}: {e.strerror or e}") from None
-    try:
-        private = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise MigrationError(
-            f"the signing key {path} is not an unencrypted PEM private key"
-        ) from None
-    if not isinstance(private, Ed25519PrivateKey):
-        raise MigrationError(f"the signing key {path} is not an Ed25519 key")
-    return private
+        return load_key(path)
+    except SigningKeyError as e:
+        raise MigrationError(str(e)) from None
 
 
 def _changed_at(path: Path) -> int:
