@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.serialization import (
 from vibectl.util.hostport import join_host_port
 from vibectl.util.timefmt import iso
 from vibectld.config import DaemonConfig
-from vibectld.daemon import Daemon, StartupError
+from vibectld.daemon import Daemon
 from vibectld.generation import GenerationRejected
 from vibectld.ops.watchdog import Probe
 from vibectld.providers.catalogue import UnknownModel
@@ -59,6 +59,7 @@ from vibectld.service.inflight import InFlight
 from vibectld.service.limits import EffectiveLimits, check_token_budget
 from vibectld.service.refusals import CallRefused, Unauthenticated, Unavailable
 from vibectld.service.staleness import StorageState, is_stale, stale_refusal
+from vibectld.startup import StartupError
 from vibectld.store.records import ClientRecord
 from vibectld.workers.channel import Channel, ChannelClosed, Failed
 from vibectld.workers.view import keys_to_wire, refusal_to_wire

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import load_der_private_key
 from grpc_health.v1 import health_pb2
 
 from vibectld.config import ConfigError, DaemonConfig, keep_restart_only, load_config
-from vibectld.daemon import SERVICE_NAME, Daemon, StartupError, _close_later
+from vibectld.daemon import SERVICE_NAME, Daemon, _close_later
 from vibectld.errors import STARTUP_ERRORS
 from vibectld.generation import Generation, GenerationRejected, build_generation
 from vibectld.ops import logs
@@ -37,6 +37,7 @@ from vibectld.pki.tls import CertificateAuthority
 from vibectld.providers.catalogue import point_llm_at
 from vibectld.providers.execution import Executor
 from vibectld.runtime import Runtime
+from vibectld.startup import StartupError
 from vibectld.store.base import Store
 from vibectld.store.records import ClientRecord
 from vibectld.workers.channel import Channel
