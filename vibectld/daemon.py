@@ -8,7 +8,6 @@ registry is loaded.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import gc
 import os
@@ -18,11 +17,11 @@ from typing import Any
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
-from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.admin.routes import build_routes
 from vibectld.admin.server import AdminServer, Caller
+from vibectld.audit_trail import AuditTrail
 from vibectld.config import (
     ConfigError,
     DaemonConfig,
@@ -31,22 +30,15 @@ from vibectld.config import (
     restart_only_changes,
 )
 from vibectld.generation import GenerationRejected, build_generation
+from vibectld.grpc_server import bind, build_server
 from vibectld.ops.notify import Notifier
 from vibectld.ops.watchdog import Heartbeat, Probe
-from vibectld.pki import cluster
-from vibectld.pki.sealed import ClusterKey, ClusterKeyError
-from vibectld.pki.signing import SigningKeys
-from vibectld.pki.tls import CertificateAuthority, ServerTLS, default_hosts
-from vibectld.providers.catalogue import ModelCatalogue, point_llm_at
-from vibectld.providers.execution import Executor
-from vibectld.providers.keys import ProviderKeys
+from vibectld.providers.catalogue import ModelCatalogue
 from vibectld.runtime import Runtime
-from vibectld.service.interceptor import CallGate, FailedAuthLog
-from vibectld.service.servicer import ProxyService
-from vibectld.service.staleness import StorageState, shares_store, status_note, storage_state
+from vibectld.service.staleness import StorageState, status_note, storage_state
+from vibectld.startup import StartupError, open_state
 from vibectld.store.base import NodeInfo
-from vibectld.store.journal import DIRECTORY as USAGE_JOURNAL
-from vibectld.store.registry import ClientRecord, Registry, RegistryError
+from vibectld.store.registry import ClientRecord, RegistryError
 from vibectld.version import __version__
 
 log = structlog.get_logger("vibectld")
@@ -63,49 +55,11 @@ RECOVERY_PROBE_SECONDS = 0.5
 # How often the health service, the logs and the STATUS line follow the store's state
 # (the call gate does not wait for it: it asks the store on every call).
 STORAGE_WATCH_SECONDS = 0.25
-# Audit rows of admin operations kept while the database is away, written when it
-# answers; past this the oldest are dropped (the journal has every one).
-MAX_HELD_AUDIT_ROWS = 1000
 # How often the served certificate's expiry is looked at (renewal starts 30 days ahead).
 CERTIFICATE_CHECK_SECONDS = 6 * 3600.0
 # How long arrivals must pause before the server stops, and the most a drain may take.
 DRAIN_QUIET_SECONDS = 0.1
 DRAIN_MAX_SECONDS = 1.0
-# Over server.max_request_bytes, what gRPC itself still receives so that the service can
-# refuse it with its own message; gRPC refuses anything larger itself.
-RECEIVE_MARGIN_BYTES = 64 * 1024
-HANDSHAKE_TIMEOUT_MS = 10_000
-# The credential holding storage.backend: postgresql's libpq connection string.
-DSN_CREDENTIAL = "postgresql-dsn"
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message names the cause and the fix."""
-
-
-def _certificate_configuration(tls: ServerTLS) -> grpc.ServerCertificateConfiguration:
-    return grpc.ssl_server_certificate_configuration(
-        [(tls.key_pem, tls.cert_chain_pem)], root_certificates=tls.client_ca_pem
-    )
-
-
-def _server_credentials(rt: Runtime) -> grpc.ServerCredentials:
-    """TLS credentials that pick up reloaded certificates on the next handshake."""
-    served = rt.generation.tls
-
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        nonlocal served
-        current = rt.generation.tls
-        if current is served:
-            return None  # unchanged: gRPC keeps what it has
-        served = current
-        return _certificate_configuration(served)
-
-    return grpc.dynamic_ssl_server_credentials(
-        _certificate_configuration(served),
-        fetch,
-        require_client_authentication=served.client_ca_pem is not None,
-    )
 
 
 async def _close_later(catalogue: ModelCatalogue, delay: float) -> None:
@@ -130,10 +84,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._last_reload_error: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        # Audit rows waiting for the database (appended from the admin server's threads).
-        self._held_audit: collections.deque[dict[str, Any]] = collections.deque(
-            maxlen=MAX_HELD_AUDIT_ROWS
-        )
+        self._audit_trail = AuditTrail()
 
     @property
     def grpc_port(self) -> int:
@@ -175,43 +126,7 @@ class Daemon:
 
     def _open_state(self) -> Runtime:
         """The state directory, its keys and registry, and the first generation."""
-        config = self.config
-        state_dir = config.state_dir
-        try:
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as e:
-            raise StartupError(
-                f"cannot create state_dir {state_dir}: {e.strerror}; create it for the "
-                "vibectld user or set state_dir"
-            ) from None
-        point_llm_at(state_dir)
-        ca: CertificateAuthority | None = None
-        if config.storage.backend == "sqlite":
-            signing = SigningKeys.load_or_create(state_dir / "signing-keys")
-            registry = _open_registry(config)
-        else:
-            # Several nodes: the signing keys and the CA are the cluster's, in its database.
-            registry = _open_registry(config)
-            try:
-                signing, ca = _join_cluster(config, registry)
-            except BaseException:
-                registry.close()
-                raise
-        try:
-            generation = build_generation(config, signing, registry, ca=ca)
-        except GenerationRejected as e:
-            registry.close()
-            raise StartupError(str(e)) from None
-        executor = Executor(config.models.sync_workers)
-        rt = Runtime(generation=generation, signing=signing, registry=registry, executor=executor)
-        if signing.shared:
-            _follow_signing_keys(rt, asyncio.get_running_loop())
-        if registry.shared:
-            # rpm and concurrency across the nodes (psycopg: only a shared store imports it).
-            from vibectld.service.cluster_limits import limit_across_nodes
-
-            limit_across_nodes(rt, registry)
-        return rt
+        return open_state(self.config)
 
     # A worker binds the port its main process chose, beside the other workers
     # (SO_REUSEPORT: the kernel spreads connections over them); a lone daemon does not.
@@ -223,43 +138,8 @@ class Daemon:
     async def _start_grpc(self, rt: Runtime) -> None:
         listen = self._listen_address()
         limit = self.config.server.max_request_bytes
-        failed_auth = FailedAuthLog()
-        server = grpc.aio.server(
-            # Authentication and the server-wide cap, from the headers alone: a refused
-            # call's message is never read (service/interceptor.py).
-            interceptors=[CallGate(rt, failed_auth)],
-            options=[
-                # gRPC refuses larger messages itself, with RESOURCE_EXHAUSTED; the margin
-                # lets the service answer a request just over the limit with its own
-                # INVALID_ARGUMENT that says what to do.
-                ("grpc.max_receive_message_length", limit + RECEIVE_MARGIN_BYTES),
-                ("grpc.max_send_message_length", max(4 * limit, 4 * 1024 * 1024)),
-                # A connection that has not finished its TLS handshake by then is closed
-                # (gRPC's default is 120 s, long enough to hold thousands of idle sockets).
-                ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-                ("grpc.so_reuseport", self._reuse_port),
-                # Without BDP probing, a stream's receive window stays small until the
-                # service asks for its message; with it, gRPC widens the window and a
-                # refused call's client pushes megabytes that are received and thrown
-                # away (1,000 refused 3.9 MB requests: +3 MB RSS, against +85 MB). An
-                # accepted call's message is asked for at once, so its window opens to
-                # the message's size: no slower on loopback.
-                ("grpc.http2.bdp_probe", 0),
-            ],
-        )
-        pb_grpc.add_VibectlLLMProxyServicer_to_server(ProxyService(rt, failed_auth), server)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        busy = (
-            f"cannot listen on {listen}; is another process using the port? "
-            "change server.listen or stop it"
-        )
-        try:
-            port = server.add_secure_port(listen, _server_credentials(rt))
-        except RuntimeError as e:
-            raise StartupError(f"{busy} ({e})") from None
-        if not port:
-            raise StartupError(busy)
+        server, self._health = build_server(rt, limit, self._reuse_port)
+        port = bind(server, listen, rt)
         rt.grpc_host, rt.grpc_port = listen.rpartition(":")[0], port
         await server.start()
         self._grpc = server
@@ -406,35 +286,8 @@ class Daemon:
         self._store_audit(row)
 
     def _store_audit(self, row: dict[str, Any]) -> None:
-        """Commit an audit row; with a shared database that is away, keep it for later.
-
-        Waiting on a database that does not answer would hold the admin caller's answer
-        up to a connection timeout; the journal already has the record.
-        """
         assert self.runtime is not None
-        registry = self.runtime.registry
-        if not shares_store(registry):
-            registry.add_audit(**row)  # SQLite: a failure is the caller's to log
-            return
-        if not registry.health().degraded and not self._held_audit:
-            with contextlib.suppress(RegistryError):
-                registry.add_audit(**row)
-                return
-        if len(self._held_audit) == self._held_audit.maxlen:
-            log.warning(
-                "audit.held_dropped",
-                hint=f"more than {MAX_HELD_AUDIT_ROWS} audit rows waited for the database; "
-                "the oldest is in the journal only",
-            )
-        self._held_audit.append(row)
-
-    def _write_held_audit(self) -> None:
-        """Write the audit rows kept while the database was away, oldest first; stop at the
-        first failure (the rest wait for the next try). From a thread."""
-        assert self.runtime is not None
-        while self._held_audit:
-            self.runtime.registry.add_audit(**self._held_audit[0])
-            self._held_audit.popleft()
+        self._audit_trail.store(self.runtime.registry, row)
 
     def _on_sighup(self) -> None:
         log.info("reload.requested", audit=True, op="reload", caller_user="SIGHUP")
@@ -512,9 +365,9 @@ class Daemon:
                 log.exception("registry.flush_failed")
             with contextlib.suppress(RegistryError):  # a failure shows in health()
                 await asyncio.to_thread(rt.registry.heartbeat, self._node(rt))
-            if self._held_audit and not rt.registry.health().degraded:
+            if self._audit_trail.holding and not rt.registry.health().degraded:
                 with contextlib.suppress(RegistryError):
-                    await asyncio.to_thread(self._write_held_audit)
+                    await asyncio.to_thread(self._audit_trail.write_held, rt.registry)
             # Logged when the database stops answering and when it is back, not every beat.
             health = rt.registry.health()
             if health.degraded and not degraded:
@@ -618,77 +471,3 @@ class Daemon:
             await self.serve_until_stopped()
         finally:
             await self.stop()
-
-
-def _open_registry(config: DaemonConfig) -> Registry:
-    """The configured store, opened and loaded (StartupError, StorageFailure, ...)."""
-    # Every counted call is also journaled here at once: a kill loses none (journal.py).
-    journal = config.state_dir / USAGE_JOURNAL
-    if config.storage.backend == "sqlite":
-        return Registry.open(config.state_dir / "registry.db", journal=journal)
-    credentials = ProviderKeys.for_credentials(config.config_dir)
-    dsn = credentials.get(DSN_CREDENTIAL)
-    if dsn is None:
-        places = " or ".join(str(p) for p in credentials.places(DSN_CREDENTIAL))
-        if credentials.credentials_dir is None:
-            places += " (or $CREDENTIALS_DIRECTORY/postgresql-dsn through LoadCredential=)"
-        raise StartupError(
-            "storage.backend is postgresql, but the postgresql-dsn credential is missing: "
-            f"put a libpq connection string in {places}"
-        )
-    return Registry.open_postgresql(dsn, journal=journal)
-
-
-# The credential holding the key that seals the cluster's private keys in its database.
-CLUSTER_KEY_CREDENTIAL = "cluster-key"
-
-
-def _join_cluster(
-    config: DaemonConfig, registry: Registry
-) -> tuple[SigningKeys, CertificateAuthority]:
-    """This node's cluster key, checked against the database; the cluster's signing keys
-    and CA, created there if this node is the first (StartupError naming the fix)."""
-    credentials = ProviderKeys.for_credentials(config.config_dir)
-    text = credentials.get(CLUSTER_KEY_CREDENTIAL)
-    if text is None:
-        places = " or ".join(str(p) for p in credentials.places(CLUSTER_KEY_CREDENTIAL))
-        if credentials.credentials_dir is None:
-            places += " (or $CREDENTIALS_DIRECTORY/cluster-key through LoadCredential=)"
-        raise StartupError(
-            "storage.backend is postgresql, but the cluster-key credential is missing: make "
-            "one once with `vibectld --generate-cluster-key` and put the same file on every "
-            f"node, in {places}"
-        )
-    first_host = default_hosts(config.server.public_host)[0]
-    try:
-        key = ClusterKey.parse(text)
-        ca = cluster.join(registry, key, first_host)
-        signing = SigningKeys(cluster.DatabaseKeys(registry, key))
-    except ClusterKeyError as e:
-        raise StartupError(str(e)) from None
-    return signing, ca
-
-
-def _follow_signing_keys(rt: Runtime, loop: asyncio.AbstractEventLoop) -> None:
-    """Reload the signing keys as the change feed brings a rotation or retirement from any
-    node; a key retired elsewhere ends its clients' calls here too, as on the node that
-    retired it."""
-
-    def cancel(kids: frozenset[str]) -> None:
-        for kid in sorted(kids):
-            clients = rt.registry.active_signed_by(kid)
-            cancelled = sum(rt.inflight.cancel_client(record.id) for record in clients)
-            log.info(
-                "signing_key.retired_elsewhere",
-                kid=kid,
-                active_clients=len(clients),
-                cancelled_calls=cancelled,
-            )
-
-    def on_retired(kids: frozenset[str]) -> None:
-        # From the reload's thread: the calls in flight belong to the loop. A loop already
-        # closed has no calls left to end.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(cancel, kids)
-
-    rt.registry.on_key_change(cluster.KeyFollower(rt.signing, on_retired).changed)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from vibectld.admin.server import AdminSocketError
 from vibectld.config import ConfigError
-from vibectld.daemon import StartupError
 from vibectld.pki.signing import SigningKeyError
 from vibectld.pki.tls import TLSError
 from vibectld.providers.keys import ProviderKeyError
+from vibectld.startup import StartupError
 from vibectld.store.registry import RegistryError
 
 STARTUP_ERRORS: tuple[type[Exception], ...] = (

@@ -36,9 +36,10 @@ from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectl.proxy_url import parse as parse_url
 from vibectld.config import load_config
-from vibectld.daemon import Daemon, StartupError
+from vibectld.daemon import Daemon
 from vibectld.pki.sealed import ClusterKey
 from vibectld.pki.tls import ca_fingerprint
+from vibectld.startup import StartupError
 
 LB_HOST = "lb.example.test"
 PUBLIC_URL = f"vibectl-server://{LB_HOST}:7443"

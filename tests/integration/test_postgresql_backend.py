@@ -34,8 +34,9 @@ from tests.postgres import Postgres
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.config import load_config
-from vibectld.daemon import Daemon, StartupError
+from vibectld.daemon import Daemon
 from vibectld.pki.sealed import ClusterKey
+from vibectld.startup import StartupError
 
 _CLUSTER_KEY = ClusterKey.generate()[1]
 

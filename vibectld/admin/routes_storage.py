@@ -20,12 +20,11 @@ from vibectld.admin.server import AdminError, Caller
 from vibectld.pki.sealed import ClusterKey, ClusterKeyError
 from vibectld.providers.keys import ProviderKeyError, ProviderKeys
 from vibectld.runtime import Runtime
+from vibectld.startup import CLUSTER_KEY_CREDENTIAL, DSN_CREDENTIAL
 from vibectld.store import transfer
 from vibectld.store.registry import Registry
 
-# The credentials' names, as a PostgreSQL node reads them (daemon.py's DSN_CREDENTIAL).
-DSN_CREDENTIAL = "postgresql-dsn"
-CLUSTER_KEY_CREDENTIAL = "cluster-key"
+# The credentials are named as a PostgreSQL node reads them (startup.py).
 _WHAT = {
     DSN_CREDENTIAL: "a libpq connection string to an empty database",
     CLUSTER_KEY_CREDENTIAL: "the output of: vibectld --generate-cluster-key",
