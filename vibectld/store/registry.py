@@ -391,6 +391,11 @@ class Registry(WriteThrough):
 
     # -- several nodes --------------------------------------------------------------------
 
+    def feed_listener(self) -> FeedListener | None:
+        """The change feed's listener while it runs (a shared database only): the
+        metrics read its counts (ops/metrics.py, watch_feed)."""
+        return self._listener
+
     def freshness(self, now: float | None = None) -> float | None:
         if not self._shared:
             return None  # nothing but this process writes the database
