@@ -9,17 +9,69 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from vibectld.service.staleness import StorageState
 
 log = structlog.get_logger("vibectld")
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class FeedCounts(Protocol):
+    """What the change feed's listener counts (store/listener.py, FeedListener)."""
+
+    @property
+    def failures(self) -> int: ...
+    @property
+    def reconnects(self) -> int: ...
+    @property
+    def reloads(self) -> int: ...
+    @property
+    def connected(self) -> bool: ...
+
+
+class _FeedCollector:
+    """The change feed's listener, read at each scrape. Its counts are the listener's own
+    ints (one writer, its thread), so they are exposed as they are instead of being
+    copied into Counters on every change; they restart at 0 with the process, as a
+    Counter's would. Without a listener (sqlite, which no other node writes) there is
+    nothing to show: a `vibectld_feed_connected 0` there would read as an outage."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], FeedCounts | None] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        feed = self.source()
+        if feed is None:
+            return
+        yield CounterMetricFamily(
+            "vibectld_feed_failures",
+            "Times the change feed's listener lost its PostgreSQL connection or failed to "
+            "open one (each followed by a retry with backoff).",
+            value=feed.failures,
+        )
+        yield CounterMetricFamily(
+            "vibectld_feed_reconnects",
+            "Times the change feed's listener connected and caught up again after a failure.",
+            value=feed.reconnects,
+        )
+        yield CounterMetricFamily(
+            "vibectld_feed_reloads",
+            "Times the listener read every client again because the feed rows it missed "
+            "had been pruned.",
+            value=feed.reloads,
+        )
+        yield GaugeMetricFamily(
+            "vibectld_feed_connected",
+            "1 while the change feed's listener is connected and caught up.",
+            value=float(feed.connected),
+        )
 
 
 class Metrics:
@@ -102,6 +154,10 @@ class Metrics:
             "Calls served and counted in memory, not yet written to the database.",
             registry=r,
         )
+        # The change feed's listener (postgresql): how often its connection was lost and
+        # replaced. How long ago it last caught up is vibectld_storage_view_age_seconds.
+        self._feed = _FeedCollector()
+        r.register(self._feed)
         # Labelled children, looked up once: .labels() costs more than the increment.
         self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
         self._redaction_children: dict[tuple[str, str], Any] = {}
@@ -152,6 +208,10 @@ class Metrics:
         self.storage_stale.set_function(lambda: float(state().stale))
         self.storage_view_age.set_function(lambda: state().view_age or 0.0)
         self.usage_buffered_calls.set_function(lambda: float(state().buffered_calls))
+
+    def watch_feed(self, feed: Callable[[], FeedCounts | None]) -> None:
+        """Read the change feed's counts from `feed()` (None: no listener) at each scrape."""
+        self._feed.source = feed
 
     def serve(self, listen: str) -> int:
         """Start the HTTP endpoint; returns the bound port."""

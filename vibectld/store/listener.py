@@ -12,7 +12,9 @@ notification lost with a dropped connection costs at most that long, and `fresh_
 broken connection is replaced with backoff (BACKOFF_FIRST_SECONDS doubling to
 BACKOFF_MAX_SECONDS), listened on again and caught up. If the feed rows after the last
 id seen were pruned meanwhile (the node was away longer than feed.RETENTION_SECONDS),
-every client is read again instead.
+every client is read again instead. The counts of each (`failures`, `reconnects`,
+`reloads`) and whether it is connected now are plain attributes, read by the metrics
+(ops/metrics.py) at each scrape: ints and a bool, written by this thread only.
 
 What the feed says is handed to a `FeedSink` (the Registry) from this thread.
 """
@@ -84,7 +86,9 @@ class FeedListener:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vibectld-feed", daemon=True)
         self.reloads = 0  # full reloads after a gap in the feed
-        self.reconnects = 0  # connections replaced after a failure
+        self.failures = 0  # connections lost, and attempts to open one that failed
+        self.reconnects = 0  # connected and caught up again after a failure
+        self.connected = False  # listening and caught up, on a connection that works
 
     def __repr__(self) -> str:
         return f"FeedListener({self._where!r}, last={self._last})"
@@ -117,12 +121,16 @@ class FeedListener:
             try:
                 with self._connect() as conn:
                     self._catch_up(conn)  # what was committed while not listening
+                    self.connected = True
                     if failing:
+                        self.reconnects += 1
                         log.info("feed.reconnected", database=self._where)
                         failing = False
                     backoff = BACKOFF_FIRST_SECONDS
                     self._follow(conn)
             except Exception as e:  # a bug must not end the thread: revocations need it
+                self.connected = False
+                self.failures += 1
                 if not failing:
                     # Once per outage; `freshness` shows how long it lasts.
                     log.warning(
@@ -135,7 +143,6 @@ class FeedListener:
                         "answers; status shows how old the view is",
                     )
                     failing = True
-                self.reconnects += 1
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
 
