@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -84,6 +84,9 @@ class Runtime:
     # In a main process with workers: what they serve (the calls in flight are theirs);
     # None when this process serves alone.
     workers: WorkersView | None = None
+    # In a worker: wraps the handler of each admitted call (method, handler) so that its
+    # reply waits until the main process has journalled its usage (workers/acks.py).
+    wrap_handler: Callable[[str, Any], Any] | None = None
 
     # Shorthands for code outside a call (admin status, logs). A call that reads
     # more than one of them takes `generation` once instead, so it cannot see two.

@@ -158,7 +158,8 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         assert task is not None
         self.active += 1
         task.add_done_callback(self._release)
-        return handler
+        # A worker's calls answer once their usage is journalled (workers/acks.py).
+        return handler if rt.wrap_handler is None else rt.wrap_handler(method, handler)
 
     def _release(self, _: object) -> None:
         self.active -= 1
