@@ -25,6 +25,8 @@ from typing import Any
 import aiohttp
 from llm.default_plugins.openai_models import AsyncChat
 
+from vibectld.providers.pacing import PACING, rest
+
 # openai's own defaults, so moving off that package changes no limit an operator relied on.
 MAX_CONNECTIONS = 1000
 CONNECT_TIMEOUT_S = 10.0
@@ -139,14 +141,20 @@ class AiohttpAsyncChat(AsyncChat):
                 # loop runs once per read of every open stream. Each item is the text of
                 # every event that read completed.
                 events = _EventStream(response)
-                async for received in reply.content.iter_any():
-                    if text := events.feed(received):
-                        yield text
-                    if events.failure is not None or events.done:
-                        break
-                else:
-                    if text := events.end():
-                        yield text
+                connection = reply.connection
+                transport = connection.transport if connection is not None else None
+                with PACING.stream():
+                    async for received in reply.content.iter_any():
+                        if text := events.feed(received):
+                            yield text
+                            # After the message went out: a busy process reads less often.
+                            if seconds := PACING.rest():
+                                await rest(transport, seconds)
+                        if events.failure is not None or events.done:
+                            break
+                    else:
+                        if text := events.end():
+                            yield text
                 events.check()
             except BaseException:
                 # Not back into the pool: the rest of this answer is still on the wire.
