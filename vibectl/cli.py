@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Coroutine
@@ -32,6 +33,10 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 @click.pass_context
 def main(ctx: click.Context, proxy: str | None, no_proxy: bool) -> None:
     """A command-line assistant whose LLM calls run directly or through vibectld."""
+    # gRPC's core logs a refused handshake as an INFO line on stderr, ahead of the
+    # message that explains it; our errors say what happened. Set before grpc is
+    # imported (adapters import it lazily); a user's own GRPC_VERBOSITY wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     ctx.obj = State(proxy, no_proxy)
 
 

@@ -14,13 +14,39 @@ import socket
 import ssl
 from typing import Any
 
+from vibectl.util.hostport import join_host_port
+
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----"
 )
 
 
+def short_fingerprint(fingerprint: str) -> str:
+    """The first 16 hex digits: enough to tell two CAs apart, short enough to read."""
+    return f"{fingerprint[:16]}…"
+
+
 class PinMismatch(Exception):
-    """No certificate in the server's chain has the pinned fingerprint."""
+    """No certificate in the server's chain has the pinned fingerprint.
+
+    `presented` is the SHA-256 of the last certificate of the chain, which is the
+    CA when the server sends it (vibectld does): the fingerprint a current URL
+    would carry. None when the server sent no certificate at all.
+    """
+
+    def __init__(self, target: str, expected: str, presented: str | None) -> None:
+        self.target = target
+        self.expected = expected.lower()
+        self.presented = presented
+        super().__init__(
+            f"the certificate of {target} does not match the URL's ca-sha256 pin "
+            f"({self.fingerprints}); nothing was saved — check the URL with your vibectld admin"
+        )
+
+    @property
+    def fingerprints(self) -> str:
+        got = short_fingerprint(self.presented) if self.presented else "no certificate"
+        return f"expected sha256 {short_fingerprint(self.expected)}, got {got}"
 
 
 def _chain_der(tls: ssl.SSLSocket) -> list[bytes]:
@@ -69,11 +95,13 @@ def pinned_in_pem(pem: bytes, pin: str) -> bytes | None:
 
 
 def pinned_ca(host: str, port: int, pin: str, timeout: float = 10.0) -> bytes:
-    """The PEM of the server's CA whose SHA-256 equals `pin`, or PinMismatch."""
-    found = _pinned(fetch_chain(host, port, timeout), pin)
+    """The PEM of the server's CA whose SHA-256 equals `pin`, or PinMismatch.
+
+    OSError (ssl.SSLError included) when no TLS handshake could be completed.
+    """
+    chain = fetch_chain(host, port, timeout)
+    found = _pinned(chain, pin)
     if found is not None:
         return found
-    raise PinMismatch(
-        f"the certificate of {host}:{port} does not match the URL's ca-sha256 pin; "
-        "nothing was saved — check the URL with your vibectld admin"
-    )
+    presented = hashlib.sha256(chain[-1]).hexdigest() if chain else None
+    raise PinMismatch(join_host_port(host, port), pin, presented)

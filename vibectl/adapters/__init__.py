@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from vibectl.errors import (
     ConfigurationError,
     ServerUnavailableError,
     UsageError,
+    VibectlError,
 )
 from vibectl.tls_pin import PinMismatch, pinned_ca, pinned_in_pem
 from vibectl.util.hostport import join_host_port
@@ -86,15 +88,13 @@ def profile_ca(store: ConfigStore, profile: Profile) -> bytes | None:
             if found is not None:
                 return found
     try:
-        pem = fetch_pinned_ca(
+        pem = pinned_ca(
             profile.host, profile.port, profile.ca_sha256, profile.connect_timeout_seconds
         )
-    except AuthenticationError:
-        raise AuthenticationError(
-            f"profile '{profile.name}': no saved CA matches its ca-sha256 pin, and neither does "
-            f"any certificate {join_host_port(profile.host, profile.port)} presents; the secret "
-            "was not sent. Check the address, or ask your vibectld admin for a new URL"
-        ) from None
+    except PinMismatch as e:
+        raise _pin_mismatch_error(profile.name, e) from None
+    except OSError as e:  # ssl.SSLError included
+        raise _unreachable(profile.host, profile.port, e) from None
     try:
         saved = store.save_ca(profile.name, pem)
     except ClientConfigError as e:
@@ -110,16 +110,61 @@ def profile_ca(store: ConfigStore, profile: Profile) -> bytes | None:
 
 
 def fetch_pinned_ca(host: str, port: int, pin: str, timeout: float = 10.0) -> bytes:
-    """The PEM of the server's CA whose SHA-256 is `pin`, fetched now, or a client error."""
+    """The PEM of the server's CA whose SHA-256 is `pin` (from a URL), or a client error."""
     try:
         return pinned_ca(host, port, pin, timeout)
     except PinMismatch as e:
-        raise AuthenticationError(str(e)) from None
-    except OSError as e:  # ssl.SSLError included
-        raise ServerUnavailableError(
-            f"cannot reach vibectld at {join_host_port(host, port)}: {e}; is the server "
-            "running and the address right?"
+        raise AuthenticationError(
+            f"the certificate of {e.target} does not match the CA pinned in the URL "
+            f"({e.fingerprints}); nothing was saved. The URL is out of date (the CA was "
+            "rebuilt) or names another server: ask your vibectld admin for a current URL"
         ) from None
+    except OSError as e:  # ssl.SSLError included
+        raise _unreachable(host, port, e) from None
+
+
+def _pin_mismatch_error(profile: str, e: PinMismatch) -> AuthenticationError:
+    """A saved profile's server no longer presents its pinned CA: the secret was not sent.
+
+    Exit code 4 (like a refused secret): the profile's credentials no longer fit this
+    server, and the fix is a new URL from the admin, not a retry.
+    """
+    return AuthenticationError(
+        f"the certificate of {e.target} does not match the CA pinned in profile "
+        f"'{profile}' ({e.fingerprints}); the secret was not sent. If the operator rebuilt "
+        "the CA, get a new URL from them and run: vibectl setup-proxy configure URL "
+        f"--name {profile}"
+    )
+
+
+def _unreachable(host: str, port: int, e: OSError) -> ServerUnavailableError:
+    return ServerUnavailableError(
+        f"cannot reach vibectld at {join_host_port(host, port)}: {e}; is the server "
+        "running and the address right?"
+    )
+
+
+def _pin_check(profile: Profile) -> Callable[[float], VibectlError | None] | None:
+    """For a pinned profile: what explains a failed connection, if a pin mismatch does.
+
+    gRPC reports a certificate it refuses like a server it cannot reach (UNAVAILABLE,
+    retried until the connect timeout), so after a failed attempt the adapter asks this
+    check, which reads the server's chain itself and compares it with the pin.
+    """
+    pin = profile.ca_sha256
+    if profile.insecure or pin is None:
+        return None
+
+    def check(timeout: float) -> VibectlError | None:
+        try:
+            pinned_ca(profile.host, profile.port, pin, timeout)
+        except PinMismatch as e:
+            return _pin_mismatch_error(profile.name, e)
+        except OSError:
+            pass  # no handshake (down, restarting): the adapter reports it as unreachable
+        return None
+
+    return check
 
 
 def _read_ca(profile: str, ca_file: str) -> bytes:
@@ -153,4 +198,5 @@ def proxy_adapter(
         insecure=profile.insecure,
         timeout=min(timeout, max_timeout) if max_timeout is not None else timeout,
         connect_timeout=profile.connect_timeout_seconds,
+        explain_failure=_pin_check(profile),
     )

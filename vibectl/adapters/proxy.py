@@ -118,6 +118,7 @@ class ProxyModelAdapter(ModelAdapter):
         insecure: bool = False,
         timeout: float = 60.0,
         connect_timeout: float = 10.0,
+        explain_failure: Callable[[float], VibectlError | None] | None = None,
     ) -> None:
         self.target = join_host_port(host, port)
         self._secret = secret
@@ -125,6 +126,9 @@ class ProxyModelAdapter(ModelAdapter):
         self._insecure = insecure
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        # Given the seconds it may take, tells a failure that has a better explanation
+        # than "unreachable" (a pinned CA the server no longer presents), or None.
+        self._explain_failure = explain_failure
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.VibectlLLMProxyStub | None = None
         self._info: pb.GetServerInfoResponse | None = None
@@ -158,15 +162,45 @@ class ProxyModelAdapter(ModelAdapter):
                 creds = grpc.ssl_channel_credentials(root_certificates=self._ca_pem)
                 self._channel = grpc.aio.secure_channel(self.target, creds, options=options)
             try:
-                await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout)
+                await self._ready(self._channel, time.monotonic() + self.connect_timeout)
             except TimeoutError:
                 await self.aclose()
                 raise ServerUnavailableError(
                     f"cannot reach vibectld at {self.target} within {self.connect_timeout:g} s; "
                     "is the server running and the address right? (vibectl setup-proxy status)"
                 ) from None
+            except VibectlError:
+                await self.aclose()
+                raise
             self._stub = pb_grpc.VibectlLLMProxyStub(self._channel)
         return self._stub
+
+    async def _ready(self, channel: grpc.aio.Channel, deadline: float) -> None:
+        """Wait until `channel` is connected; TimeoutError at `deadline`.
+
+        Like channel_ready(), but each failed attempt is explained when it can be: a
+        certificate gRPC refuses fails like a server that is down, and would otherwise
+        be reported as one only once the whole connect timeout has passed.
+        """
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                await self._raise_explained(deadline)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(channel.wait_for_state_change(state), left)
+            state = channel.get_state(try_to_connect=True)
+
+    async def _raise_explained(self, deadline: float) -> None:
+        """Raise the explanation of a failed connection, if there is one (off the loop:
+        it opens a connection of its own)."""
+        left = deadline - time.monotonic()
+        if self._explain_failure is None or left <= 0:
+            return
+        explained = await asyncio.to_thread(self._explain_failure, left)
+        if explained is not None:
+            raise explained
 
     async def aclose(self) -> None:
         if self._channel is not None:
@@ -182,9 +216,13 @@ class ProxyModelAdapter(ModelAdapter):
             try:
                 return await call()
             except grpc.aio.AioRpcError as e:
+                code = e.code()
                 error = error_from_rpc(e, self.target, self.timeout)
-                delay = _retry_delay(e.code(), error, attempt)
+                delay = _retry_delay(code, error, attempt)
             if attempt == MAX_ATTEMPTS or delay is None:
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    # A server back with another CA fails a connected channel this way.
+                    await self._raise_explained(time.monotonic() + self.connect_timeout)
                 raise error
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")

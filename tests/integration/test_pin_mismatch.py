@@ -1,0 +1,96 @@
+"""A server whose CA no longer matches the pin: vibectl says so, not "unreachable".
+
+Real daemons with their own private CAs, the real `vibectl` as a process: once when
+the operator rebuilds the CA behind a configured profile (same address, same
+secret, new CA), once when a URL's pin names another daemon's CA.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.client.test_cli import User, issue_url
+from tests.conftest import RunningDaemon, short_tmpdir
+from vibectl.proxy_url import parse as parse_url
+
+
+@pytest.fixture
+def user(tmp_path: Path) -> User:
+    return User(tmp_path / "home")
+
+
+def pin_of(url: str) -> str:
+    pin = parse_url(url).ca_sha256
+    assert pin is not None, "the test daemons serve a private CA: their URLs carry a pin"
+    return pin
+
+
+def test_a_rebuilt_ca_is_named_with_both_fingerprints_and_the_fix(
+    start_daemon: Callable[..., RunningDaemon], user: User, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    before = start_daemon(state)
+    port = before.port
+    old_url = issue_url(before, "alice")
+    assert user.run("setup-proxy", "configure", old_url).returncode == 0
+    assert user.run("ask", "hi").returncode == 0
+
+    # The operator rebuilds the CA: same address, same registry (the secret stays
+    # valid), a new CA and server certificate.
+    before.stop()
+    shutil.rmtree(state / "tls")
+    after = start_daemon(state, server={"listen": f"127.0.0.1:{port}"})
+    new_url = issue_url(after, "alice-again")
+    old_pin, new_pin = pin_of(old_url), pin_of(new_url)
+    assert old_pin != new_pin
+
+    for args in (("ask", "hi"), ("setup-proxy", "test"), ("setup-proxy", "status"), ("models",)):
+        started = time.monotonic()
+        out = user.run(*args)
+        took = time.monotonic() - started
+        assert out.returncode == 4, (args, out.stdout, out.stderr)
+        error = out.stderr
+        assert "does not match the CA pinned in profile '127.0.0.1'" in error, (args, error)
+        assert f"expected sha256 {old_pin[:16]}" in error and f"got {new_pin[:16]}" in error
+        assert "the secret was not sent" in error
+        assert "vibectl setup-proxy configure URL --name 127.0.0.1" in error
+        assert "cannot reach" not in error and "reachable" not in out.stdout, args
+        # One line that explains, not gRPC's own handshake log ahead of it.
+        assert error.count("\n") == 1 and error.startswith("vibectl: "), error
+        # Told at the first failed handshake, not after the 10 s connect timeout.
+        assert took < 8, (args, took)
+
+    # The advice works: the new URL replaces the profile, and asking works again.
+    again = user.run("setup-proxy", "configure", new_url)
+    assert again.returncode == 0, again.stderr
+    asked = user.run("ask", "hi")
+    assert asked.returncode == 0, asked.stderr
+
+
+def test_a_url_pinned_to_another_daemons_ca_is_refused_before_anything_is_saved(
+    start_daemon: Callable[..., RunningDaemon], user: User, tmp_path: Path
+) -> None:
+    ours = start_daemon(tmp_path / "ours")
+    other_sockets = short_tmpdir()
+    try:
+        other = start_daemon(tmp_path / "other", admin={"socket": str(other_sockets / "a.sock")})
+        url = issue_url(ours, "alice")
+        # The URL names the other daemon's address: its CA is not the one pinned.
+        parsed = parse_url(url)
+        elsewhere = url.replace(f":{parsed.port}?", f":{other.port}?")
+        out = user.run("setup-proxy", "configure", elsewhere)
+        assert out.returncode == 4, (out.stdout, out.stderr)
+        error = out.stderr
+        assert f"127.0.0.1:{other.port} does not match the CA pinned in the URL" in error
+        assert f"expected sha256 {pin_of(url)[:16]}" in error
+        assert f"got {pin_of(issue_url(other, 'x'))[:16]}" in error
+        assert "nothing was saved" in error and "ask your vibectld admin" in error
+        assert parsed.secret is not None and parsed.secret not in out.stdout + error
+        assert not (user.config_dir / "client").exists()
+    finally:
+        shutil.rmtree(other_sockets, ignore_errors=True)
