@@ -7,6 +7,7 @@ secret, new CA), once when a URL's pin names another daemon's CA.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Callable
@@ -16,6 +17,9 @@ import pytest
 
 from tests.client.test_cli import User, issue_url
 from tests.conftest import RunningDaemon, short_tmpdir
+from vibectl.adapters import proxy_adapter
+from vibectl.config import Profile
+from vibectl.errors import AuthenticationError
 from vibectl.proxy_url import parse as parse_url
 
 
@@ -94,3 +98,37 @@ def test_a_url_pinned_to_another_daemons_ca_is_refused_before_anything_is_saved(
         assert not (user.config_dir / "client").exists()
     finally:
         shutil.rmtree(other_sockets, ignore_errors=True)
+
+
+def test_a_connected_client_is_told_when_the_server_comes_back_with_another_ca(
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    # A long-lived process (not the CLI): its channel was up, then the daemon restarts
+    # with a rebuilt CA. The calls fail UNAVAILABLE, retried; the last is explained.
+    state = tmp_path / "state"
+    before = start_daemon(state)
+    port, url = before.port, parse_url(issue_url(before, "alice"))
+    assert url.secret is not None and url.ca_sha256 is not None
+    profile = Profile("corp", "127.0.0.1", port, ca_sha256=url.ca_sha256)
+    adapter = proxy_adapter(profile, url.secret, before.ca_pem)
+
+    async def ask() -> str:
+        text, _ = await adapter.execute(None, [], ["hi"])
+        return text
+
+    async def scenario() -> AuthenticationError:
+        assert "hi" in await ask()
+        await asyncio.to_thread(before.stop)
+        shutil.rmtree(state / "tls")
+        await asyncio.to_thread(start_daemon, state, server={"listen": f"127.0.0.1:{port}"})
+        try:
+            with pytest.raises(AuthenticationError) as refused:
+                await ask()
+            return refused.value
+        finally:
+            await adapter.aclose()
+
+    error = asyncio.run(scenario())
+    assert "does not match the CA pinned in profile 'corp'" in error.message
+    assert f"expected sha256 {url.ca_sha256[:16]}" in error.message
+    assert error.exit_code == 4 and not error.recoverable
