@@ -28,7 +28,8 @@ from tests import fake_models
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectl.proxy_url import parse as parse_url
 from vibectld.admin.client import AdminClient
-from vibectld.config import DaemonConfig, parse_config
+from vibectld.config import DaemonConfig
+from vibectld.config_file import parse_config
 from vibectld.daemon import Daemon
 from vibectld.runtime import Runtime
 

@@ -8,12 +8,8 @@ import sys
 import click
 import structlog
 
-from vibectld.config import (
-    ConfigError,
-    load_config,
-    resolve_config_path,
-    unpriced_budget_warnings,
-)
+from vibectld.config import ConfigError, unpriced_budget_warnings
+from vibectld.config_file import load_config, resolve_config_path
 from vibectld.ops import logs
 from vibectld.version import __version__
 

@@ -22,13 +22,8 @@ from grpc_health.v1 import health, health_pb2
 from vibectld.admin.routes import build_routes
 from vibectld.admin.server import AdminServer, Caller
 from vibectld.audit_trail import AuditTrail
-from vibectld.config import (
-    ConfigError,
-    DaemonConfig,
-    keep_restart_only,
-    load_config,
-    restart_only_changes,
-)
+from vibectld.config import ConfigError, DaemonConfig, keep_restart_only, restart_only_changes
+from vibectld.config_file import load_config
 from vibectld.generation import GenerationRejected, build_generation
 from vibectld.grpc_server import bind, build_server
 from vibectld.ops.notify import Notifier

@@ -1,4 +1,4 @@
-"""vibectld.yaml(5) documents exactly the keys vibectld/config.py accepts, with their defaults.
+"""vibectld.yaml(5) documents exactly the keys vibectld/config_file.py accepts, with their defaults.
 
 The keys and their defaults are taken from the loader itself: a recording
 stand-in for its section reader notes every key parse_config() looks up, with
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.docs.manpage import Page
-from vibectld import config, config_values
+from vibectld import config, config_file, config_values
 from vibectld.admin.protocol import parse_duration
 
 PAGE = "vibectld.yaml.5"
@@ -53,18 +53,18 @@ def accepted(monkeypatch: pytest.MonkeyPatch) -> Accepted:
     keys: dict[str, Key] = {}
     sections: set[str] = set()
 
-    class Recording(config._Section):
+    class Recording(config_file._Section):
         def get(self, name: str, conv: Callable[[str, Any], T], default: T) -> T:
             keys[re.sub(r"\[\d+\]", "[]", self.key(name))] = Key(default, conv)
             return super().get(name, conv, default)
 
-        def section(self, name: str) -> config._Section:
+        def section(self, name: str) -> config_file._Section:
             sections.add(self.key(name))
             return super().section(name)
 
-    monkeypatch.setattr(config, "_Section", Recording)
+    monkeypatch.setattr(config_file, "_Section", Recording)
     # One entry in each collection of entries, so that the entries' keys are read too.
-    config.parse_config({"models": ENTRIES})
+    config_file.parse_config({"models": ENTRIES})
     monkeypatch.undo()
     assert len(keys) > 30, f"the recording saw too few keys: {sorted(keys)}"
     return Accepted(keys, frozenset(sections))
@@ -177,7 +177,7 @@ def test_example_is_valid_and_complete(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = Page.load(PAGE).section("EXAMPLE")
     start = next(i for i, line in enumerate(lines) if line.startswith(" " * 11))
     raw = yaml.safe_load(textwrap.dedent("\n".join(lines[start:])))
-    config.parse_config(raw)
+    config_file.parse_config(raw)
     assert sorted(set(found.keys) - _flatten(raw, "", found)) == []
 
 

@@ -10,7 +10,7 @@ from unittest import mock
 import vibectl.errors
 import vibectld.admin.cli
 from tests.docs.manpage import Page, mentions
-from vibectld import config
+from vibectld import config_file
 from vibectld.admin import protocol, server
 from vibectld.admin.routes import build_routes
 from vibectld.providers import execution
@@ -87,5 +87,5 @@ def test_daemon_error_codes() -> None:
 
 def test_daemon_config_path_and_environment() -> None:
     page = Page.load("vibectld.8")
-    assert mentions("\n".join(page.section("ENVIRONMENT")), config.CONFIG_ENV)
-    assert mentions("\n".join(page.section("FILES")), str(config.DEFAULT_CONFIG_PATH))
+    assert mentions("\n".join(page.section("ENVIRONMENT")), config_file.CONFIG_ENV)
+    assert mentions("\n".join(page.section("FILES")), str(config_file.DEFAULT_CONFIG_PATH))

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import RunningDaemon
 from tests.postgres import postgres, postgres_server
-from vibectld.config import load_config
+from vibectld.config_file import load_config
 
 __all__ = ["from_file", "postgres", "postgres_server", "write"]
 

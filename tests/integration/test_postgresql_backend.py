@@ -33,7 +33,7 @@ from tests.conftest import admin_cli as admin
 from tests.postgres import Postgres
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
-from vibectld.config import load_config
+from vibectld.config_file import load_config
 from vibectld.daemon import Daemon
 from vibectld.pki.sealed import ClusterKey
 from vibectld.startup import StartupError

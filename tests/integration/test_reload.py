@@ -263,7 +263,8 @@ def test_the_man_pages_reload_statements_hold(
     """Every key vibectld.yaml(5) marks "applied" is applied by a reload; every key it
     marks "needs a restart" keeps its value and is named in the reply."""
     from tests.docs.test_config_keys import _FIRST_LINE, documented
-    from vibectld.config import RESTART_TO_SWITCH, parse_config
+    from vibectld.config import RESTART_TO_SWITCH
+    from vibectld.config_file import parse_config
 
     daemon, path = from_file(base_config(tmp_path, sock_dir))
     before = daemon.runtime.generation

@@ -24,7 +24,8 @@ from tests.integration.test_reload import base_config
 from tests.unit.test_logs import parse_entry
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl.redaction import KINDS
-from vibectld.config import ConfigError, load_config
+from vibectld.config import ConfigError
+from vibectld.config_file import load_config
 from vibectld.ops.journal import encode
 
 PASSWORD_B64 = "c3VwZXItc2VjcmV0LXB3LTQyMQ=="

@@ -34,7 +34,7 @@ from tests.conftest import RunningDaemon, _register_fake_models, admin_cli, shor
 from tests.postgres import Postgres
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
-from vibectld.config import load_config
+from vibectld.config_file import load_config
 from vibectld.pki.key_files import KeyDirectory
 from vibectld.pki.kids import kid_created_at
 from vibectld.pki.sealed import CHECK_PLAINTEXT, ClusterKey

@@ -35,7 +35,7 @@ from bench.fake_openai import Behaviour, End, FakeOpenAI, Fault, ResponseEnd
 from tests.conftest import RunningDaemon, _register_fake_models, short_tmpdir
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
-from vibectld.config import parse_config
+from vibectld.config_file import parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 REMOTE = "remote"  # the fake endpoint

@@ -61,7 +61,8 @@ from vibectld.admin.protocol import (
     encode_result,
     parse_duration,
 )
-from vibectld.config import ConfigError, load_config, parse_config
+from vibectld.config import ConfigError
+from vibectld.config_file import load_config, parse_config
 
 # How many cases each test ran: printed at the end of the module.
 RAN: Counter[str] = Counter()

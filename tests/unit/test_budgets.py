@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from vibectl.util.limits import check_usd, format_usd
-from vibectld.config import ConfigError, parse_config, unpriced_budget_warnings
+from vibectld.config import ConfigError, unpriced_budget_warnings
+from vibectld.config_file import parse_config
 from vibectld.store import spend
 from vibectld.store.registry import UNSET, InvalidRecord, Registry
 from vibectld.store.spend import SpendBook

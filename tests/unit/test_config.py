@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from vibectld.config import ConfigError, load_config, parse_config
+from vibectld.config import ConfigError
+from vibectld.config_file import load_config, parse_config
 
 
 def test_defaults_match_the_documented_minimal_config() -> None:
