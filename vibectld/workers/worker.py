@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_private_key
 from grpc_health.v1 import health_pb2
 
-from vibectld.config import ConfigError, DaemonConfig, keep_restart_only, load_config
+from vibectld.config import ConfigError, DaemonConfig, keep_restart_only
+from vibectld.config_file import load_config
 from vibectld.daemon import SERVICE_NAME, Daemon, _close_later
 from vibectld.errors import STARTUP_ERRORS
 from vibectld.generation import Generation, GenerationRejected, build_generation
