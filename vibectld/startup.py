@@ -73,6 +73,7 @@ def open_state(config: DaemonConfig) -> Runtime:
     if signing.shared:
         follow_signing_keys(rt, asyncio.get_running_loop())
     if registry.shared:
+        rt.metrics.watch_feed(registry.feed_listener)
         # rpm and concurrency across the nodes (psycopg: only a shared store imports it).
         from vibectld.service.cluster_limits import limit_across_nodes
 
