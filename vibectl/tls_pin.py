@@ -72,6 +72,22 @@ def fetch_chain(host: str, port: int, timeout: float = 10.0) -> list[bytes]:
         return _chain_der(tls)
 
 
+def verify_chain(host: str, port: int, ca_pem: bytes, timeout: float = 10.0) -> None:
+    """A TLS handshake that trusts only `ca_pem` and checks the host name, as gRPC does.
+
+    ssl.SSLCertVerificationError says why the server's certificate fails; any other
+    OSError means no handshake took place (down, refused, not TLS).
+    """
+    ctx = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        ctx.wrap_socket(raw, server_hostname=host),
+    ):
+        pass
+
+
 def _pinned(ders: list[bytes], pin: str) -> bytes | None:
     for der in ders:
         if hashlib.sha256(der).hexdigest() == pin.lower():

@@ -132,3 +132,36 @@ def test_a_connected_client_is_told_when_the_server_comes_back_with_another_ca(
     assert "does not match the CA pinned in profile 'corp'" in error.message
     assert f"expected sha256 {url.ca_sha256[:16]}" in error.message
     assert error.exit_code == 4 and not error.recoverable
+
+
+def test_a_ca_bundle_the_rebuilt_server_fails_is_named_not_unreachable(
+    start_daemon: Callable[..., RunningDaemon], user: User, tmp_path: Path
+) -> None:
+    # A profile without a pin, trusting a --ca-bundle: the same rebuild, told the same way.
+    state = tmp_path / "state"
+    before = start_daemon(state)
+    port = before.port
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(before.ca_pem)
+    url = issue_url(before, "alice").split("?", 1)[0]
+    configured = user.run("setup-proxy", "configure", url, "--ca-bundle", str(bundle))
+    assert configured.returncode == 0, configured.stderr
+    before.stop()
+    shutil.rmtree(state / "tls")
+    start_daemon(state, server={"listen": f"127.0.0.1:{port}"})
+
+    started = time.monotonic()
+    out = user.run("ask", "hi")
+    assert out.returncode == 4, (out.stdout, out.stderr)
+    saved = user.config_dir / "client" / "ca" / "127.0.0.1.pem"
+    assert f"the certificate of 127.0.0.1:{port} fails the CA file {saved}" in out.stderr
+    assert "the secret was not sent" in out.stderr
+    assert "vibectl setup-proxy configure URL --ca-bundle FILE --name 127.0.0.1" in out.stderr
+    assert time.monotonic() - started < 8
+
+    # The bundle given to configure is checked the same way, before anything is saved.
+    again = user.run("setup-proxy", "configure", url, "--ca-bundle", str(bundle), "--name", "b")
+    assert again.returncode == 4, (again.stdout, again.stderr)
+    assert "fails the --ca-bundle" in again.stderr, again.stderr
+    listed = user.run("setup-proxy", "list").stdout.splitlines()
+    assert [line.split()[1] for line in listed] == ["127.0.0.1"], listed

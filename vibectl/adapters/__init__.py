@@ -9,6 +9,7 @@ mode never loads the llm library.
 from __future__ import annotations
 
 import contextlib
+import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from vibectl.errors import (
     UsageError,
     VibectlError,
 )
-from vibectl.tls_pin import PinMismatch, pinned_ca, pinned_in_pem
+from vibectl.tls_pin import PinMismatch, pinned_ca, pinned_in_pem, verify_chain
 from vibectl.util.hostport import join_host_port
 
 if TYPE_CHECKING:
@@ -144,22 +145,37 @@ def _unreachable(host: str, port: int, e: OSError) -> ServerUnavailableError:
     )
 
 
-def _pin_check(profile: Profile) -> Callable[[float], VibectlError | None] | None:
-    """For a pinned profile: what explains a failed connection, if a pin mismatch does.
+def _trust_check(
+    profile: Profile, ca_pem: bytes | None
+) -> Callable[[float], VibectlError | None] | None:
+    """What explains a failed connection, if the server's certificate does.
 
     gRPC reports a certificate it refuses like a server it cannot reach (UNAVAILABLE,
     retried until the connect timeout), so after a failed attempt the adapter asks this
-    check, which reads the server's chain itself and compares it with the pin.
+    check, which handshakes itself: a pinned profile compares the server's chain with
+    the pin, one with a CA file verifies the chain against it. Not for the system's
+    trust store: gRPC's roots are not Python's, and the two could disagree.
     """
-    pin = profile.ca_sha256
-    if profile.insecure or pin is None:
+    if profile.insecure or (profile.ca_sha256 is None and ca_pem is None):
         return None
+    name, host, port, pin = profile.name, profile.host, profile.port, profile.ca_sha256
 
     def check(timeout: float) -> VibectlError | None:
         try:
-            pinned_ca(profile.host, profile.port, pin, timeout)
+            if pin is not None:
+                pinned_ca(host, port, pin, timeout)
+            elif ca_pem is not None:
+                verify_chain(host, port, ca_pem, timeout)
         except PinMismatch as e:
-            return _pin_mismatch_error(profile.name, e)
+            return _pin_mismatch_error(name, e)
+        except ssl.SSLCertVerificationError as e:
+            trusted = f"the CA file {profile.ca_file}" if profile.ca_file else "the --ca-bundle"
+            return AuthenticationError(
+                f"the certificate of {join_host_port(host, port)} fails {trusted}: "
+                f"{e.verify_message}; the secret was not sent. If the operator changed the "
+                "server's CA, get the new CA file from them and run: vibectl setup-proxy "
+                f"configure URL --ca-bundle FILE --name {name}"
+            )
         except OSError:
             pass  # no handshake (down, restarting): the adapter reports it as unreachable
         return None
@@ -198,5 +214,5 @@ def proxy_adapter(
         insecure=profile.insecure,
         timeout=min(timeout, max_timeout) if max_timeout is not None else timeout,
         connect_timeout=profile.connect_timeout_seconds,
-        explain_failure=_pin_check(profile),
+        explain_failure=_trust_check(profile, ca_pem),
     )
