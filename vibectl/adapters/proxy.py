@@ -126,8 +126,9 @@ class ProxyModelAdapter(ModelAdapter):
         self._insecure = insecure
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        # Given the seconds it may take, tells a failure that has a better explanation
-        # than "unreachable" (a pinned CA the server no longer presents), or None.
+        # Given the seconds it may take, the error that explains a failed connection
+        # better than "unreachable" (the server no longer presents the pinned CA, or
+        # fails the profile's CA file), or None.
         self._explain_failure = explain_failure
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.VibectlLLMProxyStub | None = None
