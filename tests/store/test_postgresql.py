@@ -21,7 +21,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from tests.postgres import Postgres
-from vibectld.store import postgresql
+from vibectld.store import postgresql, postgresql_schema
 from vibectld.store.base import NodeInfo
 from vibectld.store.postgresql import PostgreSQLDatabase
 from vibectld.store.registry import (
@@ -75,7 +75,7 @@ def test_nodes_starting_together_on_an_empty_database_create_one_schema(
         _, err = start.communicate(timeout=60)
         assert start.returncode == 0, err
     assert postgres.sql("SELECT MAX(version), COUNT(*) FROM vibectld_schema") == (
-        f"{postgresql.SCHEMA_VERSION}|{postgresql.SCHEMA_VERSION}"
+        f"{postgresql_schema.SCHEMA_VERSION}|{postgresql_schema.SCHEMA_VERSION}"
     )
     tables = postgres.sql(
         "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables "
@@ -91,7 +91,7 @@ def test_nodes_starting_together_on_an_empty_database_create_one_schema(
 def test_a_newer_schema_is_refused(postgres: Postgres) -> None:
     PostgreSQLDatabase.open(postgres.dsn).close()
     postgres.sql(
-        f"INSERT INTO vibectld_schema VALUES ({postgresql.SCHEMA_VERSION + 1}, 0)"  # noqa: S608
+        f"INSERT INTO vibectld_schema VALUES ({postgresql_schema.SCHEMA_VERSION + 1}, 0)"  # noqa: S608
     )
     with pytest.raises(RegistryError, match="newer than this vibectld knows"):
         PostgreSQLDatabase.open(postgres.dsn)
