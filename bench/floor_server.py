@@ -7,7 +7,12 @@ vibectld, so the transport cost is identical.
 
     python -m bench.floor_server --port 0 --cert chain.pem --key server.key
 
-prints the bound port on one line once it serves, and stops on SIGTERM/SIGINT.
+With `--paced COUNT` a stream is COUNT messages of `--text`, the first after
+`--interval-ms` and then one every `--interval-ms`, each its own message: what a relay
+costs that sends every token of a paced provider as it comes, with no provider to read
+(the streaming section's floor).
+
+It prints the bound port on one line once it serves, and stops on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ CANNED_TEXT = (
 class FloorService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
     """Answers every call with the same canned reply."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, paced: int = 0, interval_s: float = 0.0) -> None:
         self.text = text
+        self.paced, self.interval_s = paced, interval_s
 
     def _metrics(self) -> Any:
         return pb.ExecutionMetrics(duration_ms=0, retry_count=0, timestamp=int(time.time()))
@@ -52,18 +58,22 @@ class FloorService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
 
     async def StreamExecute(self, request: Any, context: Any) -> AsyncIterator[Any]:
         rid = request.request_id
-        yield pb.StreamChunk(request_id=rid, text_chunk=self.text)
+        if not self.paced:
+            yield pb.StreamChunk(request_id=rid, text_chunk=self.text)
+        for _ in range(self.paced):
+            await asyncio.sleep(self.interval_s)
+            yield pb.StreamChunk(request_id=rid, text_chunk=self.text)
         yield pb.StreamChunk(request_id=rid, complete=pb.StreamComplete(actual_model_used=MODEL))
         yield pb.StreamChunk(request_id=rid, final_metrics=self._metrics())
 
 
-async def serve(port: int, cert_chain: bytes, key: bytes, text: str) -> None:
+async def serve(port: int, cert_chain: bytes, key: bytes, service: FloorService) -> None:
     # The same options vibectld's server uses (vibectld/daemon.py): its message limits
     # with the default max_request_bytes, and no SO_REUSEPORT.
     limit = 4 * 1024 * 1024
     options: list[tuple[str, int]] = [(f"grpc.max_{way}_message_length", limit) for way in WAYS]
     server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
-    pb_grpc.add_VibectlLLMProxyServicer_to_server(FloorService(text), server)
+    pb_grpc.add_VibectlLLMProxyServicer_to_server(service, server)
     creds = grpc.ssl_server_credentials([(key, cert_chain)])
     bound = server.add_secure_port(f"127.0.0.1:{port}", creds)
     if not bound:
@@ -84,9 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cert", type=Path, required=True, help="PEM certificate chain")
     parser.add_argument("--key", type=Path, required=True, help="PEM private key")
     parser.add_argument("--text", default=CANNED_TEXT, help="the canned reply text")
+    parser.add_argument("--paced", type=int, default=0, help="messages per stream (0: one)")
+    parser.add_argument("--interval-ms", type=float, default=20.0, help="between paced messages")
     args = parser.parse_args(argv)
+    service = FloorService(args.text, args.paced, args.interval_ms / 1000)
     try:
-        asyncio.run(serve(args.port, args.cert.read_bytes(), args.key.read_bytes(), args.text))
+        asyncio.run(serve(args.port, args.cert.read_bytes(), args.key.read_bytes(), service))
     except KeyboardInterrupt:
         sys.exit(130)
 

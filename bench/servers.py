@@ -342,9 +342,10 @@ class Floor:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
-    def start(self, cert: Path, key: Path, timeout: float = 30.0) -> None:
+    def start(self, cert: Path, key: Path, timeout: float = 30.0, *extra: str) -> None:
+        """`extra`: more bench.floor_server arguments (the paced floor's)."""
         argv = [sys.executable, "-m", "bench.floor_server", "--port", "0"]
-        argv += ["--cert", str(cert), "--key", str(key)]
+        argv += ["--cert", str(cert), "--key", str(key), *extra]
         self.proc, self.port = _start_printing_port(self.procs, "floor server", argv, timeout)
 
     @property

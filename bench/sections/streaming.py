@@ -5,11 +5,12 @@ open stream, and the memory held for clients that never read."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from bench import common as c
 from bench import streams
 from bench.common import Context, Section
-from bench.servers import FakeProvider, Vibectld, clean_env
+from bench.servers import FakeProvider, Floor, Vibectld, clean_env
 from bench.streams import Run, tree_rss_kib
 
 LEVELS = (100, 400, 1000)
@@ -29,7 +30,11 @@ A paced fake provider (`bench/fake_paced.py`: one event loop, {streams.TOKENS} t
 reply, the first after 20 ms and then one every 20 ms, SSE with chunked encoding) is
 streamed from by N concurrent closed-loop callers: through vibectld (`StreamExecute`,
 grpc.aio, one TLS connection per {streams.PER_CHANNEL} streams) and, in the same run,
-alternating with it, by a raw aiohttp SSE client straight from the provider. Each side
+alternating with it, by a raw aiohttp SSE client straight from the provider. The "gRPC
+floor" is a bare grpc.aio server (`bench/floor_server.py --paced`, one process, vibectld's
+certificate) that sends the same {streams.TOKENS} tokens at the same pace, each as its own
+message, to the same load, with no provider to read: what Python's gRPC costs a relay
+that sends every token as it comes. Each side
 runs in load-generator processes of at most {streams.STREAMS_PER_PROCESS} streams
 (`bench/streams.py`; "busiest load gen" is the share of a core the busiest one used).
 "chunks" are the provider's chunks (tokens); vibectld may carry several in one message
@@ -57,10 +62,15 @@ def run(ctx: Context) -> Section:
         daemon = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name=f"streaming-{n_workers}",
                           models=models, workers=n_workers)  # fmt: skip
         daemon.start()
+        floor = Floor(ctx.procs)
+        floor.start(*daemon.chain_for_floor(), 30.0, "--paced", str(streams.TOKENS),
+                    "--interval-ms", "20", "--text", streams.TOKEN)  # fmt: skip
         try:
-            got, idle = _levels(ctx, section, daemon, paced.api_base, n_workers)
+            got, idle = _levels(ctx, section, daemon, floor, paced.api_base, n_workers)
         finally:
             daemon.stop()
+            if floor.proc is not None:
+                ctx.procs.stop(floor.proc)
         report(section, got, idle, n_workers)
     # Slow readers on a daemon of their own: what the runs above left allocated is not theirs.
     daemon = Vibectld(ctx.procs, ctx.workdir, ctx.sockdir, name="readers", models=models,
@@ -76,13 +86,16 @@ def run(ctx: Context) -> Section:
 
 
 def _levels(
-    ctx: Context, section: Section, daemon: Vibectld, api_base: str, n_workers: int
+    ctx: Context, section: Section, daemon: Vibectld, floor: Floor, api_base: str, n_workers: int
 ) -> tuple[dict[tuple[int, str], list[Run]], int]:
-    """Every level, raw and through `daemon` alternately; and the daemon's idle RSS."""
+    """Every level, raw, through `daemon` and from the floor in turn; the daemon's idle RSS."""
     s = ctx.settings
     env = clean_env(VIBECTLD_BENCH_SECRET=daemon.secret)
-    grpc_t = {"port": daemon.port, "ca": daemon.ca_path, "model": MODEL_ID}
-    raw_t = {"api_base": api_base}
+    grpc_t: dict[str, Any] = {"port": daemon.port, "ca": daemon.ca_path, "model": MODEL_ID}
+    floor_t = {**grpc_t, "port": floor.port}
+    targets: dict[str, dict[str, Any]] = {"raw": {"api_base": api_base}, "grpc": grpc_t,
+                                          "floor": floor_t}  # fmt: skip
+    pids = {"raw": None, "grpc": daemon.pid, "floor": floor.pid}
     warmup, duration = (1.2, 1.5) if s.quick else (max(s.warmup, 2.0), s.duration)
     levels = QUICK_LEVELS if s.quick else LEVELS
     # Enough streams that every worker (the kernel spreads connections) has served some.
@@ -92,9 +105,10 @@ def _levels(
     got: dict[tuple[int, str], list[Run]] = {}
     for n in levels:
         for rep in range(s.repeats):
-            for client in ("raw", "grpc") if rep % 2 == 0 else ("grpc", "raw"):
-                r = streams.measure(client, raw_t if client == "raw" else grpc_t, n, env,
-                                    pid=daemon.pid if client == "grpc" else None,
+            order = ("raw", "grpc", "floor")
+            for client in order if rep % 2 == 0 else order[::-1]:
+                kind = "raw" if client == "raw" else "grpc"
+                r = streams.measure(kind, targets[client], n, env, pid=pids[client],
                                     warmup=warmup, duration=duration)  # fmt: skip
                 got.setdefault((n, client), []).append(r)
                 ctx.log(f"  workers {n_workers} {n:5} streams rep {rep + 1} "
@@ -106,7 +120,7 @@ def _levels(
 
 
 def _name(client: str) -> str:
-    return "raw" if client == "raw" else "vibectld"
+    return {"raw": "raw", "grpc": "vibectld", "floor": "gRPC floor"}[client]
 
 
 def _line(r: Run) -> str:
@@ -140,6 +154,11 @@ def report(
     levels = sorted({n for n, _ in got})
     mid, top = (400, 1000) if 1000 in levels else (levels[-1], levels[-1])
     _grade(section, got, mid, top, per[top], n_workers)
+    for n in (mid, top):
+        ratio = c.paired_ratio(got[(n, "floor")], got[(n, "grpc")], "tokens_per_s")
+        what = f"chunks/s at {n} streams, vibectld ({n_workers} w.) vs the gRPC floor (1 process)"
+        section.check(what, None, c.pct(ratio))
+        section.row(AREA, what, c.pct(ratio))
 
 
 def _readers(section: Section, held: list[tuple[float, int]], readers: int) -> None:
