@@ -86,8 +86,10 @@ def issue_client(
 def list_clients(ctx: click.Context, show_all: bool) -> None:
     """List clients: id, name, status, created, expires, last seen, requests.
 
-    Only active clients are listed unless --all is given. Times are UTC. With
-    --json, prints a JSON array with every recorded field.
+    Only active clients are listed unless --all is given. Times are UTC. An
+    active client whose secret was signed by a retired key (retire-signing-key)
+    can no longer authenticate: its status reads 'active (key retired)'. With
+    --json, prints a JSON array with every recorded field (key_retired among them).
     """
     clients = call(ctx, "list_clients", {"all": show_all})["clients"]
     if ctx.obj.json:
@@ -102,7 +104,7 @@ def list_clients(ctx: click.Context, show_all: bool) -> None:
         [
             str(c.get("id", ""))[:12],
             str(c.get("name", "")),
-            str(c.get("status", "")),
+            _status(c),
             when(c.get("created_at")),
             when(c.get("expires_at")),
             when(c.get("last_seen_at"), missing="never"),
@@ -111,6 +113,26 @@ def list_clients(ctx: click.Context, show_all: bool) -> None:
         for c in clients
     ]
     click.echo(table(header, rows, right={6}))
+    locked_out = [str(c.get("name")) for c in clients if _key_retired(c)]
+    if locked_out:
+        click.echo(
+            f"{', '.join(locked_out)}: signed by a retired key, refused on every request; "
+            "revoke each (vibectl-admin revoke-client NAME) and issue it a new secret "
+            "(vibectl-admin issue-client NAME)",
+            err=True,
+        )
+
+
+def _key_retired(client: dict[str, Any]) -> bool:
+    # Only an active client is worth the warning: an expired or revoked one is refused
+    # anyway. A daemon older than the field sends none: nothing is claimed then.
+    return client.get("status") == "active" and client.get("key_retired") is True
+
+
+def _status(client: dict[str, Any]) -> str:
+    """The status, qualified where it would mislead: 'active' whose key was retired."""
+    status = str(client.get("status", ""))
+    return f"{status} (key retired)" if _key_retired(client) else status
 
 
 @cli.command("update-client")
