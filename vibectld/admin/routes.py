@@ -4,7 +4,9 @@
 module is imported, and a duplicate operation name fails the import. A handler gets
 the daemon's state (`AdminContext`), the caller (already authorized by the server
 for write operations) and the request's args, and returns a JSON-ready result.
-Registry failures become admin errors in one place, `admin_error`.
+Registry failures become admin errors in one place, `admin_error`. The signing-key
+operations are routes_signing.py's and storage_migrate is routes_storage.py's, in the same
+table; the argument checks they share are route_args.py.
 """
 
 from __future__ import annotations
@@ -17,23 +19,22 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from vibectl.proxy_url import ProxyURL
-from vibectl.util.durations import parse_duration
 from vibectl.util.timefmt import iso, utc_day
 from vibectld.admin.protocol import ErrorCode
+from vibectld.admin.route_args import (
+    allowed_models,
+    bad_request,
+    client_lifetime,
+    opt_text,
+    required_text,
+    since_time,
+    who,
+)
 from vibectld.admin.server import AdminError, Caller, Handler, Route, RouteTable
 from vibectld.admin.storage_gate import gate_database, storage_status
-from vibectld.config import ClientsConfig
 from vibectld.generation import Generation, GenerationRejected
-from vibectld.pki.signing import (
-    KID_RULE,
-    SigningKeyError,
-    SigningKeys,
-    UnknownSigningKey,
-    is_kid,
-)
+from vibectld.pki.signing import SigningKeyError, UnknownSigningKey
 from vibectld.runtime import Runtime
 from vibectld.service.budgets import usd_left
 from vibectld.service.limits import EffectiveLimits
@@ -109,72 +110,6 @@ def build_routes(
     return gate_database(rt, ROUTES.bind(AdminContext(rt, reload, request_reload), _mapped))
 
 
-# -- argument checks ------------------------------------------------------------------
-
-
-def _bad(message: str) -> AdminError:
-    return AdminError(ErrorCode.BAD_REQUEST, message)
-
-
-def _opt_text(args: dict[str, Any], key: str, limit: int = 500) -> str | None:
-    value = args.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > limit:
-        raise _bad(f"{key} must be text of at most {limit} characters")
-    return value
-
-
-def _required_text(args: dict[str, Any], key: str) -> str:
-    value = _opt_text(args, key, 200)
-    if not value:
-        raise _bad(f"'{key}' is required")
-    return value
-
-
-def _duration(text: object, what: str) -> int:
-    if not isinstance(text, str):
-        raise _bad(f"{what} must be a duration such as 90d")
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise _bad(str(e)) from None
-
-
-def _since(args: dict[str, Any], default: str) -> int:
-    """The start of a --since window as unix seconds."""
-    seconds = _duration(args.get("since") or default, "since")
-    # Longer ago than the epoch means "everything".
-    return max(0, int(time.time()) - seconds)
-
-
-def _lifetime(clients: ClientsConfig, expires: object) -> int:
-    if expires is None:
-        return clients.default_expiry_seconds
-    lifetime = _duration(expires, "expires")
-    if lifetime > clients.max_expiry_seconds:
-        days = clients.max_expiry_seconds // 86400
-        raise _bad(
-            f"--expires {expires} is longer than this server allows ({days} days, "
-            "clients.max_expiry); choose a shorter expiry"
-        )
-    return lifetime
-
-
-def _models(gen: Generation, value: Any) -> tuple[str, ...] | None:
-    """A client's model allow-list, checked against the catalogue and resolved to model ids."""
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
-        raise _bad("models must be a list of model names")
-    catalogue = gen.catalogue
-    unknown = [m for m in value if not catalogue.has(m)]
-    if unknown:
-        offered = ", ".join(e.model_id for e in catalogue.entries()) or "none"
-        raise _bad(f"unknown model(s): {', '.join(unknown)}; this server offers: {offered}")
-    return tuple(sorted({catalogue.resolve(m).model_id for m in value}))
-
-
 # -- results --------------------------------------------------------------------------
 
 
@@ -200,10 +135,6 @@ def _client_json(record: ClientRecord, now: int) -> dict[str, Any]:
     }
 
 
-def _who(caller: Caller) -> str:
-    return f"{caller.user} (uid {caller.uid})"
-
-
 def _named(rt: Runtime, per_client: Mapping[str, int]) -> dict[str, int]:
     named: dict[str, int] = {}
     for client_id, count in per_client.items():
@@ -226,7 +157,7 @@ def public_endpoint(rt: Runtime, gen: Generation) -> tuple[str, int]:
 
 @route("audit", write=False)
 async def audit(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-    entries = await asyncio.to_thread(ctx.rt.registry.audit, since=_since(args, "7d"))
+    entries = await asyncio.to_thread(ctx.rt.registry.audit, since=since_time(args, "7d"))
     return {
         "entries": [
             {
@@ -246,8 +177,8 @@ async def audit(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict
 async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
     rt = ctx.rt
     gen = rt.generation  # one configuration for the whole operation
-    name = _required_text(args, "name")
-    lifetime = _lifetime(gen.config.clients, args.get("expires"))
+    name = required_text(args, "name")
+    lifetime = client_lifetime(gen.config.clients, args.get("expires"))
     now = int(time.time())
     # Read once: the record names the key that signs below, even if a rotation comes
     # in between.
@@ -257,9 +188,9 @@ async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
         rt.registry.issue,
         name=name,
         expires_at=now + lifetime,
-        issued_by=_who(caller),
-        note=_opt_text(args, "note"),
-        models=_models(gen, args.get("models")),
+        issued_by=who(caller),
+        note=opt_text(args, "note"),
+        models=allowed_models(gen, args.get("models")),
         # The registry checks the limits (InvalidRecord: bad_request) before it writes.
         rpm=args.get("rpm"),
         concurrency=args.get("concurrency"),
@@ -298,32 +229,6 @@ async def list_clients(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
     return {"clients": [_client_json(r, now) for r in records]}
 
 
-def _signing_key_json(
-    signing: SigningKeys, kid: str, active: dict[str | None, int]
-) -> dict[str, Any]:
-    return {
-        "kid": kid,
-        "created_at": iso(signing.created_at(kid)),
-        "current": kid == signing.active_kid,
-        "retired": not signing.verifies(kid),
-        "active_clients": active.get(kid, 0),
-    }
-
-
-@route("list_signing_keys", write=False)
-async def list_signing_keys(
-    ctx: AdminContext, caller: Caller, args: dict[str, Any]
-) -> dict[str, Any]:
-    signing = ctx.rt.signing
-    active = ctx.rt.registry.active_by_kid()
-    kids = sorted({*signing.kids, *signing.retired_kids})
-    return {
-        "keys": [_signing_key_json(signing, kid, active) for kid in kids],
-        # Clients issued before the registry recorded kids: their key is not known.
-        "unknown_kid_clients": active.get(None, 0),
-    }
-
-
 @route("reload", write=True)
 async def reload(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
     if not args.get("wait"):
@@ -335,60 +240,15 @@ async def reload(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dic
 @route("revoke_client", write=True)
 async def revoke_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
     rt = ctx.rt
-    target = _required_text(args, "target")
-    reason = _opt_text(args, "reason")
-    record = await asyncio.to_thread(rt.registry.revoke, target, by=_who(caller), reason=reason)
+    target = required_text(args, "target")
+    reason = opt_text(args, "reason")
+    record = await asyncio.to_thread(rt.registry.revoke, target, by=who(caller), reason=reason)
     return {
         "id": record.id,
         "name": record.name,
         "revoked_at": iso(record.revoked_at),
         "cancelled_calls": rt.inflight.cancel_client(record.id),
     }
-
-
-@route("retire_signing_key", write=True)
-async def retire_signing_key(
-    ctx: AdminContext, caller: Caller, args: dict[str, Any]
-) -> dict[str, Any]:
-    rt = ctx.rt
-    kid = _required_text(args, "target")
-    if not is_kid(kid):
-        raise _bad(f"{kid!r} is not a kid; {KID_RULE}")
-    # Moves the key file and fsyncs: off the event loop. Verification reads the
-    # key set on every request, so the next request signed by `kid` is refused.
-    await asyncio.to_thread(rt.signing.retire, kid)
-    clients = rt.registry.active_signed_by(kid)
-    # Calls already running for those clients end now, as for revoke_client.
-    cancelled = sum(rt.inflight.cancel_client(record.id) for record in clients)
-    structlog.get_logger("vibectld.audit").info(
-        "signing_key.retired",
-        audit=True,
-        kid=kid,
-        by=_who(caller),
-        active_clients=len(clients),
-        cancelled_calls=cancelled,
-    )
-    return {
-        "kid": kid,
-        "active_clients": len(clients),
-        "cancelled_calls": cancelled,
-        "unknown_kid_clients": rt.registry.active_by_kid().get(None, 0),
-    }
-
-
-@route("rotate_signing_key", write=True)
-async def rotate_signing_key(
-    ctx: AdminContext, caller: Caller, args: dict[str, Any]
-) -> dict[str, Any]:
-    signing = ctx.rt.signing
-    previous = signing.active_kid
-    # Writes and fsyncs the new key file: off the event loop.
-    kid = await asyncio.to_thread(signing.rotate)
-    # The admin server's audit record has no target for this op: name the new key here.
-    structlog.get_logger("vibectld.audit").info(
-        "signing_key.rotated", audit=True, kid=kid, previous=previous, by=_who(caller)
-    )
-    return {"kid": kid, "created_at": iso(signing.created_at(kid)), "previous": previous}
 
 
 @route("show_ca", write=False)
@@ -442,26 +302,26 @@ async def status(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dic
 @route("update_client", write=True)
 async def update_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
     rt = ctx.rt
-    target = _required_text(args, "target")
+    target = required_text(args, "target")
     changes: dict[str, Any] = {}
     if "models" in args:
-        changes["models"] = _models(rt.generation, args["models"])
+        changes["models"] = allowed_models(rt.generation, args["models"])
     for key in ("rpm", "concurrency", "tokens_per_day", "usd_per_month"):
         if key in args:
             changes[key] = args[key]  # checked by the registry before it writes
     if "note" in args:
-        changes["note"] = _opt_text(args, "note")
+        changes["note"] = opt_text(args, "note")
     if not changes:
-        raise _bad("nothing to change: give at least one option")
-    record = await asyncio.to_thread(rt.registry.update, target, by=_who(caller), **changes)
+        raise bad_request("nothing to change: give at least one option")
+    record = await asyncio.to_thread(rt.registry.update, target, by=who(caller), **changes)
     return _client_json(record, int(time.time()))
 
 
 @route("usage", write=False)
 async def usage(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
     # Without --since: today (UTC) only.
-    since = utc_day(_since(args, "1d") if args.get("since") else time.time())
-    name = _opt_text(args, "name", 200)
+    since = utc_day(since_time(args, "1d") if args.get("since") else time.time())
+    name = opt_text(args, "name", 200)
     rows = await asyncio.to_thread(ctx.rt.registry.usage, since_day=since, name_or_id=name)
     return {
         "since": since,
@@ -501,4 +361,4 @@ def _budget_json(rt: Runtime, client_id: str) -> dict[str, Any]:
 
 
 # Modules of more operations, registered in ROUTES above when imported (they import it).
-from vibectld.admin import routes_storage  # noqa: E402, F401
+from vibectld.admin import routes_signing, routes_storage  # noqa: E402, F401
