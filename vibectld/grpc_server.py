@@ -29,9 +29,6 @@ def build_server(
     limit = max_request_bytes
     failed_auth = FailedAuthLog()
     server = grpc.aio.server(
-        # Authentication and the server-wide cap, from the headers alone: a refused
-        # call's message is never read (service/interceptor.py).
-        interceptors=[CallGate(rt, failed_auth)],
         options=[
             # gRPC refuses larger messages itself, with RESOURCE_EXHAUSTED; the margin
             # lets the service answer a request just over the limit with its own
@@ -51,9 +48,14 @@ def build_server(
             ("grpc.http2.bdp_probe", 0),
         ],
     )
-    pb_grpc.add_VibectlLLMProxyServicer_to_server(ProxyService(rt, failed_auth), server)
+    # Authentication and the server-wide cap, from the headers alone: a refused call's
+    # message is never read. Both services are reached only through the gate
+    # (service/interceptor.py).
+    gate = CallGate(rt, failed_auth)
+    pb_grpc.add_VibectlLLMProxyServicer_to_server(ProxyService(rt, failed_auth), gate)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, gate)
+    server.add_generic_rpc_handlers((gate,))
     return server, health_servicer
 
 
