@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
 from vibectld.pki.tls import ServerTLS
 from vibectld.runtime import Runtime
-from vibectld.service.interceptor import CallGate, FailedAuthLog
+from vibectld.service.gate import CallGate, FailedAuthLog
 from vibectld.service.servicer import ProxyService
 from vibectld.startup import StartupError
 
@@ -50,7 +50,7 @@ def build_server(
     )
     # Authentication and the server-wide cap, from the headers alone: a refused call's
     # message is never read. Both services are reached only through the gate
-    # (service/interceptor.py).
+    # (service/gate.py).
     gate = CallGate(rt, failed_auth)
     pb_grpc.add_VibectlLLMProxyServicer_to_server(ProxyService(rt, failed_auth), gate)
     health_servicer = health.aio.HealthServicer()

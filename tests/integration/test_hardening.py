@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import RunningDaemon
 from vibectl._proto import llm_proxy_pb2 as pb
-from vibectld.service.interceptor import FailedAuthLog
+from vibectld.service.gate import FailedAuthLog
 
 EXECUTE = "/vibectl.llm_proxy.VibectlLLMProxy/Execute"
 

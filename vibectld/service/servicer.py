@@ -3,7 +3,7 @@
 Order of checks on every call (the contract's): authenticate → request_id
 shape → the client's rate limit → validate the request → redaction policy →
 authorize the model → budgets (tokens, then dollars: budgets.py) → concurrency →
-run. Authentication happens first at the door (interceptor.py, before the
+run. Authentication happens first at the door (gate.py, before the
 message is read) and again here, under the generation the call runs with. Call
 failures are gRPC statuses (refusals.py); model failures are in-band
 ExecuteErrors (providers/execution.py).
@@ -41,7 +41,7 @@ from vibectld.providers.catalogue import CatalogueEntry, UnknownModel
 from vibectld.providers.execution import ErrorCode, ModelFailure, Outcome
 from vibectld.runtime import Runtime
 from vibectld.service.budgets import check_dollar_budgets, usd_left
-from vibectld.service.interceptor import FailedAuthLog
+from vibectld.service.gate import FailedAuthLog
 from vibectld.service.limits import EffectiveLimits, check_token_budget
 from vibectld.service.redaction import Screened, SecretsRefused, kinds_text
 from vibectld.service.refusals import (

@@ -11,7 +11,7 @@ secret it knows was revoked elsewhere since. Two signs, either enough:
 
 A stale node follows `storage.on_stale`: `serve` keeps serving the clients it knows
 (expiry still applies), `refuse` answers every call with UNAVAILABLE until its view is
-fresh again (service/interceptor.py). A store nobody else writes (SQLite: `freshness()`
+fresh again (service/gate.py). A store nobody else writes (SQLite: `freshness()`
 is None) is never stale.
 
 Separately, while the database does not answer at all (`degraded`), admin changes are
