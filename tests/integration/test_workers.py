@@ -13,6 +13,8 @@ flight), not by assuming it. What is proved, in the order of issue 15's item 2:
 - a revocation is refused on the next request on every worker, and ends the client's
   open streams on every worker with UNAUTHENTICATED;
 - usage totals equal the calls served;
+- refusals a worker decides alone (a bad secret, an invalid request) are in the main
+  process's metrics, and those the main process decides (rpm) are counted once;
 - a reload swaps every worker's generation, and a rejected one swaps none;
 - SIGKILL of a worker mid-stream: its stream ends UNAVAILABLE, a call on the other
   worker finishes OK, a replacement starts (status shows the restart) and the killed
@@ -261,6 +263,40 @@ def test_usage_totals_equal_served_calls(daemon: DaemonProcess) -> None:
         text = reply.read().decode()
     line = 'vibectld_requests_total{client="counted",model="faults",outcome="ok"} 20.0'
     assert line in text, [t for t in text.splitlines() if "counted" in t]
+
+
+def refusals(d: DaemonProcess) -> dict[str, float]:
+    """`vibectld_refusals_total` by reason, from the main process's metrics endpoint."""
+    url = f"http://{d.raw['metrics']['listen']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    found = re.findall(r'^vibectld_refusals_total\{reason="([a-z_]+)"\} (\S+)$', text, re.M)
+    return {reason: float(n) for reason, n in found}
+
+
+def test_refusals_on_workers_are_counted_once_in_the_main_metrics(
+    daemon: DaemonProcess,
+) -> None:
+    before = refusals(daemon)
+    # Decided by a worker alone: a bad secret (refused by its call gate, from the
+    # headers) and an empty prompt (by its servicer); on both workers (a connection each).
+    bad = [call(daemon, "not-a-secret", stream=i % 2 == 1) for i in range(6)]
+    secret = daemon.issue("refusals", rpm=2)
+    empty = [call(daemon, secret, " ") for _ in range(2)]
+    # Decided by the main process (rpm, at admission), answered by a worker: once.
+    rpm = [call(daemon, secret) for _ in range(3)]
+    assert bad == ["UNAUTHENTICATED"] * 6, bad
+    assert empty == ["INVALID_ARGUMENT"] * 2, empty
+    assert rpm == ["RESOURCE_EXHAUSTED"] * 3, rpm  # the empty prompts counted in the rpm
+    want = {"unauthenticated": 6.0, "invalid_argument": 2.0, "rpm": 3.0}
+
+    def added() -> dict[str, float]:
+        after = refusals(daemon)
+        return {r: after.get(r, 0.0) - before.get(r, 0.0) for r in set(after) | set(before)}
+
+    # Forwarded at the worker's next loop turn: at once, but over a socket.
+    wait_until(lambda: {r: n for r, n in added().items() if n} == want, 10)
+    assert {r: n for r, n in added().items() if n} == want
 
 
 def test_reload_swaps_every_worker_or_none(daemon: DaemonProcess) -> None:

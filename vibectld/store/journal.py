@@ -90,6 +90,10 @@ class UsageJournal:
         self._seq = 0  # the current segment
         self._closed: list[int] = []  # closed segments not yet known to be applied
         self.unwritten = 0  # records a write failed for (counted in memory only)
+        # Set by a main process with workers around one worker's record: written on its
+        # line, so that worker can tell from the file alone, if this process is killed
+        # before acknowledging, whether its call is counted (workers/acks.py).
+        self.tag: str | None = None
 
     def __repr__(self) -> str:
         return f"UsageJournal({str(self.directory)!r}, segment={self._seq})"
@@ -159,7 +163,7 @@ class UsageJournal:
 
     def call(self, client_id: str, now: int, c: usage.Counts) -> None:
         self._write(
-            f"c\t{client_id}\t{now}\t{c.errors}\t{c.input_tokens}\t{c.output_tokens}\t"
+            f"{self._kind('c')}\t{client_id}\t{now}\t{c.errors}\t{c.input_tokens}\t{c.output_tokens}\t"
             f"{c.cost_usd!r}\n"
         )
 
@@ -167,7 +171,10 @@ class UsageJournal:
         if not found:
             return
         kinds = "\t".join(f"{kind}\t{n}" for kind, n in found.items())
-        self._write(f"r\t{client_id}\t{now}\t{kinds}\n")
+        self._write(f"{self._kind('r')}\t{client_id}\t{now}\t{kinds}\n")
+
+    def _kind(self, kind: str) -> str:
+        return kind if self.tag is None else f"{kind}@{self.tag}"
 
     def _write(self, line: str) -> None:
         if self._fd is None:
@@ -231,6 +238,26 @@ class UsageJournal:
         return self.directory / f"{seq:012d}.log"
 
 
+def tags_in(directory: Path) -> set[str]:
+    """The tags on the lines of every segment in `directory` now (a worker's question,
+    after its main process was killed: which of my calls did it count?)."""
+    tags: set[str] = set()
+    try:
+        names = [p for p in directory.iterdir() if _SEGMENT.fullmatch(p.name)]
+    except OSError:
+        return tags
+    for path in names:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue  # gone: a flush committed it (see workers/acks.py for the odds)
+        for line in data.split(b"\n")[:-1]:  # a last line without its newline: torn
+            _, at, rest = line.partition(b"\t")[0].partition(b"@")
+            if at:
+                tags.add(rest.decode(errors="replace"))
+    return tags
+
+
 def _identity(directory: Path) -> str:
     path = directory / _IDENTITY
     try:
@@ -255,7 +282,7 @@ def _apply(line: str, book: usage.UsageBook, counters: dict[str, tuple[int, int]
     """Count one journal line into `book` and `counters`; ValueError or IndexError if it
     is not one."""
     fields = line.split("\t")
-    kind, client_id, now = fields[0], fields[1], int(fields[2])
+    kind, client_id, now = fields[0].partition("@")[0], fields[1], int(fields[2])
     if kind == "c" and len(fields) == 7:
         c = usage.Counts(1, int(fields[3]), int(fields[4]), int(fields[5]), float(fields[6]))
         book.record(client_id, now, c)

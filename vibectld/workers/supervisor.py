@@ -60,7 +60,9 @@ from vibectld.service.limits import EffectiveLimits, check_token_budget
 from vibectld.service.refusals import CallRefused, Unauthenticated, Unavailable
 from vibectld.service.staleness import StorageState, is_stale, stale_refusal
 from vibectld.startup import StartupError
+from vibectld.store.journal import UsageJournal
 from vibectld.store.records import ClientRecord
+from vibectld.workers.acks import journal_of, record_usage, tagged
 from vibectld.workers.channel import Channel, ChannelClosed, Failed
 from vibectld.workers.view import keys_to_wire, refusal_to_wire
 
@@ -95,6 +97,9 @@ class WorkerSlot:
     # Its calls in flight per client, as its last ping said.
     per_client: Counter[str] = field(default_factory=Counter)
     serving: asyncio.Event = field(default_factory=asyncio.Event)
+    # The highest usage record of its process journalled here, and acknowledged to it.
+    journalled: int = 0
+    acknowledged: int = 0
 
     @property
     def pid(self) -> int | None:
@@ -117,6 +122,7 @@ class Supervisor(Daemon):
         self._watchers: list[asyncio.Task[None]] = []
         self._started = False
         self._start_failure: asyncio.Future[str] | None = None
+        self._journal: UsageJournal | None = None
 
     # -- start ------------------------------------------------------------------------
 
@@ -125,6 +131,7 @@ class Supervisor(Daemon):
         self._loop = asyncio.get_running_loop()
         rt.workers = self
         rt.inflight = _WorkersInFlight(self.in_flight_by_client)
+        self._journal = journal_of(rt.registry)
         self._push_writes(rt)
         return rt
 
@@ -187,10 +194,12 @@ class Supervisor(Daemon):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
         slot.serving = asyncio.Event()
         slot.state = "starting"
+        slot.journalled = slot.acknowledged = 0  # a new process numbers from 1
         slot.channel = Channel(
             parent,
             lambda kind, body: self._handle(slot, kind, body),
-            lambda kind, body: self._told(kind, body),
+            lambda kind, body: self._told(slot, kind, body),
+            lambda: self._acknowledge(slot),
         )
         try:
             slot.proc = await asyncio.create_subprocess_exec(
@@ -255,32 +264,36 @@ class Supervisor(Daemon):
             return None
         raise ValueError(f"unknown message {kind!r}")
 
-    def _told(self, kind: str, body: Any) -> None:
+    def _told(self, slot: WorkerSlot, kind: str, body: Any) -> None:
         """What a worker sends without waiting: slots given back, usage, metrics."""
         rt = self.runtime
         assert rt is not None
         if kind == "release":
             self._release(body)
-        elif kind == "record_call":
-            client_id, now, error, tokens_in, tokens_out, cost = body
-            rt.registry.record_call(
-                client_id,
-                now=now,
-                error=error,
-                input_tokens=tokens_in,
-                output_tokens=tokens_out,
-                cost_usd=cost,
-            )
-        elif kind == "record_redactions":
-            client_id, now, found = body
-            rt.registry.record_redactions(client_id, now=now, found=found)
+        elif kind == "record_call" or kind == "record_redactions":
+            tag, *fields = body
+            with tagged(self._journal, *tag) if tag else contextlib.nullcontext():
+                record_usage(rt.registry, kind, fields)
+            if tag:
+                slot.journalled = tag[1]
         elif kind == "observe_call":
             rt.metrics.observe_call(*body)
         elif kind == "observe_redactions":
             found, action = body
             rt.metrics.observe_redactions(found, action)
+        elif kind == "refusals":
+            for reason, n in body.items():
+                rt.metrics.refusals.labels(reason).inc(n)
         else:
             raise ValueError(f"unknown message {kind!r}")
+
+    def _acknowledge(self, slot: WorkerSlot) -> None:
+        """After a batch: its records are journalled, and the calls waiting may answer."""
+        channel = slot.channel
+        if slot.journalled > slot.acknowledged and channel is not None:
+            slot.acknowledged = slot.journalled
+            with contextlib.suppress(ChannelClosed):
+                channel.tell_now("journalled", slot.journalled)
 
     def _hello(self, slot: WorkerSlot, rt: Runtime) -> dict[str, Any]:
         ca = rt.generation.ca
@@ -355,7 +368,8 @@ class Supervisor(Daemon):
                     self._release(lease_id)
                     raise Unavailable("this call's worker stopped; retry")
         except CallRefused as refusal:
-            rt.metrics.refusals.labels(refusal.reason).inc()
+            # Counted in the metrics by the worker, which ends the call with it (and
+            # forwards its refusal counts here, with those it decided alone).
             return "refused", refusal_to_wire(refusal)
         return "ok", (lease_id, rt.registry.usd_spent_month(client_id, now))
 

@@ -13,8 +13,10 @@ main process, which records it in its store: totals equal calls served.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ from vibectld.service.limits import EffectiveLimits
 from vibectld.service.refusals import CallRefused, Unavailable
 from vibectld.store.base import StoreHealth
 from vibectld.store.records import ClientRecord
+from vibectld.workers.acks import JournalAcks
 from vibectld.workers.channel import Channel, ChannelClosed
 
 # How long a call waits for the main process to admit it before it is refused as
@@ -91,6 +94,7 @@ class WorkerStore:
     def __init__(self, records: list[ClientRecord]) -> None:
         self._records = {r.id: r for r in records}
         self.channel: Channel | None = None
+        self.acks: JournalAcks | None = None
         # Usd spent this month per client, as the main process said at the last
         # admission: GetServerInfo's usd_left (informational; admission decides).
         self.usd_month: dict[str, float] = {}
@@ -122,15 +126,20 @@ class WorkerStore:
     ) -> None:
         self._tell(
             "record_call",
-            (client_id, now, error, input_tokens, output_tokens, cost_usd),
+            (self._tag(), client_id, now, error, input_tokens, output_tokens, cost_usd),
         )
 
     def record_redactions(self, client_id: str, *, now: int, found: dict[str, int]) -> None:
-        self._tell("record_redactions", (client_id, now, dict(found)))
+        self._tell("record_redactions", (self._tag(), client_id, now, dict(found)))
+
+    def _tag(self) -> tuple[str, int] | None:
+        # Numbered so that the call that made it answers once it is journalled.
+        return None if self.acks is None else self.acks.next_tag()
 
     def _tell(self, kind: str, body: Any) -> None:
         assert self.channel is not None
-        # Lost only if the main process is gone, and then so is its store.
+        # Lost only if the main process is gone, and then so is its store (the call that
+        # made it then ends UNAVAILABLE: acks.py).
         with contextlib.suppress(ChannelClosed):
             self.channel.tell(kind, body)
 
@@ -161,11 +170,14 @@ class WorkerStore:
 
 class ForwardedMetrics(Metrics):
     """A worker's metrics: what the main process's endpoint shows of each call (requests,
-    durations, tokens, redactions) goes to it; the rest stays here, unexported."""
+    durations, tokens, redactions, refusals) goes to it; the rest stays here, unexported
+    (calls in flight: the main process has them from the pings)."""
 
     def __init__(self, channel: Channel) -> None:
         super().__init__()
         self._channel = channel
+        # The servicer and the call gate count a refusal with .labels(reason).inc().
+        self.refusals = _ForwardedRefusals(channel)  # type: ignore[assignment]
 
     def observe_call(
         self,
@@ -184,6 +196,38 @@ class ForwardedMetrics(Metrics):
     def observe_redactions(self, found: Mapping[str, int], action: str) -> None:
         with contextlib.suppress(ChannelClosed):
             self._channel.tell("observe_redactions", (dict(found), action))
+
+
+class _ForwardedRefusals:
+    """`Metrics.refusals` in a worker: counted here and sent as one message per loop
+    turn, however many refusals it saw (a flood of bad secrets is many)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._counts: Counter[str] = Counter()
+
+    def labels(self, reason: str) -> _Refusal:
+        return _Refusal(self, reason)
+
+    def add(self, reason: str, n: float) -> None:
+        if not self._counts:
+            with contextlib.suppress(RuntimeError):  # no loop: nothing to send it with
+                asyncio.get_running_loop().call_soon(self._send)
+        self._counts[reason] += int(n)
+
+    def _send(self) -> None:
+        counts, self._counts = dict(self._counts), Counter()
+        with contextlib.suppress(ChannelClosed):
+            self._channel.tell("refusals", counts)
+
+
+@dataclass(slots=True)
+class _Refusal:
+    owner: _ForwardedRefusals
+    reason: str
+
+    def inc(self, amount: float = 1) -> None:
+        self.owner.add(self.reason, amount)
 
 
 # -- admission --------------------------------------------------------------------------

@@ -40,7 +40,9 @@ from vibectld.providers.execution import Executor
 from vibectld.runtime import Runtime
 from vibectld.startup import StartupError
 from vibectld.store.base import Store
+from vibectld.store.journal import DIRECTORY as USAGE_JOURNAL
 from vibectld.store.records import ClientRecord
+from vibectld.workers.acks import JournalAcks
 from vibectld.workers.channel import Channel
 from vibectld.workers.view import ForwardedMetrics, PushedKeys, WorkerAdmission, WorkerStore
 
@@ -55,7 +57,8 @@ class Worker(Daemon):
     def __init__(self, config: DaemonConfig, sock: socket.socket) -> None:
         super().__init__(config)
         self._sock = sock
-        self.channel = Channel(sock, self._handle)
+        self.channel = Channel(sock, self._handle, self._told)
+        self.acks: JournalAcks | None = None
         self.index = 0
         self._listen = config.server.listen
         self._store: WorkerStore | None = None
@@ -83,6 +86,7 @@ class Worker(Daemon):
         # The main process's configuration, not the file's now: a worker started again
         # after the file changed serves what the others serve until a reload.
         self.config = config = _share_of(hello["config"], self._workers)
+        self.acks = self._store.acks = JournalAcks(config.state_dir / USAGE_JOURNAL)
         logs.configure(config.logging.level, config.logging.format)
         # Every record this worker logs says which worker (its calls' tasks inherit it).
         structlog.contextvars.bind_contextvars(worker=self.index)
@@ -115,11 +119,15 @@ class Worker(Daemon):
             metrics=ForwardedMetrics(self.channel),
         )
         rt.cluster = WorkerAdmission(self.channel, self._store, rt)
+        assert self.acks is not None
+        rt.wrap_handler = self.acks.wrap_handler
         return rt
 
     async def _watch_channel(self) -> None:
         # The main process is gone (killed, crashed): a worker alone serves no one well.
         await self.channel.closed.wait()
+        if self.acks is not None:
+            self.acks.main_gone()  # first: calls waiting for it answer from the journal
         if self.runtime is not None:
             # New calls are refused (UNAVAILABLE, retryable) at once: their usage would
             # have nowhere to go, and a client retries them on the next daemon.
@@ -127,6 +135,16 @@ class Worker(Daemon):
         if not self._stop.is_set():
             log.error("worker.main_process_gone", worker=self.index, hint="stopping")
             self.request_stop()
+
+    def _told(self, kind: str, body: Any) -> None:
+        """What the main process sends without waiting for an answer."""
+        if kind == "journalled":
+            if self.acks is not None:
+                self.acks.journalled(body)
+        elif kind == "drain":
+            self.request_stop()
+        else:
+            raise ValueError(f"unknown message {kind!r}")
 
     async def _handle(self, kind: str, body: Any) -> Any:
         await self._store_ready.wait()
@@ -209,6 +227,8 @@ class Worker(Daemon):
     async def stop(self, grace: float | None = None) -> None:
         await super().stop(grace)
         await self.channel.close()
+        if self.acks is not None:
+            self.acks.main_gone()  # none should wait by now; none may wait for ever
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
