@@ -24,7 +24,8 @@ WORDS = [f"w{i} " for i in range(30)]
 
 
 def _paced_reply() -> list[bytes | float]:
-    pieces: list[bytes | float] = [body(chunk(""), chunk(WORDS[0]))]
+    # The first word alone well before the others, so even a loaded machine reads it alone.
+    pieces: list[bytes | float] = [body(chunk(""), chunk(WORDS[0])), 0.1]
     for word in WORDS[1:]:
         pieces += [0.01, body(chunk(word))]
     return _streamed(*pieces, body(chunk(None, "stop"), "[DONE]"))
@@ -57,15 +58,18 @@ def test_a_process_with_few_streams_sends_every_event_as_it_comes(
 ) -> None:
     items, _ = _stream_with_others_open(model_for, 0)
     assert "".join(items) == "".join(WORDS)
-    assert len(items) >= len(WORDS) - 3  # a read may still catch two events together
+    # Not rested: about one item per event (a late read on a loaded machine may catch two).
+    assert len(items) >= len(WORDS) // 2, items
     assert PACING.open == 0
 
 
 def test_a_busy_process_sends_what_arrived_during_a_rest_as_one_message(
     model_for: Callable[[str], AiohttpAsyncChat],
 ) -> None:
-    items, seconds = _stream_with_others_open(model_for, FREE_STREAMS * 2)
-    assert seconds > 0.01  # the rest is longer than the provider's pace here
+    # Enough open streams for a rest of several of the provider's 10 ms paces (at least
+    # two words per read however slow the machine, since both wait as long as they must).
+    items, seconds = _stream_with_others_open(model_for, FREE_STREAMS * 10)
+    assert seconds >= 0.1
     assert items[0] == WORDS[0]  # the first text is never held back
     assert "".join(items) == "".join(WORDS)  # nothing lost, nothing reordered
     assert len(items) < len(WORDS) // 2, items
