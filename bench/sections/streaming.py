@@ -154,6 +154,14 @@ def report(
     levels = sorted({n for n, _ in got})
     mid, top = (400, 1000) if 1000 in levels else (levels[-1], levels[-1])
     _grade(section, got, mid, top, per[top], n_workers)
+    if top > mid:
+        # What one more open stream costs, without the allocator's and caches' one-time
+        # growth that the figure above idle charges to the streams too.
+        rss_at = {n: c.median_of(got[(n, "grpc")], "daemon_rss_kib") for n in (mid, top)}
+        slope = (rss_at[top] - rss_at[mid]) * 1.024 / (top - mid)
+        what = f"RSS per added open stream, {mid} -> {top} streams, {n_workers} w."
+        section.check(what, None, f"{slope:.1f} kB")
+        section.row(AREA, what, f"{slope:.1f} kB")
     for n in (mid, top):
         ratio = c.paired_ratio(got[(n, "floor")], got[(n, "grpc")], "tokens_per_s")
         what = f"chunks/s at {n} streams, vibectld ({n_workers} w.) vs the gRPC floor (1 process)"

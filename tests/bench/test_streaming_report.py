@@ -34,8 +34,10 @@ def test_one_table_and_targets_per_workers_setting() -> None:
     assert len(names) == 6 and all(name.endswith(", 2 workers") for name in names)
     # vibectld beside the floor at 400 and 1,000 streams: shown, not graded.
     beside = [c for c in section.checks if c.passed is None]
-    assert [c.detail for c in beside] == ["100%", "100%"]
-    assert all("(2 w.) vs the gRPC floor" in c.name for c in beside)
+    # 40 KiB more per stream at every level: the slope from 400 to 1,000 is 41 kB too.
+    assert [c.detail for c in beside] == ["41.0 kB", "100%", "100%"]
+    assert "RSS per added open stream" in beside[0].name
+    assert all("(2 w.) vs the gRPC floor" in c.name for c in beside[1:])
     verdicts = {c.name.split(" at ")[0]: c.passed for c in graded}
     assert verdicts["vibectld CPU per relayed chunk"] is False  # 40 us > 35 us
     # (RSS during - idle) * 1.024 / streams: 40 KiB per stream is 41 kB.
