@@ -134,10 +134,17 @@ class JournalAcks:
         return handler
 
 
+def this_call_waits() -> list[asyncio.Future[bool]]:
+    """From now on, in this task, each record sent adds the future of its
+    acknowledgement (True: journalled; False: never will be) to the list returned."""
+    waiting: list[asyncio.Future[bool]] = []
+    _CALL_RECORDS.set(waiting)  # this call's task only: grpc runs each in its own
+    return waiting
+
+
 def _held(behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
     async def held(request: Any, context: Any) -> Any:
-        waiting: list[asyncio.Future[bool]] = []
-        _CALL_RECORDS.set(waiting)  # this call's task only: grpc runs each in its own
+        waiting = this_call_waits()
         result = await behavior(request, context)
         # The servicer counts a call on the loop's next turn (call_soon, after the reply
         # was handed back): let that run, so its records are in `waiting`.
