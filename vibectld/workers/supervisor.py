@@ -9,9 +9,10 @@ never listening socket with SO_REUSEPORT, held for the process's life), so `port
 resolves once and a restarted worker binds the same port.
 
 What stays exact across workers is decided here, on one event loop, as on one node:
-every call with a limit or a budget is admitted here in one round trip (rpm, budgets,
-concurrency, with the Limiter or, on PostgreSQL, the cluster limiter; is the client
-still active), every served call's usage is recorded here, and a client or key change is
+every call with a limit or a budget is admitted here in one round trip (admission.py:
+rpm, budgets, concurrency, with the Limiter or, on PostgreSQL, the cluster limiter; is
+the client still active), every served call's usage is recorded here (and journalled
+before its worker answers the call: acks.py), and a client or key change is
 pushed to every worker and acknowledged before the admin operation answers, each worker
 cancelling the calls it must (so a call with nothing to decide here is admitted by its
 worker alone, from its up-to-date copy). A worker that dies gives back its slots at
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import signal
 import socket
@@ -40,11 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-)
 
 from vibectl.util.hostport import join_host_port
 from vibectl.util.timefmt import iso
@@ -52,19 +47,16 @@ from vibectld.config import DaemonConfig
 from vibectld.daemon import Daemon
 from vibectld.generation import GenerationRejected
 from vibectld.ops.watchdog import Probe
-from vibectld.providers.catalogue import UnknownModel
 from vibectld.runtime import Runtime
-from vibectld.service.budgets import check_dollar_budgets
 from vibectld.service.inflight import InFlight
-from vibectld.service.limits import EffectiveLimits, check_token_budget
-from vibectld.service.refusals import CallRefused, Unauthenticated, Unavailable
-from vibectld.service.staleness import StorageState, is_stale, stale_refusal
+from vibectld.service.staleness import StorageState
 from vibectld.startup import StartupError
 from vibectld.store.journal import UsageJournal
 from vibectld.store.records import ClientRecord
 from vibectld.workers.acks import journal_of, record_usage, tagged
+from vibectld.workers.admission import MainAdmission
 from vibectld.workers.channel import Channel, ChannelClosed, Failed
-from vibectld.workers.view import keys_to_wire, refusal_to_wire
+from vibectld.workers.view import ca_to_wire, keys_to_wire
 
 log = structlog.get_logger("vibectld.workers")
 
@@ -78,8 +70,6 @@ PUSH_TIMEOUT_SECONDS = 5.0
 MAX_RESTART_PAUSE_SECONDS = 5.0
 # Past the shutdown grace, how long a worker may take to exit before SIGKILL.
 EXIT_MARGIN_SECONDS = 5.0
-
-_ASK_ADMIN = "ask your vibectld admin for a new one"
 
 
 @dataclass
@@ -114,9 +104,6 @@ class Supervisor(Daemon):
         self._reserved: socket.socket | None = None
         self._listen = config.server.listen
         self._stopping = False
-        self._lease_ids = itertools.count(1)
-        # lease id → (worker index, client id, the cluster limiter's lease or None)
-        self._leases: dict[int, tuple[int, str, Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._all_or_none = asyncio.Lock()
         self._watchers: list[asyncio.Task[None]] = []
@@ -131,6 +118,7 @@ class Supervisor(Daemon):
         self._loop = asyncio.get_running_loop()
         rt.workers = self
         rt.inflight = _WorkersInFlight(self.in_flight_by_client)
+        self._admission = MainAdmission(rt)
         self._journal = journal_of(rt.registry)
         self._push_writes(rt)
         return rt
@@ -221,7 +209,7 @@ class Supervisor(Daemon):
         code = await proc.wait()
         if slot.channel is not None:
             await slot.channel.close()
-        released = self._release_worker(slot.index)
+        released = self._admission.release_worker(slot.index)
         slot.state = "stopped"
         slot.per_client = Counter()
         if self._stopping:
@@ -253,7 +241,12 @@ class Supervisor(Daemon):
         rt = self.runtime
         assert rt is not None
         if kind == "admit":
-            return await self._admit(slot, rt, *body)
+            asking = slot.proc  # it may die while the cluster limiter answers
+
+            def still_serving() -> bool:
+                return asking is not None and slot.proc is asking and asking.returncode is None
+
+            return await self._admission.admit(slot.index, still_serving, *body)
         if kind == "hello":
             return self._hello(slot, rt)
         if kind == "serving":
@@ -269,7 +262,7 @@ class Supervisor(Daemon):
         rt = self.runtime
         assert rt is not None
         if kind == "release":
-            self._release(body)
+            self._admission.release(body)
         elif kind == "record_call" or kind == "record_redactions":
             tag, *fields = body
             with tagged(self._journal, *tag) if tag else contextlib.nullcontext():
@@ -296,16 +289,6 @@ class Supervisor(Daemon):
                 channel.tell_now("journalled", slot.journalled)
 
     def _hello(self, slot: WorkerSlot, rt: Runtime) -> dict[str, Any]:
-        ca = rt.generation.ca
-        ca_wire = (
-            None
-            if ca is None
-            else (
-                ca.cert.public_bytes(Encoding.DER),
-                ca.key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption()),
-                ca.where,
-            )
-        )
         return {
             "index": slot.index,
             "workers": self.count,
@@ -314,84 +297,8 @@ class Supervisor(Daemon):
             "records": rt.registry.clients(include_inactive=True),
             "keys": keys_to_wire(rt.signing.loaded()),
             "generation": rt.generation.number,
-            "ca": ca_wire,
+            "ca": ca_to_wire(rt.generation.ca),
         }
-
-    async def _admit(
-        self, slot: WorkerSlot, rt: Runtime, client_id: str, runs: bool, model_id: str | None
-    ) -> tuple[str, Any]:
-        """A worker's call: rpm, budgets, concurrency, in the contract's order, here."""
-        gen = rt.generation
-        now = time.time()
-        asking = slot.proc  # the worker asking: it may die while the cluster limiter answers
-        try:
-            storage = gen.config.storage
-            if storage.on_stale == "refuse" and is_stale(
-                rt.registry, storage.max_staleness_seconds, now
-            ):
-                raise stale_refusal(rt.registry)
-            record = rt.registry.get(client_id)
-            _still_active(rt, record, int(now))
-            assert record is not None
-            limits = EffectiveLimits.of(record, gen.config.limits)
-            held: CallRefused | None = None
-            if runs:
-                try:
-                    check_token_budget(
-                        rt.registry.tokens_used(client_id, int(now)), limits.tokens_per_day, now
-                    )
-                    if model_id is not None:
-                        entry = gen.catalogue.resolve(model_id)
-                        assert entry is not None
-                        check_dollar_budgets(rt.registry, gen, record, limits, entry, now)
-                except CallRefused as refusal:
-                    held = refusal
-                except UnknownModel:
-                    held = Unavailable("the server is reloading its models; retry in a moment")
-            inner: Any = None
-            if rt.cluster is not None:
-                inner = await rt.cluster.admit(
-                    client_id, limits.rpm, limits.concurrency, slot=runs and held is None
-                )
-            else:
-                rt.limiter.count_request(client_id, limits.rpm)
-            if held is not None:
-                raise held
-            lease_id = None
-            if runs:
-                if rt.cluster is None:
-                    rt.limiter.take(client_id, limits.concurrency)
-                lease_id = next(self._lease_ids)
-                self._leases[lease_id] = (slot.index, client_id, inner)
-                if asking is None or slot.proc is not asking or asking.returncode is not None:
-                    # Its slots were given back already; this one goes too.
-                    self._release(lease_id)
-                    raise Unavailable("this call's worker stopped; retry")
-        except CallRefused as refusal:
-            # Counted in the metrics by the worker, which ends the call with it (and
-            # forwards its refusal counts here, with those it decided alone).
-            return "refused", refusal_to_wire(refusal)
-        return "ok", (lease_id, rt.registry.usd_spent_month(client_id, now))
-
-    def _release(self, lease_id: int) -> None:
-        held = self._leases.pop(lease_id, None)
-        if held is None:
-            return  # given back already, when its worker died
-        rt = self.runtime
-        assert rt is not None
-        _, client_id, inner = held
-        if inner is not None:
-            assert rt.cluster is not None
-            rt.cluster.release(inner)
-        else:
-            rt.limiter.give_back(client_id)
-
-    def _release_worker(self, index: int) -> int:
-        """Every slot the dead worker `index` held, given back."""
-        mine = [lease for lease, (owner, _, _) in self._leases.items() if owner == index]
-        for lease in mine:
-            self._release(lease)
-        return len(mine)
 
     # -- pushes -----------------------------------------------------------------------
 
@@ -614,16 +521,3 @@ class _WorkersInFlight(InFlight):
 
     def per_client(self) -> Counter[str]:
         return self._workers()
-
-
-def _still_active(rt: Runtime, record: ClientRecord | None, now: int) -> None:
-    """Refuse a call whose client was revoked (or expired, or its key retired) since the
-    worker authenticated it: its copy may be a push behind; this store is not."""
-    if record is None:
-        raise Unauthenticated(f"secret is not registered on this server — {_ASK_ADMIN}")
-    if record.revoked_at is not None:
-        raise Unauthenticated(f"secret was revoked — {_ASK_ADMIN}")
-    if record.expires_at <= now:
-        raise Unauthenticated(f"secret has expired — {_ASK_ADMIN}")
-    if record.kid is not None and not rt.signing.verifies(record.kid):
-        raise Unauthenticated(f"secret's signing key was retired — {_ASK_ADMIN}")

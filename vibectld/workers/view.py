@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from vibectld.ops.metrics import Metrics
 from vibectld.pki.kids import LoadedKeys
+from vibectld.pki.tls import CertificateAuthority
 from vibectld.runtime import Runtime
 from vibectld.service.limits import EffectiveLimits
 from vibectld.service.refusals import CallRefused, Unavailable
@@ -49,6 +50,15 @@ def keys_to_wire(loaded: LoadedKeys) -> tuple[dict[str, bytes], frozenset[str]]:
         for kid, key in loaded.keys.items()
     }
     return raw, loaded.retired
+
+
+def ca_to_wire(ca: CertificateAuthority | None) -> tuple[bytes, bytes, str] | None:
+    """The main process's CA, if its generation holds one (certificate and key, DER),
+    so a worker's generation is built with the same one."""
+    if ca is None:
+        return None
+    key = ca.key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
+    return ca.cert.public_bytes(Encoding.DER), key, ca.where
 
 
 class PushedKeys:
