@@ -396,6 +396,11 @@ class Registry(WriteThrough):
         metrics read its counts (ops/metrics.py, watch_feed)."""
         return self._listener
 
+    def usage_journal(self) -> UsageJournal | None:
+        """The usage journal: a main process with workers tags their lines in it
+        (workers/acks.py)."""
+        return self._journal
+
     def freshness(self, now: float | None = None) -> float | None:
         if not self._shared:
             return None  # nothing but this process writes the database
