@@ -60,8 +60,12 @@ class FloorService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         rid = request.request_id
         if not self.paced:
             yield pb.StreamChunk(request_id=rid, text_chunk=self.text)
-        for _ in range(self.paced):
-            await asyncio.sleep(self.interval_s)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(1, self.paced + 1):
+            # On the provider's schedule (bench/fake_paced.py), not 20 ms after each write:
+            # a late write does not push the ones after it back.
+            await asyncio.sleep(start + i * self.interval_s - loop.time())
             yield pb.StreamChunk(request_id=rid, text_chunk=self.text)
         yield pb.StreamChunk(request_id=rid, complete=pb.StreamComplete(actual_model_used=MODEL))
         yield pb.StreamChunk(request_id=rid, final_metrics=self._metrics())

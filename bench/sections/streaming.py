@@ -162,7 +162,7 @@ def report(
         what = f"RSS per added open stream, {mid} -> {top} streams, {n_workers} w."
         section.check(what, None, f"{slope:.1f} kB")
         section.row(AREA, what, f"{slope:.1f} kB")
-    for n in (mid, top):
+    for n in sorted({mid, top}):
         ratio = c.paired_ratio(got[(n, "floor")], got[(n, "grpc")], "tokens_per_s")
         what = f"chunks/s at {n} streams, vibectld ({n_workers} w.) vs the gRPC floor (1 process)"
         section.check(what, None, c.pct(ratio))
