@@ -1,6 +1,6 @@
 """Readers of single configuration values: each checks one kind of value and names the key.
 
-config.py composes them into sections; they know nothing of sections or defaults.
+config_file.py composes them into sections; they know nothing of sections or defaults.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ fresh again (service/gate.py). A store nobody else writes (SQLite: `freshness()`
 is None) is never stale.
 
 Separately, while the database does not answer at all (`degraded`), admin changes are
-refused at once (admin/routes.py) instead of each waiting out a connection timeout.
+refused at once (admin/storage_gate.py) instead of each waiting out a connection timeout.
 Everything here reads memory only: the call gate asks on every call.
 """
 
