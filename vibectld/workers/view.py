@@ -221,8 +221,12 @@ class _ForwardedRefusals:
 
     def add(self, reason: str, n: float) -> None:
         if not self._counts:
-            with contextlib.suppress(RuntimeError):  # no loop: nothing to send it with
+            try:
                 asyncio.get_running_loop().call_soon(self._send)
+            except RuntimeError:
+                # No loop: nothing to send it with. Not kept either: a count left here
+                # would hold back every later one, each waiting for a send never scheduled.
+                return
         self._counts[reason] += int(n)
 
     def _send(self) -> None:

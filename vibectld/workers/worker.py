@@ -162,9 +162,6 @@ class Worker(Daemon):
         if kind == "abandon":
             self._pending = None
             return None
-        if kind == "drain":
-            self.request_stop()
-            return None
         raise ValueError(f"unknown message {kind!r}")
 
     def _client_changed(self, record: ClientRecord) -> int:
