@@ -16,20 +16,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from tests.conftest import RunningDaemon
 from tests.integration.test_storage_outage import OutageNode, start_node
 from tests.postgres import Postgres
-from vibectld.store import feed
+from tests.store.test_feed_metrics import terminate_listeners
 
 __all__ = ["start_node"]  # the fixture
-
-_LISTENER = (
-    "SELECT pid FROM pg_stat_activity "
-    "WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE %s"
-)
 
 
 def _scrape(daemon: RunningDaemon) -> dict[str, float]:
@@ -52,21 +46,6 @@ def _until(what: str, check: Callable[[], bool], seconds: float = 10) -> None:
         time.sleep(0.05)
 
 
-def _terminate_the_listener(dsn: str) -> None:
-    """End the listener's session: the one whose last statement is the catch-up read
-    (every 0.5 s), so it is found within a second."""
-    like = feed.SINCE_SQL.split("?")[0] + "%"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        pids: list[int] = []
-
-        def found() -> bool:
-            pids[:] = [row[0] for row in conn.execute(_LISTENER, (like,)).fetchall()]
-            return len(pids) == 1
-
-        _until("the listener's session found", found, 2)
-        conn.execute("SELECT pg_terminate_backend(%s)", (pids[0],))
-
-
 def _reconnects(daemon: RunningDaemon, n: int) -> Callable[[], bool]:
     return lambda: _scrape(daemon)["vibectld_feed_reconnects_total"] == n
 
@@ -83,7 +62,7 @@ def test_metrics_count_the_feed_listener_reconnecting(
     assert before["vibectld_feed_failures_total"] == 0.0
 
     for n in (1, 2):
-        _terminate_the_listener(postgres.dsn)
+        terminate_listeners(postgres.dsn, 1)
         _until(f"reconnected {n} times", _reconnects(daemon, n))
         now = _scrape(daemon)
         assert now["vibectld_feed_failures_total"] == n

@@ -49,18 +49,20 @@ def _scrape(metrics: Metrics) -> dict[str, float]:
     }
 
 
-def _terminate_listeners(dsn: str) -> None:
-    """End both listeners' sessions at once. A listener whose last statement was another
-    read (the changed clients' rows) shows the catch-up read again within 0.5 s."""
+def terminate_listeners(dsn: str, listeners: int) -> None:
+    """End the sessions of the `listeners` change feed listeners on the database at once
+    (also the daemon's test, tests/integration/test_feed_metrics.py). A listener whose
+    last statement was another read (the changed clients' rows) shows the catch-up read
+    again within 0.5 s."""
     like = feed.SINCE_SQL.split("?")[0] + "%"
     with psycopg.connect(dsn, autocommit=True) as conn:
         pids: list[int] = []
 
-        def both_seen() -> bool:
+        def all_seen() -> bool:
             pids[:] = [row[0] for row in conn.execute(_LISTENERS, (like,)).fetchall()]
-            return len(pids) == 2
+            return len(pids) == listeners
 
-        wait_for(both_seen, timeout=2.0)
+        wait_for(all_seen, timeout=2.0)
         conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
 
 
@@ -79,7 +81,7 @@ def test_a_lost_listener_connection_is_counted_and_the_feed_still_delivers(
     }
 
     # Both nodes' listeners: their sessions are alike, and a's loss is a's own business.
-    _terminate_listeners(postgres.dsn)
+    terminate_listeners(postgres.dsn, 2)
     wait_for(lambda: _scrape(metrics)["vibectld_feed_reconnects_total"] == 1.0)
     after = _scrape(metrics)
     assert after["vibectld_feed_failures_total"] == 1.0
@@ -93,7 +95,7 @@ def test_a_lost_listener_connection_is_counted_and_the_feed_still_delivers(
     wait_for(lambda: b.get(alice.id) is not None, timeout=2.0)
 
     # A second loss counts again.
-    _terminate_listeners(postgres.dsn)
+    terminate_listeners(postgres.dsn, 2)
     wait_for(lambda: _scrape(metrics)["vibectld_feed_reconnects_total"] == 2.0)
     assert _scrape(metrics)["vibectld_feed_failures_total"] == 2.0
 
