@@ -173,8 +173,9 @@ def test_a_worker_left_waiting_counts_what_the_journal_holds(tmp_path: Path) -> 
     async def worker() -> tuple[list[bool], list[bool], bool]:
         waiting = this_call_waits()
         tags = [acks.next_tag() for _ in range(4)]
-        # The main process journals all four, acknowledges the first, journals the second
-        # and third with their tags, and is killed before it acknowledges them.
+        # The main process journals the first three with their tags, acknowledges the
+        # first, and is killed before it acknowledges the second and third; the fourth
+        # never reached it.
         for token, seq in tags[:3]:
             with tagged(journal, token, seq):
                 journal.call("c1", 1_700_000_000, call)
