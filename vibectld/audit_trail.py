@@ -56,5 +56,9 @@ class AuditTrail:
         """Write the rows kept while the database was away, oldest first; stop at the
         first failure (the rest wait for the next try). From a thread."""
         while self._held:
-            registry.add_audit(**self._held[0])
-            self._held.popleft()
+            row = self._held[0]
+            registry.add_audit(**row)
+            # A row held while this one was written may have pushed it out of a full
+            # queue already: remove it only if it is still first, never the next one.
+            if self._held and self._held[0] is row:
+                self._held.popleft()
