@@ -72,7 +72,7 @@ class FloorService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
 
 
 async def serve(port: int, cert_chain: bytes, key: bytes, service: FloorService) -> None:
-    # The same options vibectld's server uses (vibectld/daemon.py): its message limits
+    # The same options vibectld's server uses (vibectld/grpc_server.py): its message limits
     # with the default max_request_bytes, and no SO_REUSEPORT.
     limit = 4 * 1024 * 1024
     options: list[tuple[str, int]] = [(f"grpc.max_{way}_message_length", limit) for way in WAYS]
