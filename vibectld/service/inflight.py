@@ -15,17 +15,28 @@ class InFlight:
 
     @contextmanager
     def track(self, client_id: str) -> Iterator[None]:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks = self._tasks.setdefault(client_id, set())
-        tasks.add(task)
+        task = self.enter(client_id)
         try:
             yield
         finally:
-            tasks.discard(task)
-            if not tasks:
-                del self._tasks[client_id]
-            self._revoked.discard(task)
+            self.leave(client_id, task)
+
+    def enter(self, client_id: str) -> asyncio.Task[object]:
+        """Track the running task as one of the client's calls; `leave` ends it."""
+        task = asyncio.current_task()
+        assert task is not None
+        tasks = self._tasks.get(client_id)
+        if tasks is None:
+            tasks = self._tasks[client_id] = set()
+        tasks.add(task)
+        return task
+
+    def leave(self, client_id: str, task: asyncio.Task[object]) -> None:
+        tasks = self._tasks[client_id]
+        tasks.discard(task)
+        if not tasks:
+            del self._tasks[client_id]
+        self._revoked.discard(task)
 
     def cancel_client(self, client_id: str) -> int:
         """Cancel every call of the client; return how many there were."""

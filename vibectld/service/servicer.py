@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NoReturn
 
 import structlog
@@ -96,6 +94,42 @@ class _Call:
         self.screened = screened
         self.timeout = float(limits.request_timeout_seconds)
         self.started = time.monotonic()
+
+
+class _Admission:
+    """For the block: the call's concurrency slot (this node's, or the lease the shared
+    judge granted), its place among its client's calls in flight, and the gauge.
+
+    A class rather than nested generator context managers: those cost a generator and
+    its frames, three times, on every call's path.
+    """
+
+    __slots__ = ("_client_id", "_concurrency", "_lease", "_rt", "_task")
+
+    def __init__(self, rt: Runtime, call: _Call, lease: Any) -> None:
+        self._rt = rt
+        self._client_id = call.client.id
+        self._concurrency = call.limits.concurrency
+        self._lease = lease
+        self._task: asyncio.Task[object] | None = None
+
+    def __enter__(self) -> None:
+        rt = self._rt
+        if self._lease is None:
+            rt.limiter.take(self._client_id, self._concurrency)  # or LimitExceeded
+        self._task = rt.inflight.enter(self._client_id)
+        rt.metrics.in_flight.inc()
+
+    def __exit__(self, *_: object) -> None:
+        rt = self._rt
+        rt.metrics.in_flight.dec()
+        assert self._task is not None
+        rt.inflight.leave(self._client_id, self._task)
+        if self._lease is None:
+            rt.limiter.give_back(self._client_id)
+        else:
+            assert rt.cluster is not None
+            rt.cluster.release(self._lease)
 
 
 class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
@@ -196,22 +230,11 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         assert call.entry is not None
         check_dollar_budgets(rt.registry, call.gen, call.client, call.limits, call.entry, now)
 
-    @contextmanager
-    def _admitted(self, call: _Call, lease: Any = None) -> Iterator[None]:
-        rt = self.rt
-        reserve: AbstractContextManager[None]
+    def _admitted(self, call: _Call, lease: Any = None) -> _Admission:
+        """The budgets checked (one node), then `_Admission` holds the call's slot."""
         if lease is None:
             self._check_budgets(call)
-            reserve = rt.limiter.reserve(call.client.id, call.limits.concurrency)
-        else:
-            assert rt.cluster is not None
-            reserve = rt.cluster.holding(lease)
-        with reserve, rt.inflight.track(call.client.id):
-            rt.metrics.in_flight.inc()
-            try:
-                yield
-            finally:
-                rt.metrics.in_flight.dec()
+        return _Admission(self.rt, call, lease)
 
     def _revoked_now(self) -> bool:
         """True when this task was cancelled because its client was just revoked."""
