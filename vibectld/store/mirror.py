@@ -24,6 +24,22 @@ from vibectld.store.usage import UsageRow
 _NEVER = 2**63
 
 
+def _counted(record: ClientRecord, now: int) -> ClientRecord:
+    """`record` with one more request, seen at `now`.
+
+    What `dataclasses.replace` gives, at an eighth of its cost (~0.6 us, not ~4.8: it
+    re-runs the frozen __init__ over all 17 fields), on every served call's path. Valid
+    while ClientRecord is a frozen dataclass with a __dict__ and no __post_init__
+    (tests/unit/test_mirror_counted.py).
+    """
+    counted = object.__new__(ClientRecord)
+    state = counted.__dict__
+    state.update(record.__dict__)
+    state["requests"] = record.requests + 1
+    state["last_seen_at"] = max(now, record.last_seen_at or 0)
+    return counted
+
+
 class Mirror:
     def __init__(
         self,
@@ -187,11 +203,7 @@ class Mirror:
             record = self._records.get(client_id)
             if record is None:
                 return
-            self._records[client_id] = replace(
-                record,
-                requests=record.requests + 1,
-                last_seen_at=max(now, record.last_seen_at or 0),
-            )
+            self._records[client_id] = _counted(record, now)
             self._pending[client_id] = self._pending.get(client_id, 0) + 1
             self._usage.record(client_id, now, call)
             self._spend.record(client_id, now, call.cost_usd)
