@@ -151,7 +151,12 @@ def _held(behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any]
         # The servicer counts a call on the loop's next turn (call_soon, after the reply
         # was handed back): let that run, so its records are in `waiting`.
         await asyncio.sleep(0)
-        if waiting and not all(await asyncio.gather(*waiting)):
+        # Each future awaited in turn, not gathered: gather's wrapping future and its
+        # callbacks cost more than the wait, on every call; all are still awaited.
+        counted = True
+        for future in waiting:
+            counted = await future and counted
+        if not counted:
             await abort(context, Unavailable(_LOST))
         return result
 
