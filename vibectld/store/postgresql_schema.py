@@ -288,6 +288,54 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # Version 3: a server.name is one running node's (service/node_name.py). Each run
+    # writes a random instance id into its lease_holders row, with the host, pid and
+    # machine it runs as; the tick refreshes only a row its own run holds, or one silent
+    # past the lease timeout, and otherwise says who holds it, so two nodes given one
+    # name cannot delete each other's leases. Version 2's tick is kept, and called for
+    # the rest of the work, so nodes of the previous release still running during a
+    # rolling upgrade keep ticking.
+    (
+        """
+        ALTER TABLE lease_holders
+            ADD COLUMN instance TEXT,  -- random per run of a node
+            ADD COLUMN host TEXT,  -- for the operator: where that run is
+            ADD COLUMN pid INTEGER,
+            ADD COLUMN machine TEXT  -- boot id and pid namespace: where a pid is one process
+        """,
+        """
+        CREATE FUNCTION vibectld_limits_tick(
+            p_node TEXT, p_instance TEXT, p_host TEXT, p_pid INTEGER, p_machine TEXT,
+            p_held TEXT[], p_grace DOUBLE PRECISION, p_timeout DOUBLE PRECISION,
+            p_sweep BOOLEAN,
+            OUT mine BOOLEAN, OUT holder_instance TEXT, OUT holder_host TEXT,
+            OUT holder_pid INTEGER, OUT holder_machine TEXT,
+            OUT holder_alive_at DOUBLE PRECISION, OUT holder_age DOUBLE PRECISION
+        ) LANGUAGE plpgsql AS $$
+        DECLARE
+            t DOUBLE PRECISION := extract(epoch FROM clock_timestamp());
+        BEGIN
+            INSERT INTO lease_holders AS h (node, alive_at, instance, host, pid, machine)
+                VALUES (p_node, t, p_instance, p_host, p_pid, p_machine)
+                ON CONFLICT (node) DO UPDATE SET alive_at = excluded.alive_at,
+                    instance = excluded.instance, host = excluded.host, pid = excluded.pid,
+                    machine = excluded.machine
+                WHERE h.instance = p_instance OR h.alive_at < t - p_timeout;
+            mine := FOUND;
+            IF NOT mine THEN
+                SELECT h.instance, h.host, h.pid, h.machine, h.alive_at, t - h.alive_at
+                    INTO holder_instance, holder_host, holder_pid, holder_machine,
+                        holder_alive_at, holder_age
+                    FROM lease_holders h WHERE h.node = p_node;
+                RETURN;
+            END IF;
+            -- The row is this run's (and locked): version 2's tick does the rest, this
+            -- node's leases no call holds and the sweep.
+            PERFORM vibectld_limits_tick(p_node, p_held, p_grace, p_sweep);
+        END
+        $$
+        """,
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
