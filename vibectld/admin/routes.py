@@ -34,7 +34,7 @@ from vibectld.admin.route_args import (
 from vibectld.admin.server import AdminError, Caller, Handler, Route, RouteTable
 from vibectld.admin.storage_gate import gate_database, storage_status
 from vibectld.generation import Generation, GenerationRejected
-from vibectld.pki.signing import SigningKeyError, UnknownSigningKey
+from vibectld.pki.signing import SigningKeyError, SigningKeys, UnknownSigningKey
 from vibectld.runtime import Runtime
 from vibectld.service.budgets import usd_left
 from vibectld.service.limits import EffectiveLimits
@@ -113,7 +113,7 @@ def build_routes(
 # -- results --------------------------------------------------------------------------
 
 
-def _client_json(record: ClientRecord, now: int) -> dict[str, Any]:
+def _client_json(record: ClientRecord, now: int, signing: SigningKeys) -> dict[str, Any]:
     return {
         "id": record.id,
         "name": record.name,
@@ -132,6 +132,9 @@ def _client_json(record: ClientRecord, now: int) -> dict[str, Any]:
         "tokens_per_day": record.tokens_per_day,
         "usd_per_month": record.usd_per_month,
         "kid": record.kid,
+        # A retired key's secrets are refused whatever the status says (it keeps the
+        # contract's three values); null when the registry does not know the key.
+        "key_retired": None if record.kid is None else not signing.verifies(record.kid),
     }
 
 
@@ -226,7 +229,7 @@ async def issue_client(ctx: AdminContext, caller: Caller, args: dict[str, Any]) 
 async def list_clients(ctx: AdminContext, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
     now = int(time.time())
     records = ctx.rt.registry.clients(include_inactive=bool(args.get("all")), now=now)
-    return {"clients": [_client_json(r, now) for r in records]}
+    return {"clients": [_client_json(r, now, ctx.rt.signing) for r in records]}
 
 
 @route("reload", write=True)
@@ -314,7 +317,7 @@ async def update_client(ctx: AdminContext, caller: Caller, args: dict[str, Any])
     if not changes:
         raise bad_request("nothing to change: give at least one option")
     record = await asyncio.to_thread(rt.registry.update, target, by=who(caller), **changes)
-    return _client_json(record, int(time.time()))
+    return _client_json(record, int(time.time()), rt.signing)
 
 
 @route("usage", write=False)
