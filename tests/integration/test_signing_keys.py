@@ -270,9 +270,9 @@ def test_a_new_ca_needs_a_new_url_with_its_pin(daemon: RunningDaemon, tmp_path: 
 
     # The user's saved CA no longer verifies the server, and the old URL's pin is
     # refused with nothing saved.
-    # The TLS handshake fails, which vibectl reports as an unreachable server (69).
+    # The TLS handshake fails, and vibectl names the pin that no longer matches (exit 4).
     stale = user.run("ask", "--no-stream", "hello")
-    assert stale.returncode == 69, stale.stderr
+    assert stale.returncode == 4 and "does not match the CA pinned" in stale.stderr, stale.stderr
     again = user.run("setup-proxy", "configure", old_url)
     assert again.returncode == 4 and "does not match" in again.stderr
 
