@@ -47,8 +47,11 @@ def retire_signing_key(ctx: click.Context, kid: str) -> None:
         f"{_count(result.get('cancelled_calls', 0), 'running call')} cancelled)"
     )
     if count:
-        click.echo("issue those clients new secrets; vibectl-admin --json list-clients", err=True)
-        click.echo("shows the kid that signed each client's secret", err=True)
+        click.echo(
+            "issue those clients new secrets; vibectl-admin list-clients marks them "
+            "'active (key retired)'",
+            err=True,
+        )
 
 
 @cli.command("list-signing-keys")
