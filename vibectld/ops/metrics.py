@@ -126,7 +126,8 @@ class Metrics:
             "vibectld_limit_fallbacks",
             "Calls whose rpm and concurrency this node decided alone (each node enforcing "
             "its share of a client's limits), by why (stale: this node's view of the store "
-            "is stale; unavailable: the limiter's database did not answer in time).",
+            "is stale; unavailable: the limiter's database did not answer in time; "
+            "name_in_use: another node took this node's server.name).",
             ["reason"],
             registry=r,
         )

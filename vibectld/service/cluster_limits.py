@@ -24,10 +24,12 @@ round trip of any call on this node carries the queue (deleted before that call'
 taken, so it costs no round trip of its own); what no call carries within RELEASE_DELAY
 goes in a batch of its own. A release that fails is queued again; the tick retries it.
 Every TICK_SECONDS the node marks itself alive in `lease_holders` and deletes its leases
-that no call here holds (a release that never arrived); at start it deletes every lease
-an earlier run left under its name, and at a clean stop it removes itself. Leases of a
-node silent for LEASE_TIMEOUT (killed, cut off) stop counting: its slots come back within
-LEASE_TIMEOUT of its death.
+that no call here holds (a release that never arrived); at start it claims its name
+there, refusing to start while a live node holds it (node_name.py), and deletes every
+lease an earlier run left under it; at a clean stop it removes itself. Leases of a node
+silent for LEASE_TIMEOUT (killed, cut off) stop counting: its slots come back within
+LEASE_TIMEOUT of its death. A node whose name another run took over while it was cut off
+(two nodes given one name) keeps to its share, as when the database is away, and says so.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from vibectld.ops.metrics import Metrics
 from vibectld.runtime import Runtime
 from vibectld.service.limit_connections import AsyncConnection, Connections
 from vibectld.service.limits import Limiter, concurrency_refusal, rpm_refusal
+from vibectld.service.node_name import Holder, NodeName
 from vibectld.service.staleness import is_stale
 from vibectld.store.base import NodeInfo
 from vibectld.store.postgresql import PostgreSQLDatabase
@@ -82,15 +85,15 @@ RELEASE_DELAY = 0.005
 
 _ADMIT_SQL = "SELECT retry_ms, running FROM vibectld_admit(%s, %s, %s, %s, %s, %s, %s)"
 _RELEASE_SQL = "DELETE FROM leases WHERE id = ANY(%s)"
-_TICK_SQL = "SELECT 0 FROM vibectld_limits_tick(%s, %s, %s, %s)"
-_START_SQL = (
-    "WITH earlier AS (DELETE FROM leases WHERE node = %(node)s) "
-    "INSERT INTO lease_holders (node, alive_at) VALUES "
-    "(%(node)s, extract(epoch FROM clock_timestamp())) "
-    "ON CONFLICT (node) DO UPDATE SET alive_at = excluded.alive_at"
+_TICK_SQL = (
+    "SELECT mine, holder_instance, holder_host, holder_pid, holder_machine, holder_alive_at, "
+    "holder_age "
+    "FROM vibectld_limits_tick(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
+# Only while the name is this run's: another run's leases are not this one's to delete.
 _STOP_SQL = (
-    "WITH held AS (DELETE FROM leases WHERE node = %s) DELETE FROM lease_holders WHERE node = %s"
+    "WITH mine AS (DELETE FROM lease_holders WHERE node = %s AND instance = %s RETURNING node) "
+    "DELETE FROM leases WHERE node IN (SELECT node FROM mine)"
 )
 
 
@@ -136,6 +139,7 @@ class ClusterLimiter:
         self._releaser: asyncio.Task[None] | None = None
         self._orphans: set[asyncio.Task[Any]] = set()
         self._fallback_reason: str | None = None  # logged once per spell
+        self.name = NodeName(node, conninfo, clean)
         self._round_trips = {
             (step, result): metrics.limit_round_trips.labels(step, result)
             for step in ("admit", "release", "tick")
@@ -174,7 +178,7 @@ class ClusterLimiter:
             metrics,
             db.clean,
         )
-        limiter.forget_earlier_run()
+        limiter.name.claim(LEASE_TIMEOUT)
         return limiter
 
     # -- the steps ----------------------------------------------------------------------
@@ -268,6 +272,8 @@ class ClusterLimiter:
     def _why_not_database(self) -> str | None:
         if self._stale():
             return "stale"
+        if self.name.taken is not None:
+            return "name_in_use"
         if not self._pool.open or time.monotonic() < self._retry_at:
             return "unavailable"
         if self._fallback_reason is not None:
@@ -279,12 +285,15 @@ class ClusterLimiter:
         self._metrics.limit_fallbacks.labels(reason).inc()
         if self._fallback_reason is None:
             self._fallback_reason = reason
+            until = (
+                "its server.name is its own" if reason == "name_in_use" else "the database answers"
+            )
             log.warning(
                 "limits.per_node",
                 reason=reason,
                 live_nodes=self.live_nodes(),
                 hint="each node enforces its share of every client's rpm and concurrency "
-                "until the database answers again",
+                f"until {until} again",
             )
 
     def _share(self, limit: int) -> int:
@@ -421,10 +430,25 @@ class ClusterLimiter:
                 if not self._pool.open:
                     self._failed("tick", "failed", e)
                     raise _Unavailable from None
-        await self._call(
-            "tick", _TICK_SQL, (self.node, list(self._held), LEASE_GRACE, sweep), TICK_SECONDS
+        me = self.name.identity
+        mine, *holder = await self._call(
+            "tick",
+            _TICK_SQL,
+            (
+                self.node,
+                me.instance,
+                me.host,
+                me.pid,
+                me.machine,
+                list(self._held),
+                LEASE_GRACE,
+                LEASE_TIMEOUT,
+                sweep,
+            ),
+            TICK_SECONDS,
         )
         self._retry_at = 0.0  # the database answers: calls may use it again
+        self.name.held_by(None if mine else Holder(*holder))
         if self._release_timer is None:
             self._start_releaser()
 
@@ -457,22 +481,10 @@ class ClusterLimiter:
             await asyncio.wait(pending, timeout=STATEMENT_TIMEOUT_MS / 1000)
         if self._pool.open:
             with contextlib.suppress(_Unavailable):
-                await self._call("release", _STOP_SQL, (self.node, self.node), TICK_SECONDS)
+                await self._call(
+                    "release", _STOP_SQL, (self.node, self.name.identity.instance), TICK_SECONDS
+                )
         await self._pool.close()
-
-    def forget_earlier_run(self) -> None:
-        """At start: delete every lease an earlier run left under this node's name, and
-        mark the node alive. Blocking, before the node serves; a failure is logged and
-        left to the ticks (which delete what no call here holds)."""
-        try:
-            with psycopg.connect(self._conninfo, autocommit=True) as conn:
-                conn.execute(_START_SQL, {"node": self.node})
-        except psycopg.Error as e:
-            log.warning(
-                "limits.start_cleanup_failed",
-                error=self._clean(e),
-                hint="this node's earlier leases are deleted once the database answers",
-            )
 
 
 def limit_across_nodes(rt: Runtime, registry: Registry) -> ClusterLimiter:
