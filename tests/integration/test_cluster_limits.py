@@ -41,7 +41,7 @@ class Node:
             self.metrics,
             db.clean,
         )
-        self.limiter.forget_earlier_run()
+        self.limiter.name.claim(cluster_limits.LEASE_TIMEOUT)
 
     def _nodes(self) -> list[NodeInfo]:
         now = int(time.time())
