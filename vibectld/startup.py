@@ -76,8 +76,13 @@ def open_state(config: DaemonConfig) -> Runtime:
         rt.metrics.watch_feed(registry.feed_listener)
         # rpm and concurrency across the nodes (psycopg: only a shared store imports it).
         from vibectld.service.cluster_limits import limit_across_nodes
+        from vibectld.service.node_name import NameInUse
 
-        limit_across_nodes(rt, registry)
+        try:
+            limit_across_nodes(rt, registry)
+        except NameInUse as e:
+            registry.close()
+            raise StartupError(str(e)) from None
     return rt
 
 
