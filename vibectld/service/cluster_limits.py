@@ -2,7 +2,7 @@
 
 Used instead of deciding in memory when the store is shared (storage.backend:
 postgresql). A call's two steps are one round trip to a PL/pgSQL function
-(store/postgresql.py, schema version 2, `vibectld_admit`): its rpm step, then its
+(store/postgresql_schema.py, since schema version 2, `vibectld_admit`): its rpm step, then its
 concurrency slot, each under the client's advisory lock and by the database's clock (so
 the nodes' clocks do not matter); it records what it admitted, so two nodes counting the
 same client take turns, and 5 rpm is 5 however the calls are spread. A refused call takes
