@@ -110,6 +110,21 @@ def test_socket_mode_is_0660(serve: StartServer, sock_path: Path) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o660
 
 
+def test_binding_leaves_the_umask_alone_and_nothing_beside_the_socket(
+    serve: StartServer, sock_path: Path
+) -> None:
+    # The umask is the whole process's: a bind that set it, even briefly, gave files that
+    # other threads created meanwhile its mode (a test's directory came out 0600).
+    before = os.umask(0o022)
+    os.umask(before)
+    serve(sock_path, ROUTES)
+    after = os.umask(before)
+    os.umask(after)
+    assert after == before
+    assert stat.S_IMODE(sock_path.lstat().st_mode) == 0o660
+    assert sorted(p.name for p in sock_path.parent.iterdir()) == [sock_path.name]
+
+
 def test_missing_group_is_a_warning(
     serve: StartServer, sock_path: Path, logs: list[EventDict]
 ) -> None:

@@ -18,6 +18,7 @@ import re
 import socket
 import stat
 import struct
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,6 @@ from vibectld.admin import protocol
 from vibectld.admin.protocol import ErrorCode, ProtocolError, WireError
 
 SOCKET_MODE = 0o660
-# Applied around bind() so the socket file never exists with looser permissions.
-BIND_UMASK = 0o117
 # vibectl-admin sends its request as soon as it connects and closes after the answer; a
 # connection with nothing to read for this long is a stalled or forgotten client.
 IDLE_TIMEOUT_SECONDS = 30.0
@@ -194,17 +193,29 @@ class AdminServer:
                     f"{path} exists and is not a socket; move it away or set admin.socket"
                 )
             await self._remove_stale_socket()
+        # Bound in a private directory beside it, given its mode and group, then renamed
+        # into place: the socket never exists where others can reach it with looser
+        # permissions, and the process's umask (shared by every thread) is left alone.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(BIND_UMASK)
         try:
-            sock.bind(str(path))
+            # A short name: the staged path must fit a socket address as the final one does.
+            private = tempfile.mkdtemp(prefix=".", dir=path.parent)
+        except OSError as e:
+            sock.close()
+            raise AdminSocketError(f"cannot bind the admin socket {path}: {e.strerror}") from e
+        staged = Path(private) / "s"
+        try:
+            sock.bind(str(staged))
+            os.chmod(staged, SOCKET_MODE)
+            self._set_group(staged)
+            os.rename(staged, path)
         except OSError as e:
             sock.close()
             raise AdminSocketError(f"cannot bind the admin socket {path}: {e.strerror}") from e
         finally:
-            os.umask(old_umask)
-        os.chmod(path, SOCKET_MODE)
-        self._set_group()
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+            os.rmdir(private)
         self._identity = self._file_identity()
         return sock
 
@@ -235,7 +246,7 @@ class AdminServer:
             await writer.wait_closed()
         raise AdminSocketError(f"another vibectld is serving {path}; stop it first")
 
-    def _set_group(self) -> None:
+    def _set_group(self, staged: Path) -> None:
         if self._group is None:
             return
         log = structlog.get_logger("vibectld.admin")
@@ -251,7 +262,7 @@ class AdminServer:
             )
             return
         try:
-            os.chown(self._path, -1, gid)
+            os.chown(staged, -1, gid)
         except PermissionError:
             log.warning(
                 "admin.group_not_set",
