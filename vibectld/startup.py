@@ -95,14 +95,19 @@ def open_registry(config: DaemonConfig) -> Registry:
     credentials = ProviderKeys.for_credentials(config.config_dir)
     dsn = credentials.get(DSN_CREDENTIAL)
     if dsn is None:
-        places = " or ".join(str(p) for p in credentials.places(DSN_CREDENTIAL))
-        if credentials.credentials_dir is None:
-            places += " (or $CREDENTIALS_DIRECTORY/postgresql-dsn through LoadCredential=)"
         raise StartupError(
             "storage.backend is postgresql, but the postgresql-dsn credential is missing: "
-            f"put a libpq connection string in {places}"
+            f"put a libpq connection string in {_places(credentials, DSN_CREDENTIAL)}"
         )
     return Registry.open_postgresql(dsn, journal=journal)
+
+
+def _places(credentials: ProviderKeys, name: str) -> str:
+    """Where a missing credential `name` may be put, for the error that names the fix."""
+    places = " or ".join(str(p) for p in credentials.places(name))
+    if credentials.credentials_dir is None:
+        places += f" (or $CREDENTIALS_DIRECTORY/{name} through LoadCredential=)"
+    return places
 
 
 def join_cluster(
@@ -113,13 +118,10 @@ def join_cluster(
     credentials = ProviderKeys.for_credentials(config.config_dir)
     text = credentials.get(CLUSTER_KEY_CREDENTIAL)
     if text is None:
-        places = " or ".join(str(p) for p in credentials.places(CLUSTER_KEY_CREDENTIAL))
-        if credentials.credentials_dir is None:
-            places += " (or $CREDENTIALS_DIRECTORY/cluster-key through LoadCredential=)"
         raise StartupError(
             "storage.backend is postgresql, but the cluster-key credential is missing: make "
             "one once with `vibectld --generate-cluster-key` and put the same file on every "
-            f"node, in {places}"
+            f"node, in {_places(credentials, CLUSTER_KEY_CREDENTIAL)}"
         )
     first_host = default_hosts(config.server.public_host)[0]
     try:

@@ -12,33 +12,23 @@ tests/integration/test_feed_metrics.py).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import psycopg
-import pytest
 from prometheus_client import generate_latest
 
 from tests.postgres import Postgres
-from tests.store.test_feed import ADMIN, DAY, NOW, wait_for
+from tests.store.test_feed import ADMIN, DAY, NOW, nodes, wait_for
 from vibectld.ops.metrics import Metrics
 from vibectld.store import feed
-from vibectld.store.postgresql import PostgreSQLDatabase
 from vibectld.store.registry import Registry
+
+__all__ = ["nodes"]  # the fixture (two stores on one database), used by name
 
 # The listeners' sessions: the last statement each ran is the catch-up read, every 0.5 s.
 _LISTENERS = (
     "SELECT pid FROM pg_stat_activity "
     "WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE %s"
 )
-
-
-@pytest.fixture
-def nodes(postgres: Postgres) -> Iterator[tuple[Registry, Registry]]:
-    a = Registry.load(PostgreSQLDatabase.open(postgres.dsn), now=NOW)
-    b = Registry.load(PostgreSQLDatabase.open(postgres.dsn), now=NOW)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def _scrape(metrics: Metrics) -> dict[str, float]:
