@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 class InFlight:
     def __init__(self) -> None:
         self._tasks: dict[str, set[asyncio.Task[object]]] = {}
         self._revoked: set[asyncio.Task[object]] = set()
-
-    @contextmanager
-    def track(self, client_id: str) -> Iterator[None]:
-        task = self.enter(client_id)
-        try:
-            yield
-        finally:
-            self.leave(client_id, task)
 
     def enter(self, client_id: str) -> asyncio.Task[object]:
         """Track the running task as one of the client's calls; `leave` ends it."""
