@@ -19,18 +19,16 @@ checks per second, and this process's CPU µs per check (what the daemon pays).
 from __future__ import annotations
 
 import asyncio
-import random
-import statistics
 import sys
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 import psycopg
 
+from bench.op_loop import closed_loop
 from bench.postgres import PostgresCluster
+from bench.result import median, percentile
 from vibectld.ops.metrics import Metrics
 from vibectld.service.cluster_limits import ClusterLimiter
 from vibectld.service.limits import Limiter
@@ -38,10 +36,9 @@ from vibectld.store.postgresql import PostgreSQLDatabase
 
 C = TypeVar("C")
 
-CLIENTS = 1000
 CHECK = "SELECT retry_ms, running FROM vibectld_admit(%s, %s, NULL, 'bench', NULL, 6, '{}')"
 RPM = 1_000_000_000
-DURATION = 2.0
+WARMUP, DURATION = 0.3, 2.0
 
 
 class FairPool(Generic[C]):
@@ -110,32 +107,6 @@ class ThreadWay:
             self.pool.put(conn)
 
 
-async def closed_loop(
-    op: Callable[[str], Awaitable[None]], callers: int
-) -> tuple[list[float], float, float]:
-    latencies: list[float] = []
-    stop = False
-
-    async def caller(seed: int) -> None:
-        rng = random.Random(seed)
-        while not stop:
-            client = f"c{rng.randint(1, CLIENTS)}"
-            start = time.perf_counter()
-            await op(client)
-            latencies.append(time.perf_counter() - start)
-
-    tasks = [asyncio.create_task(caller(i)) for i in range(callers)]
-    await asyncio.sleep(0.3)
-    latencies.clear()
-    began, cpu = time.perf_counter(), time.process_time()
-    await asyncio.sleep(DURATION)
-    got = list(latencies)
-    window, cpu = time.perf_counter() - began, time.process_time() - cpu
-    stop = True
-    await asyncio.gather(*tasks)
-    return got, window, cpu
-
-
 async def run(dsn: str) -> None:
     print("| way | connections | callers | p50 µs | p99 µs | checks/s | client CPU µs |")
     print("|---|---|---|---|---|---|---|")
@@ -157,12 +128,10 @@ async def run(dsn: str) -> None:
         ]
         for callers in (1, 16):
             for way in ways:
-                got, window, cpu = await closed_loop(way.check, callers)
-                ordered = sorted(got)
+                got, window, cpu = await closed_loop(way.check, callers, WARMUP, DURATION)
                 print(
                     f"| {way.name} | {size} | {callers} "
-                    f"| {statistics.median(got) * 1e6:.0f} "
-                    f"| {ordered[int(0.99 * len(ordered))] * 1e6:.0f} "
+                    f"| {median(got) * 1e6:.0f} | {percentile(got, 99) * 1e6:.0f} "
                     f"| {len(got) / window:,.0f} | {cpu / len(got) * 1e6:.0f} |",
                     flush=True,
                 )

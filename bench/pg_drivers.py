@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import random
-import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -42,9 +40,10 @@ from typing import Any, Protocol
 import psycopg
 import psycopg_pool
 
+from bench.op_loop import closed_loop
 from bench.postgres import PostgresCluster
+from bench.result import median, percentile
 
-CLIENTS = 1000
 SLOT_LIMIT = 4
 CALLERS = (1, 16)
 
@@ -233,42 +232,6 @@ class Row:
         )
 
 
-async def closed_loop(
-    op: Callable[[str], Awaitable[float | None]], callers: int, warmup: float, duration: float
-) -> tuple[list[float], float, float]:
-    """Each caller runs op back to back: the latencies (s) in the measured window, the
-    window's length and the CPU time this process spent in it."""
-    latencies: list[float] = []
-    measuring = False
-    stop = False
-
-    async def caller(seed: int) -> None:
-        rng = random.Random(seed)
-        while not stop:
-            client = f"c{rng.randint(1, CLIENTS)}"
-            start = time.perf_counter()
-            timed = await op(client)
-            elapsed = time.perf_counter() - start if timed is None else timed
-            if measuring:
-                latencies.append(elapsed)
-
-    tasks = [asyncio.create_task(caller(i)) for i in range(callers)]
-    await asyncio.sleep(warmup)
-    measuring = True
-    began, cpu = time.perf_counter(), time.process_time()
-    await asyncio.sleep(duration)
-    measuring = False
-    window, cpu = time.perf_counter() - began, time.process_time() - cpu
-    stop = True
-    await asyncio.gather(*tasks)
-    return latencies, window, cpu
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def ops_of(driver: Driver) -> dict[str, Callable[[str], Awaitable[float | None]]]:
     async def select(client: str) -> float | None:
         await driver.select(client)
@@ -321,8 +284,8 @@ async def measure(
                             op=op_name,
                             callers=callers,
                             ops=len(got),
-                            p50_ms=statistics.median(got) * 1000,
-                            p99_ms=percentile(got, 0.99) * 1000,
+                            p50_ms=median(got) * 1000,
+                            p99_ms=percentile(got, 99) * 1000,
                             ops_per_s=len(got) / windows[driver.name],
                             cpu_us=cpus[driver.name] / len(got) * 1e6,
                         )

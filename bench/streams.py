@@ -29,6 +29,7 @@ import json
 import math
 import os
 import select
+import statistics
 import subprocess
 import sys
 import time
@@ -394,7 +395,8 @@ def _merge(
         errors=sum(t.errors for t in tallies),
         error_samples=[s for t in tallies for s in t.error_samples][:3],
         daemon_cpu_us_per_token=cpu,
-        daemon_rss_kib=sorted(rss)[len(rss) // 2] if rss else None,
+        # The upper median: one of the readings, so a whole number of KiB.
+        daemon_rss_kib=statistics.median_high(rss) if rss else None,
         worker_cpu_max=max(t.cpu_s / t.window_s for t in tallies),
     )
 
