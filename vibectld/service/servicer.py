@@ -140,8 +140,8 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
     def _prepare(self, request: pb.ExecuteRequest, context: Any) -> _Call:
         """Every check before the model, in the contract's order; raises CallRefused.
 
-        The callers enter `_admitted` with no await after this, so no other call
-        can slip between these checks and the concurrency reservation.
+        The callers enter `_admitted` with nothing suspending after this, so no other
+        call can slip between these checks and the concurrency reservation.
         """
         gen, client, request_id, limits = self._arrive(request, context)
         # Every authenticated call counts, whatever the checks below make of it.
@@ -183,6 +183,19 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             if current is None or current.status(int(time.time())) != "active":
                 cluster.release(lease)
                 raise Unauthenticated(_REVOKED_MID_CALL)
+        return call, lease
+
+    async def _begin(self, request: pb.ExecuteRequest, context: Any) -> tuple[_Call, Any]:
+        """The call checked, with its lease when another judge admits it; a call that
+        will not reach the model (`failure`) is already counted as done."""
+        # One node: nothing here suspends (the checks are in memory), so no other call
+        # runs between them and `_admitted`.
+        if self.rt.cluster is None:
+            call, lease = self._prepare(request, context), None
+        else:
+            call, lease = await self._prepare_shared(request, context)
+        if call.failure is not None:
+            self._done(call, call.failure.code, failure=call.failure)
         return call, lease
 
     def _secrets_refused(
@@ -318,14 +331,9 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
 
     async def Execute(self, request: pb.ExecuteRequest, context: Any) -> pb.ExecuteResponse:
         try:
-            # One node: no await before the model (the checks are in memory).
-            if self.rt.cluster is None:
-                call, lease = self._prepare(request, context), None
-            else:
-                call, lease = await self._prepare_shared(request, context)
+            call, lease = await self._begin(request, context)
             request_id = call.request_id
             if call.failure is not None:
-                self._done(call, call.failure.code, failure=call.failure)
                 return pb.ExecuteResponse(request_id=request_id, error=_error(call.failure))
             assert call.entry is not None
             with self._admitted(call, lease):
@@ -370,14 +378,9 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         # Written with context.write, not as a generator: a cancellation (revocation,
         # deadline) then lands in this coroutine even while gRPC is busy writing.
         try:
-            # One node: no await before the model (the checks are in memory).
-            if self.rt.cluster is None:
-                call, lease = self._prepare(request, context), None
-            else:
-                call, lease = await self._prepare_shared(request, context)
+            call, lease = await self._begin(request, context)
             request_id = call.request_id
             if call.failure is not None:
-                self._done(call, call.failure.code, failure=call.failure)
                 await context.write(
                     pb.StreamChunk(request_id=request_id, error=_error(call.failure))
                 )
