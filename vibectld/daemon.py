@@ -22,9 +22,8 @@ from grpc_health.v1 import health, health_pb2
 from vibectld.admin.routes import build_routes
 from vibectld.admin.server import AdminServer, Caller
 from vibectld.audit_trail import AuditTrail
-from vibectld.config import ConfigError, DaemonConfig, keep_restart_only, restart_only_changes
-from vibectld.config_file import load_config
-from vibectld.generation import GenerationRejected, build_generation
+from vibectld.config import DaemonConfig, keep_restart_only, restart_only_changes
+from vibectld.generation import GenerationRejected, build_generation, reread_config
 from vibectld.grpc_server import bind, build_server
 from vibectld.ops.notify import Notifier
 from vibectld.ops.watchdog import Heartbeat, Probe
@@ -255,11 +254,7 @@ class Daemon:
 
     def _swap_generation(self, rt: Runtime) -> list[str]:
         old = rt.generation
-        path = self.config.config_path
-        try:
-            fresh = load_config(path) if path is not None else old.config
-        except ConfigError as e:
-            raise GenerationRejected(str(e)) from None
+        fresh = reread_config(self.config.config_path, old.config)
         changed = restart_only_changes(old.config, fresh)
         config = keep_restart_only(old.config, fresh)
         rt.generation = build_generation(config, rt.signing, rt.registry, old.number + 1, ca=old.ca)

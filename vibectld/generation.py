@@ -12,10 +12,12 @@ generation or the new one, never a mix.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
 from vibectld.config import ConfigError, DaemonConfig, unpriced_budget_warnings
+from vibectld.config_file import load_config
 from vibectld.pki.signing import SigningKeys
 from vibectld.pki.tls import (
     CertificateAuthority,
@@ -56,6 +58,15 @@ class Generation:
         if price is None:
             return None
         return ((input_tokens or 0) * price.input + (output_tokens or 0) * price.output) / 1e6
+
+
+def reread_config(path: Path | None, current: DaemonConfig) -> DaemonConfig:
+    """The configuration file as it reads now, for a reload (`current` when the daemon
+    was started without a file); GenerationRejected if it is invalid."""
+    try:
+        return load_config(path) if path is not None else current
+    except ConfigError as e:
+        raise GenerationRejected(str(e)) from None
 
 
 def build_generation(

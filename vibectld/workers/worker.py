@@ -27,11 +27,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_private_key
 from grpc_health.v1 import health_pb2
 
-from vibectld.config import ConfigError, DaemonConfig, keep_restart_only
-from vibectld.config_file import load_config
+from vibectld.config import DaemonConfig, keep_restart_only
 from vibectld.daemon import SERVICE_NAME, Daemon, _close_later
 from vibectld.errors import STARTUP_ERRORS
-from vibectld.generation import Generation, GenerationRejected, build_generation
+from vibectld.generation import Generation, GenerationRejected, build_generation, reread_config
 from vibectld.ops import logs
 from vibectld.pki.signing import SigningKeys
 from vibectld.pki.tls import CertificateAuthority
@@ -203,11 +202,7 @@ class Worker(Daemon):
         assert self.runtime is not None
         rt = self.runtime
         old = rt.generation
-        path = self.config.config_path
-        try:
-            fresh = load_config(path) if path is not None else old.config
-        except ConfigError as e:
-            raise GenerationRejected(str(e)) from None
+        fresh = reread_config(self.config.config_path, old.config)
         config = _share_of(keep_restart_only(old.config, fresh), self._workers)
         self._pending = build_generation(config, rt.signing, rt.registry, old.number + 1, ca=old.ca)
         return self._pending.number
