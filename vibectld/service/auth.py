@@ -17,7 +17,7 @@ from vibectld.pki.signing import Claims, SigningKeys, TokenError
 from vibectld.service.refusals import Unauthenticated
 from vibectld.store.registry import ClientRecord
 
-_ASK_ADMIN = "ask your vibectld admin for a new one"
+ASK_ADMIN = "ask your vibectld admin for a new one"
 _CACHE_SIZE = 4096
 
 
@@ -25,6 +25,17 @@ class ClientLookup(Protocol):
     """The part of the registry authentication reads: one record by secret id."""
 
     def get(self, jti: str) -> ClientRecord | None: ...
+
+
+def check_registered(record: ClientRecord | None, now: int) -> ClientRecord:
+    """`record`, if its client may call at `now`; else Unauthenticated saying why."""
+    if record is None:
+        raise Unauthenticated(f"secret is not registered on this server — {ASK_ADMIN}")
+    if record.revoked_at is not None:
+        raise Unauthenticated(f"secret was revoked — {ASK_ADMIN}")
+    if record.expires_at <= now:
+        raise Unauthenticated(f"secret has expired — {ASK_ADMIN}")
+    return record
 
 
 def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -84,11 +95,4 @@ class Authenticator:
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> ClientRecord:
         now = int(time.time())
         claims = self._verify(_bearer(metadata), now)
-        record = self._clients.get(claims.jti)
-        if record is None:
-            raise Unauthenticated(f"secret is not registered on this server — {_ASK_ADMIN}")
-        if record.revoked_at is not None:
-            raise Unauthenticated(f"secret was revoked — {_ASK_ADMIN}")
-        if record.expires_at <= now:
-            raise Unauthenticated(f"secret has expired — {_ASK_ADMIN}")
-        return record
+        return check_registered(self._clients.get(claims.jti), now)

@@ -16,14 +16,13 @@ from typing import Any
 
 from vibectld.providers.catalogue import UnknownModel
 from vibectld.runtime import Runtime
+from vibectld.service.auth import ASK_ADMIN, check_registered
 from vibectld.service.budgets import check_dollar_budgets
 from vibectld.service.limits import EffectiveLimits, check_token_budget
 from vibectld.service.refusals import CallRefused, Unauthenticated, Unavailable
 from vibectld.service.staleness import is_stale, stale_refusal
 from vibectld.store.records import ClientRecord
 from vibectld.workers.view import refusal_to_wire
-
-_ASK_ADMIN = "ask your vibectld admin for a new one"
 
 
 class MainAdmission:
@@ -122,11 +121,6 @@ class MainAdmission:
 def _still_active(rt: Runtime, record: ClientRecord | None, now: int) -> None:
     """Refuse a call whose client was revoked (or expired, or its key retired) since the
     worker authenticated it: its copy may be a push behind; this store is not."""
-    if record is None:
-        raise Unauthenticated(f"secret is not registered on this server — {_ASK_ADMIN}")
-    if record.revoked_at is not None:
-        raise Unauthenticated(f"secret was revoked — {_ASK_ADMIN}")
-    if record.expires_at <= now:
-        raise Unauthenticated(f"secret has expired — {_ASK_ADMIN}")
+    record = check_registered(record, now)
     if record.kid is not None and not rt.signing.verifies(record.kid):
-        raise Unauthenticated(f"secret's signing key was retired — {_ASK_ADMIN}")
+        raise Unauthenticated(f"secret's signing key was retired — {ASK_ADMIN}")
