@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,53 +121,57 @@ def model_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
 DEFAULT = "default"
 
 
-class Limit(click.ParamType[Any]):
-    """A limit (see vibectl.util.limits), or with `or_default` also 'default'.
+class _Amount(click.ParamType[Any]):
+    """A number that `check` accepts, or with `or_default` also 'default'.
 
     'default' drops the client's own value so the server's limits section applies.
     """
 
-    def __init__(self, *, or_default: bool = False) -> None:
+    def __init__(
+        self,
+        metavar: str,
+        what: str,
+        parse: Callable[[Any], float],
+        check: Callable[[Any], Any],
+        *,
+        or_default: bool,
+    ) -> None:
         self.or_default = or_default
-        self.name = "N|default" if or_default else "N"
+        self.name = f"{metavar}|default" if or_default else metavar
+        self._what = what
+        self._parse = parse
+        self._check = check
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if self.or_default and value == DEFAULT:
             return DEFAULT
         try:
-            number = int(value)
+            number = self._parse(value)
         except (TypeError, ValueError):
             either = " or 'default'" if self.or_default else ""
-            self.fail(f"{value!r} is not a whole number{either}", param, ctx)
+            self.fail(f"{value!r} is not {self._what}{either}", param, ctx)
         try:
-            return check_limit(number)
+            return self._check(number)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+
+
+class Limit(_Amount):
+    """A limit (see vibectl.util.limits), or with `or_default` also 'default'."""
+
+    def __init__(self, *, or_default: bool = False) -> None:
+        super().__init__("N", "a whole number", int, check_limit, or_default=or_default)
 
 
 LIMIT_OR_DEFAULT = Limit(or_default=True)
 
 
-class Usd(click.ParamType[Any]):
+class Usd(_Amount):
     """A dollar budget (see vibectl.util.limits.check_usd), or with `or_default` also
     'default'."""
 
     def __init__(self, *, or_default: bool = False) -> None:
-        self.or_default = or_default
-        self.name = "USD|default" if or_default else "USD"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if self.or_default and value == DEFAULT:
-            return DEFAULT
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            either = " or 'default'" if self.or_default else ""
-            self.fail(f"{value!r} is not a number of US dollars{either}", param, ctx)
-        try:
-            return check_usd(number)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
+        super().__init__("USD", "a number of US dollars", float, check_usd, or_default=or_default)
 
 
 USD_OR_DEFAULT = Usd(or_default=True)
