@@ -89,11 +89,16 @@ LOAD_DAY_SQL = (
 )
 
 
+def _since_where(n_ids: int | None) -> str:
+    """Days >= ?, and with `n_ids` the client ids IN that many placeholders."""
+    if n_ids is None:
+        return "day >= ?"
+    return f"day >= ? AND client_id IN ({', '.join('?' * n_ids)})"
+
+
 def select_totals_sql(n_ids: int | None) -> str:
     """Per-client sums over days >= ?; restricted to `n_ids` client ids when given."""
-    where = "day >= ?"
-    if n_ids is not None:
-        where += f" AND client_id IN ({', '.join('?' * n_ids)})"
+    where = _since_where(n_ids)
     return (
         "SELECT client_id, SUM(requests), SUM(errors), SUM(input_tokens), "  # noqa: S608
         f"SUM(output_tokens), SUM(cost_usd) FROM usage WHERE {where} GROUP BY client_id"
@@ -102,9 +107,7 @@ def select_totals_sql(n_ids: int | None) -> str:
 
 def select_redactions_sql(n_ids: int | None) -> str:
     """Per-client, per-kind sums of redactions over days >= ? (and `n_ids` ids if given)."""
-    where = "day >= ?"
-    if n_ids is not None:
-        where += f" AND client_id IN ({', '.join('?' * n_ids)})"
+    where = _since_where(n_ids)
     return (
         "SELECT client_id, kind, SUM(count) FROM redactions "  # noqa: S608
         f"WHERE {where} GROUP BY client_id, kind"
