@@ -77,7 +77,19 @@ class _FeedCollector:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self._add_call_metrics(self.registry)
+        self._add_limit_metrics(self.registry)
+        self._add_storage_metrics(self.registry)
+        # Labelled children, looked up once: .labels() costs more than the increment.
+        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        self._redaction_children: dict[tuple[str, str], Any] = {}
+        self._server: Any = None
+        # The bound port of the HTTP endpoint, once serving.
+        self.port: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def _add_call_metrics(self, r: CollectorRegistry) -> None:
+        """What calls did: served, refused, in flight, how long, tokens, secrets found."""
         self.requests = Counter(
             "vibectld_requests",
             "Calls that reached a model, by outcome (ok or an in-band error code).",
@@ -113,7 +125,9 @@ class Metrics:
             ["kind", "action"],
             registry=r,
         )
-        # The cluster limiter (service/cluster_limits.py), on storage.backend: postgresql.
+
+    def _add_limit_metrics(self, r: CollectorRegistry) -> None:
+        """The cluster limiter (service/cluster_limits.py), on storage.backend: postgresql."""
         self.limit_round_trips = Counter(
             "vibectld_limit_round_trips",
             "Round trips to PostgreSQL for cluster-wide limits, by step (admit: a call's rpm "
@@ -131,8 +145,10 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        # The store, read when scraped (storage.on_stale in vibectld.yaml(5)); until
-        # `watch_storage` binds them they read 0.
+
+    def _add_storage_metrics(self, r: CollectorRegistry) -> None:
+        """The store, read when scraped (storage.on_stale in vibectld.yaml(5)); until
+        `watch_storage` binds them they read 0."""
         self.storage_degraded = Gauge(
             "vibectld_storage_degraded",
             "1 while the store's database does not answer (admin changes are refused).",
@@ -159,13 +175,6 @@ class Metrics:
         # replaced. How long ago it last caught up is vibectld_storage_view_age_seconds.
         self._feed = _FeedCollector()
         r.register(self._feed)
-        # Labelled children, looked up once: .labels() costs more than the increment.
-        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
-        self._redaction_children: dict[tuple[str, str], Any] = {}
-        self._server: Any = None
-        # The bound port of the HTTP endpoint, once serving.
-        self.port: int | None = None
-        self._thread: threading.Thread | None = None
 
     def observe_call(
         self,
