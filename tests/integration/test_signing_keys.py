@@ -19,6 +19,7 @@ import structlog
 
 from tests.conftest import RunningDaemon
 from tests.conftest import admin_cli as admin
+from tests.docs.manpage import Page
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl.proxy_url import parse as parse_url
 from vibectl.tls_pin import fetch_chain
@@ -273,6 +274,12 @@ def test_a_new_ca_needs_a_new_url_with_its_pin(daemon: RunningDaemon, tmp_path: 
     # The TLS handshake fails, and vibectl names the pin that no longer matches (exit 4).
     stale = user.run("ask", "--no-stream", "hello")
     assert stale.returncode == 4 and "does not match the CA pinned" in stale.stderr, stale.stderr
+    # vibectld(8) tells the operator what their users will see: this very answer.
+    replacing = " ".join(
+        " ".join(Page.load("vibectld.8").subsections("TLS")["Replacing the CA"]).split()
+    )
+    assert "exit 4" in replacing and "the secret was not sent" in replacing, replacing
+    assert "unreachable" not in replacing, replacing
     again = user.run("setup-proxy", "configure", old_url)
     assert again.returncode == 4 and "does not match" in again.stderr
 
