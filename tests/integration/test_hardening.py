@@ -5,8 +5,9 @@ refusing a bad secret before reading the message, gRPC's receive limit, the
 server-wide cap on calls, the TLS handshake timeout, the contract's order of
 checks (request_id shape, rate limit before everything else), the same answer
 for an unknown and a forbidden model, response schemas that are too deep or too
-long, provider error text kept out of replies, and failed authentications
-logged once per peer.
+long, provider error text kept out of replies, failed authentications
+logged once per peer, and a changed issuer or audience refusing every older secret
+on its next call, in one process and across workers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,7 +26,11 @@ import pytest
 import structlog.testing
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import RunningDaemon
+from tests.conftest import RunningDaemon, admin_cli
+from tests.integration.conftest import write
+from tests.integration.test_reload import base_config
+from tests.integration.test_workers import call
+from tests.reliability._procs import DaemonProcess
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectld.service.gate import FailedAuthLog
 
@@ -400,3 +406,49 @@ def test_the_failed_auth_log_counts_what_it_suppressed() -> None:
         ("ipv4:10.0.0.2:2222", 0, 0),
         ("ipv4:10.0.0.1:4444", 4, 1),
     ]
+
+
+# -- a policy change outlives no cached verification (item 4) -----------------------------
+
+
+@pytest.mark.parametrize("key", ["issuer", "audience"])
+def test_a_new_issuer_or_audience_refuses_older_secrets_on_their_next_call(
+    from_file: Callable[[dict[str, Any]], tuple[RunningDaemon, Path]],
+    tmp_path: Path,
+    sock_dir: Path,
+    key: str,
+) -> None:
+    raw = base_config(tmp_path, sock_dir)
+    daemon, path = from_file(raw)
+    secret = daemon.issue("alice")
+    stub = daemon.stub()
+    # Verified, and so cached, on the connection it will use again after the reload.
+    assert stub.Execute(request(), metadata=auth(secret), timeout=10).success
+    write(path, {**raw, "clients": {key: f"another-{key}"}})
+    assert admin_cli(daemon, "reload", "--wait").returncode == 0
+    for call_it in (
+        lambda: stub.Execute(request(), metadata=auth(secret), timeout=10),
+        lambda: list(stub.StreamExecute(request(), metadata=auth(secret), timeout=10)),
+    ):
+        old = refused(call_it)
+        assert old.code() == grpc.StatusCode.UNAUTHENTICATED, old
+        assert {"issuer": "(iss)", "audience": "(aud)"}[key] in (old.details() or ""), old
+    assert stub.Execute(request(), metadata=auth(daemon.issue("bob")), timeout=10).success
+
+
+@pytest.mark.timeout(300)
+def test_every_worker_forgets_secrets_verified_under_the_old_issuer(tmp_path: Path) -> None:
+    """Each worker caches what it verified; a reload empties every worker's cache."""
+    with DaemonProcess(tmp_path, fake_models=True, server={"workers": 2}) as daemon:
+        daemon.start()
+        secret = daemon.issue("alice")
+        # A connection each: the kernel spreads them over both workers, which cache the
+        # secret; how many landed on each is in `status`, not assumed.
+        before = [call(daemon, secret) for _ in range(12)]
+        assert before == ["OK"] * 12
+        daemon.raw["clients"] = {"issuer": "another-issuer"}
+        daemon.write_config()
+        daemon.admin("reload", {"wait": True})
+        after = [call(daemon, secret) for _ in range(12)]
+        assert after == ["UNAUTHENTICATED"] * 12
+        assert call(daemon, daemon.issue("bob")) == "OK"
