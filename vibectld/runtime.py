@@ -43,7 +43,8 @@ class WorkersView(Protocol):
 class Admission(Protocol):
     """Who decides rpm and concurrency (and, for a worker, budgets) when this process
     cannot alone: the cluster limiter (service/cluster_limits.py, several nodes) or the
-    main process (workers/view.py, a worker). A lease is whatever `admit` returned."""
+    main process (workers/view.py, a worker). A lease is whatever `admit` returned.
+    Both restate these signatures; assigning either to `Runtime.cluster` checks them."""
 
     async def admit(
         self,

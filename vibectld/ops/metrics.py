@@ -75,6 +75,9 @@ class _FeedCollector:
 
 
 class Metrics:
+    """This daemon's metrics. Each is declared whole where it is built (name, help,
+    labels), so the declarations look alike on purpose: each reads as a scraper sees it."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._add_call_metrics(self.registry)

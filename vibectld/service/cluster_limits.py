@@ -183,6 +183,8 @@ class ClusterLimiter:
 
     # -- the steps ----------------------------------------------------------------------
 
+    # runtime.Admission.admit's signature, restated: the servicer calls this or a
+    # worker's admission alike, and mypy checks both against the Protocol.
     async def admit(
         self,
         client_id: str,

@@ -182,6 +182,8 @@ class Mirror:
             records = list(self._records.values())
         return [r for r in records if r.kid == kid and r.status(now) == "active"]
 
+    # Store.record_call's signature (store/base.py), restated: mypy checks the Registry,
+    # which inherits it, against that Protocol.
     def record_call(
         self,
         client_id: str,

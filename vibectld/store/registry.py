@@ -130,6 +130,8 @@ class Registry(WriteThrough):
         book: usage.UsageBook | None = None,
         spent: spend.SpendBook | None = None,
     ):
+        # WriteThrough's parameters, restated rather than passed as *args so that a
+        # caller's arguments stay type-checked.
         super().__init__(db, records, book, spent)
         self._fresh_at = time.time()  # when memory last read every client from the database
         self._nodes: list[NodeInfo] = []
@@ -228,6 +230,8 @@ class Registry(WriteThrough):
                         self._journal.close()
 
     # -- clients --------------------------------------------------------------------------
+    # The signatures below restate Store's (store/base.py) on purpose: mypy checks the
+    # Registry against that Protocol wherever a Store is expected.
 
     def issue(
         self,

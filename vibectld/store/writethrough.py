@@ -184,6 +184,8 @@ class WriteThrough(Mirror):
             self._usage.prune()
 
     # -- audit --------------------------------------------------------------------------
+    # add_audit restates Store.add_audit's signature (store/base.py): mypy checks the
+    # Registry, which inherits it, against that Protocol.
 
     def add_audit(
         self,

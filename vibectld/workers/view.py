@@ -124,6 +124,8 @@ class WorkerStore:
         active = sum(1 for r in self._records.values() if r.status(at) == "active")
         return {"active": active, "total": len(self._records)}
 
+    # Store.record_call's signature (store/base.py), restated: the servicer records a
+    # worker's calls as it does the main process's, and this forwards them there.
     def record_call(
         self,
         client_id: str,
@@ -189,6 +191,8 @@ class ForwardedMetrics(Metrics):
         # The servicer and the call gate count a refusal with .labels(reason).inc().
         self.refusals = _ForwardedRefusals(channel)  # type: ignore[assignment]
 
+    # Metrics.observe_call's signature, restated by the override: the servicer calls
+    # it the same way in a worker, and the call goes to the main process's metrics.
     def observe_call(
         self,
         client: str,
@@ -313,6 +317,8 @@ class WorkerAdmission:
     def __repr__(self) -> str:
         return "WorkerAdmission()"
 
+    # runtime.Admission.admit's signature, restated: the servicer's shared path calls
+    # this or the cluster limiter alike, and mypy checks both against the Protocol.
     async def admit(
         self,
         client_id: str,
