@@ -432,7 +432,7 @@ class ConfigStore:
         path = self.secret_path(profile)
         missing = (
             f"no secret stored for profile {profile} ({path}); "
-            f"run: vibectl setup-proxy configure URL --name {profile}"
+            f"run: vibectl setup-proxy configure - --name {profile} (and paste the URL)"
         )
         try:
             with open(path, "rb") as f:

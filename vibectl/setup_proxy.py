@@ -193,7 +193,9 @@ def _profile(state: State, name: str | None) -> Profile:
     config = state.config()
     chosen = name or config.active_profile
     if chosen is None:
-        raise ConfigurationError("no active proxy profile; run: vibectl setup-proxy configure URL")
+        raise ConfigurationError(
+            "no active proxy profile; run: vibectl setup-proxy configure - (and paste the URL)"
+        )
     if chosen not in config.profiles:
         known = ", ".join(sorted(config.profiles)) or "none"
         raise ConfigurationError(f"no proxy profile named '{chosen}' (profiles: {known})")
@@ -257,7 +259,9 @@ def list_profiles(state: State) -> None:
     """List proxy profiles; the active one is marked with *."""
     config = state.config()
     if not config.profiles:
-        click.echo("no proxy profiles; add one with: vibectl setup-proxy configure URL")
+        click.echo(
+            "no proxy profiles; add one with: vibectl setup-proxy configure - (and paste the URL)"
+        )
         return
     for name in sorted(config.profiles):
         p = config.profiles[name]

@@ -333,6 +333,23 @@ def test_migration_backup_is_private_and_holds_no_secret(daemon: RunningDaemon, 
     assert user.run("ask", "through the migrated profile").returncode == 0
 
 
+def test_every_hint_to_configure_keeps_the_url_off_the_command_line(
+    daemon: RunningDaemon, user: User
+) -> None:
+    """What vibectl tells a user to run is the form that keeps the secret out of `ps` and
+    the shell's history, as the README and vibectl(1) show it."""
+    hints = [user.run("setup-proxy", "list").stdout, user.run("setup-proxy", "test").stderr]
+    hints.append(user.run("--proxy", "nope", "ask", "hi").stderr)
+    url = issue_url(daemon, "alice")
+    configured = user.run("setup-proxy", "configure", "-", "--name", "corp", stdin=url)
+    assert configured.returncode == 0, configured.stderr
+    (user.config_dir / "client" / "server-secrets" / "corp.key").unlink()
+    hints.append(user.run("ask", "hi").stderr)
+    for hint in hints:
+        assert "vibectl setup-proxy configure -" in hint and "configure URL" not in hint, hint
+        assert secret_of(url) not in hint
+
+
 def test_configure_reads_the_url_from_stdin(daemon: RunningDaemon, user: User) -> None:
     url = issue_url(daemon, "alice")
     with subprocess.Popen(

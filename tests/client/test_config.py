@@ -161,7 +161,7 @@ def test_load_secret_refuses_a_readable_file(tmp_path: Path) -> None:
 def test_load_secret_missing_says_how_to_configure(tmp_path: Path) -> None:
     with pytest.raises(ClientConfigError, match=r"no secret stored for profile corp") as info:
         ConfigStore(tmp_path).load_secret("corp")
-    assert "vibectl setup-proxy configure URL --name corp" in str(info.value)
+    assert "vibectl setup-proxy configure - --name corp" in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["", "-x", ".hidden", "a/b", "../etc", "x" * 65, "a b", "a\n"])

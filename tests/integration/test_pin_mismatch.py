@@ -62,7 +62,7 @@ def test_a_rebuilt_ca_is_named_with_both_fingerprints_and_the_fix(
         assert "does not match the CA pinned in profile '127.0.0.1'" in error, (args, error)
         assert f"expected sha256 {old_pin[:16]}" in error and f"got {new_pin[:16]}" in error
         assert "the secret was not sent" in error
-        assert "vibectl setup-proxy configure URL --name 127.0.0.1" in error
+        assert "vibectl setup-proxy configure - --name 127.0.0.1" in error
         assert "cannot reach" not in error and "reachable" not in out.stdout, args
         # One line that explains, not gRPC's own handshake log ahead of it.
         assert error.count("\n") == 1 and error.startswith("vibectl: "), error
@@ -156,7 +156,7 @@ def test_a_ca_bundle_the_rebuilt_server_fails_is_named_not_unreachable(
     saved = user.config_dir / "client" / "ca" / "127.0.0.1.pem"
     assert f"the certificate of 127.0.0.1:{port} fails the CA file {saved}" in out.stderr
     assert "the secret was not sent" in out.stderr
-    assert "vibectl setup-proxy configure URL --ca-bundle FILE --name 127.0.0.1" in out.stderr
+    assert "vibectl setup-proxy configure - --ca-bundle FILE --name 127.0.0.1" in out.stderr
     assert time.monotonic() - started < 8
 
     # The bundle given to configure is checked the same way, before anything is saved.

@@ -59,7 +59,7 @@ def get_model_adapter(
         known = ", ".join(sorted(config.profiles)) or "none"
         raise ConfigurationError(
             f"no proxy profile named '{name}' (profiles: {known}); "
-            "add one with: vibectl setup-proxy configure URL"
+            f"add one with: vibectl setup-proxy configure - --name {name} (and paste the URL)"
         )
     try:
         secret = store.load_secret(name)
@@ -133,8 +133,8 @@ def _pin_mismatch_error(profile: str, e: PinMismatch) -> AuthenticationError:
     return AuthenticationError(
         f"the certificate of {e.target} does not match the CA pinned in profile "
         f"'{profile}' ({e.fingerprints}); the secret was not sent. If the operator rebuilt "
-        "the CA, get a new URL from them and run: vibectl setup-proxy configure URL "
-        f"--name {profile}"
+        "the CA, get a new URL from them, run: vibectl setup-proxy configure - "
+        f"--name {profile} and paste it"
     )
 
 
@@ -173,8 +173,8 @@ def _trust_check(
             return AuthenticationError(
                 f"the certificate of {join_host_port(host, port)} fails {trusted}: "
                 f"{e.verify_message}; the secret was not sent. If the operator changed the "
-                "server's CA, get the new CA file from them and run: vibectl setup-proxy "
-                f"configure URL --ca-bundle FILE --name {name}"
+                "server's CA, get the new CA file from them, run: vibectl setup-proxy "
+                f"configure - --ca-bundle FILE --name {name} and paste the URL"
             )
         except OSError:
             pass  # no handshake (down, restarting): the adapter reports it as unreachable
