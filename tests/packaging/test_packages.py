@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -246,6 +247,11 @@ def test_the_project_identity_is_real_and_used_everywhere() -> None:
     header = _copyright_module().header("vibectld", "/opt/vibectld")
     assert f"Contact: {identity}\n" in header
     assert f"Copyright: {match.group('name')}\n" in header
+    # The Python distribution's metadata (`pip show vibectld` in /opt/vibectld) names it too.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project.get("maintainers") == [
+        {"name": match.group("name"), "email": f"{match.group('user')}@{match.group('host')}"}
+    ], project.get("maintainers")
 
 
 # -- the build and the linters --------------------------------------------------------------
