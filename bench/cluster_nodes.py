@@ -29,6 +29,8 @@ from vibectl.proxy_url import parse as parse_url
 from vibectl.tls_pin import PinMismatch, pinned_ca
 
 DATABASE = "vibectld_bench"
+# The summary table's area for everything the cluster section measures on these nodes.
+AREA = "Cluster (PostgreSQL)"
 
 
 @dataclass
@@ -112,6 +114,9 @@ class PgNode(Vibectld):
     the chain the node presents, picked by the issued URL's `ca-sha256` pin (`trust`).
     """
 
+    # Vibectld's parameters spelled out rather than passed as **kwargs, so that mypy
+    # checks every node's construction (a long signature: `duplicates` pairs it by shape
+    # with others, such as fake_openai_http's _send; there is no logic to share).
     def __init__(
         self,
         procs: Processes,

@@ -258,3 +258,56 @@ def paired_delta(base: Sequence[object], other: Sequence[object], key: str) -> f
     """The median over repeats of other[i].key - base[i].key (results of the same run)."""
     pairs = [(getattr(b, key), getattr(o, key)) for b, o in zip(base, other, strict=True)]
     return median(o - b for b, o in pairs if b is not None and o is not None)
+
+
+def head_to_head(callers: int, duration: float) -> list[str]:
+    """bench.load's strategy for two targets measured in the same seconds: at 1 caller
+    single calls alternate between them (paired), else the callers move between them
+    every second (sliced); either way each target gets about `duration` of its own."""
+    if callers == 1:
+        return ["--strategy", "paired", "--duration", str(1.5 * duration)]
+    return ["--strategy", "sliced", "--callers", str(callers), "--slice", "1",
+            "--duration", str(2 * duration)]  # fmt: skip
+
+
+def in_turn(rep: int, names: Sequence[str]) -> list[str]:
+    """The targets in the order of repeat `rep`: reversed every other one, so neither goes
+    first every time."""
+    return list(names) if rep % 2 == 0 else list(names)[::-1]
+
+
+@dataclass(frozen=True)
+class Versus:
+    """A figure measured against a baseline's in the same run, for a graded check: `who`
+    and `base` name the two sides in its line ("vibectld p50", "raw")."""
+
+    name: str  # the check's
+    area: str  # the summary row's area and measure
+    measure: str
+    who: str
+    base: str
+
+
+def grade_ms_over(
+    section: Section, vs: Versus, v: float, base: float, over: float, limit: float,
+    spec: str = ".2f",
+) -> bool:  # fmt: skip
+    """Graded: `over` (ms, v - base, measured together) is at most `limit`."""
+    ok = not math.isnan(over) and over <= limit
+    target = f"<= +{limit:g} ms"
+    a, b, d = format(v, spec), format(base, spec), format(over, "+" + spec)
+    detail = f"{vs.who} {a} ms vs {vs.base} {b} ms: {d} ms (target {target})"
+    section.graded(vs.name, ok, detail, (vs.area, vs.measure, f"{d} ms ({a} vs {b})", target))
+    return ok
+
+
+def grade_share(
+    section: Section, vs: Versus, v: float, base: float, ratio: float, minimum: float
+) -> bool:
+    """Graded: `ratio` (v over base, req/s, measured together) is at least `minimum`."""
+    ok = ratio >= minimum
+    target = f">= {minimum:.0%}"
+    detail = f"{vs.who} {v:.0f} req/s = {ratio:.0%} of {vs.base} {base:.0f} (target {target})"
+    result = f"{ratio:.0%} ({v:.0f} vs {base:.0f})"
+    section.graded(vs.name, ok, detail, (vs.area, vs.measure, result, target))
+    return ok

@@ -1,54 +1,29 @@
 """Several nodes on PostgreSQL: the provider and echo paths on `storage.backend:
-postgresql`, the database statements a call costs, and revocation across nodes."""
+postgresql` (here), the database statements a call costs (cluster_statements.py), and
+revocation across nodes (cluster_revocation.py)."""
 
 from __future__ import annotations
 
-import json
-import math
-import subprocess
-import sys
-import time
-from typing import Any
-
 from bench import common as c
 from bench.clients import MODEL_ID, MODEL_NAME
-from bench.cluster_nodes import (
-    AFTER_REPLY,
-    BATCHED,
-    BEFORE_REPLY,
-    UNKNOWN,
-    BenchDatabase,
-    PgNode,
-    generate_cluster_key,
-    purpose,
-)
+from bench.cluster_nodes import AREA, BenchDatabase, PgNode, generate_cluster_key
 from bench.common import Context, Section
-from bench.result import Result, percentile
-from bench.servers import REPO, BenchError, FakeProvider, Vibectld, clean_env
+from bench.result import Result
+from bench.sections import cluster_revocation, cluster_statements
+from bench.sections.cluster_statements import FLUSH_WAIT_S
+from bench.servers import FakeProvider, Vibectld, clean_env
 
 TITLE = "Several nodes on PostgreSQL"
-AREA = "Cluster (PostgreSQL)"
 LATENCY_MS = 20.0  # the fake provider's, as in the provider section
 # The targets (issue 14): as the provider section's with SQLite, and against SQLite.
 MAX_P50_OVER_RAW_MS = 2.0
 MIN_PROVIDER_RPS_RATIO = 0.80
 MIN_ECHO_RATIO = 0.70
-MAX_PROPAGATION_P99_S = 1.0
 ECHO_CALLERS = 16
 # server.workers of every node: one serving process, so that the CPU per call read from
 # its pid is the whole node's and the SQLite and PostgreSQL nodes are alike (a load
 # generator's one connection reaches one worker anyway).
 WORKERS = 1
-# Revocation: trials, each revoking one client on node A and probing B and C, under an
-# open-loop background load on every node (calls/s per node).
-TRIALS, QUICK_TRIALS = 50, 8
-BACKGROUND_RATE, QUICK_BACKGROUND_RATE = 100.0, 50.0
-TRIAL_TIMEOUT_S = 5.0
-# Statement counting: calls per client kind, and quiet seconds for the background rate.
-COUNT_CALLS, QUICK_COUNT_CALLS = 3000, 400
-IDLE_S, QUICK_IDLE_S = 6.0, 3.0
-# Usage reaches the database in batches (every 2 s): wait for the batch of the calls.
-FLUSH_WAIT_S = 3.0
 # A limited client's limits: far above what the load reaches, so nothing is refused and
 # the cost measured is the checks'.
 LIMITED = {"rpm": 100_000_000, "concurrency": 10_000}
@@ -62,22 +37,7 @@ PROVIDER_PATHS = {
     "postgresql": "vibectld on PostgreSQL",
     "limits": "vibectld on PostgreSQL, client with rpm + concurrency limits",
 }
-# A statement is named in a check's line when it runs at least once per 20 calls.
-PER_CALL_MIN = 0.05
-ROUND_TRIPS_NOTE = """\
-what a call costs in the database, and why. A client without limits costs no round
-trip: its record, revocation and signing key are checked in memory, which the change feed
-keeps fresh (LISTEN/NOTIFY plus a catch-up read every 0.5 s, whatever the call rate), and
-its usage is added up in memory and written as increments once per flush (every 2 s) per
-client and day. A client with rpm or concurrency limits costs one round trip before its
-call runs: the count and the running calls must be exact across nodes, so one PL/pgSQL
-function (vibectld_admit) counts the call in the 60 s window and takes a lease, under the
-client's advisory locks, by the database's clock. Its lease's release needs no round trip
-of its own under load: it rides on the node's next admit, and goes alone only when no
-call comes soon after. (The limiter's session turns synchronous commit off: these round
-trips do not wait for a WAL flush.) The rest is per node and per second, not per call:
-heartbeats, the limiter's tick, the feed's catch-up reads, the re-read of today's
-cluster-wide usage for the budgets."""
+Cells = dict[tuple[str, int], dict[str, list[Result]]]
 
 INTRO = f"""\
 vibectld on `storage.backend: postgresql` (PostgreSQL 15 started by the benchmark in a
@@ -141,11 +101,12 @@ def run(ctx: Context) -> Section:
             c.warm_up(ctx, node.port, node.ca_path, node.secret)
             c.warm_up(ctx, node.port, node.ca_path, node.secret, model=MODEL_ID)
         ctx.log(f"  PostgreSQL node pid {a.pid}, SQLite node pid {lite.pid}, fake {fake.pid}")
-        provider_path(ctx, section, fake.api_base, a, limited["postgresql"])
-        echo_against_sqlite(ctx, section, a, lite, limited)
+        one, many = measure_provider(ctx, section, fake.api_base, a, limited["postgresql"])
+        report_provider(section, one, many)
+        report_echo(section, measure_echo(ctx, section, a, lite, limited))
         lite.stop()
-        round_trips(ctx, section, db, a, limited["postgresql"])
-        propagation(ctx, section, db, a, key, pin, models)
+        cluster_statements.run(ctx, section, db, a, limited["postgresql"])
+        cluster_revocation.run(ctx, section, db, a, key, pin, models)
     finally:
         # The nodes first: they hold connections to the database.
         ctx.procs.stop_all()
@@ -156,9 +117,10 @@ def run(ctx: Context) -> Section:
 # -- 1. the provider path --------------------------------------------------------------
 
 
-def provider_path(
+def measure_provider(
     ctx: Context, section: Section, api_base: str, node: Vibectld, limited: str
-) -> None:
+) -> tuple[dict[str, list[Result]], dict[str, list[Result]]]:
+    """Each path's results at 1 caller (measured together) and at 16 (in turn)."""
     s = ctx.settings
     duration, warmup = min(s.duration, 3.0), min(s.warmup, 1.0)
     env = clean_env(**{PG_SECRET_ENV: node.secret, LIMITED_SECRET_ENV: limited})
@@ -186,13 +148,19 @@ def provider_path(
             args += ["--duration", str(duration), *targets[name]]
             tag = f"provider x16 rep {rep + 1}"
             c.collect(ctx, section, many, c.measure_load(args, env=env), tag)
+    return one, many
+
+
+def report_provider(
+    section: Section, one: dict[str, list[Result]], many: dict[str, list[Result]]
+) -> None:
     header = [
         "path", "callers", "req/s", "vs raw", "p50 ms", "p99 ms", "p50 over raw ms",
         "vibectld CPU us/req", "errors",
     ]  # fmt: skip
     rows = []
     for callers, got in ((1, one), (16, many)):
-        for path in targets:
+        for path in PROVIDER_PATHS:
             rs, base = got[path], got["raw"]
             over = (
                 c.paired_delta(base, rs, "p50_ms")
@@ -207,27 +175,25 @@ def provider_path(
                 str(c.total(rs, "errors")),
             ])  # fmt: skip
     section.tables.append(c.md_table(header, rows))
-
+    vs = c.Versus(
+        "PostgreSQL node, provider latency (unary, 1 caller)",
+        AREA,
+        "provider p50 at 1 caller, over a raw HTTP client",
+        "vibectld p50",
+        "raw",
+    )
     v, r = c.median_of(one["postgresql"], "p50_ms"), c.median_of(one["raw"], "p50_ms")
     over = c.paired_delta(one["raw"], one["postgresql"], "p50_ms")
-    ok = not math.isnan(over) and over <= MAX_P50_OVER_RAW_MS
-    target = f"<= +{MAX_P50_OVER_RAW_MS:g} ms"
-    section.graded(
-        "PostgreSQL node, provider latency (unary, 1 caller)", ok,
-        f"vibectld p50 {v:.2f} ms vs raw {r:.2f} ms: {over:+.2f} ms (target {target})",
-        (AREA, "provider p50 at 1 caller, over a raw HTTP client", f"{over:+.2f} ms "
-         f"({v:.2f} vs {r:.2f})", target),
-    )  # fmt: skip
+    c.grade_ms_over(section, vs, v, r, over, MAX_P50_OVER_RAW_MS)
+    vs = c.Versus(
+        "PostgreSQL node, provider throughput (unary, 16 callers)",
+        AREA,
+        "provider req/s at 16 callers, vs a raw HTTP client",
+        "vibectld",
+        "raw",
+    )
     v, r = c.median_of(many["postgresql"], "rps"), c.median_of(many["raw"], "rps")
-    ratio = v / r
-    ok = ratio >= MIN_PROVIDER_RPS_RATIO
-    target = f">= {MIN_PROVIDER_RPS_RATIO:.0%}"
-    section.graded(
-        "PostgreSQL node, provider throughput (unary, 16 callers)", ok,
-        f"vibectld {v:.0f} req/s = {ratio:.0%} of raw {r:.0f} (target {target})",
-        (AREA, "provider req/s at 16 callers, vs a raw HTTP client",
-         f"{ratio:.0%} ({v:.0f} vs {r:.0f})", target),
-    )  # fmt: skip
+    c.grade_share(section, vs, v, r, v / r, MIN_PROVIDER_RPS_RATIO)
     # The same with cluster-wide limits: no target of its own, what the round trips cost.
     lim_over = c.paired_delta(one["postgresql"], one["limits"], "p50_ms")
     lim = c.median_of(many["limits"], "rps")
@@ -242,9 +208,9 @@ def provider_path(
 # -- 2. echo against the same node on SQLite -------------------------------------------
 
 
-def echo_against_sqlite(
+def measure_echo(
     ctx: Context, section: Section, pg: Vibectld, lite: Vibectld, limited: dict[str, str]
-) -> None:
+) -> Cells:
     s = ctx.settings
     env = clean_env(**{
         PG_SECRET_ENV: pg.secret, SQLITE_SECRET_ENV: lite.secret,
@@ -259,7 +225,7 @@ def echo_against_sqlite(
     # information the same with a client whose limits are enforced (in memory on SQLite,
     # in the database on PostgreSQL).
     configs = (("no limits", 1), ("no limits", ECHO_CALLERS), ("limits", ECHO_CALLERS))
-    cells: dict[tuple[str, int], dict[str, list[Result]]] = {}
+    cells: Cells = {}
     for client, callers in configs:
         got = cells[(client, callers)] = {}
         targets = {
@@ -270,15 +236,15 @@ def echo_against_sqlite(
             for name, node in nodes.items()
         }  # fmt: skip
         for rep in range(s.repeats):
-            order = ["sqlite", "postgresql"] if rep % 2 == 0 else ["postgresql", "sqlite"]
-            if callers == 1:
-                args = ["--strategy", "paired", "--duration", str(1.5 * s.duration)]
-            else:
-                args = ["--strategy", "sliced", "--callers", str(callers), "--slice", "1"]
-                args += ["--duration", str(2 * s.duration)]
+            order = c.in_turn(rep, ["sqlite", "postgresql"])
+            args = c.head_to_head(callers, s.duration)
             args += [*targets[order[0]], *targets[order[1]], "--warmup", str(s.warmup)]
             tag = f"echo {client} x{callers:<3} rep {rep + 1}"
             c.collect(ctx, section, got, c.measure_load(args, env=env), tag)
+    return cells
+
+
+def report_echo(section: Section, cells: Cells) -> None:
     header = [
         "client", "callers", "SQLite req/s", "PostgreSQL req/s", "ratio",
         "SQLite p50 / p99 ms", "PostgreSQL p50 / p99 ms", "p50 delta ms",
@@ -296,259 +262,23 @@ def echo_against_sqlite(
             f"{c.total(lt, 'errors')} / {c.total(pt, 'errors')}",
         ])  # fmt: skip
     section.tables.append(c.md_table(header, rows))
-    for client in ("no limits", "limits"):
-        lt, pt = (
-            cells[(client, ECHO_CALLERS)]["sqlite"],
-            cells[(client, ECHO_CALLERS)]["postgresql"],
-        )
-        ratio = c.paired_ratio(lt, pt, "rps")
-        vp, vl = c.median_of(pt, "rps"), c.median_of(lt, "rps")
-        detail = f"{vp:.0f} req/s = {ratio:.0%} of the SQLite node's {vl:.0f}"
-        result = f"{ratio:.0%} ({vp:.0f} vs {vl:.0f})"
-        if client == "limits":
-            name = f"PostgreSQL node, echo ({ECHO_CALLERS} callers) vs SQLite, client with limits"
-            section.check(name, None, f"{detail}; rpm and concurrency checked in the database")
-            measure = f"echo req/s at {ECHO_CALLERS} callers vs SQLite, client with limits"
-            section.row(AREA, measure, result)
-            continue
-        ok = ratio >= MIN_ECHO_RATIO
-        target = f">= {MIN_ECHO_RATIO:.0%}"
-        section.graded(
-            f"PostgreSQL node, echo throughput ({ECHO_CALLERS} callers) vs SQLite", ok,
-            f"{detail} (target {target})",
-            (AREA, f"echo req/s at {ECHO_CALLERS} callers, vs the same node on SQLite", result,
-             target),
-        )  # fmt: skip
+    plain, limited = cells[("no limits", ECHO_CALLERS)], cells[("limits", ECHO_CALLERS)]
+    lt, pt = plain["sqlite"], plain["postgresql"]
+    vs = c.Versus(f"PostgreSQL node, echo throughput ({ECHO_CALLERS} callers) vs SQLite", AREA,
+                  f"echo req/s at {ECHO_CALLERS} callers, vs the same node on SQLite",
+                  "PostgreSQL node", "the SQLite node's")  # fmt: skip
+    vp, vl = c.median_of(pt, "rps"), c.median_of(lt, "rps")
+    c.grade_share(section, vs, vp, vl, c.paired_ratio(lt, pt, "rps"), MIN_ECHO_RATIO)
+    # With limits: for information (rpm and concurrency checked in the database).
+    lt, pt = limited["sqlite"], limited["postgresql"]
+    ratio = c.paired_ratio(lt, pt, "rps")
+    vp, vl = c.median_of(pt, "rps"), c.median_of(lt, "rps")
+    detail = f"{vp:.0f} req/s = {ratio:.0%} of the SQLite node's {vl:.0f}"
+    name = f"PostgreSQL node, echo ({ECHO_CALLERS} callers) vs SQLite, client with limits"
+    section.check(name, None, f"{detail}; rpm and concurrency checked in the database")
+    measure = f"echo req/s at {ECHO_CALLERS} callers vs SQLite, client with limits"
+    section.row(AREA, measure, f"{ratio:.0%} ({vp:.0f} vs {vl:.0f})")
 
 
 def _p50_p99(rs: list[Result]) -> str:
     return f"{c.fmt(c.median_of(rs, 'p50_ms'), '.3f')} / {c.fmt(c.median_of(rs, 'p99_ms'), '.3f')}"
-
-
-# -- 3. statements per call ------------------------------------------------------------
-
-
-def round_trips(
-    ctx: Context, section: Section, db: BenchDatabase, node: Vibectld, limited: str
-) -> None:
-    s = ctx.settings
-    idle_s = QUICK_IDLE_S if s.quick else IDLE_S
-    calls = QUICK_COUNT_CALLS if s.quick else COUNT_CALLS
-    # A quiet stretch: what the nodes send with no calls (heartbeats, feed catch-up).
-    time.sleep(FLUSH_WAIT_S)  # the warm-up's last batch lands first
-    first = before = db.statements()
-    t0 = time.monotonic()
-    time.sleep(idle_s)
-    idle = (db.statements() - before).calls
-    idle_rate = {q: n / (time.monotonic() - t0) for q, n in idle.items()}
-    per_call: dict[str, dict[str, float]] = {}
-    served: dict[str, int] = {}
-    for kind, secret in (("no limits", node.secret), ("rpm + concurrency", limited)):
-        before, t0 = db.statements(), time.monotonic()
-        args = c.target(kind.replace(" ", "-"), port=node.port, ca=node.ca_path)
-        args += ["--callers", "16", "--max-requests", str(calls), "--duration", "120"]
-        args += ["--warmup", "0"]
-        (r,) = c.measure_load(args, env=clean_env(VIBECTLD_BENCH_SECRET=secret)).values()
-        c.check_errors(section, f"statement count, client with {kind}", r)
-        time.sleep(FLUSH_WAIT_S)
-        elapsed = time.monotonic() - t0
-        seen = (db.statements() - before).calls
-        served[kind] = r.count + r.errors
-        ctx.log(f"  {kind}: {r.count} calls, {seen.total()} statements in {elapsed:.1f} s")
-        per_call[kind] = {
-            q: (n - idle_rate.get(q, 0.0) * elapsed) / max(served[kind], 1) for q, n in seen.items()
-        }
-    whole = db.statements() - first
-    queries = sorted(
-        set(idle) | {q for d in per_call.values() for q in d},
-        key=lambda q: (-max(d.get(q, 0.0) for d in per_call.values()), q),
-    )
-    header = ["statement", "why", "when", "quiet: per s"] + [f"per call, {k}" for k in per_call]
-    header += ["server ms per execution"]
-    rows = [
-        [f"`{_short(q)}`", purpose(q).why, purpose(q).when, f"{idle_rate.get(q, 0.0):.2f}"]
-        + [_per_call(per_call[k].get(q, 0.0)) for k in per_call]
-        + [c.fmt(whole.ms[q] / whole.calls[q], ".3f") if whole.calls.get(q) else "-"]
-        for q in queries
-    ]
-    section.tables.append(c.md_table(header, rows))
-    for kind, got in per_call.items():
-        # The periodic statements (seen in the quiet stretch too) are per second, not per
-        # call: left out here, so that the batched writes the calls cause are not netted
-        # against the quiet stretch's sampling error.
-        by_when = _by_when({q: n for q, n in got.items() if q not in idle})
-        parts = [f"{by_when.get(BEFORE_REPLY, 0.0):.2f} before the reply"]
-        parts += [f"{by_when.get(AFTER_REPLY, 0.0):.2f} after it"]
-        parts += [f"{by_when.get(BATCHED, 0.0):.3f} in batched writes"]
-        if by_when.get(UNKNOWN, 0.0) >= PER_CALL_MIN:
-            parts += [f"{by_when[UNKNOWN]:.2f} unclassified (see the table)"]
-        named = ", ".join(
-            f"{purpose(q).label} {n:.2f}"
-            for q, n in sorted(got.items(), key=lambda x: -x[1])
-            if n >= PER_CALL_MIN
-        )
-        detail = f"{', '.join(parts)} ({named or 'nothing per call'}); {served[kind]} calls"
-        section.check(f"database statements per call, client with {kind}", None, detail)
-        section.row(AREA, f"database statements per call, client with {kind}", ", ".join(parts))
-    by_purpose: dict[str, float] = {}
-    for q, n in idle_rate.items():
-        why = purpose(q).label if purpose(q).when != UNKNOWN else _short(q, 40)
-        by_purpose[why] = by_purpose.get(why, 0.0) + n
-    section.check(
-        "database statements with no calls (one node)", None,
-        f"{sum(by_purpose.values()):.2f} per s: " + ", ".join(
-            f"{why} {n:.2f}/s" for why, n in sorted(by_purpose.items(), key=lambda x: -x[1])
-        ),
-    )  # fmt: skip
-    section.notes.append(ROUND_TRIPS_NOTE)
-
-
-def _by_when(got: dict[str, float]) -> dict[str, float]:
-    """Statements per call summed by when they run."""
-    sums: dict[str, float] = {}
-    for q, n in got.items():
-        when = purpose(q).when
-        sums[when] = sums.get(when, 0.0) + n
-    return sums
-
-
-def _short(query: str, width: int = 90) -> str:
-    text = query.replace("|", "\\|").replace("`", "'")
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _per_call(n: float) -> str:
-    return "0" if abs(n) < 0.0005 else f"{n:.3f}"
-
-
-# -- 4. revocation across nodes ---------------------------------------------------------
-
-
-def propagation(
-    ctx: Context,
-    section: Section,
-    db: BenchDatabase,
-    a: PgNode,
-    key: str,
-    pin: str,
-    models: dict[str, Any],
-) -> None:
-    s = ctx.settings
-    trials = QUICK_TRIALS if s.quick else TRIALS
-    rate = QUICK_BACKGROUND_RATE if s.quick else BACKGROUND_RATE
-    # Issued before B and C start, so that each node knows them from its first load.
-    victims = [[f"victim-{i}", a.issue(f"victim-{i}")] for i in range(trials)]
-    others: list[PgNode] = []
-    for name in ("node-b", "node-c"):
-        node = PgNode(
-            ctx.procs, ctx.workdir, ctx.sockdir, name=name, dsn=db.dsn, cluster_key=key,
-            models=dict(models), workers=WORKERS,
-        )  # fmt: skip
-        node.start(issue=False)
-        node.trust(pin)
-        others.append(node)
-    ctx.log(f"  nodes: a pid {a.pid}, " + ", ".join(f"{n.name} pid {n.pid}" for n in others))
-    argv = [sys.executable, "-m", "bench.cluster_revoke", "--admin", str(a.socket)]
-    argv += ["--rate", f"{rate:g}", "--timeout", f"{TRIAL_TIMEOUT_S:g}"]
-    for n in others:
-        argv += ["--probe", f"{n.name}:{n.port}:{n.ca_path}"]
-    for n in (a, *others):
-        argv += ["--load", f"{n.name}:{n.port}:{n.ca_path}"]
-    env = clean_env(VIBECTLD_BENCH_SECRET=a.secret, VIBECTLD_BENCH_VICTIMS=json.dumps(victims))
-    budget = trials * (TRIAL_TIMEOUT_S + 2) + 60
-    try:
-        out = subprocess.run(
-            argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=budget, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"bench.cluster_revoke did not finish within {budget:.0f} s") from None
-    try:
-        got = json.loads(out.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise BenchError(
-            f"bench.cluster_revoke failed (exit {out.returncode}): {out.stderr.strip()[-1500:]}"
-        ) from None
-    report_propagation(section, got, rate)
-
-
-def report_propagation(section: Section, got: dict[str, object], rate: float) -> None:
-    trials = got["trials"]
-    assert isinstance(trials, list)
-    load = got["load"]
-    assert isinstance(load, dict)
-    aborted = got["aborted"]
-    if isinstance(aborted, str) and aborted.startswith("before revocation"):
-        # The nodes did not honour each other's secrets: nothing here measures revocation.
-        section.failures.append(f"revocation across nodes: {aborted}")
-    elif aborted:
-        section.notes.append(f"revocation across nodes: {aborted}")
-    by_node: dict[str, list[float]] = {}
-    # The same counted from node A's reply to the revoke (the change committed): the
-    # feed's own delay. Negative when B refused before A's reply reached the client.
-    after_reply: dict[str, list[float]] = {}
-    for t in trials:
-        for name, seconds in t["nodes"].items():
-            by_node.setdefault(name, []).append(math.inf if seconds is None else seconds)
-            after = math.inf if seconds is None else seconds - t["admin_s"]
-            after_reply.setdefault(name, []).append(after)
-    admin_ms = [t["admin_s"] * 1000 for t in trials]
-    header = ["node", "trials", "refused within the timeout", "p50 ms", "p99 ms", "max ms"]
-    header += ["after A's reply: p50 / p99 ms"]
-    rows = [_propagation_row(n, by_node[n], after_reply[n]) for n in by_node]
-    every = [x for times in by_node.values() for x in times]
-    if every:
-        rows.append(_propagation_row("all", every, [x for v in after_reply.values() for x in v]))
-    section.tables.append(c.md_table(header, rows))
-    served = sum(int(n["ok"]) for n in load.values())
-    errors = sum(int(n["errors"]) for n in load.values())
-    load_s = float(str(got["load_seconds"]))
-    section.check(
-        "background load during the revocations", None,
-        f"{served} calls served, {errors} failed over {load_s:.0f} s on {len(load)} nodes "
-        f"({rate:g} calls/s per node, open loop)",
-    )  # fmt: skip
-    if errors:
-        samples = [x for n in load.values() for x in n["samples"]]
-        section.failures.append(f"background load during the revocations: {errors} failed, "
-                                f"e.g. {samples[:3]}")  # fmt: skip
-    if admin_ms:
-        section.check(
-            "revoke-client on node A (the admin call, included above)", None,
-            f"p50 {percentile(admin_ms, 50):.1f} ms, p99 {percentile(admin_ms, 99):.1f} ms",
-        )  # fmt: skip
-    if not every:
-        section.graded(
-            "revocation propagation across nodes", False, "not measured (no trial ran)",
-            (AREA, "revocation propagation to other nodes, p50 / p99", "not measured",
-             f"p99 <= {MAX_PROPAGATION_P99_S:g} s"),
-        )  # fmt: skip
-        return
-    p50, p99 = _pct(every, 50), _pct(every, 99)
-    ok = p99 <= MAX_PROPAGATION_P99_S
-    result = f"{_ms(p50)} / {_ms(p99)} ({len(every)} probes)"
-    section.graded(
-        "revocation propagation across nodes (under load)", ok,
-        f"p50 {_ms(p50)}, p99 {_ms(p99)} over {len(trials)} revocations x "
-        f"{len(by_node)} nodes (target p99 <= {MAX_PROPAGATION_P99_S:g} s)",
-        (AREA, "revocation on node A refused on B and C, p50 / p99", result,
-         f"p99 <= {MAX_PROPAGATION_P99_S:g} s"),
-    )  # fmt: skip
-
-
-def _pct(values: list[float], q: float) -> float:
-    """A percentile where a probe that never saw the refusal counts as infinitely late."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def _ms(seconds: float) -> str:
-    # round() to an int: no "-0 ms" for a refusal a fraction of a ms before A's reply.
-    return f"> {TRIAL_TIMEOUT_S:g} s" if math.isinf(seconds) else f"{round(seconds * 1000)} ms"
-
-
-def _propagation_row(name: str, times: list[float], after: list[float]) -> list[str]:
-    seen = sum(1 for x in times if not math.isinf(x))
-    return [
-        name, str(len(times)), str(seen), _ms(_pct(times, 50)), _ms(_pct(times, 99)),
-        _ms(max(times)), f"{_ms(_pct(after, 50))} / {_ms(_pct(after, 99))}",
-    ]  # fmt: skip

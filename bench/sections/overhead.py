@@ -3,8 +3,6 @@ same protocol that answers with a canned reply, same TLS certificate, same optio
 
 from __future__ import annotations
 
-import math
-
 from bench import common as c
 from bench.common import Context, Section
 from bench.result import Result
@@ -74,14 +72,8 @@ def _measure(
         for mode, callers in configs:
             got = cells[(mode, callers)] = {}
             for rep in range(s.repeats):
-                order = ["floor", "vibectld"] if rep % 2 == 0 else ["vibectld", "floor"]
-                if callers == 1:
-                    # One caller alternating single calls between the two servers.
-                    args = ["--strategy", "paired", "--duration", str(1.5 * s.duration)]
-                else:
-                    # The callers move between the two servers every second.
-                    args = ["--strategy", "sliced", "--callers", str(callers), "--slice", "1"]
-                    args += ["--duration", str(2 * s.duration)]
+                order = c.in_turn(rep, ["floor", "vibectld"])
+                args = c.head_to_head(callers, s.duration)
                 args += [*targets[order[0]], *targets[order[1]]]
                 args += ["--mode", mode, "--warmup", str(s.warmup)]
                 tag = f"workers {workers} {mode:6} x{callers:<3} rep {rep + 1}"
@@ -122,21 +114,15 @@ def report(
         rows.append(row)
         label = f"{LABEL[mode]}, {callers} caller{'s' if callers > 1 else ''}"
         if callers == THROUGHPUT_CALLERS:
-            ok = ratio >= MIN_RPS_RATIO
-            detail = f"vibectld {rps_v:.0f} req/s = {ratio:.0%} of the floor's {rps_f:.0f}"
-            measure = f"{LABEL[mode]} req/s at {callers} callers, vs the floor{on}"
-            result = f"{ratio:.0%} ({rps_v:.0f} vs {rps_f:.0f})"
-            target = f">= {MIN_RPS_RATIO:.0%}"
-            section.graded(f"throughput ({label}){on}", ok, f"{detail} (target {target})",
-                           ("Overhead", measure, result, target))  # fmt: skip
+            vs = c.Versus(f"throughput ({label}){on}", "Overhead",
+                          f"{LABEL[mode]} req/s at {callers} callers, vs the floor{on}",
+                          "vibectld", "the floor's")  # fmt: skip
+            c.grade_share(section, vs, rps_v, rps_f, ratio, MIN_RPS_RATIO)
         if callers == 1:
-            ok = delta <= MAX_P50_DELTA_MS
-            detail = f"vibectld p50 {p50_v:.3f} ms = floor {p50_f:.3f} ms {delta:+.3f} ms"
-            measure = f"{LABEL[mode]} p50 at 1 caller, over the floor{on}"
-            result = f"{delta:+.3f} ms ({p50_v:.3f} vs {p50_f:.3f})"
-            goal = f"<= +{MAX_P50_DELTA_MS} ms"
-            section.graded(f"latency ({label}){on}", ok, f"{detail} (target {goal})",
-                           ("Overhead", measure, result, goal))  # fmt: skip
+            vs = c.Versus(f"latency ({label}){on}", "Overhead",
+                          f"{LABEL[mode]} p50 at 1 caller, over the floor{on}",
+                          "vibectld p50", "the floor")  # fmt: skip
+            c.grade_ms_over(section, vs, p50_v, p50_f, delta, MAX_P50_DELTA_MS, ".3f")
         if callers == 1 and mode == "stream":
             _first_chunk(section, f, v, on)
     section.tables.append(f"server.workers: {workers}\n\n" + c.md_table(header, rows))
@@ -149,11 +135,7 @@ def _pair(a: float, b: float, spec: str = ".3f") -> str:
 def _first_chunk(section: Section, f: list[Result], v: list[Result], on: str) -> None:
     vt, ft = c.median_of(v, "ttfc_p50_ms"), c.median_of(f, "ttfc_p50_ms")
     delta = c.paired_delta(f, v, "ttfc_p50_ms")
-    ok = not math.isnan(delta) and delta <= MAX_TTFB_DELTA_MS
-    section.check(
-        f"time to first chunk (streaming, 1 caller){on}", ok, f"vibectld first chunk p50 {vt:.3f} "
-        f"ms = floor {ft:.3f} ms {delta:+.3f} ms (target <= +{MAX_TTFB_DELTA_MS} ms)",
-    )  # fmt: skip
-    measure = f"streaming time to first chunk at 1 caller, over the floor{on}"
-    result = f"{delta:+.3f} ms ({vt:.3f} vs {ft:.3f})"
-    section.row("Overhead", measure, result, f"<= +{MAX_TTFB_DELTA_MS} ms", ok)
+    vs = c.Versus(f"time to first chunk (streaming, 1 caller){on}", "Overhead",
+                  f"streaming time to first chunk at 1 caller, over the floor{on}",
+                  "vibectld first chunk p50", "the floor")  # fmt: skip
+    c.grade_ms_over(section, vs, vt, ft, delta, MAX_TTFB_DELTA_MS, ".3f")

@@ -4,7 +4,6 @@ vibectld registers endpoints, and llm's stock way), and through vibectld."""
 
 from __future__ import annotations
 
-import math
 import tempfile
 
 from bench import common as c
@@ -147,25 +146,15 @@ def _over_raw(section: Section, one: dict[str, list[Result]], mode: str) -> None
     v, raw = c.median_of(one["vibectld"], key), c.median_of(one["raw"], key)
     # Measured together (--strategy paired): the median of each repeat's difference.
     over = c.paired_delta(one["raw"], one["vibectld"], key)
-    ok = not math.isnan(over) and over <= limit
-    section.check(
-        f"provider {what}", ok, f"vibectld {name} {v:.2f} ms vs raw {raw:.2f} ms: "
-        f"{over:+.2f} ms (target <= +{limit:g} ms)",
-    )  # fmt: skip
-    result = f"{over:+.2f} ms ({v:.2f} vs {raw:.2f})"
-    section.row(AREA, ROW_MEASURES[mode], result, f"<= +{limit:g} ms", ok)
+    vs = c.Versus(f"provider {what}", AREA, ROW_MEASURES[mode], f"vibectld {name}", "raw")
+    c.grade_ms_over(section, vs, v, raw, over, limit)
 
 
 def _throughput(section: Section, many: dict[str, list[Result]]) -> None:
     v, raw = c.median_of(many["vibectld"], "rps"), c.median_of(many["raw"], "rps")
-    ratio = v / raw
-    ok = ratio >= MIN_RPS_RATIO
-    section.check(
-        "provider throughput (unary, 16 callers)", ok, f"vibectld {v:.0f} req/s = {ratio:.0%} "
-        f"of raw {raw:.0f} (target >= {MIN_RPS_RATIO:.0%})",
-    )  # fmt: skip
-    measure = "req/s at 16 callers, vs a raw HTTP client"
-    section.row(AREA, measure, f"{ratio:.0%} ({v:.0f} vs {raw:.0f})", f">= {MIN_RPS_RATIO:.0%}", ok)
+    vs = c.Versus("provider throughput (unary, 16 callers)", AREA,
+                  "req/s at 16 callers, vs a raw HTTP client", "vibectld", "raw")  # fmt: skip
+    c.grade_share(section, vs, v, raw, v / raw, MIN_RPS_RATIO)
     if "llm-stock" not in many:
         return
     stock, pooled = c.median_of(many["llm-stock"], "rps"), c.median_of(many["llm-pooled"], "rps")
