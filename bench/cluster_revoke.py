@@ -91,7 +91,11 @@ class Caller:
 
 
 async def background(caller: Caller, secret: str, rate: float, count: LoadCount) -> None:
-    """Calls at `rate` per second, each its own task, until cancelled."""
+    """Calls at `rate` per second, each its own task, until cancelled.
+
+    Not bench.load's open loop (`--rate`): that one runs for a set duration and reports
+    when it ends, while this load must last exactly as long as the trials, whose length
+    is known only when the last node refuses, and it only counts status codes."""
     outstanding: set[asyncio.Task[None]] = set()
 
     async def one() -> None:

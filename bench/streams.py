@@ -19,6 +19,9 @@ time (/proc/PID/stat) at the window's edges and its RSS during it, and merges. T
 daemon is its process and every descendant (with `server.workers` > 1, the serving
 processes): CPU and RSS are summed over them.
 `never_read()` holds streams open without reading them (the slow-reader measurement).
+
+Not a strategy of bench.load: what it measures is per token and per gap across several
+worker processes, which bench.result's Result (one latency a call) does not hold.
 """
 
 from __future__ import annotations
