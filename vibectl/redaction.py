@@ -57,6 +57,7 @@ Scanner = Callable[[str, str, "re.Pattern[str]"], Iterator[tuple[int, int]]]
 
 PLACEHOLDER = "[REDACTED:{kind}]"
 _KIND_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+_PLACEHOLDER = re.compile(r"\[REDACTED:[a-z0-9][a-z0-9_-]{0,39}\]")
 
 # Values that sit where a secret would but are not one: booleans, empty markers, kubectl's
 # own placeholders and references (`<set to the key ...>`, `16 bytes`), templates, small
@@ -228,8 +229,9 @@ def _compact(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
     for d in _COMPACT_DATA.finditer(text, start, end):
         pos = d.end()
         while (pair := _COMPACT_PAIR.match(text, pos, end)) is not None:
-            if pair.end("v") > pair.start("v"):
-                yield pair.span("v")
+            vs, ve = pair.span("v")
+            if ve > vs and real_value(text[vs:ve]):  # (as for the YAML form's values)
+                yield vs, ve
             pos = pair.end()
 
 
@@ -242,17 +244,21 @@ def _children(text: str, pos: int, col: int) -> Iterator[tuple[int, int]]:
         e = text.find("\n", s)
         e = len(text) if e < 0 else e
         line = text[s:e]
-        if not line.strip():
+        stripped = line.strip()
+        if not stripped:
             continue
         c = len(line) - len(line.lstrip(" \t"))
         if c <= col:
             return
         if child_col < 0:
             child_col = c
+        if stripped.startswith("[REDACTED:") and _PLACEHOLDER.fullmatch(stripped):
+            # Redacted already (by vibectl, before the server screens the prompt again):
+            # found a second time it would be counted twice, or refused as a secret.
+            continue
         m = _CHILD_VALUE.match(text, s, e) if c == child_col else None
         if m is None:  # a deeper line: part of a multi-line value (`key: |`)
-            stripped = line.strip()
-            if stripped and stripped not in ("}", "},"):
+            if stripped not in ("}", "},"):
                 yield s + c, s + c + len(line.rstrip()) - c
         elif m.group("v") is not None:
             vs, ve = m.span("v")

@@ -22,8 +22,9 @@ from tests.conftest import RunningDaemon, admin_cli
 from tests.integration.conftest import write
 from tests.integration.test_reload import base_config
 from tests.unit.test_logs import parse_entry
+from tests.unit.test_redaction import APPLIED_SECRET
 from vibectl._proto import llm_proxy_pb2 as pb
-from vibectl.redaction import KINDS
+from vibectl.redaction import KINDS, Redactor
 from vibectld.config import ConfigError
 from vibectld.config_file import load_config
 from vibectld.ops.journal import encode
@@ -242,6 +243,22 @@ def test_refuse_names_the_kinds_and_costs_nothing(
     assert redactions_metric(daemon, "k8s_secret", "refused") == 4
     # A clean prompt is served as sent.
     assert ask(daemon, secret, request("hello", system=()))["prompt"] == "hello"
+
+
+def test_what_vibectl_redacted_passes_a_refusing_server_and_counts_nothing(
+    start_daemon: Callable[..., RunningDaemon],
+) -> None:
+    """`kubectl get secret -o yaml` of an applied Secret (its data again in the
+    last-applied annotation's JSON, a stringData file as a block), as vibectl sends it."""
+    daemon = start_daemon(redaction={"mode": "refuse"})
+    secret = daemon.issue("alice")
+    sent, counts = Redactor().redact(APPLIED_SECRET)  # vibectl's own hook: ModelAdapter
+    assert counts.total() == 4
+    assert ask(daemon, secret, request(sent, system=()))["prompt"] == sent
+    time.sleep(0.1)  # the call is counted on the loop's next turn
+    assert usage_row(daemon, "alice")["redactions"] == 0
+    err = refused(lambda: ask(daemon, secret, request(APPLIED_SECRET, system=())))
+    assert "4 secrets (k8s_secret 4)" in err.details()
 
 
 def test_off_passes_prompts_as_sent(start_daemon: Callable[..., RunningDaemon]) -> None:
