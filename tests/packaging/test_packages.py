@@ -553,8 +553,8 @@ def test_unit_caps_memory_and_tasks() -> None:
     """A flood or a leak is stopped by the service's own cgroup, before it reaches the host.
 
     The values are justified in the unit's comment: about 100 MB idle (200 MB with 100,000
-    clients) plus room for hundreds of maximum-size calls; 9 threads idle, about 100 on a
-    large host under load.
+    clients) and about 70 MB more per worker, plus room for hundreds of maximum-size calls;
+    9 threads idle in one process, about 600 over all processes on 12 CPUs under load.
     """
     settings = dict(
         line.split("=", 1)
