@@ -261,6 +261,38 @@ def test_what_vibectl_redacted_passes_a_refusing_server_and_counts_nothing(
     assert "4 secrets (k8s_secret 4)" in err.details()
 
 
+def test_refuse_comes_before_the_model_is_authorized_and_the_budgets_are_read(
+    start_daemon: Callable[..., RunningDaemon],
+) -> None:
+    """DESIGN.md's order: validate → redaction policy → authorize the model → budgets.
+    A prompt with secrets is refused as such even where the model or a spent budget
+    would refuse it too, so the refusal says what to fix first and never moves a budget."""
+    daemon = start_daemon(
+        redaction={"mode": "refuse"},
+        models={"prices": {"faults": {"input": 1000, "output": 1000}}},
+    )
+    only_faults = daemon.issue("restricted", models=["faults"])
+    spent = daemon.issue("spent", usd_per_month=0.01)
+
+    def code(secret: str, model: str, *user: str) -> tuple[grpc.StatusCode, str]:
+        req = pb.ExecuteRequest(user_fragments=list(user), model_name=model)
+        try:
+            daemon.stub().Execute(req, metadata=auth(secret), timeout=10)
+        except grpc.RpcError as e:
+            return e.code(), e.details() or ""
+        return grpc.StatusCode.OK, ""
+
+    # faults: 10 words in + 3 out at $1000 per million tokens = $0.013, over $0.01.
+    assert code(spent, "faults", "a b c d e f g h i j")[0] == grpc.StatusCode.OK
+    for secret, model in ((only_faults, "echo"), (spent, "faults")):
+        status, details = code(secret, model, SECRET_YAML)
+        assert status == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert "2 secrets (k8s_secret 2)" in details
+    # Without secrets, the model's and the budget's own refusals.
+    assert code(only_faults, "echo", "hello")[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert code(spent, "faults", "hello")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_off_passes_prompts_as_sent(start_daemon: Callable[..., RunningDaemon]) -> None:
     daemon = start_daemon(redaction={"mode": "off"})
     assert daemon.runtime.generation.redaction.redactor is None
