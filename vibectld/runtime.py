@@ -60,6 +60,11 @@ class Admission(Protocol):
 
     def holding(self, lease: Any) -> AbstractContextManager[None]: ...
 
+    async def usd_spent_month(self, client_id: str, now: float) -> float | None:
+        """The client's spend this UTC month where this process's store cannot know
+        it (a worker's), or None: then the store's own figure is the answer."""
+        ...
+
 
 @dataclass
 class Runtime:

@@ -105,14 +105,6 @@ def test_a_dollar_budget_holds_across_workers(daemon: DaemonProcess) -> None:
     assert {execute(daemon, secret, "hi", "echo")[0] for _ in range(4)} == {"PERMISSION_DENIED"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap, vibectld/workers/view.py: a worker answers GetServerInfo's "
-    "usd_left_this_month from the spend the main process reported at its last admission "
-    "for the client (before that call's own cost), or from nothing on a worker that "
-    "never admitted one, so `vibectl setup-proxy status` reads a full budget after it "
-    "was spent",
-)
 def test_get_server_info_tells_what_is_left_whichever_worker_answers(
     daemon: DaemonProcess,
 ) -> None:

@@ -255,6 +255,9 @@ class ClusterLimiter:
         assert lease is not None
         return lease
 
+    async def usd_spent_month(self, client_id: str, now: float) -> float | None:
+        return None  # the store's totals already hold every node's (read after each flush)
+
     def release(self, lease: Lease) -> None:
         """Give the slot back: here at once, in the database off the response path."""
         self._local.give_back(lease.client_id)

@@ -449,6 +449,14 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
             for e in catalogue.entries()
             if allowed is None or e.model_id in allowed
         ]
+        limits = EffectiveLimits.of(client, gen.config.limits)
+        spent = 0.0
+        if limits.usd_per_month is not None:
+            now = time.time()
+            known = (
+                await self.rt.cluster.usd_spent_month(client.id, now) if self.rt.cluster else None
+            )
+            spent = self.rt.registry.usd_spent_month(client.id, now) if known is None else known
         offered = {m.model_id for m in models}
         default = catalogue.default
         if catalogue.has(default) and catalogue.resolve(default).model_id not in offered:
@@ -456,10 +464,7 @@ class ProxyService(pb_grpc.VibectlLLMProxyServicer):  # type: ignore[misc]
         return pb.GetServerInfoResponse(
             available_models=models,
             default_model=default,
-            limits=_server_limits(
-                EffectiveLimits.of(client, gen.config.limits),
-                self.rt.registry.usd_spent_month(client.id, time.time()),
-            ),
+            limits=_server_limits(limits, spent),
             server_version=__version__,
             model_aliases={a: t for a, t in catalogue.aliases().items() if t in offered},
             server_name=gen.config.server.name,

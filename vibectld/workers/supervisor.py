@@ -247,6 +247,8 @@ class Supervisor(Daemon):
                 return asking is not None and slot.proc is asking and asking.returncode is None
 
             return await self._admission.admit(slot.index, still_serving, *body)
+        if kind == "spent":
+            return rt.registry.usd_spent_month(body, time.time())
         if kind == "hello":
             return self._hello(slot, rt)
         if kind == "serving":

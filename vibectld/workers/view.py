@@ -351,6 +351,17 @@ class WorkerAdmission:
         self._store.usd_month[client_id] = usd_month
         return None if lease_id is None else WorkerLease(client_id, lease_id)
 
+    async def usd_spent_month(self, client_id: str, now: float) -> float | None:
+        """Asked of the main process, whose store has every worker's usage: the figure
+        from this worker's last admission misses that call's own cost and every call
+        another worker served. None (the last figure then) while the main is away."""
+        try:
+            spent = await self._channel.ask("spent", client_id, within=ADMIT_TIMEOUT_SECONDS)
+        except (ChannelClosed, TimeoutError):
+            return None
+        self._store.usd_month[client_id] = spent
+        return float(spent)
+
     def release(self, lease: WorkerLease) -> None:
         with contextlib.suppress(ChannelClosed):
             self._channel.tell("release", lease.id)
