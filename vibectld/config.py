@@ -203,22 +203,34 @@ def _with(config: Any, parts: list[str], value: Any) -> Any:
 # when the port is bound.
 RESTART_TO_SWITCH: tuple[str, ...] = ("server.tls.client_ca_file",)
 
+# Keys a reload applies when lowered, but not raised above their value at start: gRPC's
+# receive limit (the request size plus a margin, grpc_server.py) is fixed when the
+# server is built, so a larger request would meet gRPC's refusal, not the service's.
+RESTART_TO_RAISE: tuple[str, ...] = ("server.max_request_bytes",)
 
-def restart_only_changes(old: DaemonConfig, new: DaemonConfig) -> list[str]:
-    """The keys whose change between two configurations only a restart can apply."""
+
+def restart_only_changes(
+    old: DaemonConfig, new: DaemonConfig, started: DaemonConfig | None = None
+) -> list[str]:
+    """The keys whose change between two configurations only a restart can apply;
+    `started` is the configuration the process started with (default `old`)."""
     changed = [key for key in RESTART_ONLY if _lookup(old, key) != _lookup(new, key)]
     changed += [
         key
         for key in RESTART_TO_SWITCH
         if (_lookup(old, key) is None) != (_lookup(new, key) is None)
     ]
+    at_start = old if started is None else started
+    changed += [key for key in RESTART_TO_RAISE if _lookup(new, key) > _lookup(at_start, key)]
     return changed
 
 
-def keep_restart_only(old: DaemonConfig, new: DaemonConfig) -> DaemonConfig:
+def keep_restart_only(
+    old: DaemonConfig, new: DaemonConfig, started: DaemonConfig | None = None
+) -> DaemonConfig:
     """`new`, with every key whose change needs a restart set back to its value in `old`."""
     kept = new
-    for key in restart_only_changes(old, new):
+    for key in restart_only_changes(old, new, started):
         kept = _with(kept, key.split("."), _lookup(old, key))
     return kept
 

@@ -255,8 +255,8 @@ class Daemon:
     def _swap_generation(self, rt: Runtime) -> list[str]:
         old = rt.generation
         fresh = reread_config(self.config.config_path, old.config)
-        changed = restart_only_changes(old.config, fresh)
-        config = keep_restart_only(old.config, fresh)
+        changed = restart_only_changes(old.config, fresh, self.config)
+        config = keep_restart_only(old.config, fresh, self.config)
         rt.generation = build_generation(config, rt.signing, rt.registry, old.number + 1, ca=old.ca)
         rt.background(_close_later(old.catalogue, config.limits.request_timeout_seconds + 5))
         notes = [f"{key} changed: restart vibectld to apply" for key in changed]

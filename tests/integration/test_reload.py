@@ -94,6 +94,34 @@ def test_restart_only_settings_are_reported_not_applied(
     assert daemon.runtime.config.server.listen == "127.0.0.1:0"
 
 
+def test_a_larger_request_size_needs_a_restart_a_smaller_one_does_not(
+    from_file: Callable[[dict[str, Any]], tuple[RunningDaemon, Path]],
+    tmp_path: Path,
+    sock_dir: Path,
+) -> None:
+    """gRPC's receive limit is fixed at start: raising server.max_request_bytes above
+    its value then is named and kept; lowering it, and raising it back, are applied."""
+    server = {"listen": "127.0.0.1:0", "name": "reloadable", "max_request_bytes": 100_000}
+    raw = base_config(tmp_path, sock_dir, server=server)
+    daemon, path = from_file(raw)
+
+    def reload_to(size: int) -> list[str]:
+        raw["server"]["max_request_bytes"] = size
+        write(path, raw)
+        out = admin(daemon, "--json", "reload", "--wait")
+        assert out.returncode == 0, out.stderr
+        notes: list[str] = json.loads(out.stdout)["restart_needed"]
+        return notes
+
+    def applied() -> int:
+        return daemon.runtime.generation.config.server.max_request_bytes
+
+    assert reload_to(200_000) == ["server.max_request_bytes changed: restart vibectld to apply"]
+    assert applied() == 100_000
+    assert (reload_to(50_000), applied()) == ([], 50_000)
+    assert (reload_to(100_000), applied()) == ([], 100_000)
+
+
 def test_reload_picks_up_a_reissued_server_certificate(
     from_file: Callable[[dict[str, Any]], tuple[RunningDaemon, Path]],
     tmp_path: Path,

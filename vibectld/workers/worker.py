@@ -203,7 +203,7 @@ class Worker(Daemon):
         rt = self.runtime
         old = rt.generation
         fresh = reread_config(self.config.config_path, old.config)
-        config = _share_of(keep_restart_only(old.config, fresh), self._workers)
+        config = _share_of(keep_restart_only(old.config, fresh, self.config), self._workers)
         self._pending = build_generation(config, rt.signing, rt.registry, old.number + 1, ca=old.ca)
         return self._pending.number
 
