@@ -61,9 +61,14 @@ def wait_ready(sock: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
     sys.exit(f"vibectld did not become ready within 60 s; its log:\n{log.read_text()}")
 
 
-def vibectl(env: dict[str, str], *args: str) -> str:
+def vibectl(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
     out = subprocess.run(
-        [str(BIN / "vibectl"), *args], capture_output=True, text=True, env=env, check=False
+        [str(BIN / "vibectl"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if out.returncode != 0:
         sys.exit(f"vibectl {args[0]} failed ({out.returncode}): {out.stderr.strip()}")
@@ -140,13 +145,20 @@ def main() -> int:
             detail = chunk.text_chunk if kind == "text_chunk" else str(getattr(chunk, kind or ""))
             print(f"    [{kind}] {' '.join(detail.split())}")
 
-        step("a user pastes the URL: vibectl setup-proxy configure '<URL>'")
+        step("a user pastes the URL: vibectl setup-proxy configure -  (from stdin, not ps)")
         user_env = {
             **os.environ,
             "VIBECTL_CONFIG_DIR": str(work / "user-config"),
             "LLM_USER_PATH": str(work / "user-llm"),
         }
-        print(indent(vibectl(user_env, "setup-proxy", "configure", url, "--name", "demo")), end="")
+        print(
+            indent(
+                vibectl(
+                    user_env, "setup-proxy", "configure", "-", "--name", "demo", stdin=url + "\n"
+                )
+            ),
+            end="",
+        )
 
         step('vibectl ask "why is my pod in CrashLoopBackOff?"  (through the proxy)')
         print(indent(vibectl(user_env, "ask", "why is my pod in CrashLoopBackOff?")), end="")

@@ -46,11 +46,12 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
             if scheme.lower() != "bearer" or not secret.strip():
                 raise Unauthenticated(
                     "authorization metadata must be 'Bearer <secret>'; "
-                    "configure the client with: vibectl setup-proxy configure URL"
+                    "configure the client with: vibectl setup-proxy configure - (and paste the URL)"
                 )
             return secret.strip()
     raise Unauthenticated(
-        "no client secret was sent; configure one with: vibectl setup-proxy configure URL"
+        "no client secret was sent; "
+        "configure one with: vibectl setup-proxy configure - (and paste the URL)"
     )
 
 
