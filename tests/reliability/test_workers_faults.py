@@ -415,6 +415,10 @@ def test_a_worker_killed_mid_stream_is_replaced_and_its_slots_come_back(
         finally:
             again.cancel()
         assert daemon.stop(30) == 0
+        # Every worker's own usage files went with it, the killed one's too: the main
+        # process read each channel to its end first (workers/journal_files.py).
+        left = sorted((daemon.state_dir / "usage-journal" / "workers").glob("*.log"))
+        assert left == [], left
 
     ended = Counter(s.code for s in doomed)
     print(

@@ -7,18 +7,15 @@ process is then killed with SIGKILL. Its workers stop on their own; the daemon i
 again on the same state directory (its usage journal is replayed before it serves).
 
 Then, per client, `vibectl-admin usage` must equal the calls that client saw succeed
-(an OK status, every stream read to its end), exactly: a call whose usage the main
-process had not journalled when it died must have failed (UNAVAILABLE), and a call that
-failed must not be counted (workers/acks.py). Run with several kill moments.
-
-The moment a kill seldom hits (the main process journalled a call, then died before
-acknowledging it) is set up directly on a real journal: the worker reads the call's
-tagged line and ends it OK, and the journal's replay counts it.
+(an OK status, every stream read to its end), exactly: a call that answered OK is in its
+worker's own usage file if the main process never journalled it, and the replay counts
+it from there once (workers/journal_files.py); a call that failed must not be counted.
+Run with several kill moments. The replay's rules (which worker lines count, after a
+flush deleted segments) are tested on real files in tests/unit/test_worker_journal.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import threading
 import time
@@ -32,9 +29,6 @@ import pytest
 from tests.reliability._procs import DaemonProcess, auth
 from vibectl._proto import llm_proxy_pb2 as pb
 from vibectl._proto import llm_proxy_pb2_grpc as pb_grpc
-from vibectld.store import usage
-from vibectld.store.journal import UsageJournal
-from vibectld.workers.acks import JournalAcks, tagged, this_call_waits
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -161,36 +155,3 @@ def test_usage_equals_calls_seen_ok_after_kill_9_of_the_main_process(tmp_path: P
             assert usage == dict(expected), (seed, round_, usage, dict(expected))
         assert daemon.stop(30) == 0
     print(f"\nworkers usage after kill -9 (seed {seed}): " + "; ".join(report))
-
-
-def test_a_worker_left_waiting_counts_what_the_journal_holds(tmp_path: Path) -> None:
-    directory = tmp_path / "usage-journal"
-    journal = UsageJournal.open(directory)
-    journal.start(0)
-    acks = JournalAcks(directory)
-    call = usage.call_counts(False, 3, 4, None)
-
-    async def worker() -> tuple[list[bool], list[bool], bool]:
-        waiting = this_call_waits()
-        tags = [acks.next_tag() for _ in range(4)]
-        # The main process journals the first three with their tags, acknowledges the
-        # first, and is killed before it acknowledges the second and third; the fourth
-        # never reached it.
-        for token, seq in tags[:3]:
-            with tagged(journal, token, seq):
-                journal.call("c1", 1_700_000_000, call)
-        acks.journalled(tags[0][1])
-        done_before = [f.done() for f in waiting]
-        acks.main_gone()
-        later = this_call_waits()
-        acks.next_tag()  # sent after: nobody is left to count it
-        return done_before, [f.result() for f in waiting], later[0].result()
-
-    done_before, outcomes, later = asyncio.run(worker())
-    assert done_before == [True, False, False, False]
-    assert outcomes == [True, True, True, False]
-    assert later is False
-    # The tagged lines are replayed like any other: the three calls the worker said OK.
-    replayed = journal.read(journal.leftovers())
-    assert replayed.counters["c1"][0] == 3 and replayed.skipped == 0
-    journal.close()

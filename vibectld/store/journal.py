@@ -16,6 +16,14 @@ replayed into the database as increments in one transaction with the same record
 deleted, so a crash between a commit and the deletion never counts a call twice: a
 segment at or below the recorded number is only deleted.
 
+With worker processes (workers/journal_files.py), each worker also appends its calls to
+files of its own under `workers/`, each line tagged with the worker's token and the
+record's number (`c@TOKEN:SEQ`); the main process writes the same tag on the line of each
+worker record it journals, and starts every segment with a header line (`#journalled`)
+giving, per token of this run, the highest record it has journalled. A start counts a
+worker's line only if the main process's leftovers show it never journalled it
+(`journalled`, `read`).
+
 A journal is named by a random identity kept in its directory (state_dir/usage-journal,
 0700; files 0600: they hold client ids and counts, never a secret), so each node on a
 shared database has its own record. One process at a time holds a journal (flock): a
@@ -30,7 +38,7 @@ import fcntl
 import os
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +65,10 @@ MARK_SQL = (
 )
 
 _SEGMENT = re.compile(r"([0-9]{12})\.log")
+WORKERS = "workers"  # under the journal: each worker process's own files
+_WORKER_FILE = re.compile(r"([0-9a-f]{12})-([0-9]+)\.log")
+# A segment's first line: per worker token, the highest record journalled so far.
+_HEADER = "#journalled"
 _IDENTITY = "identity"
 _LOCK = "lock"
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -75,6 +87,7 @@ class Replayed:
     redactions: dict[tuple[str, int, str], int]
     upto: int  # the highest segment read (0: none)
     skipped: int  # lines that were not whole records (a torn write)
+    from_workers: int = 0  # worker lines counted: calls the main process never journalled
 
 
 class UsageJournal:
@@ -90,10 +103,13 @@ class UsageJournal:
         self._seq = 0  # the current segment
         self._closed: list[int] = []  # closed segments not yet known to be applied
         self.unwritten = 0  # records a write failed for (counted in memory only)
-        # Set by a main process with workers around one worker's record: written on its
-        # line, so that worker can tell from the file alone, if this process is killed
-        # before acknowledging, whether its call is counted (workers/acks.py).
-        self.tag: str | None = None
+        # Set by a main process with workers around one worker's record (token, number):
+        # written on its line, and the highest per token kept in `marks` (under the memory
+        # lock, as the write), which each new segment's header repeats: a start then knows
+        # which worker lines this process journalled, after their segments are deleted.
+        self.tag: tuple[str, int] | None = None
+        self.marks: dict[str, int] = {}
+        self._header_size = 0  # the current segment's header (0: none, or no segment)
 
     def __repr__(self) -> str:
         return f"UsageJournal({str(self.directory)!r}, segment={self._seq})"
@@ -128,21 +144,84 @@ class UsageJournal:
         found = (_SEGMENT.fullmatch(p.name) for p in self.directory.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
-    def read(self, segments: Iterable[int]) -> Replayed:
-        """The counts in `segments`, summed as the memory mirror sums them."""
+    def read(
+        self,
+        segments: Iterable[int],
+        workers: Iterable[Path] = (),
+        marks: dict[str, int] | None = None,
+    ) -> Replayed:
+        """The counts in `segments`, summed as the memory mirror sums them, with the lines
+        of the worker files `workers` that this journal never held: numbered above their
+        token's mark in `marks` (`journalled`), or of a token it has no mark for."""
         book = usage.UsageBook()
         counters: dict[str, tuple[int, int]] = {}
-        upto = skipped = 0
+        upto = skipped = from_workers = 0
         for seq in segments:
             upto = max(upto, seq)
-            *lines, tail = self._path(seq).read_bytes().split(b"\n")
-            skipped += 1 if tail else 0  # a last line without its newline: torn
-            for line in lines:
-                try:
-                    _apply(line.decode(), book, counters)
-                except (ValueError, IndexError, UnicodeDecodeError):
+            for line in _lines(self._path(seq)):
+                if line is None:
                     skipped += 1
-        return Replayed(counters, book.take_deltas(), book.take_redactions(), upto, skipped)
+                elif not line.startswith(b"#"):
+                    skipped += _counted(line, book, counters)
+        known = marks or {}
+        for path in workers:
+            for line in _lines(path):
+                tag = None if line is None else _tag_of(line)
+                if line is None or tag is None:
+                    skipped += 1
+                elif tag[1] > known.get(tag[0], 0):
+                    torn = _counted(line, book, counters)
+                    skipped += torn
+                    from_workers += 1 - torn
+        return Replayed(
+            counters, book.take_deltas(), book.take_redactions(), upto, skipped, from_workers
+        )
+
+    def journalled(self, segments: Iterable[int]) -> dict[str, int]:
+        """Per worker token, the highest record `segments` show journalled: the headers'
+        marks and the tagged lines. A token's records arrive in order, so every record up
+        to its mark was journalled here (in these segments, or in flushed ones)."""
+        marks: dict[str, int] = {}
+        for seq in segments:
+            for line in _lines(self._path(seq)):
+                if line is None:
+                    continue
+                if line.startswith(_HEADER.encode()):
+                    found = [_split_tag(t) for t in line.split(b"\t")[1:]]
+                else:
+                    found = [_tag_of(line)]
+                for tag in found:
+                    if tag is not None and tag[1] > marks.get(tag[0], 0):
+                        marks[tag[0]] = tag[1]
+        return marks
+
+    def worker_files(self, token: str | None = None) -> list[Path]:
+        """The worker files in this journal (only `token`'s, if given)."""
+        try:
+            paths = list((self.directory / WORKERS).iterdir())
+        except OSError:
+            return []
+        return [
+            p
+            for p in paths
+            if (m := _WORKER_FILE.fullmatch(p.name)) and token in (None, m.group(1))
+        ]
+
+    def forget_worker(self, token: str) -> bool:
+        """Delete a dead worker's files, whose every record reached this process or was
+        never announced (its channel was read to its end); False if one stays."""
+        left = False
+        for path in self.worker_files(token):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left = True
+        if not left:
+            # Its mark is needed no longer (an atomic pop: a flush thread may copy marks).
+            self.marks.pop(token, None)
+        return not left
 
     def forget(self, segments: Iterable[int]) -> None:
         """Delete segments the database holds (a replay or a flush has committed them).
@@ -162,19 +241,17 @@ class UsageJournal:
     # -- the request path: one line, one write ----------------------------------------
 
     def call(self, client_id: str, now: int, c: usage.Counts) -> None:
-        self._write(
-            f"{self._kind('c')}\t{client_id}\t{now}\t{c.errors}\t{c.input_tokens}\t{c.output_tokens}\t"
-            f"{c.cost_usd!r}\n"
-        )
+        self._write(call_line(client_id, now, c, self._tagged()))
 
     def redactions(self, client_id: str, now: int, found: dict[str, int]) -> None:
-        if not found:
-            return
-        kinds = "\t".join(f"{kind}\t{n}" for kind, n in found.items())
-        self._write(f"{self._kind('r')}\t{client_id}\t{now}\t{kinds}\n")
+        if found:
+            self._write(redactions_line(client_id, now, found, self._tagged()))
 
-    def _kind(self, kind: str) -> str:
-        return kind if self.tag is None else f"{kind}@{self.tag}"
+    def _tagged(self) -> tuple[str, int] | None:
+        tag = self.tag
+        if tag is not None:
+            self.marks[tag[0]] = tag[1]  # under the memory lock, as `rotate` reads it
+        return tag
 
     def _write(self, line: str) -> None:
         if self._fd is None:
@@ -208,14 +285,20 @@ class UsageJournal:
         return taken
 
     def discard(self, upto: int) -> None:
-        """Delete the closed segments up to `upto`, whose calls the database now holds."""
+        """Delete the closed segments up to `upto`, whose calls the database now holds.
+
+        Kept while no current segment carries the marks (it could not be opened): their
+        tags are then the one record of which worker lines this process journalled."""
+        if self.marks and self._header_size == 0:
+            return
         self.forget(seq for seq in self._closed if seq <= upto)
         self._closed = [seq for seq in self._closed if seq > upto]
 
     def close(self) -> None:
         """Stop writing; the current segment goes if empty (the last flush covered all)."""
         if self._fd is not None:
-            empty = os.fstat(self._fd).st_size == 0
+            # Empty: no record past the header, and no worker file the marks still speak for.
+            empty = os.fstat(self._fd).st_size == self._header_size and not self.marks
             os.close(self._fd)
             self._fd = None
             if empty:
@@ -227,35 +310,77 @@ class UsageJournal:
 
     def _open_next(self) -> None:
         self._seq += 1
+        self._header_size = 0
         try:
             self._fd = os.open(self._path(self._seq), _FLAGS | os.O_EXCL, 0o600)
         except OSError:
             # No segment: calls until the next rotate are counted in memory only (lost
             # if the node is killed), never twice (they are in no covered segment).
             self._fd = None
+            return
+        marks = self.marks.copy()  # one C-level copy: atomic against a concurrent pop
+        if not marks:
+            return
+        header = "\t".join([_HEADER, *(f"{t}:{n}" for t, n in marks.items())]) + "\n"
+        data = header.encode()
+        try:
+            written = os.write(self._fd, data)
+        except OSError:
+            written = 0
+        if written == len(data):
+            self._header_size = written
 
     def _path(self, seq: int) -> Path:
         return self.directory / f"{seq:012d}.log"
 
 
-def tags_in(directory: Path) -> set[str]:
-    """The tags on the lines of every segment in `directory` now (a worker's question,
-    after its main process was killed: which of my calls did it count?)."""
-    tags: set[str] = set()
+def call_line(client_id: str, now: int, c: usage.Counts, tag: tuple[str, int] | None) -> str:
+    """One counted call's journal line (a worker's files use the same)."""
+    return (
+        f"{_kind('c', tag)}\t{client_id}\t{now}\t{c.errors}\t{c.input_tokens}\t"
+        f"{c.output_tokens}\t{c.cost_usd!r}\n"
+    )
+
+
+def redactions_line(
+    client_id: str, now: int, found: dict[str, int], tag: tuple[str, int] | None
+) -> str:
+    kinds = "\t".join(f"{kind}\t{n}" for kind, n in found.items())
+    return f"{_kind('r', tag)}\t{client_id}\t{now}\t{kinds}\n"
+
+
+def _kind(kind: str, tag: tuple[str, int] | None) -> str:
+    return kind if tag is None else f"{kind}@{tag[0]}:{tag[1]}"
+
+
+def _lines(path: Path) -> Iterator[bytes | None]:
+    """A file's whole lines; None for a last line without its newline (torn)."""
     try:
-        names = [p for p in directory.iterdir() if _SEGMENT.fullmatch(p.name)]
-    except OSError:
-        return tags
-    for path in names:
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue  # gone: a flush committed it (see workers/acks.py for the odds)
-        for line in data.split(b"\n")[:-1]:  # a last line without its newline: torn
-            _, at, rest = line.partition(b"\t")[0].partition(b"@")
-            if at:
-                tags.add(rest.decode(errors="replace"))
-    return tags
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    *lines, tail = data.split(b"\n")
+    yield from lines
+    if tail:
+        yield None
+
+
+def _tag_of(line: bytes) -> tuple[str, int] | None:
+    return _split_tag(line.partition(b"\t")[0].partition(b"@")[2])
+
+
+def _split_tag(text: bytes) -> tuple[str, int] | None:
+    token, _, seq = text.partition(b":")
+    return (token.decode(errors="replace"), int(seq)) if token and seq.isdigit() else None
+
+
+def _counted(line: bytes, book: usage.UsageBook, counters: dict[str, tuple[int, int]]) -> int:
+    """Count one line; 1 if it is not a whole record (skipped), else 0."""
+    try:
+        _apply(line.decode(), book, counters)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return 1
+    return 0
 
 
 def _identity(directory: Path) -> str:

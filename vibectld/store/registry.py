@@ -402,7 +402,7 @@ class Registry(WriteThrough):
 
     def usage_journal(self) -> UsageJournal | None:
         """The usage journal: a main process with workers tags their lines in it
-        (workers/acks.py)."""
+        (workers/journal_files.py)."""
         return self._journal
 
     def freshness(self, now: float | None = None) -> float | None:

@@ -15,6 +15,7 @@ write never blocks the request path. When both are needed, `_db_lock` is taken f
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -257,22 +258,33 @@ class WriteThrough(Mirror):
 def replay_journal(db: Database, journal: UsageJournal) -> None:
     """Write what the journal's segments left by an earlier run hold, unless the database
     has it already (a crash after a flush's commit, before its deletion), and delete
-    them; then start a new segment. One transaction, marking them applied."""
+    them; then start a new segment. One transaction, marking them applied.
+
+    The same transaction counts the workers' lines that run never journalled (calls a
+    worker answered while its main process was being killed: journal.py). They go with
+    the newest segment, which a killed run always leaves unapplied: a crash after this
+    commit and before the files' deletion leaves every segment applied, and the next
+    start then only deletes the files, as it does a cleanly stopped run's."""
     found = db.query(APPLIED_SQL, (journal.identity,))
     applied = int(found[0][0]) if found else 0
     segments = journal.leftovers()
+    workers = journal.worker_files()
     unapplied = [seq for seq in segments if seq > applied]
     if unapplied:
-        left = journal.read(unapplied)
+        left = journal.read(unapplied, workers, journal.journalled(segments))
         mark = (journal.identity, left.upto)
         db.transaction(usage_steps(left.counters, left.deltas, left.redactions, mark))
         log.info(
             "usage_journal.replayed",
             segments=len(unapplied),
             calls=sum(calls for calls, _ in left.counters.values()),
+            from_workers=left.from_workers,
             torn_lines=left.skipped,
         )
     journal.forget(segments)
+    for path in workers:
+        with contextlib.suppress(OSError):
+            path.unlink()
     # Numbers only grow, whichever of the two is newer (a journal directory restored
     # from a backup, or one whose segments were all applied).
     journal.start(max([applied, *segments]))

@@ -48,16 +48,12 @@ class Channel:
         sock: socket.socket,
         handler: Handler,
         told: Callable[[str, Any], None] | None = None,
-        batched: Callable[[], None] | None = None,
     ) -> None:
         self._sock = sock
         self._handler = handler
         # Messages sent with tell(), handled at once on the reader's turn (no task each);
         # without it they go to `handler` as requests that need no answer.
         self._on_told = told
-        # Called once each batch of told messages is handled: what answers a batch at
-        # once (the main process's acknowledgement of journalled usage).
-        self._on_batch = batched
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._reader: asyncio.StreamReader | None = None
@@ -95,11 +91,6 @@ class Channel:
         with contextlib.suppress(ChannelClosed):
             self._send("batch", 0, told)
 
-    def tell_now(self, kind: str, body: Any = None) -> None:
-        """`tell`, written at once instead of at the loop's next turn (an answer a call
-        is waiting for); ChannelClosed if the channel is closed."""
-        self._send("batch", 0, [(kind, body)])
-
     async def ask(self, kind: str, body: Any = None, within: float | None = None) -> Any:
         """Send and wait for the answer; raises Failed, ChannelClosed or TimeoutError."""
         ident = next(self._ids)
@@ -132,11 +123,6 @@ class Channel:
                 if kind == "batch":
                     for told_kind, told_body in body:
                         self._told_one(told_kind, told_body)
-                    if self._on_batch is not None:
-                        try:
-                            self._on_batch()
-                        except Exception:
-                            log.exception("worker_channel.handler_failed", kind="batch")
                 else:
                     self._dispatch(kind, ident, body)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):

@@ -11,8 +11,8 @@ resolves once and a restarted worker binds the same port.
 What stays exact across workers is decided here, on one event loop, as on one node:
 every call with a limit or a budget is admitted here in one round trip (admission.py:
 rpm, budgets, concurrency, with the Limiter or, on PostgreSQL, the cluster limiter; is
-the client still active), every served call's usage is recorded here (and journalled
-before its worker answers the call: acks.py), and a client or key change is
+the client still active), every served call's usage is recorded here (and written by
+its worker to a file of its own first: journal_files.py), and a client or key change is
 pushed to every worker and acknowledged before the admin operation answers, each worker
 cancelling the calls it must (so a call with nothing to decide here is admitted by its
 worker alone, from its up-to-date copy). A worker that dies gives back its slots at
@@ -53,9 +53,9 @@ from vibectld.service.staleness import StorageState
 from vibectld.startup import StartupError
 from vibectld.store.journal import UsageJournal
 from vibectld.store.records import ClientRecord
-from vibectld.workers.acks import journal_of, record_usage, tagged
 from vibectld.workers.admission import MainAdmission
 from vibectld.workers.channel import Channel, ChannelClosed, Failed
+from vibectld.workers.journal_files import journal_of, record_usage, tagged
 from vibectld.workers.view import ca_to_wire, keys_to_wire
 
 log = structlog.get_logger("vibectld.workers")
@@ -70,6 +70,8 @@ PUSH_TIMEOUT_SECONDS = 5.0
 MAX_RESTART_PAUSE_SECONDS = 5.0
 # Past the shutdown grace, how long a worker may take to exit before SIGKILL.
 EXIT_MARGIN_SECONDS = 5.0
+# How long a dead worker's channel may take to be read to its end (its last records).
+DRAIN_CHANNEL_SECONDS = 5.0
 
 
 @dataclass
@@ -87,9 +89,11 @@ class WorkerSlot:
     # Its calls in flight per client, as its last ping said.
     per_client: Counter[str] = field(default_factory=Counter)
     serving: asyncio.Event = field(default_factory=asyncio.Event)
-    # The highest usage record of its process journalled here, and acknowledged to it.
+    # The highest usage record of its process journalled here, and acknowledged to it
+    # (so it can delete its usage files: journal_files.py); the token naming them.
     journalled: int = 0
     acknowledged: int = 0
+    token: str | None = None
 
     @property
     def pid(self) -> int | None:
@@ -183,11 +187,11 @@ class Supervisor(Daemon):
         slot.serving = asyncio.Event()
         slot.state = "starting"
         slot.journalled = slot.acknowledged = 0  # a new process numbers from 1
+        slot.token = None
         slot.channel = Channel(
             parent,
             lambda kind, body: self._handle(slot, kind, body),
             lambda kind, body: self._told(slot, kind, body),
-            lambda: self._acknowledge(slot),
         )
         try:
             slot.proc = await asyncio.create_subprocess_exec(
@@ -208,7 +212,14 @@ class Supervisor(Daemon):
         """Wait for the worker to exit; give back its slots; start another unless stopping."""
         code = await proc.wait()
         if slot.channel is not None:
+            # Every record it sent is read and journalled before its files go.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_CHANNEL_SECONDS):
+                    await slot.channel.closed.wait()
+            drained = slot.channel.closed.is_set()
             await slot.channel.close()
+            if drained:
+                self._forget_files(slot)
         released = self._admission.release_worker(slot.index)
         slot.state = "stopped"
         slot.per_client = Counter()
@@ -250,6 +261,7 @@ class Supervisor(Daemon):
         if kind == "spent":
             return rt.registry.usd_spent_month(body, time.time())
         if kind == "hello":
+            _, slot.token = body
             return self._hello(slot, rt)
         if kind == "serving":
             slot.state = "serving"
@@ -267,7 +279,7 @@ class Supervisor(Daemon):
             self._admission.release(body)
         elif kind == "record_call" or kind == "record_redactions":
             tag, *fields = body
-            with tagged(self._journal, *tag) if tag else contextlib.nullcontext():
+            with tagged(self._journal, tag):
                 record_usage(rt.registry, kind, fields)
             if tag:
                 slot.journalled = tag[1]
@@ -283,12 +295,24 @@ class Supervisor(Daemon):
             raise ValueError(f"unknown message {kind!r}")
 
     def _acknowledge(self, slot: WorkerSlot) -> None:
-        """After a batch: its records are journalled, and the calls waiting may answer."""
+        """Tell a worker which of its records are journalled here, so it deletes the files
+        that hold only those; with each ping (no call waits for it: journal_files.py)."""
         channel = slot.channel
         if slot.journalled > slot.acknowledged and channel is not None:
             slot.acknowledged = slot.journalled
             with contextlib.suppress(ChannelClosed):
-                channel.tell_now("journalled", slot.journalled)
+                channel.tell("journalled", slot.journalled)
+
+    def _forget_files(self, slot: WorkerSlot) -> None:
+        """A dead worker's channel is read to its end: each record it told is journalled
+        here, so a line beyond them in its files is a call that never answered."""
+        journal, token = self._journal, slot.token
+        if journal is not None and token is not None and not journal.forget_worker(token):
+            log.warning(
+                "worker.usage_files_left",
+                worker=slot.index,
+                hint="check permissions in the usage journal's workers directory",
+            )
 
     def _hello(self, slot: WorkerSlot, rt: Runtime) -> dict[str, Any]:
         return {
@@ -385,6 +409,7 @@ class Supervisor(Daemon):
         channel = slot.channel
         if channel is None or slot.state != "serving":
             return
+        self._acknowledge(slot)  # sent ahead of the ping, in the same write
         try:
             answer = await channel.ask("ping", within=PING_SECONDS)
         except (ChannelClosed, Failed, TimeoutError):
@@ -499,6 +524,10 @@ class Supervisor(Daemon):
                         with contextlib.suppress(ProcessLookupError):
                             proc.send_signal(signal.SIGKILL)
                 await asyncio.gather(*(p.wait() for p in procs))
+        if self._watchers:
+            # Each reads its worker's last records and deletes its files (a watcher in
+            # a restart pause is done with both).
+            await asyncio.wait(list(self._watchers), timeout=DRAIN_CHANNEL_SECONDS)
         for watcher in list(self._watchers):
             watcher.cancel()
         await super().stop(grace)

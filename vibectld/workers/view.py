@@ -8,7 +8,8 @@ channel (`WorkerAdmission.admit`, the shape of the cluster limiter's, so the ser
 shared path serves both): the main process decides rpm, budgets and concurrency with
 its own limiter and store, and checks there that the client is still active, so a
 revocation is refused on the next request whatever this copy says. Usage goes to the
-main process, which records it in its store: totals equal calls served.
+main process, which records it in its store, after this worker wrote it to a file of
+its own (journal_files.py): totals equal calls served, even across a kill -9.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from vibectld.pki.tls import CertificateAuthority
 from vibectld.runtime import Runtime
 from vibectld.service.limits import EffectiveLimits
 from vibectld.service.refusals import CallRefused, Unavailable
+from vibectld.store import usage
 from vibectld.store.base import StoreHealth
 from vibectld.store.records import ClientRecord
-from vibectld.workers.acks import JournalAcks
 from vibectld.workers.channel import Channel, ChannelClosed
+from vibectld.workers.journal_files import WorkerJournal
 
 # How long a call waits for the main process to admit it before it is refused as
 # UNAVAILABLE (retryable): the main process answers in well under a millisecond.
@@ -104,7 +106,8 @@ class WorkerStore:
     def __init__(self, records: list[ClientRecord]) -> None:
         self._records = {r.id: r for r in records}
         self.channel: Channel | None = None
-        self.acks: JournalAcks | None = None
+        # This worker's own usage files: each record is written there before it is sent.
+        self.journal: WorkerJournal | None = None
         # Usd spent this month per client, as the main process said at the last
         # admission: GetServerInfo's usd_left (informational; admission decides).
         self.usd_month: dict[str, float] = {}
@@ -136,22 +139,26 @@ class WorkerStore:
         output_tokens: int | None,
         cost_usd: float | None,
     ) -> None:
+        tag = None
+        journal = self.journal
+        if journal is not None and client_id in self._records:
+            counts = usage.call_counts(error, input_tokens, output_tokens, cost_usd)
+            tag = journal.call(client_id, now, counts)
         self._tell(
-            "record_call",
-            (self._tag(), client_id, now, error, input_tokens, output_tokens, cost_usd),
+            "record_call", (tag, client_id, now, error, input_tokens, output_tokens, cost_usd)
         )
 
     def record_redactions(self, client_id: str, *, now: int, found: dict[str, int]) -> None:
-        self._tell("record_redactions", (self._tag(), client_id, now, dict(found)))
-
-    def _tag(self) -> tuple[str, int] | None:
-        # Numbered so that the call that made it answers once it is journalled.
-        return None if self.acks is None else self.acks.next_tag()
+        tag = None
+        journal = self.journal
+        if journal is not None and client_id in self._records:
+            tag = journal.redactions(client_id, now, found)
+        self._tell("record_redactions", (tag, client_id, now, dict(found)))
 
     def _tell(self, kind: str, body: Any) -> None:
         assert self.channel is not None
-        # Lost only if the main process is gone, and then so is its store (the call that
-        # made it then ends UNAVAILABLE: acks.py).
+        # Lost here only if the main process is gone; the record is in this worker's
+        # file, which the next start counts (journal_files.py).
         with contextlib.suppress(ChannelClosed):
             self.channel.tell(kind, body)
 

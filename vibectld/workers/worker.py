@@ -41,8 +41,8 @@ from vibectld.startup import StartupError
 from vibectld.store.base import Store
 from vibectld.store.journal import DIRECTORY as USAGE_JOURNAL
 from vibectld.store.records import ClientRecord
-from vibectld.workers.acks import JournalAcks
 from vibectld.workers.channel import Channel
+from vibectld.workers.journal_files import WorkerJournal, new_token
 from vibectld.workers.view import ForwardedMetrics, PushedKeys, WorkerAdmission, WorkerStore
 
 log = structlog.get_logger("vibectld.worker")
@@ -57,7 +57,8 @@ class Worker(Daemon):
         super().__init__(config)
         self._sock = sock
         self.channel = Channel(sock, self._handle, self._told)
-        self.acks: JournalAcks | None = None
+        self.journal: WorkerJournal | None = None
+        self._token = new_token()  # its usage files' name, told in the hello
         self.index = 0
         self._listen = config.server.listen
         self._store: WorkerStore | None = None
@@ -72,7 +73,7 @@ class Worker(Daemon):
     async def start(self) -> None:
         await self.channel.start()
         hello: dict[str, Any] = await self.channel.ask(
-            "hello", os.getpid(), within=HELLO_TIMEOUT_SECONDS
+            "hello", (os.getpid(), self._token), within=HELLO_TIMEOUT_SECONDS
         )
         # No await from here to the event: pushes that follow the snapshot wait for it.
         self.index = hello["index"]
@@ -85,7 +86,9 @@ class Worker(Daemon):
         # The main process's configuration, not the file's now: a worker started again
         # after the file changed serves what the others serve until a reload.
         self.config = config = _share_of(hello["config"], self._workers)
-        self.acks = self._store.acks = JournalAcks(config.state_dir / USAGE_JOURNAL)
+        self.journal = self._store.journal = WorkerJournal(
+            config.state_dir / USAGE_JOURNAL, self._token
+        )
         logs.configure(config.logging.level, config.logging.format)
         # Every record this worker logs says which worker (its calls' tasks inherit it).
         structlog.contextvars.bind_contextvars(worker=self.index)
@@ -118,18 +121,15 @@ class Worker(Daemon):
             metrics=ForwardedMetrics(self.channel),
         )
         rt.cluster = WorkerAdmission(self.channel, self._store, rt)
-        assert self.acks is not None
-        rt.wrap_handler = self.acks.wrap_handler
         return rt
 
     async def _watch_channel(self) -> None:
         # The main process is gone (killed, crashed): a worker alone serves no one well.
         await self.channel.closed.wait()
-        if self.acks is not None:
-            self.acks.main_gone()  # first: calls waiting for it answer from the journal
         if self.runtime is not None:
-            # New calls are refused (UNAVAILABLE, retryable) at once: their usage would
-            # have nowhere to go, and a client retries them on the next daemon.
+            # New calls are refused (UNAVAILABLE, retryable) at once: no limit or budget
+            # can be decided, and a client retries them on the next daemon. Calls running
+            # finish, their usage in this worker's files for the next start to count.
             self.runtime.draining = True
         if not self._stop.is_set():
             log.error("worker.main_process_gone", worker=self.index, hint="stopping")
@@ -138,8 +138,8 @@ class Worker(Daemon):
     def _told(self, kind: str, body: Any) -> None:
         """What the main process sends without waiting for an answer."""
         if kind == "journalled":
-            if self.acks is not None:
-                self.acks.journalled(body)
+            if self.journal is not None:
+                self.journal.journalled(body)  # only to delete its files
         elif kind == "drain":
             self.request_stop()
         else:
@@ -219,8 +219,8 @@ class Worker(Daemon):
     async def stop(self, grace: float | None = None) -> None:
         await super().stop(grace)
         await self.channel.close()
-        if self.acks is not None:
-            self.acks.main_gone()  # none should wait by now; none may wait for ever
+        if self.journal is not None:
+            self.journal.close()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
