@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -369,6 +370,44 @@ class TestDeb:
         everything = ok(deb_box.run(["journalctl", "--no-pager", "-o", "json"], timeout=30))
         for client in (state.alice, state.bob):
             assert client.url.secret and client.url.secret not in everything, "a secret leaked"
+
+    def test_journald_takes_a_huge_entry_with_the_fields_it_is_found_by(
+        self, deb_box: Container
+    ) -> None:
+        """The unit tests check ops/journal.py's entries against a stand-in socket; this
+        sends one for a record with a 1 MiB multi-line value, a 200 kB message and 40
+        more long fields to the container's real journald, through the packaged code."""
+        script = (
+            "from vibectld.ops import journal\n"
+            "fields = {'MESSAGE': 'm' * 200_000, 'PROVIDER_ERROR': 'upstream said\\n' * 70_000,\n"
+            "          'CLIENT': 'journal-probe', 'STATUS': 'PROVIDER_ERROR',\n"
+            "          'REQUEST_ID': 'probe-1', 'EVENT': 'request'}\n"
+            "fields.update({f'EXTRA_{i}': 'x' * 5000 for i in range(40)})\n"
+            "journal.JournalLogger().send(journal.encode(fields))\n"
+        )
+        ok(deb_box.run(["/opt/vibectld/bin/python", "-c", script], timeout=30))
+        # --all: journalctl shows a field of 4 KiB or more as null without it.
+        query = ["journalctl", "--no-pager", "--all", "-o", "json", "CLIENT=journal-probe"]
+        deadline = time.monotonic() + 15
+        entries: list[dict[str, Any]] = []
+        while not entries and time.monotonic() < deadline:
+            out = ok(deb_box.run(query, timeout=30))
+            entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+            time.sleep(0.2)
+        assert len(entries) == 1, "journald did not take the entry"
+        entry = entries[0]
+        assert (entry["STATUS"], entry["REQUEST_ID"], entry["EVENT"]) == (
+            "PROVIDER_ERROR",
+            "probe-1",
+            "request",
+        )
+        # Cut, keeping both ends; the fields with no room left are named, not lost silently.
+        error = entry["PROVIDER_ERROR"]
+        error_text = error if isinstance(error, str) else bytes(error).decode()
+        assert error_text.startswith("upstream said") and "bytes cut" in error_text
+        assert len(error_text.encode()) <= 4096
+        assert "bytes cut" in entry["MESSAGE"] and len(entry["MESSAGE"]) <= 32 * 1024
+        assert "EXTRA_39" in entry["VIBECTLD_FIELDS_DROPPED"]
 
     def test_security_exposure(self, deb_box: Container) -> None:
         out = deb_box.run(["systemd-analyze", "security", "--no-pager", "vibectld.service"])
