@@ -90,8 +90,9 @@ class Runtime:
     # In a main process with workers: what they serve (the calls in flight are theirs);
     # None when this process serves alone.
     workers: WorkersView | None = None
-    # Wraps the handler of each admitted call (method, handler). Nothing sets it now: a
-    # worker's calls no longer wait for the main process (workers/journal_files.py).
+    # In a worker: wraps the handler of each admitted call (method, handler) so that its
+    # status goes once its usage is in the worker's own file and sent to the main
+    # process (one turn of the worker's loop, no round trip: workers/journal_files.py).
     wrap_handler: Callable[[str, Any], Any] | None = None
 
     # Shorthands for code outside a call (admin status, logs). A call that reads

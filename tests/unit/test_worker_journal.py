@@ -8,16 +8,18 @@ replays: it must count each worker line the main process never journalled, once.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
 
+import grpc
 import pytest
 
 from vibectld.store import usage
 from vibectld.store.registry import ClientRecord, Registry
 from vibectld.workers import journal_files
-from vibectld.workers.journal_files import WorkerJournal, tagged
+from vibectld.workers.journal_files import WorkerJournal, recorded_first, tagged
 
 NOW = 1_800_000_000
 PER_CALL = 30  # tokens: 10 in, 20 out
@@ -192,3 +194,24 @@ def test_worker_files_go_once_the_main_process_journalled_all_they_hold(
     worker.journalled(5)
     assert worker.files() == []
     worker.close()
+
+
+def test_a_counted_call_s_status_waits_for_its_record_and_its_send() -> None:
+    events: list[str] = []
+
+    async def execute(request: str, context: object) -> str:
+        # As the servicer does: the call is recorded on the loop's next turn.
+        asyncio.get_running_loop().call_soon(events.append, "recorded")
+        return "reply"
+
+    handler = grpc.unary_unary_rpc_method_handler(execute)
+    wrap = recorded_first(lambda: events.append("sent"))
+    wrapped = wrap("/vibectl.llm_proxy.VibectlLLMProxy/Execute", handler)
+    assert wrap("/grpc.health.v1.Health/Check", handler) is handler  # nothing to record
+
+    async def serve() -> None:
+        assert await wrapped.unary_unary("request", None) == "reply"
+        events.append("status")
+
+    asyncio.run(serve())
+    assert events == ["recorded", "sent", "status"]

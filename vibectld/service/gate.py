@@ -181,7 +181,7 @@ class CallGate(grpc.GenericRpcHandler):  # type: ignore[misc]
         assert task is not None
         self.active += 1
         task.add_done_callback(self._release)
-        # The runtime's optional wrapper (unset: see Runtime.wrap_handler).
+        # A worker's calls answer once their usage is recorded (workers/journal_files.py).
         return handler if rt.wrap_handler is None else rt.wrap_handler(method, handler)
 
     def _release(self, _: object) -> None:

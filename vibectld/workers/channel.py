@@ -81,10 +81,11 @@ class Channel:
         if self._writer is None or self.closed.is_set():
             raise ChannelClosed("the channel is closed")
         if not self._told:
-            asyncio.get_running_loop().call_soon(self._flush_told)
+            asyncio.get_running_loop().call_soon(self.flush)
         self._told.append((kind, body))
 
-    def _flush_told(self) -> None:
+    def flush(self) -> None:
+        """Send what `tell` holds now rather than at the loop's next turn."""
         if not self._told:
             return  # sent already, ahead of a request
         told, self._told = self._told, []
@@ -98,7 +99,7 @@ class Channel:
         self._waiting[ident] = future
         try:
             if self._told:
-                self._flush_told()  # in order: a slot given back before the next admission
+                self.flush()  # in order: a slot given back before the next admission
             self._send(kind, ident, body)
             async with asyncio.timeout(within):
                 return await future

@@ -7,7 +7,8 @@ calls their clients saw complete (records still in the socket, or read and not h
 So the worker first appends the record to a file of its own (`WorkerJournal`: under the
 journal directory, workers/TOKEN-N.log, 0600, one `write` per record, the main
 journal's line format tagged `TOKEN:SEQ`: this process's random token and the record's
-number), then tells the main process, and the call answers without waiting.
+number), then sends it to the main process, and only then does the call's status go
+(`recorded_first`: one turn of the worker's own loop, no round trip).
 
 The main process writes each worker record with the same tag on its line, and each
 segment it starts begins with a header giving, per token of its run, the highest record
@@ -24,33 +25,38 @@ current one is a second old or a MiB long, so each worker keeps a few small file
 
 A worker that dies while the main process lives: once its channel is read to the end,
 every record it told is journalled there, and a line beyond it in its files was written
-but never told, so its call never answered (the tell comes first): the main process
+but never sent, so its call never answered (the send comes first): the main process
 deletes that worker's files uncounted (`UsageJournal.forget_worker`).
 
-What is left to miss, each a window of well under a millisecond:
-- A worker killed -9 between writing a record and telling it: its call did not answer,
-  yet if the main process is killed too before it handles the worker's death (tens of
-  milliseconds: the exit, then the channel read to its end), the next start counts it.
-- A worker killed -9 between answering a call and recording it (the servicer records a
-  call on the loop's next turn, after the reply went to gRPC): that call is not
-  counted, as on one process.
+What is left to miss:
+- A worker killed -9 between writing a record and sending it (microseconds): its call
+  did not answer, yet if the main process is killed too before it handles the worker's
+  death (milliseconds: the exit, then the channel read to its end), the next start
+  counts it.
+- A worker killed -9 after sending a record, before gRPC put the status on the wire
+  (microseconds): counted, though its client saw the call fail, as on one process.
 - A worker still serving after its main process was killed, when the next main process
-  starts: what it writes after that start's replay is lost (systemd stops the unit's
-  every process first; a worker stops on its own within the shutdown grace).
+  starts: what it writes after that start's replay is lost (systemd stops every process
+  of the unit first; a worker stops on its own once its calls end, within the grace).
+- A worker file the replay counted but could not delete (its directory made read-only
+  by hand) would be counted again by a later start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import structlog
 
+from vibectld.service.gate import PROXY_METHOD_PREFIX
 from vibectld.store import usage
 from vibectld.store.base import Store
 from vibectld.store.journal import WORKERS, UsageJournal, call_line, redactions_line
@@ -61,6 +67,8 @@ log = structlog.get_logger("vibectld.workers")
 # A file all of whose records are acknowledged is left for a new one past either.
 ROTATE_SECONDS = 1.0
 ROTATE_BYTES = 1 << 20
+# The calls that record usage: their status waits for the record (`recorded_first`).
+_COUNTED_METHODS = frozenset(PROXY_METHOD_PREFIX + m for m in ("Execute", "StreamExecute"))
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -171,6 +179,44 @@ class WorkerJournal:
 
 def new_token() -> str:
     return secrets.token_hex(6)
+
+
+def recorded_first(send: Callable[[], None]) -> Callable[[str, Any], Any]:
+    """A Runtime.wrap_handler for a worker: each counted call's status goes only once its
+    usage is in this worker's file and `send` has sent it to the main process."""
+
+    def wrap(method: str, handler: Any) -> Any:
+        if method not in _COUNTED_METHODS or handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _recorded(handler.unary_unary, send),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _recorded(handler.unary_stream, send),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    return wrap
+
+
+def _recorded(
+    behavior: Callable[[Any, Any], Awaitable[Any]], send: Callable[[], None]
+) -> Callable[[Any, Any], Any]:
+    async def recorded(request: Any, context: Any) -> Any:
+        result = await behavior(request, context)
+        # The servicer records a call on the loop's next turn (call_soon, scheduled before
+        # the handler returned): let it write its line, then send what it told at once.
+        await asyncio.sleep(0)
+        send()
+        return result
+
+    return recorded
 
 
 def _unlink(path: Path) -> bool:

@@ -42,7 +42,7 @@ from vibectld.store.base import Store
 from vibectld.store.journal import DIRECTORY as USAGE_JOURNAL
 from vibectld.store.records import ClientRecord
 from vibectld.workers.channel import Channel
-from vibectld.workers.journal_files import WorkerJournal, new_token
+from vibectld.workers.journal_files import WorkerJournal, new_token, recorded_first
 from vibectld.workers.view import ForwardedMetrics, PushedKeys, WorkerAdmission, WorkerStore
 
 log = structlog.get_logger("vibectld.worker")
@@ -121,6 +121,7 @@ class Worker(Daemon):
             metrics=ForwardedMetrics(self.channel),
         )
         rt.cluster = WorkerAdmission(self.channel, self._store, rt)
+        rt.wrap_handler = recorded_first(self.channel.flush)
         return rt
 
     async def _watch_channel(self) -> None:
