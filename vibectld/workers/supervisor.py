@@ -35,8 +35,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -48,7 +46,6 @@ from vibectld.daemon import Daemon
 from vibectld.generation import GenerationRejected
 from vibectld.ops.watchdog import Probe
 from vibectld.runtime import Runtime
-from vibectld.service.inflight import InFlight
 from vibectld.service.staleness import StorageState
 from vibectld.startup import StartupError
 from vibectld.store.journal import UsageJournal
@@ -56,6 +53,8 @@ from vibectld.store.records import ClientRecord
 from vibectld.workers.admission import MainAdmission
 from vibectld.workers.channel import Channel, ChannelClosed, Failed
 from vibectld.workers.journal_files import journal_of, record_usage, tagged
+from vibectld.workers.pushes import Pushes
+from vibectld.workers.slots import WorkersInFlight, WorkerSlot
 from vibectld.workers.view import ca_to_wire, keys_to_wire
 
 log = structlog.get_logger("vibectld.workers")
@@ -64,8 +63,6 @@ log = structlog.get_logger("vibectld.workers")
 START_TIMEOUT_SECONDS = 60.0
 # How often each worker is pinged (the watchdog's proof and the status rows).
 PING_SECONDS = 0.5
-# How long a client or key change may wait for every worker's acknowledgement.
-PUSH_TIMEOUT_SECONDS = 5.0
 # A worker that keeps dying is restarted after a growing pause, at most this.
 MAX_RESTART_PAUSE_SECONDS = 5.0
 # Past the shutdown grace, how long a worker may take to exit before SIGKILL.
@@ -74,41 +71,15 @@ EXIT_MARGIN_SECONDS = 5.0
 DRAIN_CHANNEL_SECONDS = 5.0
 
 
-@dataclass
-class WorkerSlot:
-    """One worker's place: a process at a time, restarted in the same slot."""
-
-    index: int
-    proc: asyncio.subprocess.Process | None = None
-    channel: Channel | None = None
-    state: str = "starting"
-    started_at: float = 0.0
-    restarts: int = 0
-    last_pong: float = 0.0
-    generation: int = 0
-    # Its calls in flight per client, as its last ping said.
-    per_client: Counter[str] = field(default_factory=Counter)
-    serving: asyncio.Event = field(default_factory=asyncio.Event)
-    # The highest usage record of its process journalled here, and acknowledged to it
-    # (so it can delete its usage files: journal_files.py); the token naming them.
-    journalled: int = 0
-    acknowledged: int = 0
-    token: str | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-
 class Supervisor(Daemon):
     def __init__(self, config: DaemonConfig, count: int) -> None:
         super().__init__(config)
         self.count = count
         self.slots = [WorkerSlot(i + 1) for i in range(count)]
+        self._pushes = Pushes(self.slots)
         self._reserved: socket.socket | None = None
         self._listen = config.server.listen
         self._stopping = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._all_or_none = asyncio.Lock()
         self._watchers: list[asyncio.Task[None]] = []
         self._started = False
@@ -119,12 +90,12 @@ class Supervisor(Daemon):
 
     def _open_state(self) -> Runtime:
         rt = super()._open_state()
-        self._loop = asyncio.get_running_loop()
+        self._pushes.loop = asyncio.get_running_loop()
         rt.workers = self
-        rt.inflight = _WorkersInFlight(self.in_flight_by_client)
+        rt.inflight = self._pushes.inflight = WorkersInFlight(self.in_flight_by_client)
         self._admission = MainAdmission(rt)
         self._journal = journal_of(rt.registry)
-        self._push_writes(rt)
+        self._pushes.wrap_writers(rt)
         return rt
 
     async def _start_grpc(self, rt: Runtime) -> None:
@@ -326,74 +297,10 @@ class Supervisor(Daemon):
             "ca": ca_to_wire(rt.generation.ca),
         }
 
-    # -- pushes -----------------------------------------------------------------------
-
-    def _push_writes(self, rt: Runtime) -> None:
-        """Every client write and key change of this process reaches every worker before
-        the admin operation that made it answers (its writers run in threads)."""
-        registry = rt.registry
-        for name in ("issue", "revoke", "update"):
-            original = getattr(registry, name)
-
-            def written(*args: Any, _original: Callable[..., Any] = original, **kw: Any) -> Any:
-                record = _original(*args, **kw)
-                self._push_and_wait("client", record)
-                return record
-
-            setattr(registry, name, written)
-        signing = rt.signing
-        # refresh: another node's rotation or retirement, brought by the change feed.
-        for name in ("rotate", "retire", "refresh"):
-            original = getattr(signing, name)
-
-            def changed(*args: Any, _original: Callable[..., Any] = original, **kw: Any) -> Any:
-                try:
-                    return _original(*args, **kw)
-                finally:
-                    self._push_and_wait("keys", keys_to_wire(signing.loaded()))
-
-            setattr(signing, name, changed)
-
-    def _push_and_wait(self, kind: str, body: Any) -> None:
-        loop = self._loop
-        assert loop is not None
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            # On the loop itself (not the admin routes' way): cannot wait here.
-            loop.create_task(self._push(kind, body))
-            return
-        future = asyncio.run_coroutine_threadsafe(self._push(kind, body, report=True), loop)
-        future.result(PUSH_TIMEOUT_SECONDS + 1)
-
-    async def _push(self, kind: str, body: Any, report: bool = False) -> None:
-        """To every worker that has a channel; a worker that does not answer in time is
-        logged (a worker started later gets a snapshot that has the change). With
-        `report`, the calls the workers cancelled are kept for the admin route's answer."""
-
-        async def one(slot: WorkerSlot) -> int:
-            channel = slot.channel
-            if channel is None or channel.closed.is_set():
-                return 0
-            try:
-                return int(await channel.ask(kind, body, within=PUSH_TIMEOUT_SECONDS))
-            except (ChannelClosed, Failed, TimeoutError) as e:
-                log.warning("worker.push_failed", worker=slot.index, kind=kind, error=str(e))
-                return 0
-
-        cancelled = sum(await asyncio.gather(*(one(slot) for slot in self.slots)))
-        if report and kind == "client" and cancelled:
-            assert self.runtime is not None
-            inflight = self.runtime.inflight
-            assert isinstance(inflight, _WorkersInFlight)
-            inflight.cancelled_in_workers[body.id] += cancelled
-
     def _changed(self, record: ClientRecord) -> None:
         super()._changed(record)
         assert self.runtime is not None
-        self.runtime.background(self._push("client", record))
+        self.runtime.background(self._pushes.push("client", record))
 
     # -- watchdog, status -------------------------------------------------------------
 
@@ -533,22 +440,3 @@ class Supervisor(Daemon):
         await super().stop(grace)
         if self._reserved is not None:
             self._reserved.close()
-
-
-class _WorkersInFlight(InFlight):
-    """The main process runs no calls: its calls in flight are the workers' (as their
-    pings said), and what a revocation cancelled is what the workers acknowledged."""
-
-    def __init__(self, workers: Callable[[], Counter[str]]) -> None:
-        super().__init__()
-        self._workers = workers
-        self.cancelled_in_workers: Counter[str] = Counter()
-
-    def cancel_client(self, client_id: str) -> int:
-        return super().cancel_client(client_id) + self.cancelled_in_workers.pop(client_id, 0)
-
-    def total(self) -> int:
-        return self._workers().total()
-
-    def per_client(self) -> Counter[str]:
-        return self._workers()
