@@ -17,6 +17,7 @@ end of the test.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -169,3 +170,19 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         yield chosen
     finally:
         chosen.close_all()
+
+
+def drop(reg: Registry) -> None:
+    """What kill -9 leaves of `reg`: no flush, no close; its descriptors closed as the
+    kernel closes them (the journal's flock goes with them)."""
+    if reg._listener is not None:
+        reg._listener.stop()
+    db, reg._db = reg._db, None
+    assert db is not None
+    db.close()
+    journal = reg._journal
+    assert journal is not None
+    for fd in (journal._fd, journal._lock_fd):
+        if fd is not None:
+            os.close(fd)
+    journal._fd = journal._lock_fd = None

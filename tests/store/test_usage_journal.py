@@ -22,7 +22,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.postgres import Postgres
-from tests.store.backends import Backend, PostgreSQLBackend, SQLiteBackend
+from tests.store.backends import Backend, PostgreSQLBackend, SQLiteBackend, drop
 from vibectld.store import transfer
 from vibectld.store.base import Transaction
 from vibectld.store.journal import JournalBusy
@@ -46,22 +46,6 @@ def call(reg: Registry, client: ClientRecord, at: int = NOW, cost: float = 0.25)
     reg.record_call(
         client.id, now=at, error=False, input_tokens=10, output_tokens=20, cost_usd=cost
     )
-
-
-def drop(reg: Registry) -> None:
-    """What kill -9 leaves of `reg`: no flush, no close; its descriptors closed as the
-    kernel closes them (the journal's flock goes with them)."""
-    if reg._listener is not None:
-        reg._listener.stop()
-    db, reg._db = reg._db, None
-    assert db is not None
-    db.close()
-    journal = reg._journal
-    assert journal is not None
-    for fd in (journal._fd, journal._lock_fd):
-        if fd is not None:
-            os.close(fd)
-    journal._fd = journal._lock_fd = None
 
 
 def usage(backend: Backend, client: ClientRecord) -> tuple[int, int, int, float]:

@@ -9,13 +9,13 @@ replays: it must count each worker line the main process never journalled, once.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.store.backends import drop
 from vibectld.store import usage
 from vibectld.store.registry import ClientRecord, Registry
 from vibectld.workers import journal_files
@@ -44,19 +44,6 @@ def told(reg: Registry, client: ClientRecord, tag: tuple[str, int]) -> None:
 def worker_call(worker: WorkerJournal, client: ClientRecord | str) -> tuple[str, int]:
     client_id = client if isinstance(client, str) else client.id
     return worker.call(client_id, NOW, usage.call_counts(False, 10, 20, 0.0))
-
-
-def drop(reg: Registry) -> None:
-    """What kill -9 leaves of `reg`: its descriptors closed as the kernel closes them."""
-    db, reg._db = reg._db, None
-    assert db is not None
-    db.close()
-    journal = reg._journal
-    assert journal is not None
-    for fd in (journal._fd, journal._lock_fd):
-        if fd is not None:
-            os.close(fd)
-    journal._fd = journal._lock_fd = None
 
 
 def test_the_marks_outlive_a_flush_that_deleted_their_segments(tmp_path: Path) -> None:
