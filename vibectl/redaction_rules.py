@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 
-from vibectl.redaction import _KIND_NAME, KINDS
+from vibectl.redaction_table import KIND_NAME, KINDS
 
 BENIGN_SAMPLE = """\
 apiVersion: v1
@@ -41,7 +41,7 @@ class CustomRuleError(ValueError):
 
 def validate_name(name: str) -> None:
     """CustomRuleError unless `name` can name a custom rule (and its placeholder)."""
-    if not isinstance(name, str) or not _KIND_NAME.fullmatch(name):
+    if not isinstance(name, str) or not KIND_NAME.fullmatch(name):
         raise CustomRuleError(
             f"custom rule name {name!r}: 1 to 40 lower-case letters, digits, '_' or '-', "
             "starting with a letter or digit (it is shown in [REDACTED:<name>])"
