@@ -210,14 +210,7 @@ class UsageJournal:
     def forget_worker(self, token: str) -> bool:
         """Delete a dead worker's files, whose every record reached this process or was
         never announced (its channel was read to its end); False if one stays."""
-        left = False
-        for path in self.worker_files(token):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError:
-                left = True
+        left = not all([remove(path) for path in self.worker_files(token)])
         if not left:
             # Its mark is needed no longer (an atomic pop: a flush thread may copy marks).
             self.marks.pop(token, None)
@@ -351,6 +344,17 @@ def redactions_line(
 
 def _kind(kind: str, tag: tuple[str, int] | None) -> str:
     return kind if tag is None else f"{kind}@{tag[0]}:{tag[1]}"
+
+
+def remove(path: Path) -> bool:
+    """Delete `path`; True unless it is still there (gone already counts as deleted)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def _lines(path: Path) -> Iterator[bytes | None]:

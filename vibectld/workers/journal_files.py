@@ -59,7 +59,7 @@ import structlog
 from vibectld.service.gate import PROXY_METHOD_PREFIX
 from vibectld.store import usage
 from vibectld.store.base import Store
-from vibectld.store.journal import WORKERS, UsageJournal, call_line, redactions_line
+from vibectld.store.journal import WORKERS, UsageJournal, call_line, redactions_line, remove
 from vibectld.store.registry import Registry
 
 log = structlog.get_logger("vibectld.workers")
@@ -149,7 +149,7 @@ class WorkerJournal:
         self._acknowledged = max(self._acknowledged, upto)
         keep = []
         for path, top in self._closed:
-            if top > self._acknowledged or not _unlink(path):
+            if top > self._acknowledged or not remove(path):
                 keep.append((path, top))
         self._closed = keep
         if self._fd is None:
@@ -160,7 +160,7 @@ class WorkerJournal:
         os.close(self._fd)
         self._fd = None
         path = self._path(self._file)
-        if self._top > self._acknowledged or not _unlink(path):
+        if self._top > self._acknowledged or not remove(path):
             self._closed.append((path, self._top))
 
     def files(self) -> list[Path]:
@@ -217,16 +217,6 @@ def _recorded(
         return result
 
     return recorded
-
-
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
-    return True
 
 
 # -- the main process's half --------------------------------------------------------------
